@@ -1,0 +1,244 @@
+"""`isearch`: index a photo collection, search it, evaluate on the standard benchmarks."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Instance-level image retrieval with CNN features (MAC, R-MAC, ...).")
+weights_app = typer.Typer(no_args_is_help=True, help="Fetch and list backbone weights.")
+whitening_app = typer.Typer(no_args_is_help=True, help="Learn PCA-whitening on a held-out collection.")
+app.add_typer(weights_app, name="weights")
+app.add_typer(whitening_app, name="whitening")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _errors():
+    """Turn the library's expected errors into one clear line and a non-zero exit."""
+    from .images import BoxError, ImageError
+    from .index.store import CorruptIndexError
+
+    expected = (ImageError, BoxError, CorruptIndexError, FileNotFoundError, KeyError, ValueError)
+    try:
+        from .backbones.weights import WeightsError
+
+        expected = expected + (WeightsError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return expected
+
+
+@app.command()
+def index(
+    photos: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
+    index_dir: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
+    recipe: str = typer.Option("rmac", help="mac | rmac | spoc | gem"),
+    backbone: str = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0"),
+    layer: Optional[str] = typer.Option(None, help="Backbone layer (default: the last conv layer)."),
+    max_size: int = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024)."),
+    whitening: str = typer.Option("self", help="'self' (learn on this collection), 'none', or a file from "
+                                              "`isearch whitening learn`."),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="Store compact conv maps for re-ranking."),
+    weights: Optional[str] = typer.Option(None, help="Weights source or local .pt file."),
+    batch: int = typer.Option(32, help="Images per durable commit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
+    from .collection import Collection
+    from .index.store import IndexStore
+    from .recipes import Recipe
+
+    try:
+        if IndexStore.exists(index_dir):
+            col = Collection.open(index_dir, writable=True, weights=weights)
+            asked = Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size)
+            have = col.recipe
+            if (have.name, have.backbone, have.layer, have.max_size) != (asked.name, asked.backbone, asked.layer,
+                                                                        asked.max_size):
+                typer.secho(f"note: {index_dir} was built with recipe={have.name} backbone={have.backbone} "
+                            f"max-size={have.max_size}; adding with those settings", err=True)
+        else:
+            col = Collection.create(index_dir, Recipe(name=recipe, backbone=backbone, layer=layer,
+                                                      max_size=max_size),
+                                    whitening=whitening, weights=weights, store_maps=maps)
+        t0 = time.perf_counter()
+        report = col.add_folder(photos, batch=batch, progress=not quiet)
+        dt = time.perf_counter() - t0
+    except _errors() as exc:
+        _fail(str(exc))
+    for path, reason in report.failed:
+        typer.secho(f"skipped {reason}", fg=typer.colors.YELLOW, err=True)
+    n = len(report.added) + len(report.updated)
+    rate = f" ({n / dt:.2f} images/s)" if n and dt > 0 else ""
+    typer.echo(f"{index_dir}: {report.summary()}; {len(col)} images in the index{rate}")
+
+
+@app.command()
+def search(
+    query: Path = typer.Argument(..., help="Query image."),
+    index_dir: Path = typer.Option(..., "--index", help="Index folder."),
+    box: Optional[str] = typer.Option(None, help="x1,y1,x2,y2 in query-image pixels; the query is cropped to it."),
+    top: int = typer.Option(10, help="Number of results."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    show: Optional[Path] = typer.Option(None, help="Draw the ranked list into this PNG."),
+) -> None:
+    """Rank the indexed images by similarity to QUERY."""
+    from .collection import Collection
+    from .images import parse_box
+
+    try:
+        b = parse_box(box)
+        col = Collection.open(index_dir)
+        t0 = time.perf_counter()
+        hits = col.search(query, box=b, top=top)
+        dt = time.perf_counter() - t0
+    except _errors() as exc:
+        _fail(str(exc))
+    if show is not None:
+        from .viz import draw_ranked
+
+        draw_ranked(query, [h.path for h in hits], [h.score for h in hits], show, query_box=b)
+    if as_json:
+        typer.echo(json.dumps({"query": str(query), "box": None if b is None else b.as_tuple(),
+                               "seconds": round(dt, 4), "hits": [h.to_dict() for h in hits]}, indent=1))
+    else:
+        for h in hits:
+            typer.echo(f"{h.rank:4d}  {h.score:.4f}  {h.path}")
+        typer.secho(f"{len(hits)} results in {dt * 1000:.0f} ms", err=True)
+
+
+@app.command()
+def remove(
+    paths: List[Path] = typer.Argument(..., help="Indexed image paths to remove."),
+    index_dir: Path = typer.Option(..., "--index"),
+) -> None:
+    """Remove images from the index (durably)."""
+    from .collection import Collection
+
+    try:
+        col = Collection.open(index_dir, writable=True)
+        n = col.remove_paths(paths)
+    except _errors() as exc:
+        _fail(str(exc))
+    typer.echo(f"removed {n}; {len(col)} images left in {index_dir}")
+
+
+@app.command()
+def info(index_dir: Path = typer.Option(..., "--index")) -> None:
+    """Print what an index holds."""
+    from .collection import Collection
+
+    try:
+        col = Collection.open(index_dir)
+    except _errors() as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(col.stats(), indent=1))
+
+
+@whitening_app.command("learn")
+def whitening_learn(
+    index_dir: Path = typer.Option(..., "--index", help="An index of the TRAINING collection."),
+    out: Path = typer.Option(..., "--out", help="Where to save the whitening (.npz)."),
+    dim: Optional[int] = typer.Option(None, help="Output dimension (default: all)."),
+) -> None:
+    """Learn PCA-whitening on an indexed collection, to use on another one (`isearch index --whitening FILE`)."""
+    from .collection import Collection
+
+    try:
+        col = Collection.open(index_dir)
+        w = col.learn_whitening(dim=dim, trained_on=str(Path(index_dir).resolve()))
+        w.save(out)
+    except _errors() as exc:
+        _fail(str(exc))
+    typer.echo(f"{out}: PCA-whitening {w.dim}-D learned on {w.n_samples} local vectors of {index_dir}")
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    arch: str = typer.Argument("all", help="vgg16 | resnet50 | efficientnet-lite0 | all"),
+    source: Optional[str] = typer.Option(None, help="Only this source (see `isearch weights list`)."),
+    path: Optional[Path] = typer.Option(None, help="A local state-dict file to use."),
+) -> None:
+    """Fetch (and convert) backbone weights into the cache, checking their sha256."""
+    from .backbones.weights import WeightsError, fetch_weights
+    from .recipes import BACKBONES
+
+    archs = list(BACKBONES) if arch == "all" else [arch]
+    for a in archs:
+        try:
+            wf = fetch_weights(a, source=source, path=None if path is None else str(path), progress=True)
+        except (WeightsError, ValueError, KeyError) as exc:
+            _fail(str(exc))
+        typer.echo(f"{a}: {wf.path} (source {wf.source}, sha256 {wf.sha256[:16]}…)")
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """List the known weights, their sources and whether they are cached."""
+    from .backbones.weights import list_weights
+
+    for row in list_weights():
+        typer.echo(json.dumps(row))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-index"), help="Where to build the demo index."),
+    images: int = typer.Option(40, help="Number of UKBench images (4 views per object)."),
+    backbone: str = typer.Option("vgg16"),
+) -> None:
+    """Index a small real collection (UKBench views from ../shared/data), search it and score it."""
+    from .demo import run_demo
+
+    try:
+        run_demo(out, n_images=images, backbone=backbone)
+    except _errors() as exc:
+        _fail(str(exc))
+
+
+@app.command("eval")
+def eval_cmd(
+    benchmark: str = typer.Argument(..., help="ukbench | holidays | oxford5k | paris6k | roxford5k | rparis6k"),
+    images: Optional[Path] = typer.Option(None, help="Image folder (default: ../shared/data's copy)."),
+    gnd: Optional[Path] = typer.Option(None, help="Ground-truth pickle (Oxford/Paris)."),
+    recipe: str = typer.Option("rmac"),
+    backbone: str = typer.Option("vgg16"),
+    layer: Optional[str] = typer.Option(None),
+    max_size: int = typer.Option(1024, "--max-size"),
+    whitening: str = typer.Option("none", help="'none', or a whitening file learned on ANOTHER collection."),
+    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate a recipe on a standard benchmark with its official protocol and print the figures."""
+    from .benchmarking import evaluate_recipe
+    from .datasets import load_benchmark
+    from .recipes import Recipe
+
+    try:
+        bench = load_benchmark(benchmark, images_dir=images, gnd=gnd)
+        res = evaluate_recipe(bench, Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size),
+                              whitening=None if whitening == "none" else Path(whitening), progress=not quiet)
+    except _errors() as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(res, indent=1))
+    if out is not None:
+        from .index.store import atomic_write_bytes
+
+        atomic_write_bytes(out, json.dumps(res, indent=1).encode())
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,362 @@
+"""The thin layer that composes images → backbone → recipe → index → search.
+
+>>> col = Collection.create("my-index", Recipe("rmac", backbone="vgg16"))
+>>> report = col.add_folder("photos/")
+>>> hits = col.search("query.jpg", box=(10, 20, 200, 300), top=10)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .images import Box, ImageError, list_images, load_image, parse_box
+from .index.faiss_backend import build_faiss
+from .index.faiss_backend import search as faiss_search
+from .index.store import CorruptIndexError, Entry, IndexStore, atomic_write_bytes
+from .learn.pca_whitening import PCAWhitening
+from .recipes import Recipe
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    path: str
+    score: float
+    box: tuple[float, float, float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "id": self.id, "path": self.path, "score": round(float(self.score), 6),
+                "box": self.box}
+
+
+@dataclass
+class IndexReport:
+    added: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    whitening: str = ""
+
+    def summary(self) -> str:
+        s = (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
+             f"{len(self.failed)} failed")
+        return s + (f"; {self.whitening}" if self.whitening else "")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+class Describer:
+    """Backbone + recipe: image → (local vectors, feature map). Loads the network lazily, once."""
+
+    def __init__(self, recipe: Recipe, weights: str | None = None, device: str = "cpu"):
+        self.recipe = recipe
+        self.weights = weights
+        self.device = device
+        self._backbone = None
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from .backbones import load_backbone
+
+            self._backbone = load_backbone(self.recipe.backbone, weights=self.weights, device=self.device)
+        return self._backbone
+
+    @property
+    def layer(self) -> str:
+        return self.recipe.layer or self.backbone.default_layer
+
+    def feature_map(self, img: Image.Image):
+        """Conv feature map (C, H, W) of ``img`` at the recipe's layer (scale 1)."""
+        feats = self.backbone.features(img, layers=[self.layer], scales=(1.0,))
+        return feats[(self.layer, 1.0)]
+
+    def describe(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        fmap = self.feature_map(img)
+        return self.recipe.local_from_map(fmap), fmap.detach().cpu().numpy()
+
+
+def _decode(path: Path, max_size: int) -> tuple[Path, Any, os.stat_result | None, str]:
+    """Read one file for indexing: (path, image or error, stat, sha256). Runs in a worker thread."""
+    try:
+        st = path.stat()
+        sha = file_sha256(path)
+        img = load_image(path, max_size=max_size)
+        return path, img, st, sha
+    except ImageError as exc:
+        return path, exc, None, ""
+    except OSError as exc:
+        return path, ImageError(f"{path}: {exc.strerror or exc}"), None, ""
+
+
+def _prefetch(fn: Callable, items: Sequence, ahead: int = 4, workers: int = 2) -> Iterator:
+    """``map(fn, items)`` in order, computing up to ``ahead`` results in worker threads (JPEG decoding
+    releases the GIL, so it overlaps with the forward pass)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = []
+        it = iter(items)
+        for x in it:
+            futures.append(pool.submit(fn, x))
+            if len(futures) >= ahead:
+                break
+        while futures:
+            f = futures.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                futures.append(pool.submit(fn, nxt))
+            yield f.result()
+
+
+class Collection:
+    """An indexed photo collection on disk (an :class:`IndexStore`) with its recipe and whitening."""
+
+    WHITENING_MODES = ("self", "none")
+
+    def __init__(self, store: IndexStore, weights: str | None = None, device: str = "cpu"):
+        self.store = store
+        self.recipe = Recipe.from_dict(store.settings["recipe"])
+        self.describer = Describer(self.recipe, weights=weights or store.settings.get("weights"), device=device)
+        self.whitening: PCAWhitening | None = None
+        info = store.whitening_info
+        if info is not None:
+            wpath = store.root / info["file"]
+            try:
+                self.whitening = PCAWhitening.load(wpath)
+            except Exception as exc:
+                raise CorruptIndexError(f"{wpath}: the index's whitening cannot be loaded ({exc})") from exc
+        self._faiss = None
+        self._faiss_ids: np.ndarray | None = None
+        self._records: list[dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def create(cls, root: str | os.PathLike, recipe: Recipe, *, whitening: str | os.PathLike = "self",
+               weights: str | None = None, store_maps: bool = True, device: str = "cpu") -> "Collection":
+        """Create an empty index at ``root``. ``whitening``: ``"self"`` (learn it on this collection after
+        indexing), ``"none"``, or the path of a whitening fitted elsewhere (``isearch whitening learn``)."""
+        settings = {"recipe": recipe.to_dict(), "whitening_mode": "self", "store_maps": bool(store_maps),
+                    "weights": weights}
+        if str(whitening) not in cls.WHITENING_MODES:
+            settings["whitening_mode"] = "given"
+        else:
+            settings["whitening_mode"] = str(whitening)
+        store = IndexStore.create(root, settings)
+        col = cls(store, weights=weights, device=device)
+        if settings["whitening_mode"] == "given":
+            col.set_whitening(PCAWhitening.load(Path(whitening)))
+        return col
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, writable: bool = False, weights: str | None = None,
+             device: str = "cpu") -> "Collection":
+        store = IndexStore.open(root, writable=writable)
+        col = cls(store, weights=weights, device=device)
+        if writable:
+            col._refresh_vectors()
+        return col
+
+    # ------------------------------------------------------------------ whitening
+    @property
+    def whitening_tag(self) -> str:
+        info = self.store.whitening_info
+        return info["tag"] if info else "none"
+
+    def set_whitening(self, whitening: PCAWhitening | None, progress: bool = False) -> None:
+        """Install ``whitening`` (or none) and recompute every stored global vector with it."""
+        if whitening is None:
+            info = None
+        else:
+            import io
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                p = Path(tmp) / "w.npz"
+                whitening.save(p)
+                data = p.read_bytes()
+            tag = hashlib.sha256(data).hexdigest()[:16]
+            fname = f"whitening-{tag}.npz"
+            atomic_write_bytes(self.store.root / fname, data)
+            info = {"file": fname, "tag": tag, "trained_on": getattr(whitening, "trained_on", ""),
+                    "dim": int(whitening.dim)}
+        self.whitening = whitening
+        tag = info["tag"] if info else "none"
+        self.store.refresh_vectors(lambda local: self.recipe.finalize(local, self.whitening), tag)
+        self.store.set_whitening(info)
+        self._faiss = None
+
+    def learn_whitening(self, dim: int | None = None, trained_on: str | None = None) -> PCAWhitening:
+        """Fit PCA-whitening on this collection's own local vectors (R-MAC regions or one per image)."""
+        local = self.store.local_descriptors()
+        if not local:
+            raise ValueError(f"{self.store.root}: cannot learn a whitening from an empty index")
+        rows = np.concatenate(local)
+        w = PCAWhitening()
+        w.fit(rows, dim=dim or self.recipe.whitening_dim, trained_on=trained_on or f"index {self.store.root}")
+        return w
+
+    def _refresh_vectors(self) -> None:
+        if self.store.stale_segments(self.whitening_tag):
+            self.store.refresh_vectors(lambda local: self.recipe.finalize(local, self.whitening), self.whitening_tag)
+
+    # ------------------------------------------------------------------ indexing
+    def add_folder(self, photos: str | os.PathLike | Iterable[str | os.PathLike], *, batch: int = 32,
+                   progress: bool = True, on_error: Callable[[str, str], None] | None = None) -> IndexReport:
+        """Index every image under ``photos`` that is new or changed; bad files are reported, not fatal."""
+        paths = list_images(photos) if isinstance(photos, (str, os.PathLike)) else [Path(p) for p in photos]
+        report = IndexReport()
+        known = self.store.path_index()
+        todo: list[Path] = []
+        replaced: list[int] = []
+        for p in paths:
+            key = str(p.resolve())
+            rec = known.get(key)
+            if rec is not None:
+                try:
+                    st = p.stat()
+                except OSError as exc:
+                    report.failed.append((str(p), str(exc)))
+                    continue
+                if rec["size"] == st.st_size and rec["mtime"] == st.st_mtime:
+                    report.unchanged.append(key)
+                    continue
+                if rec["size"] == st.st_size and file_sha256(p) == rec["sha256"]:
+                    report.unchanged.append(key)
+                    continue
+                replaced.append(rec["id"])
+                report.updated.append(key)
+            todo.append(p)
+        pending: list[Entry] = []
+        max_size = self.recipe.max_size
+        store_maps = self.store.settings.get("store_maps", True)
+        bar = _progress(len(todo), "indexing", progress)
+        try:
+            for path, img, st, sha in _prefetch(lambda p: _decode(p, max_size), todo):
+                if isinstance(img, Exception):
+                    report.failed.append((str(path), str(img)))
+                    if on_error:
+                        on_error(str(path), str(img))
+                    bar.update(1)
+                    continue
+                local, fmap = self.describer.describe(img)
+                key = str(path.resolve())
+                pending.append(Entry(path=key, width=img.width, height=img.height, sha256=sha, mtime=st.st_mtime,
+                                     size=st.st_size, local=local, fmap=fmap if store_maps else None,
+                                     vector=self.recipe.finalize(local, self.whitening)))
+                if key not in report.updated:
+                    report.added.append(key)
+                bar.update(1)
+                if len(pending) >= batch:
+                    self.store.add(pending, tag=self.whitening_tag)
+                    pending = []
+            if pending:
+                self.store.add(pending, tag=self.whitening_tag)
+        finally:
+            bar.close()
+        if replaced:
+            self.store.remove(replaced)
+        if self.store.settings.get("whitening_mode") == "self" and self.whitening is None and len(self.store):
+            w = self.learn_whitening()
+            self.set_whitening(w)
+            report.whitening = (f"whitening learned on this collection itself ({w.n_samples} local vectors, "
+                                f"{w.dim}-D); for benchmark numbers learn it on another collection")
+        self._faiss = None
+        return report
+
+    def remove_paths(self, paths: Iterable[str | os.PathLike]) -> int:
+        known = self.store.path_index()
+        ids = []
+        for p in paths:
+            rec = known.get(str(Path(p).resolve())) or known.get(str(p))
+            if rec is None:
+                raise KeyError(f"{p}: not in the index {self.store.root}")
+            ids.append(rec["id"])
+        n = self.store.remove(ids)
+        self._faiss = None
+        return n
+
+    # ------------------------------------------------------------------ search
+    def describe(self, image: str | os.PathLike | Image.Image, box: Box | Sequence[float] | str | None = None):
+        """(global vector, local vectors, feature map) of a query image, cropped to ``box`` first."""
+        if isinstance(image, Image.Image):
+            img = image.convert("RGB")
+            if box is not None:
+                from .images import clip_box, resize_max
+
+                b = box if isinstance(box, Box) else parse_box(box)
+                img = img.crop(clip_box(b, img.width, img.height, name="query image"))
+                img = resize_max(img, self.recipe.max_size)
+            else:
+                from .images import resize_max
+
+                img = resize_max(img, self.recipe.max_size)
+        else:
+            img = load_image(image, max_size=self.recipe.max_size, box=box)
+        local, fmap = self.describer.describe(img)
+        return self.recipe.finalize(local, self.whitening), local, fmap
+
+    def _ensure_faiss(self, kind: str = "flat"):
+        if self._faiss is None:
+            self._records = self.store.records()
+            if self.store.stale_segments(self.whitening_tag):
+                vecs = self.recipe.finalize(self.store.local_descriptors(), self.whitening)
+            else:
+                vecs = self.store.vectors()
+            self._faiss = build_faiss(vecs, kind) if len(vecs) else None
+        return self._faiss
+
+    def vectors(self) -> np.ndarray:
+        self._ensure_faiss()
+        return self._faiss.reconstruct_n(0, self._faiss.ntotal) if self._faiss is not None else np.zeros((0, 0))
+
+    def records(self) -> list[dict[str, Any]]:
+        if self._records is None:
+            self._records = self.store.records()
+        return self._records
+
+    def search_vector(self, vector: np.ndarray, top: int = 10) -> list[Hit]:
+        index = self._ensure_faiss()
+        if index is None:
+            return []
+        if top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        scores, pos = faiss_search(index, vector[None], top)
+        recs = self._records
+        return [Hit(rank=r + 1, id=recs[p]["id"], path=recs[p]["path"], score=float(s))
+                for r, (s, p) in enumerate(zip(scores[0], pos[0])) if p >= 0]
+
+    def search(self, image: str | os.PathLike | Image.Image, box=None, top: int = 10) -> list[Hit]:
+        """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does)."""
+        vec, _, _ = self.describe(image, box=box)
+        return self.search_vector(vec, top=top)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def stats(self) -> dict[str, Any]:
+        info = self.store.whitening_info
+        return {"index": str(self.store.root), "images": len(self.store), "recipe": self.recipe.to_dict(),
+                "whitening": info, "segments": len(self.store.manifest["segments"])}

@@ -1,0 +1,217 @@
+"""Loading and validating images and query boxes.
+
+Every error names the offending file or box. Images come back as RGB ``PIL.Image`` objects with EXIF
+orientation applied, optionally shrunk so that the longer side is at most ``max_size`` (the revisitop
+protocol keeps images at their own size, capped at 1024 px).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+#: Largest number of pixels we decode (about 16k x 11k); Pillow's own bomb check is tied to it.
+MAX_PIXELS = 180_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the path in the message."""
+
+
+class BoxError(ValueError):
+    """A query box that is malformed, empty or outside its image."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box (x1, y1, x2, y2) in pixel coordinates of the original image, x2/y2 exclusive."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+
+def parse_box(text: str | Sequence[float] | None) -> Box | None:
+    """Parse ``"x1,y1,x2,y2"`` (or a 4-sequence) into a :class:`Box`; ``None`` passes through.
+
+    Raises :class:`BoxError` for anything that is not four finite numbers with x1 < x2 and y1 < y2.
+    """
+    if text is None:
+        return None
+    if isinstance(text, str):
+        parts = [p for p in text.replace(" ", ",").split(",") if p != ""]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise BoxError(f"box {text!r}: expected four numbers x1,y1,x2,y2") from None
+    else:
+        try:
+            values = [float(v) for v in text]
+        except (TypeError, ValueError):
+            raise BoxError(f"box {text!r}: expected four numbers x1,y1,x2,y2") from None
+    if len(values) != 4:
+        raise BoxError(f"box {text!r}: expected four numbers x1,y1,x2,y2, got {len(values)}")
+    if not all(np.isfinite(values)):
+        raise BoxError(f"box {text!r}: coordinates must be finite")
+    x1, y1, x2, y2 = values
+    if not (x2 > x1 and y2 > y1):
+        raise BoxError(f"box {text!r}: empty or inverted (need x1 < x2 and y1 < y2)")
+    return Box(x1, y1, x2, y2)
+
+
+def clip_box(box: Box, width: int, height: int, *, name: str = "image") -> tuple[int, int, int, int]:
+    """Clip ``box`` to a ``width`` x ``height`` image and round it to whole pixels.
+
+    Follows revisitop's query cropping: ``x1,y1`` floored, ``x2,y2`` ceiled. A box that does not overlap
+    the image at all, or that is less than one pixel after clipping, raises :class:`BoxError`.
+    """
+    x1 = max(0, int(np.floor(box.x1)))
+    y1 = max(0, int(np.floor(box.y1)))
+    x2 = min(width, int(np.ceil(box.x2)))
+    y2 = min(height, int(np.ceil(box.y2)))
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise BoxError(
+            f"box {box.as_tuple()} lies outside {name} of size {width}x{height} (nothing left after clipping)"
+        )
+    return x1, y1, x2, y2
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (recursive, sorted, hidden folders skipped)."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"collection folder {root} does not exist")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and is_image_file(f):
+                out.append(Path(dirpath) / f)
+    return out
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Convert any Pillow mode (L, LA, P, CMYK, I;16, I, F, RGBA ...) to 8-bit RGB."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif arr.max() > 255 or arr.min() < 0:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"{path}: cannot convert colour mode {mode} to RGB ({exc})") from exc
+
+
+def load_image(
+    path: str | os.PathLike,
+    max_size: int | None = None,
+    box: Box | Sequence[float] | str | None = None,
+) -> Image.Image:
+    """Load ``path`` as an RGB image, EXIF-rotated, cropped to ``box`` and capped at ``max_size``.
+
+    The box is in the coordinates of the original (EXIF-rotated) image; cropping happens before any
+    resizing, as in the revisitop protocol. JPEGs are downscaled while decoding (``Image.draft``) when
+    they are much larger than ``max_size``. Raises :class:`ImageError` (naming the file) for missing,
+    empty, truncated, corrupt or over-sized files, and :class:`BoxError` for bad boxes.
+    """
+    path = Path(path)
+    box = box if isinstance(box, Box) or box is None else parse_box(box)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w0, h0 = img.size
+                if w0 * h0 > MAX_PIXELS:
+                    raise ImageError(
+                        f"{path}: {w0}x{h0} = {w0 * h0} pixels exceeds the limit of {MAX_PIXELS} (decompression bomb?)"
+                    )
+                exif_rotated = _exif_transposes(img)
+                if max_size is not None and box is None and img.format == "JPEG" and not exif_rotated:
+                    # Decode at a reduced scale (factor 1/2, 1/4, 1/8) no smaller than needed.
+                    scale = max_size / max(w0, h0)
+                    if scale < 0.5:
+                        img.draft("RGB", (int(np.ceil(w0 * scale)), int(np.ceil(h0 * scale))))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img, path)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: no such file") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
+        raise ImageError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from exc
+    if min(img.size) < 1:
+        raise ImageError(f"{path}: image has no pixels")
+    if box is not None:
+        img = img.crop(clip_box(box, img.width, img.height, name=str(path)))
+    if max_size is not None:
+        img = resize_max(img, max_size)
+    return img
+
+
+def _exif_transposes(img: Image.Image) -> bool:
+    try:
+        return int(img.getexif().get(0x0112, 1)) not in (0, 1)
+    except Exception:  # a broken EXIF block is not worth refusing the image for
+        return False
+
+
+def resize_max(img: Image.Image, max_size: int) -> Image.Image:
+    """Shrink ``img`` (never enlarge) so that its longer side is ``max_size`` (Lanczos, aspect kept)."""
+    if max_size <= 0:
+        raise ValueError(f"max_size must be positive, got {max_size}")
+    w, h = img.size
+    s = max_size / max(w, h)
+    if s >= 1.0:
+        return img
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def scale_box(box: Box, sx: float, sy: float) -> Box:
+    return Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from instance_search.index.store import (
+    CorruptIndexError,
+    Entry,
+    IndexStore,
+    compress_map,
+    decompress_map,
+)
+
+
+def _entry(i: int, rng, with_map=True) -> Entry:
+    local = rng.random((3, 8)).astype(np.float32)
+    fmap = np.maximum(rng.standard_normal((8, 5, 6)).astype(np.float32), 0) if with_map else None
+    return Entry(path=f"/photos/{i}.jpg", width=640, height=480, sha256=f"{i:064x}", mtime=1.0 * i, size=100 + i,
+                 local=local, vector=local.sum(0) / np.linalg.norm(local.sum(0)), fmap=fmap)
+
+
+def test_add_reopen_remove(tmp_path):
+    rng = np.random.default_rng(0)
+    store = IndexStore.create(tmp_path / "ix", {"recipe": {"name": "rmac"}})
+    entries = [_entry(i, rng) for i in range(5)]
+    ids = store.add(entries[:3])
+    ids += store.add(entries[3:])
+    assert ids == [0, 1, 2, 3, 4]
+    again = IndexStore.open(tmp_path / "ix")
+    assert len(again) == 5
+    assert [r["path"] for r in again.records()] == [e.path for e in entries]
+    np.testing.assert_allclose(again.vectors(), np.stack([e.vector for e in entries]), rtol=1e-6)
+    np.testing.assert_allclose(again.local_descriptors()[4], entries[4].local, atol=1e-3)  # stored as fp16
+    fmap = again.feature_map(2)
+    assert fmap.shape == (8, 5, 6)
+    assert np.abs(fmap - entries[2].fmap).max() <= entries[2].fmap.max() / 255 / 2 + 1e-6
+    assert again.remove([1, 3, 99]) == 2
+    third = IndexStore.open(tmp_path / "ix", writable=True)
+    assert third.ids().tolist() == [0, 2, 4]
+    third.compact()
+    fourth = IndexStore.open(tmp_path / "ix")
+    assert fourth.ids().tolist() == [0, 2, 4] and len(fourth.manifest["segments"]) == 1
+    np.testing.assert_allclose(fourth.feature_map(4), third.feature_map(4))
+    with pytest.raises(KeyError):
+        fourth.feature_map(1)
+
+
+def test_compress_map_roundtrip_matches_reference():
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((16, 7, 9)), 0).astype(np.float32)
+    code = compress_map(x)
+    y = decompress_map(code)
+    step = x.max() / 255
+    # slow reference: quantise every cell by hand
+    ref = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        ref[idx] = round(float(x[idx]) / step) * step
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+    assert len(code["pos"]) == np.count_nonzero(np.rint(x / step))
+
+
+def test_refresh_vectors_after_new_whitening(tmp_path):
+    rng = np.random.default_rng(2)
+    store = IndexStore.create(tmp_path / "ix", {})
+    store.add([_entry(i, rng) for i in range(4)], tag="none")
+    assert store.stale_segments("w1") == store.manifest["segments"]
+    n = store.refresh_vectors(lambda local: np.stack([x.mean(0) for x in local]), "w1")
+    assert n == 1 and store.stale_segments("w1") == []
+    again = IndexStore.open(tmp_path / "ix")
+    np.testing.assert_allclose(again.vectors()[1], again.local_descriptors()[1].mean(0), atol=1e-6)
+
+
+def test_missing_and_corrupt_index(tmp_path):
+    with pytest.raises(CorruptIndexError, match="does not exist"):
+        IndexStore.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorruptIndexError, match="manifest.json: missing"):
+        IndexStore.open(tmp_path / "empty")
+    rng = np.random.default_rng(3)
+    store = IndexStore.create(tmp_path / "ix", {})
+    store.add([_entry(i, rng) for i in range(2)])
+    seg = next((tmp_path / "ix" / "segments").glob("*.npz"))
+    good = seg.read_bytes()
+    seg.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptIndexError, match=seg.name):
+        IndexStore.open(tmp_path / "ix")
+    seg.write_bytes(good)
+    (tmp_path / "ix" / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptIndexError, match="corrupt manifest"):
+        IndexStore.open(tmp_path / "ix")
+    with pytest.raises(CorruptIndexError, match="already exists"):
+        IndexStore.create(tmp_path / "ix", {})
+
+
+def test_leftover_files_are_cleaned(tmp_path):
+    rng = np.random.default_rng(4)
+    store = IndexStore.create(tmp_path / "ix", {})
+    store.add([_entry(0, rng)])
+    (tmp_path / "ix" / "segments" / "seg-orphan.npz").write_bytes(b"half written")
+    (tmp_path / "ix" / "segments" / ".seg-x.npz.123.tmp").write_bytes(b"temp")
+    IndexStore.open(tmp_path / "ix", writable=True)
+    assert sorted(p.name for p in (tmp_path / "ix" / "segments").iterdir()) == [store.manifest["segments"][0] + ".npz"]
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from instance_search.index.store import Entry, IndexStore
+    root = sys.argv[1]
+    store = IndexStore.open(root, writable=True) if IndexStore.exists(root) else IndexStore.create(root, {})
+    rng = np.random.default_rng(0)
+    while True:
+        i = store.manifest["next_id"]
+        local = rng.random((20, 64)).astype(np.float32)
+        fmap = rng.random((64, 30, 40)).astype(np.float32)
+        store.add([Entry(path=f"/p/{i}", width=1, height=1, sha256="0", mtime=0.0, size=1, local=local,
+                         vector=local[0], fmap=fmap)])
+        print(i, flush=True)
+""")
+
+
+def test_kill_minus_9_never_loses_acknowledged_entries(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    root = tmp_path / "ix"
+    acknowledged = -1
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        # wait for at least one acknowledged write, then kill at a random moment
+        line = proc.stdout.readline()
+        assert line, "writer produced nothing"
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+        acks = [int(x) for x in (line + out).split()]
+        acknowledged = max(acknowledged, max(acks))
+        store = IndexStore.open(root)
+        ids = store.ids().tolist()
+        assert ids == list(range(len(ids))), "ids must be dense, without duplicates"
+        assert len(ids) >= acknowledged + 1, "an acknowledged entry was lost"
+        for i in (0, len(ids) - 1):
+            assert store.feature_map(i).shape == (64, 30, 40)
+    assert json.loads((root / "manifest.json").read_text())["format"] == 1
