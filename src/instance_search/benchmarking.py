@@ -1,0 +1,130 @@
+"""Run a recipe over a standard benchmark: describe database and (box-cropped) queries, score, evaluate.
+
+Used by ``isearch eval`` and the scripts in ``benchmarks/``. Local (pre-whitening) vectors can be cached
+in an ``.npz`` file so that several whitening choices are compared without running the network again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .collection import Describer, _prefetch, _progress
+from .images import Box, load_image
+from .index.store import atomic_save_npz, load_npz
+from .learn.pca_whitening import PCAWhitening
+from .recipes import Recipe
+
+
+def _cache_key(recipes: Sequence[Recipe], items: Sequence[tuple[Path, Any]]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([r.to_dict() for r in recipes], sort_keys=True).encode())
+    for path, box in items:
+        h.update(f"{Path(path).name}|{None if box is None else tuple(box)}".encode())
+    return h.hexdigest()[:20]
+
+
+def extract_locals(items: Sequence[tuple[Path, Box | tuple | None]], recipes: Sequence[Recipe], *,
+                   describer: Describer | None = None, progress: bool = True, cache_dir: Path | None = None,
+                   desc: str = "describing") -> dict[str, list[np.ndarray]]:
+    """Local (R, C) vectors of every (image, box) for each recipe, from ONE forward pass per image.
+
+    All recipes must share backbone, layer and max_size. Returns ``{recipe.name: [array per image]}``.
+    """
+    recipes = list(recipes)
+    first = recipes[0]
+    for r in recipes[1:]:
+        if (r.backbone, r.layer, r.max_size) != (first.backbone, first.layer, first.max_size):
+            raise ValueError("extract_locals: recipes must share backbone, layer and max_size")
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"locals-{_cache_key(recipes, items)}.npz"
+        if cache.exists():
+            z = load_npz(cache)
+            out = {}
+            for r in recipes:
+                off = z[f"{r.name}_off"]
+                out[r.name] = [z[r.name][off[i]:off[i + 1]].astype(np.float32) for i in range(len(off) - 1)]
+            return out
+    describer = describer or Describer(first)
+    out: dict[str, list[np.ndarray]] = {r.name: [] for r in recipes}
+    bar = _progress(len(items), desc, progress)
+    try:
+        for img in _prefetch(lambda it: load_image(it[0], max_size=first.max_size, box=it[1]), items):
+            fmap = describer.feature_map(img)
+            for r in recipes:
+                out[r.name].append(r.local_from_map(fmap))
+            bar.update(1)
+    finally:
+        bar.close()
+    if cache is not None:
+        arrays = {}
+        for r in recipes:
+            arrays[r.name] = np.concatenate(out[r.name]).astype(np.float16)
+            arrays[f"{r.name}_off"] = np.concatenate([[0], np.cumsum([len(x) for x in out[r.name]])])
+        atomic_save_npz(cache, **arrays)
+    return out
+
+
+def benchmark_items(bench) -> tuple[list[tuple[Path, None]], list[tuple[Path, Any]], list[int | None]]:
+    """(database items, query items, for each query the database position it can reuse or None)."""
+    db = [(Path(p), None) for p in bench.images]
+    pos = {str(p): i for i, (p, _) in enumerate(db)}
+    queries, reuse = [], []
+    for qpath, qbox in zip(bench.query_paths, bench.query_boxes):
+        queries.append((Path(qpath), qbox))
+        reuse.append(pos.get(str(Path(qpath))) if qbox is None else None)
+    return db, queries, reuse
+
+
+def describe_benchmark(bench, recipes: Sequence[Recipe], *, progress: bool = True, cache_dir: Path | None = None,
+                       describer: Describer | None = None) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """``{recipe: (database locals, query locals)}``; queries without a box reuse their database entry."""
+    db, queries, reuse = benchmark_items(bench)
+    describer = describer or Describer(recipes[0])
+    dbl = extract_locals(db, recipes, describer=describer, progress=progress, cache_dir=cache_dir,
+                         desc=f"{bench.name} database")
+    todo = [q for q, r in zip(queries, reuse) if r is None]
+    ql = extract_locals(todo, recipes, describer=describer, progress=progress, cache_dir=cache_dir,
+                        desc=f"{bench.name} queries") if todo else {r.name: [] for r in recipes}
+    out = {}
+    for r in recipes:
+        it = iter(ql[r.name])
+        q = [dbl[r.name][k] if k is not None else next(it) for k in reuse]
+        out[r.name] = (dbl[r.name], q)
+    return out
+
+
+def score(recipe: Recipe, db_local: list[np.ndarray], q_local: list[np.ndarray],
+          whitening: PCAWhitening | None) -> np.ndarray:
+    """Similarity matrix (n_queries, n_database) of the global vectors."""
+    d = recipe.finalize(db_local, whitening)
+    q = recipe.finalize(q_local, whitening)
+    return q @ d.T
+
+
+def evaluate_recipe(bench, recipe: Recipe, whitening: PCAWhitening | str | os.PathLike | None = None, *,
+                    progress: bool = True, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Describe ``bench`` with ``recipe``, optionally whiten (a whitening learned on ANOTHER collection),
+    and return the benchmark's standard figures plus timing and provenance."""
+    if whitening is not None and not isinstance(whitening, PCAWhitening):
+        whitening = PCAWhitening.load(Path(whitening))
+    t0 = time.perf_counter()
+    (db_local, q_local), = describe_benchmark(bench, [recipe], progress=progress, cache_dir=cache_dir).values()
+    t1 = time.perf_counter()
+    scores = score(recipe, db_local, q_local, whitening)
+    res = dict(bench.evaluate(scores))
+    res.update({
+        "benchmark": bench.name,
+        "recipe": recipe.to_dict(),
+        "whitening": None if whitening is None else getattr(whitening, "trained_on", "given"),
+        "database_images": len(db_local),
+        "queries": len(q_local),
+        "describe_seconds": round(t1 - t0, 2),
+    })
+    return res
