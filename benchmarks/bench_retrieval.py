@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from instance_search.benchmarking import describe_benchmark, score
-from instance_search.collection import Describer
+import numpy as np
+
+from instance_search.collection import Describer, fit_whitening
 from instance_search.datasets import load_benchmark
 from instance_search.index.store import atomic_write_bytes
-from instance_search.learn.pca_whitening import PCAWhitening
 from instance_search.recipes import Recipe
 
 HERE = Path(__file__).resolve().parent
@@ -68,11 +69,9 @@ def main() -> None:
                 db, q = described[name][r.name]
                 train_name = WHITEN_ON[name]
                 train_db, _ = described[train_name][r.name]
-                import numpy as np
-
                 rows = np.concatenate(train_db)
-                w = PCAWhitening()
-                w.fit(rows, trained_on=f"{train_name} ({len(train_db)} images, {len(rows)} {r.name} vectors)")
+                w = fit_whitening(rows, trained_on=f"{train_name} ({len(train_db)} images, {len(rows)} {r.name} "
+                                                   f"vectors)")
                 for wname, wh in (("none", None), (train_name, w)):
                     res = dict(benches[name].evaluate(score(r, db, q, wh)))
                     row = {"backbone": bb, "recipe": r.name, "benchmark": name, "whitening": wname,

@@ -131,6 +131,14 @@ def _prefetch(fn: Callable, items: Sequence, ahead: int = 4, workers: int = 2) -
             yield f.result()
 
 
+def fit_whitening(rows: np.ndarray, dim: int | None = None, trained_on: str = "") -> PCAWhitening:
+    """PCA-whitening (Jégou & Chum 2012) of local vectors; Ledoit-Wolf shrinkage of the covariance when
+    there are fewer than two samples per dimension (e.g. MAC on a few hundred images)."""
+    rows = np.asarray(rows, np.float32)
+    shrink = "auto" if len(rows) < 2 * rows.shape[1] else 0.0
+    return PCAWhitening().fit(rows, dim=dim, shrinkage=shrink, trained_on=trained_on)
+
+
 class Collection:
     """An indexed photo collection on disk (an :class:`IndexStore`) with its recipe and whitening."""
 
@@ -213,10 +221,8 @@ class Collection:
         local = self.store.local_descriptors()
         if not local:
             raise ValueError(f"{self.store.root}: cannot learn a whitening from an empty index")
-        rows = np.concatenate(local)
-        w = PCAWhitening()
-        w.fit(rows, dim=dim or self.recipe.whitening_dim, trained_on=trained_on or f"index {self.store.root}")
-        return w
+        return fit_whitening(np.concatenate(local), dim=dim or self.recipe.whitening_dim,
+                             trained_on=trained_on or f"index {self.store.root}")
 
     def _refresh_vectors(self) -> None:
         if self.store.stale_segments(self.whitening_tag):
