@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "PowerIntegral",
@@ -192,23 +191,44 @@ def exact_window_max(X, windows):
 def window_max(X, windows):
     """Exact max-pooling of many windows, vectorised: ``(N, C)``.
 
-    Windows are grouped by size ``(h, w)``; for each size one ``max_pool2d`` with kernel ``(h, w)`` and stride 1
-    gives the max of every window of that size at every position, from which the windows are gathered. Cost
-    grows with the number of distinct sizes (few for R-MAC grids or sliding windows at a few scales).
+    2-D sparse table (range-maximum by doubling): ``M_{k,l}[y, x]`` is the max over the ``2^k x 2^l`` block at
+    ``(y, x)``, built from ``M_{k-1,l}`` (or ``M_{k,l-1}``) by one element-wise max of two shifted copies. A
+    window of size ``h x w`` with ``k = ⌊log2 h⌋``, ``l = ⌊log2 w⌋`` is the union of four such blocks anchored at
+    its corners (overlap does not matter for a max), so each window costs four gathers of ``C`` values; at most
+    ``⌈log2 H⌉·⌈log2 W⌉`` tables are built, only those the windows need.
     """
     t, is_torch = _map(X)
     c, h, w = t.shape
     wins = _windows(windows, h, w)
     src = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
     out = torch.empty(wins.shape[0], c, dtype=src.dtype)
-    if wins.shape[0]:
-        sizes, inverse = torch.unique(wins[:, 2:], dim=0, return_inverse=True)
-        for k, (ww, hh) in enumerate(sizes.tolist()):
-            sel = torch.nonzero(inverse == k)[:, 0]
-            pooled = F.max_pool2d(src[None], (hh, ww), stride=1)[0]  # (C, H-hh+1, W-ww+1)
-            flat = pooled.reshape(c, -1)
-            idx = wins[sel, 1] * pooled.shape[2] + wins[sel, 0]
-            out[sel] = flat[:, idx].T
+    if wins.shape[0] == 0:
+        return out if is_torch else out.numpy()
+    tables: dict[tuple[int, int], torch.Tensor] = {(0, 0): src}
+
+    def table(k: int, l: int) -> torch.Tensor:
+        if (k, l) not in tables:
+            if k > 0:
+                m, d = table(k - 1, l), 1 << (k - 1)
+                tables[(k, l)] = torch.maximum(m[:, :-d], m[:, d:])
+            else:
+                m, d = table(k, l - 1), 1 << (l - 1)
+                tables[(k, l)] = torch.maximum(m[:, :, :-d], m[:, :, d:])
+        return tables[(k, l)]
+
+    x, y, ww, hh = wins.unbind(1)
+    kk = torch.floor(torch.log2(hh.to(torch.float64))).to(torch.int64)
+    ll = torch.floor(torch.log2(ww.to(torch.float64))).to(torch.int64)
+    levels, inverse = torch.unique(torch.stack([kk, ll], 1), dim=0, return_inverse=True)
+    for g, (k, l) in enumerate(levels.tolist()):
+        sel = torch.nonzero(inverse == g)[:, 0]
+        m = table(k, l)
+        flat, stride = m.reshape(c, -1), m.shape[2]
+        x1, y1 = x[sel], y[sel]
+        x2, y2 = x1 + ww[sel] - (1 << l), y1 + hh[sel] - (1 << k)  # anchors of the far blocks
+        v = torch.maximum(torch.maximum(flat[:, y1 * stride + x1], flat[:, y1 * stride + x2]),
+                          torch.maximum(flat[:, y2 * stride + x1], flat[:, y2 * stride + x2]))
+        out[sel] = v.T
     return out if is_torch else out.numpy()
 
 
@@ -270,9 +290,9 @@ def sample_windows(H: int, W: int, step: int = 3, aspect: float | None = None, s
 def window_iou(a, b) -> np.ndarray:
     """IoU of windows ``(x, y, w, h)`` (cells, as areas of cell sets); broadcasts ``(..., 4)`` rows."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    ix = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    iy = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = ix * iy
+    lo = np.maximum(a[..., :2], b[..., :2])
+    hi = np.minimum(a[..., :2] + a[..., 2:], b[..., :2] + b[..., 2:])
+    inter = np.clip(hi - lo, 0, None).prod(-1)
     return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
 
 
@@ -320,7 +340,8 @@ def aml_search(
     borders ``(x1, y1, x2, y2)``: each border in turn tries every shift of up to ``±refine_steps`` cells and
     keeps the best; at most ``refine_rounds`` rounds, stopping after a round without improvement (the aspect
     constraint is not enforced during refinement). ``X_or_ii``: a ``(C, H, W)`` map or a :class:`PowerIntegral`;
-    ``alpha``: 10 for a map, the integral's own when ``None``. Returns ``((x, y, w, h), score, n_windows_evaluated)``.
+    ``alpha``: 10 for a map, the integral's own when ``None``.
+    Returns ``((x, y, w, h), score, n_windows_evaluated)``.
     """
     pi = _as_integral(X_or_ii, alpha)
     H, W = pi.height, pi.width
@@ -362,7 +383,9 @@ def aml_search(
     return window, best_score, n
 
 
-def exhaustive_search(X_or_ii, q, alpha: float | None = None, chunk: int = 2048) -> tuple[tuple[int, int, int, int], float, int]:
+def exhaustive_search(
+    X_or_ii, q, alpha: float | None = None, chunk: int = 2048
+) -> tuple[tuple[int, int, int, int], float, int]:
     """Best window over all ``H(H+1)/2 · W(W+1)/2`` windows by Eq. 4 (Tolias et al. 2016, Sec. 5.1):
     ``((x, y, w, h), score, n_windows_evaluated)``."""
     pi = _as_integral(X_or_ii, alpha)

@@ -1,0 +1,134 @@
+"""Spatial re-ranking with approximate max-pooling localisation, AML (Tolias, Sicre & Jégou 2016, Sec. 6).
+
+For every short-listed image, :func:`instance_search.ops.integral.aml_search` localises the query in the
+image's conv map (cosine of the approximate region MAC with the query MAC, Eq. 4); the image is then re-scored
+by the cosine between the localised region's vector and the query vector, optionally after PCA-whitening
+both. By default the region's vector is its exact MAC (the approximation is only used to search; ``exact=False``
+scores with the approximate vector ``f̃_R`` instead).
+
+Boxes are ``(x, y, w, h)`` in map cells; :func:`cells_to_pixels` / :func:`pixels_to_cells` convert to and from
+image pixels ``(x1, y1, x2, y2)`` by proportional scaling (cell ``i`` covers pixels
+``[i·iw/W, (i+1)·iw/W)``; receptive-field size and padding are ignored).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from ..ops.integral import aml_search, power_integral, window_max, window_maxpool_approx
+
+__all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores"]
+
+
+class RerankResult(NamedTuple):
+    """Result of a spatial re-ranking of a short list of ``N`` images (all arrays in short-list order)."""
+
+    scores: np.ndarray  #: (N,) float64 new score of each short-listed image
+    boxes: np.ndarray  #: (N, 4) int64 best region ``(x, y, w, h)`` in map cells
+    order: np.ndarray  #: (N,) short-list indices sorted by new score, best first (ties: old score, then index)
+    n_windows: np.ndarray  #: (N,) int64 windows evaluated per image
+
+
+def _vec(v) -> torch.Tensor:
+    t = v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+    return t.to(torch.float32) if not t.is_floating_point() or t.dtype == torch.float16 else t
+
+
+def _l2n(M: torch.Tensor) -> torch.Tensor:
+    return M / M.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _whiten(whitening, M: torch.Tensor) -> torch.Tensor:
+    """Apply a whitening callable (or object with ``.transform``) to an (R, C) matrix → (R, D), as
+    :func:`instance_search.ops.pooling.rmac` does."""
+    fn = whitening.transform if hasattr(whitening, "transform") else whitening
+    out = fn(M.to(torch.float32))
+    out = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+    if out.ndim != 2 or out.shape[0] != M.shape[0]:
+        raise ValueError(f"whitening must map an (R, C) matrix to (R, D), got {tuple(out.shape)}")
+    return out.to(torch.float64)
+
+
+def cosine_scores(region_vecs, query_vec, whitening: Callable | None = None) -> torch.Tensor:
+    """Cosine of each row of ``region_vecs`` (R, C) with ``query_vec`` (C,): ``(R,)`` float64.
+
+    With ``whitening``: ``cos(L2(W(L2 f_R)), L2(W(L2 q)))`` (MAC → L2 → PCA-whitening → L2, Tolias Sec. 3).
+    """
+    R = _vec(region_vecs).to(torch.float64).reshape(-1, _vec(query_vec).numel())
+    q = _vec(query_vec).to(torch.float64).reshape(1, -1)
+    R, q = _l2n(R), _l2n(q)
+    if whitening is not None:
+        R, q = _l2n(_whiten(whitening, R)), _l2n(_whiten(whitening, q))
+    return R @ q[0]
+
+
+def _order(scores: np.ndarray, old) -> np.ndarray:
+    n = scores.shape[0]
+    old = np.zeros(n) if old is None else np.asarray(old, dtype=np.float64).reshape(-1)
+    if old.shape[0] != n:
+        raise ValueError(f"shortlist_scores has {old.shape[0]} entries for {n} maps")
+    return np.lexsort((np.arange(n), -old, -scores))
+
+
+def rerank_aml(
+    query_vec,
+    maps: Sequence,
+    shortlist_scores=None,
+    alpha: float = 10.0,
+    t: int = 3,
+    s: float = 1.1,
+    query_aspect: float | None = None,
+    refine_steps: int = 3,
+    refine_rounds: int = 5,
+    whitening: Callable | None = None,
+    exact: bool = True,
+) -> RerankResult:
+    """Re-rank a short list by AML localisation (Tolias et al. 2016, Sec. 6).
+
+    ``query_vec``: (C,) MAC of the query (region); ``maps``: one non-negative (C, H, W) map per short-listed
+    image (numpy or torch, float16 accepted; sizes may differ); ``shortlist_scores``: (N,) first-stage scores,
+    only used to break ties in ``order``. ``t, s, query_aspect`` (query width / height), ``refine_*``, ``alpha``:
+    see :func:`instance_search.ops.integral.aml_search`. ``whitening``: callable or object with ``.transform``
+    mapping (R, C) → (R, D), applied (after L2) to the region vector and the query before the cosine.
+    ``exact``: score the found window with its exact MAC (default) or its approximation ``f̃_R``.
+    """
+    q = _vec(query_vec).reshape(-1)
+    n = len(maps)
+    scores = np.zeros(n)
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    for i, X in enumerate(maps):
+        pi = power_integral(X, alpha)
+        box, score, cnt = aml_search(pi, q, t=t, s=s, refine_steps=refine_steps, refine_rounds=refine_rounds,
+                                     query_aspect=query_aspect)
+        boxes[i], counts[i] = box, cnt
+        if exact or whitening is not None:
+            v = window_max(X, [box]) if exact else window_maxpool_approx(pi, [box])
+            score = float(cosine_scores(v, q, whitening)[0])
+        scores[i] = score
+    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts)
+
+
+def cells_to_pixels(box, map_hw: tuple[int, int], image_wh: tuple[float, float]) -> np.ndarray:
+    """Map-cell box(es) ``(x, y, w, h)`` → image-pixel box(es) ``(x1, y1, x2, y2)`` (float64, end-exclusive):
+    ``x1 = x·iw/W``, ``x2 = (x+w)·iw/W`` and likewise for ``y`` with ``ih/H``. ``box``: (4,) or (N, 4)."""
+    b = np.asarray(box, dtype=np.float64)
+    H, W = map_hw
+    iw, ih = image_wh
+    sx, sy = iw / W, ih / H
+    return np.stack([b[..., 0] * sx, b[..., 1] * sy, (b[..., 0] + b[..., 2]) * sx, (b[..., 1] + b[..., 3]) * sy], -1)
+
+
+def pixels_to_cells(box_xyxy, image_wh: tuple[float, float], map_hw: tuple[int, int]) -> np.ndarray:
+    """Image-pixel box(es) ``(x1, y1, x2, y2)`` → the smallest map-cell box(es) ``(x, y, w, h)`` (int64) that
+    cover them, clipped to the map and at least one cell wide/high. ``box_xyxy``: (4,) or (N, 4)."""
+    b = np.asarray(box_xyxy, dtype=np.float64)
+    H, W = map_hw
+    iw, ih = image_wh
+    x1 = np.clip(np.floor(b[..., 0] * W / iw + 1e-9), 0, W - 1)
+    y1 = np.clip(np.floor(b[..., 1] * H / ih + 1e-9), 0, H - 1)
+    x2 = np.clip(np.ceil(b[..., 2] * W / iw - 1e-9), x1 + 1, W)
+    y2 = np.clip(np.ceil(b[..., 3] * H / ih - 1e-9), y1 + 1, H)
+    return np.stack([x1, y1, x2 - x1, y2 - y1], -1).astype(np.int64)

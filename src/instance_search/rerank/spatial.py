@@ -1,0 +1,116 @@
+"""Class-agnostic spatial re-ranking, CA-SR (Salvador, Giró-i-Nieto, Marqués & Satoh 2016, "Faster R-CNN
+features for instance search", Sec. 3.3).
+
+The query is described by the max-pooled conv features of its box (:func:`region_mac`). For each short-listed
+image, candidate boxes (Salvador: the RPN proposals; here any generator ``(H, W) → (N, 4)`` cells, e.g.
+multi-scale :func:`sliding_windows` or the R-MAC grid :func:`rmac_boxes`) are max-pooled, compared with the
+query descriptor by cosine similarity (optionally after L2 → PCA-whitening → L2), and the image takes the score
+and box of its best candidate.
+
+Pooling: ``method="exact"`` (default) computes the exact max over every box, vectorised by
+:func:`instance_search.ops.integral.window_max` (a 2-D sparse table of power-of-two block maxima, four look-ups
+per box); ``method="integral"`` uses the integral-image approximation ``f̃_R`` (Tolias et al. 2016, Eq. 3).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..ops.integral import power_integral, window_max, window_maxpool_approx
+from .aml import RerankResult, _order, _vec, cosine_scores
+
+__all__ = ["ca_sr", "sliding_windows", "rmac_boxes", "region_mac"]
+
+BoxesFn = Callable[[int, int], np.ndarray]
+
+
+def region_mac(X, box):
+    """MAC of one box ``(x, y, w, h)`` (cells) of a (C, H, W) map: ``max_{p∈box} X_i(p)``, shape (C,)."""
+    return window_max(X, np.asarray(box, dtype=np.int64).reshape(1, 4))[0]
+
+
+def _starts(n: int, size: int, step: int) -> list[int]:
+    starts = list(range(0, n - size + 1, step))
+    if starts[-1] != n - size:
+        starts.append(n - size)
+    return starts
+
+
+def sliding_windows(
+    H: int,
+    W: int,
+    scales: Sequence[float] = (1.0, 0.75, 0.5, 0.35, 0.25),
+    aspects: Sequence[float] = (0.5, 1.0, 2.0),
+    overlap: float = 0.5,
+) -> np.ndarray:
+    """Multi-scale sliding windows over an ``H x W`` map: unique ``(N, 4)`` int64 rows ``(x, y, w, h)``.
+
+    For each scale ``σ`` and aspect ``a`` (width / height) the window has area ``(σ·min(H, W))²`` and
+    ``w/h = a`` (clipped to the map, at least one cell); positions step by ``(1 - overlap)`` of the window size
+    and always include the far border. The full map is always included.
+    """
+    if H < 1 or W < 1:
+        raise ValueError(f"empty map {H}x{W}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    out = [(0, 0, W, H)]
+    side0 = min(H, W)
+    for sc in scales:
+        for a in aspects:
+            w = int(np.clip(round(sc * side0 * np.sqrt(a)), 1, W))
+            h = int(np.clip(round(sc * side0 / np.sqrt(a)), 1, H))
+            sx, sy = max(1, int(round(w * (1 - overlap)))), max(1, int(round(h * (1 - overlap))))
+            out.extend((x, y, w, h) for y in _starts(H, h, sy) for x in _starts(W, w, sx))
+    return np.unique(np.asarray(out, dtype=np.int64), axis=0)
+
+
+def rmac_boxes(levels: int = 3) -> BoxesFn:
+    """Candidate generator returning the (deduplicated) R-MAC grid of
+    :func:`instance_search.ops.pooling.rmac_regions` plus the full map (Tolias et al. 2016, Sec. 3)."""
+    from ..ops.pooling import rmac_regions
+
+    def boxes(H: int, W: int) -> np.ndarray:
+        r = np.asarray(rmac_regions(H, W, levels=levels), dtype=np.int64).reshape(-1, 4)
+        return np.unique(np.concatenate([np.array([[0, 0, W, H]], dtype=np.int64), r]), axis=0)
+
+    return boxes
+
+
+def ca_sr(
+    query_region_vec,
+    maps: Sequence,
+    candidate_boxes_fn: BoxesFn | None = None,
+    shortlist_scores=None,
+    whitening: Callable | None = None,
+    method: str = "exact",
+    alpha: float = 10.0,
+) -> RerankResult:
+    """CA-SR re-ranking (Salvador et al. 2016, Sec. 3.3): score of an image = max over its candidate boxes of
+    ``cos(f_box, q)``; its box = the arg-max.
+
+    ``query_region_vec``: (C,) max-pooled descriptor of the query box (:func:`region_mac` of the query map);
+    ``maps``: (C, H, W) per short-listed image (numpy or torch; sizes may differ); ``candidate_boxes_fn``:
+    ``(H, W) → (N, 4)`` cell boxes ``(x, y, w, h)``, default :func:`sliding_windows`; ``shortlist_scores``:
+    only break ties in ``order``; ``whitening``: callable or object with ``.transform`` ((R, C) → (R, D));
+    ``method``: ``"exact"`` max-pooling or ``"integral"`` approximation with ``alpha`` (see module docstring).
+    """
+    if method not in ("exact", "integral"):
+        raise ValueError(f"method must be 'exact' or 'integral', got {method!r}")
+    gen = candidate_boxes_fn or sliding_windows
+    q = _vec(query_region_vec).reshape(-1)
+    n = len(maps)
+    scores = np.zeros(n)
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    for i, X in enumerate(maps):
+        H, W = int(X.shape[-2]), int(X.shape[-1])
+        cands = np.asarray(gen(H, W), dtype=np.int64).reshape(-1, 4)
+        if cands.shape[0] == 0:
+            raise ValueError(f"candidate_boxes_fn returned no boxes for a {H}x{W} map")
+        V = window_max(X, cands) if method == "exact" else window_maxpool_approx(power_integral(X, alpha), cands)
+        cs = cosine_scores(V, q, whitening)
+        b = int(torch.argmax(cs))
+        scores[i], boxes[i], counts[i] = float(cs[b]), cands[b], cands.shape[0]
+    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts)

@@ -1,0 +1,166 @@
+"""Integral max-pooling and AML (Tolias et al. 2016, Sec. 5) against slow loop references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from instance_search.ops import integral as I
+
+
+def sparse_map(rng, C=32, H=12, W=16, density=0.1, scale=20.0):
+    """Random non-negative ReLU-like map: mostly zeros, gamma-distributed activations."""
+    return ((rng.random((C, H, W)) < density) * rng.gamma(2.0, scale, (C, H, W))).astype(np.float32)
+
+
+def planted_map(rng, box, C=64, H=16, W=24):
+    """Background strong in channels C/2.., weak in 0..C/2; the object puts one strong peak per channel 0..C/2
+    inside ``box`` (x, y, w, h), with peaks on each of the box's four borders."""
+    x, y, w, h = box
+    X = np.zeros((C, H, W), dtype=np.float32)
+    half = C // 2
+    X[half:] = (rng.random((C - half, H, W)) < 0.3) * rng.gamma(2.0, 15.0, (C - half, H, W))
+    X[:half] = rng.random((half, H, W)) * 3.0
+    ys = rng.integers(y, y + h, half)
+    xs = rng.integers(x, x + w, half)
+    xs[0], xs[1], ys[2], ys[3] = x, x + w - 1, y, y + h - 1  # touch every border
+    X[np.arange(half), ys, xs] = rng.uniform(60.0, 100.0, half)
+    return X
+
+
+def cos_rows(A, B):
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    return (A * B).sum(1) / np.maximum(np.linalg.norm(A, axis=1) * np.linalg.norm(B, axis=1), 1e-300)
+
+
+def test_window_sums_equal_brute_force():
+    rng = np.random.default_rng(0)
+    X = sparse_map(rng, C=6, H=7, W=9, density=0.5)
+    pi = I.power_integral(X, alpha=3.0)
+    assert pi.ii.shape == (6, 8, 10) and pi.shape == (6, 7, 9)
+    wins = I.all_windows(7, 9)
+    P = (X.astype(np.float64) / pi.scale.numpy()[:, None, None]) ** 3.0
+    ref = np.stack([P[:, y:y + h, x:x + w].sum((1, 2)) for x, y, w, h in wins])
+    np.testing.assert_allclose(pi.window_sums(wins).numpy(), ref, rtol=1e-12, atol=1e-14)
+    # the un-scaled sums (Eq. 3 before the root) follow from the kept scale
+    approx = I.window_maxpool_approx(pi, wins)
+    np.testing.assert_allclose(approx.astype(np.float64) ** 3,
+                               ref * pi.scale.numpy() ** 3, rtol=1e-4, atol=1e-6)
+
+
+def test_no_overflow_and_single_cells_exact():
+    rng = np.random.default_rng(1)
+    X = sparse_map(rng, C=4, H=5, W=5, density=0.6, scale=500.0)  # X^10 ~ 1e30+: overflows float32 unscaled
+    pi = I.power_integral(torch.from_numpy(X), alpha=10.0)
+    cells = np.array([(x, y, 1, 1) for y in range(5) for x in range(5)])
+    v = I.window_maxpool_approx(pi, cells)
+    assert isinstance(v, torch.Tensor) and v.dtype == torch.float32 and torch.isfinite(v).all()
+    ref = X.reshape(4, -1).T
+    resolvable = ref >= 0.05 * ref.max(0)  # below ~0.04 s_i, float64 integral images cannot resolve (floor)
+    np.testing.assert_allclose(v.numpy()[resolvable], ref[resolvable], rtol=1e-5)
+    low, lref = v.numpy()[~resolvable], ref[~resolvable]
+    assert (np.isclose(low, lref, rtol=1e-5) | (low == 0)).all()  # exact, or zeroed as rounding noise
+    with pytest.raises(ValueError):
+        I.power_integral(-X)
+    with pytest.raises(ValueError):
+        I.window_maxpool_approx(pi, [[3, 3, 3, 1]])  # outside the 5x5 map
+    with pytest.raises(ValueError):
+        I.window_scores(pi, cells, np.ones(4), alpha=3.0)  # alpha differs from the integral's
+
+
+def test_exact_vectorised_window_max_matches_loop():
+    rng = np.random.default_rng(2)
+    X = sparse_map(rng, C=8, H=9, W=11)
+    wins = I.all_windows(9, 11)[rng.choice(2970, 300, replace=False)]
+    np.testing.assert_array_equal(I.window_max(X, wins), I.exact_window_max(X, wins))
+    t = I.window_max(torch.from_numpy(X), wins)
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_array_equal(t.numpy(), I.exact_window_max(X, wins))
+
+
+def test_approximation_improves_with_alpha():
+    rng = np.random.default_rng(3)
+    X = sparse_map(rng, C=64, H=20, W=30)
+    wins = I.all_windows(20, 30)[::211]
+    exact = I.window_max(X, wins)
+    mean_cos = []
+    for a in (1.0, 2.0, 5.0, 10.0):
+        mean_cos.append(cos_rows(I.window_maxpool_approx(I.power_integral(X, a), wins), exact).mean())
+    assert all(b > a for a, b in zip(mean_cos, mean_cos[1:])), mean_cos
+    assert mean_cos[-1] > 0.99
+
+
+def test_window_scores_match_reference_and_chunking():
+    rng = np.random.default_rng(4)
+    X = sparse_map(rng, C=16, H=8, W=10)
+    pi = I.power_integral(X, 10.0)
+    wins = I.all_windows(8, 10)
+    q = rng.random(16)
+    ref = cos_rows(I.window_maxpool_approx(pi, wins), np.broadcast_to(q, (len(wins), 16)))
+    np.testing.assert_allclose(I.window_scores(pi, wins, q), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(I.window_scores(pi, wins, q, chunk=7), I.window_scores(pi, wins, q), rtol=1e-12)
+
+
+def test_window_generators():
+    H, W = 6, 8
+    aw = I.all_windows(H, W)
+    assert len(aw) == (H * (H + 1) // 2) * (W * (W + 1) // 2) == len(np.unique(aw, axis=0))
+    assert (aw[:, 0] + aw[:, 2] <= W).all() and (aw[:, 1] + aw[:, 3] <= H).all() and (aw[:, 2:] >= 1).all()
+    sw = I.sample_windows(20, 30, step=3)
+    assert (sw[:, 0] + sw[:, 2] <= 30).all() and (sw[:, 1] + sw[:, 3] <= 20).all()
+    assert [0, 0, 30, 20] in sw.tolist()
+    assert len(sw) < len(I.all_windows(20, 30)) / 20
+    sa = I.sample_windows(20, 30, step=3, aspect=1.5, s=1.1)
+    r = sa[:, 2] / sa[:, 3] / 1.5
+    assert len(sa) > 0 and (np.maximum(r, 1 / r) <= 1.1 + 1e-9).all()
+    assert len(I.sample_windows(4, 4, step=3, aspect=7.0, s=1.01)) > 0  # fallback: closest aspect kept
+
+
+def test_aml_finds_planted_window_with_few_evaluations():
+    rng = np.random.default_rng(5)
+    box = (9, 5, 8, 6)
+    X = planted_map(rng, box)
+    x, y, w, h = box
+    q = X[:, y:y + h, x:x + w].max((1, 2))
+    pi = I.power_integral(X, 10.0)
+    win, score, n = I.aml_search(pi, q, t=3, s=1.1, query_aspect=w / h)
+    ewin, escore, en = I.exhaustive_search(pi, q)
+    assert I.window_iou(win, box) >= 0.7, (win, box)
+    assert I.window_iou(ewin, box) >= 0.7, (ewin, box)
+    assert en == len(I.all_windows(16, 24)) and n < en / 50
+    assert score <= escore + 1e-12 and score > 0.9
+    # without the aspect prior AML still localises (more windows, same answer)
+    win2, _, n2 = I.aml_search(X, q)
+    assert I.window_iou(win2, box) >= 0.7 and n2 > n
+
+
+@pytest.fixture(scope="module")
+def vgg_conv5(data_dir):
+    """Real VGG16 conv5_3 map (post-ReLU) of an Oxford query image, max side 384 px (24 x 16 cells)."""
+    from PIL import Image
+
+    backbones = pytest.importorskip("instance_search.backbones")
+    try:
+        bb = backbones.load_backbone("vgg16", progress=False)
+    except backbones.WeightsError as exc:  # no cached weights and no registry reachable
+        pytest.skip(f"VGG16 weights unavailable: {exc}")
+    img = Image.open(data_dir / "oxford5k-queries10" / "bodleian_000132.jpg").convert("RGB")
+    img.thumbnail((384, 384))
+    return bb.features(img, layers=["conv5_3"])[("conv5_3", 1.0)].numpy()
+
+
+def test_real_conv5_map_approximation_and_aml(vgg_conv5):
+    X = vgg_conv5
+    C, H, W = X.shape
+    rng = np.random.default_rng(6)
+    wins = I.all_windows(H, W)
+    wins = wins[rng.choice(len(wins), 500, replace=False)]
+    exact = I.window_max(X, wins)
+    cos = {a: cos_rows(I.window_maxpool_approx(I.power_integral(X, a), wins), exact) for a in (1, 2, 5, 10)}
+    means = [cos[a].mean() for a in (1, 2, 5, 10)]
+    assert all(b > a for a, b in zip(means, means[1:])), means
+    assert cos[10].mean() > 0.99 and cos[10].min() > 0.95
+    box = (W // 4, H // 4, W // 2, H // 3)
+    q = I.exact_window_max(X, [box])[0]
+    win, score, n = I.aml_search(X, q, query_aspect=box[2] / box[3])
+    assert I.window_iou(win, box) >= 0.7 and n < len(I.all_windows(H, W)) / 50

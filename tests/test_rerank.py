@@ -1,0 +1,198 @@
+"""Re-ranking: AML (Tolias et al. 2016, Sec. 6), CA-SR (Salvador et al. 2016, Sec. 3.3), QE and DBA."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from instance_search.ops.integral import exact_window_max, window_iou
+from instance_search.rerank import (
+    alpha_qe,
+    average_qe,
+    ca_sr,
+    cells_to_pixels,
+    dba,
+    pixels_to_cells,
+    region_mac,
+    rerank_aml,
+    rmac_boxes,
+    sliding_windows,
+)
+
+C = 48
+HALF = C // 2
+
+
+def scene(rng, H, W, box=None, obj=None):
+    """Clutter strong in channels HALF.., weak in ..HALF; an object (one peak per channel ..HALF with the
+    values ``obj``) spread over ``box`` (x, y, w, h), touching its four borders and hiding the clutter."""
+    X = np.zeros((C, H, W), dtype=np.float32)
+    X[HALF:] = (rng.random((C - HALF, H, W)) < 0.3) * rng.gamma(2.0, 15.0, (C - HALF, H, W))
+    X[:HALF] = rng.random((HALF, H, W)) * 3.0
+    if box is not None:
+        x, y, w, h = box
+        ys, xs = rng.integers(y, y + h, HALF), rng.integers(x, x + w, HALF)
+        xs[0], xs[1], ys[2], ys[3] = x, x + w - 1, y, y + h - 1
+        X[np.arange(HALF), ys, xs] = obj
+        X[HALF:, y:y + h, x:x + w] = rng.random((C - HALF, h, w)) * 3.0
+    return X
+
+
+@pytest.fixture(scope="module")
+def shortlist():
+    rng = np.random.default_rng(0)
+    obj = rng.uniform(60.0, 100.0, HALF)
+    other = rng.permutation(obj) * rng.uniform(0.3, 1.0, HALF)  # a different object, same channels
+    qbox = (4, 3, 9, 6)
+    Xq = scene(rng, 14, 20, qbox, obj)
+    q = region_mac(Xq, qbox)
+    maps, boxes, positive = [], [], []
+    for i, (H, W, box) in enumerate([(16, 24, (12, 8, 9, 6)), (18, 22, None), (14, 20, (1, 1, 9, 6)),
+                                     (15, 25, None), (20, 20, (10, 12, 9, 6))]):
+        neg_box = (5, 5, 9, 6)
+        maps.append(scene(rng, H, W, box if box else neg_box, obj if box else other))
+        boxes.append(box)
+        positive.append(box is not None)
+    return q, qbox, maps, boxes, np.array(positive)
+
+
+def test_box_conversions():
+    px = cells_to_pixels([2, 1, 3, 4], map_hw=(10, 20), image_wh=(640, 320))
+    np.testing.assert_allclose(px, [64, 32, 160, 160])
+    np.testing.assert_array_equal(pixels_to_cells(px, (640, 320), (10, 20)), [2, 1, 3, 4])
+    many = np.array([[0, 0, 20, 10], [5, 5, 1, 1]])
+    np.testing.assert_array_equal(pixels_to_cells(cells_to_pixels(many, (10, 20), (640, 320)), (640, 320), (10, 20)),
+                                  many)
+    # a pixel box is covered by its cell box
+    cb = pixels_to_cells([70, 40, 100, 41], (640, 320), (10, 20))
+    bx = cells_to_pixels(cb, (10, 20), (640, 320))
+    assert bx[0] <= 70 and bx[1] <= 40 and bx[2] >= 100 and bx[3] >= 41 and (cb[2:] >= 1).all()
+
+
+def test_rerank_aml_localises_and_ranks_positives_first(shortlist):
+    q, qbox, maps, boxes, positive = shortlist
+    res = rerank_aml(q, maps, query_aspect=qbox[2] / qbox[3])
+    assert set(res.order[: positive.sum()]) == set(np.flatnonzero(positive))
+    for i in np.flatnonzero(positive):
+        assert window_iou(res.boxes[i], boxes[i]) >= 0.7, (res.boxes[i], boxes[i])
+    assert (res.scores[positive] > 0.9).all() and res.n_windows.min() > 0
+    # the final score is the exact MAC cosine of the returned box
+    i = int(np.flatnonzero(positive)[0])
+    v = exact_window_max(maps[i], [res.boxes[i]])[0]
+    cos = float(v @ q / np.linalg.norm(v) / np.linalg.norm(q))
+    assert res.scores[i] == pytest.approx(cos, rel=1e-5)
+    # whitening by an orthogonal map leaves cosines unchanged; torch maps give the same answer
+    Q = np.linalg.qr(np.random.default_rng(1).normal(size=(C, C)))[0]
+    res_w = rerank_aml(q, [torch.from_numpy(m) for m in maps], query_aspect=qbox[2] / qbox[3],
+                       whitening=lambda M: M @ torch.from_numpy(Q).to(M.dtype))
+    np.testing.assert_allclose(res_w.scores, res.scores, rtol=1e-5)
+    np.testing.assert_array_equal(res_w.boxes, res.boxes)
+
+
+def test_rerank_tie_break_uses_shortlist_scores():
+    X = np.ones((4, 5, 5), dtype=np.float32)
+    res = rerank_aml(np.ones(4), [X, X, X], shortlist_scores=[0.1, 0.9, 0.5])
+    np.testing.assert_array_equal(res.order, [1, 2, 0])
+
+
+def ca_sr_reference(q, maps, gen):
+    best = []
+    for X in maps:
+        boxes = gen(X.shape[1], X.shape[2])
+        V = np.stack([X[:, y:y + h, x:x + w].max((1, 2)) for x, y, w, h in boxes]).astype(np.float64)
+        cos = V @ q / np.maximum(np.linalg.norm(V, axis=1), 1e-12) / np.linalg.norm(q)
+        best.append((cos.max(), boxes[int(np.argmax(cos))]))
+    return best
+
+
+def test_ca_sr_matches_loop_reference(shortlist):
+    q, qbox, maps, boxes, positive = shortlist
+    for gen in (sliding_windows, rmac_boxes(3)):
+        res = ca_sr(q, maps, gen)
+        ref = ca_sr_reference(q.astype(np.float64), maps, gen)
+        np.testing.assert_allclose(res.scores, [r[0] for r in ref], rtol=1e-5)
+        np.testing.assert_array_equal(res.boxes, [r[1] for r in ref])
+    res = ca_sr(q, maps)  # default sliding windows rank positives first
+    assert set(res.order[: positive.sum()]) == set(np.flatnonzero(positive))
+
+    def with_query_size(H, W):  # pluggable generator: sliding windows + every window of the query's size
+        w, h = qbox[2], qbox[3]
+        same = [(x, y, w, h) for y in range(H - h + 1) for x in range(W - w + 1)]
+        return np.concatenate([sliding_windows(H, W), np.array(same)])
+
+    res = ca_sr(q, maps, with_query_size)
+    assert set(res.order[: positive.sum()]) == set(np.flatnonzero(positive))
+    for i in np.flatnonzero(positive):
+        assert window_iou(res.boxes[i], boxes[i]) >= 0.7
+    approx = ca_sr(q, maps, method="integral")
+    assert set(approx.order[: positive.sum()]) == set(np.flatnonzero(positive))
+    with pytest.raises(ValueError):
+        ca_sr(q, maps, method="nope")
+
+
+def test_sliding_windows_valid():
+    sw = sliding_windows(13, 21)
+    assert [0, 0, 21, 13] in sw.tolist() and len(sw) == len(np.unique(sw, axis=0))
+    assert (sw[:, 0] + sw[:, 2] <= 21).all() and (sw[:, 1] + sw[:, 3] <= 13).all() and (sw[:, 2:] >= 1).all()
+
+
+# ---------------------------------------------------------------------------------------- expansion
+def l2n(M):
+    return M / np.linalg.norm(M, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(2)
+    db = l2n(rng.normal(size=(60, 16)))
+    qs = l2n(db[:3] + 0.5 * rng.normal(size=(3, 16)))
+    return qs, db
+
+
+def test_average_qe_matches_loop(vectors):
+    qs, db = vectors
+    for q in qs:
+        sims = db @ q
+        top = np.argsort(-sims)[:5]
+        ref = q.copy()
+        for j in top:
+            ref = ref + db[j]
+        ref = ref / np.linalg.norm(ref)
+        np.testing.assert_allclose(average_qe(q, db, top=5), ref, rtol=1e-10)
+        np.testing.assert_allclose(average_qe(q, db, sims, top=5), ref, rtol=1e-10)  # float scores
+        np.testing.assert_allclose(average_qe(q, db, np.argsort(-sims), top=5), ref, rtol=1e-10)  # ranks
+    np.testing.assert_allclose(average_qe(qs, db, top=5), np.stack([average_qe(q, db, top=5) for q in qs]),
+                               rtol=1e-12)
+
+
+def test_alpha_qe_matches_loop(vectors):
+    qs, db = vectors
+    for q in qs:
+        sims = db @ q
+        ref = q.copy()
+        for j in np.argsort(-sims)[:7]:
+            ref = ref + max(sims[j], 0.0) ** 3 * db[j]
+        np.testing.assert_allclose(alpha_qe(q, db, top=7, alpha=3), ref / np.linalg.norm(ref), rtol=1e-10)
+    np.testing.assert_allclose(alpha_qe(qs, db, top=7, alpha=0), average_qe(qs, db, top=7), rtol=1e-12)
+
+
+def test_dba_matches_loop(vectors):
+    _, db = vectors
+    ref = np.empty_like(db)
+    for i in range(len(db)):
+        sims = db @ db[i]
+        sims[i] = np.inf
+        acc = np.zeros(db.shape[1])
+        for j in np.argsort(-sims)[:4]:
+            acc += (1.0 if j == i else max(db[i] @ db[j], 0.0) ** 2) * db[j]
+        ref[i] = acc / np.linalg.norm(acc)
+    np.testing.assert_allclose(dba(db, k=4, alpha=2, chunk=7), ref, rtol=1e-10)
+    # precomputed neighbours (self somewhere in the list, or absent) give the same result
+    nn = np.argsort(-(db @ db.T), axis=1)[:, :6]
+    np.testing.assert_allclose(dba(db, k=4, alpha=2, neighbours=nn), ref, rtol=1e-10)
+    np.testing.assert_allclose(dba(db, k=4, alpha=2, neighbours=nn[:, 1:]), ref, rtol=1e-10)
+    plain = dba(db, k=3, alpha=0)
+    i = 5
+    s = db @ db[i]
+    s[i] = np.inf
+    np.testing.assert_allclose(plain[i], l2n(db[np.argsort(-s)[:3]].sum(0)), rtol=1e-10)
