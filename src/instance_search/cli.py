@@ -90,8 +90,11 @@ def search(
     top: int = typer.Option(10, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     show: Optional[Path] = typer.Option(None, help="Draw the ranked list into this PNG."),
+    rerank: str = typer.Option("none", help="none | aml (Tolias: localise with AML) | casr (Salvador CA-SR)."),
+    shortlist: int = typer.Option(1000, help="How many top results to re-rank."),
+    qe: int = typer.Option(0, help="Average query expansion with the top QE results (0: off)."),
 ) -> None:
-    """Rank the indexed images by similarity to QUERY."""
+    """Rank the indexed images by similarity to QUERY (optionally re-ranked, with boxes, and expanded)."""
     from .collection import Collection
     from .images import parse_box
 
@@ -99,20 +102,22 @@ def search(
         b = parse_box(box)
         col = Collection.open(index_dir)
         t0 = time.perf_counter()
-        hits = col.search(query, box=b, top=top)
+        hits = col.search(query, box=b, top=top, rerank=rerank, shortlist=shortlist, qe=qe)
         dt = time.perf_counter() - t0
     except _errors() as exc:
         _fail(str(exc))
     if show is not None:
         from .viz import draw_ranked
 
-        draw_ranked(query, [h.path for h in hits], [h.score for h in hits], show, query_box=b)
+        draw_ranked(query, [h.path for h in hits], [h.score for h in hits], show, query_box=b,
+                    boxes=[h.box for h in hits])
     if as_json:
         typer.echo(json.dumps({"query": str(query), "box": None if b is None else b.as_tuple(),
                                "seconds": round(dt, 4), "hits": [h.to_dict() for h in hits]}, indent=1))
     else:
         for h in hits:
-            typer.echo(f"{h.rank:4d}  {h.score:.4f}  {h.path}")
+            where = "" if h.box is None else "  box " + ",".join(f"{v:.0f}" for v in h.box)
+            typer.echo(f"{h.rank:4d}  {h.score:.4f}  {h.path}{where}")
         typer.secho(f"{len(hits)} results in {dt * 1000:.0f} ms", err=True)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .images import Box, ImageError, list_images, load_image, parse_box
@@ -269,7 +270,8 @@ class Collection:
                     continue
                 local, fmap = self.describer.describe(img)
                 key = str(path.resolve())
-                pending.append(Entry(path=key, width=img.width, height=img.height, sha256=sha, mtime=st.st_mtime,
+                width, height = img.info.get("original_size", img.size)
+                pending.append(Entry(path=key, width=width, height=height, sha256=sha, mtime=st.st_mtime,
                                      size=st.st_size, local=local, fmap=fmap if store_maps else None,
                                      vector=self.recipe.finalize(local, self.whitening)))
                 if key not in report.updated:
@@ -354,10 +356,68 @@ class Collection:
         return [Hit(rank=r + 1, id=recs[p]["id"], path=recs[p]["path"], score=float(s))
                 for r, (s, p) in enumerate(zip(scores[0], pos[0])) if p >= 0]
 
-    def search(self, image: str | os.PathLike | Image.Image, box=None, top: int = 10) -> list[Hit]:
-        """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does)."""
-        vec, _, _ = self.describe(image, box=box)
-        return self.search_vector(vec, top=top)
+    def search(self, image: str | os.PathLike | Image.Image, box=None, top: int = 10, *,
+               rerank: str | None = None, shortlist: int = 1000, qe: int = 0) -> list[Hit]:
+        """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does).
+
+        ``rerank``: ``"aml"`` (Tolias et al. 2016 Sec. 6: localise the query's MAC in each short-listed map
+        with AML and score the localised region) or ``"casr"`` (Salvador et al. 2016 Sec. 3.3: best of the
+        candidate boxes); the top ``shortlist`` images are re-ranked and get a box in image pixels.
+        ``qe``: average query expansion with the top ``qe`` results (Chum et al. 2007), after re-ranking;
+        the expanded query is searched again (and the new short list re-ranked).
+        """
+        if rerank not in (None, "none", "aml", "casr"):
+            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, casr or none")
+        if top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        if shortlist < 1:
+            raise ValueError(f"shortlist must be at least 1, got {shortlist}")
+        vec, _, fmap = self.describe(image, box=box)
+        rerank = None if rerank == "none" else rerank
+        depth = max(top, shortlist if rerank else top, qe)
+        hits = self.search_vector(vec, top=depth)
+        if rerank:
+            hits = self._rerank(hits, fmap, rerank, shortlist)
+        if qe > 0 and hits:
+            from .rerank.expansion import average_qe
+
+            vecs = self._vectors_of([h.id for h in hits[:qe]])
+            q2 = average_qe(vec, vecs, ranks=np.arange(len(vecs)), top=len(vecs))
+            hits = self.search_vector(np.asarray(q2, np.float32).reshape(-1), top=depth)
+            if rerank:
+                hits = self._rerank(hits, fmap, rerank, shortlist)
+        return hits[:top]
+
+    def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
+        self._ensure_faiss()
+        pos = {r["id"]: k for k, r in enumerate(self._records)}
+        return np.stack([self._faiss.reconstruct(int(pos[i])) for i in ids])
+
+    def _rerank(self, hits: list[Hit], qmap: np.ndarray, method: str, shortlist: int) -> list[Hit]:
+        from .rerank.aml import cells_to_pixels, rerank_aml
+        from .rerank.spatial import ca_sr
+
+        head, tail = hits[:shortlist], hits[shortlist:]
+        maps = self.store.feature_maps([h.id for h in head])
+        qmap_t = torch.as_tensor(qmap, dtype=torch.float32)
+        qvec = qmap_t.amax(dim=(1, 2)).numpy()  # the query's MAC
+        old = np.asarray([h.score for h in head])
+        if method == "aml":
+            res = rerank_aml(qvec, maps, shortlist_scores=old, query_aspect=qmap.shape[2] / qmap.shape[1],
+                             whitening=self.whitening)
+        else:
+            res = ca_sr(qvec, maps, shortlist_scores=old, whitening=self.whitening)
+        recs = {r["id"]: r for r in self.records()}
+        out = []
+        for rank, k in enumerate(res.order):
+            h = head[int(k)]
+            rec = recs[h.id]
+            box = cells_to_pixels(res.boxes[int(k)], maps[int(k)].shape[1:], (rec["width"], rec["height"]))
+            out.append(Hit(rank=rank + 1, id=h.id, path=h.path, score=float(res.scores[int(k)]),
+                           box=tuple(round(float(v), 1) for v in box)))
+        for j, h in enumerate(tail):
+            out.append(Hit(rank=len(out) + 1, id=h.id, path=h.path, score=h.score))
+        return out
 
     def __len__(self) -> int:
         return len(self.store)

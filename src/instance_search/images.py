@@ -146,6 +146,7 @@ def load_image(
 ) -> Image.Image:
     """Load ``path`` as an RGB image, EXIF-rotated, cropped to ``box`` and capped at ``max_size``.
 
+    ``img.info["original_size"]`` keeps the (width, height) of the whole EXIF-rotated image.
     The box is in the coordinates of the original (EXIF-rotated) image; cropping happens before any
     resizing, as in the revisitop protocol. JPEGs are downscaled while decoding (``Image.draft``) when
     they are much larger than ``max_size``. Raises :class:`ImageError` (naming the file) for missing,
@@ -169,14 +170,17 @@ def load_image(
                         f"{path}: {w0}x{h0} = {w0 * h0} pixels exceeds the limit of {MAX_PIXELS} (decompression bomb?)"
                     )
                 exif_rotated = _exif_transposes(img)
+                drafted = False
                 if max_size is not None and box is None and img.format == "JPEG" and not exif_rotated:
                     # Decode at a reduced scale (factor 1/2, 1/4, 1/8) no smaller than needed.
                     scale = max_size / max(w0, h0)
                     if scale < 0.5:
                         img.draft("RGB", (int(np.ceil(w0 * scale)), int(np.ceil(h0 * scale))))
+                        drafted = True
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img, path)
+                original_size = (w0, h0) if drafted else img.size
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -191,6 +195,7 @@ def load_image(
         img = img.crop(clip_box(box, img.width, img.height, name=str(path)))
     if max_size is not None:
         img = resize_max(img, max_size)
+    img.info["original_size"] = original_size  # (width, height) after EXIF rotation, before crop/resize
     return img
 
 

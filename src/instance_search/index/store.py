@@ -300,22 +300,34 @@ class IndexStore:
 
     def feature_map(self, image_id: int) -> np.ndarray:
         """The stored conv feature map (C,H,W) of ``image_id`` (dequantised)."""
+        return self.feature_maps([image_id])[0]
+
+    def feature_maps(self, image_ids) -> list[np.ndarray]:
+        """Stored conv maps of several images, reading each segment's map file once (for a short list)."""
+        removed = set(self.manifest["removed"])
+        want = [int(i) for i in image_ids]
+        where: dict[int, tuple[str, int]] = {}
         for name in self.manifest["segments"]:
             seg = self._segments[name]
-            hit = np.flatnonzero(seg.ids == image_id)
-            if len(hit):
-                if image_id in set(self.manifest["removed"]):
-                    break
-                if not seg.has_maps:
-                    raise IndexError_(f"{self.root}: image {image_id} was indexed without conv maps (--maps none)")
-                z = load_npz(self.root / "maps" / f"{name}.npz")
-                j = int(hit[0])
-                po = z["pos_offsets"]
-                return decompress_map({
-                    "shape": z["shapes"][j], "scale": z["scales"][j],
-                    "pos": z["pos"][po[j]:po[j + 1]], "codes": z["codes"][po[j]:po[j + 1]],
-                })
-        raise KeyError(f"image id {image_id} is not in the index {self.root}")
+            for j, id_ in enumerate(seg.ids.tolist()):
+                where[id_] = (name, j)
+        by_seg: dict[str, list[tuple[int, int]]] = {}
+        for k, i in enumerate(want):
+            if i not in where or i in removed:
+                raise KeyError(f"image id {i} is not in the index {self.root}")
+            name, j = where[i]
+            if not self._segments[name].has_maps:
+                raise IndexError_(f"{self.root}: image {i} ({self._segments[name].paths[j]}) was indexed without "
+                                  f"conv maps (--no-maps); re-index it with maps to re-rank")
+            by_seg.setdefault(name, []).append((k, j))
+        out: list[np.ndarray | None] = [None] * len(want)
+        for name, pairs in by_seg.items():
+            z = load_npz(self.root / "maps" / f"{name}.npz")
+            po = z["pos_offsets"]
+            for k, j in pairs:
+                out[k] = decompress_map({"shape": z["shapes"][j], "scale": z["scales"][j],
+                                         "pos": z["pos"][po[j]:po[j + 1]], "codes": z["codes"][po[j]:po[j + 1]]})
+        return out  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- writing
     def add(self, entries: list[Entry], tag: str = "none") -> list[int]:

@@ -1,0 +1,84 @@
+"""Re-ranking and query expansion through the Collection API and the CLI, on real Paris photos with boxes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from instance_search.cli import app
+from instance_search.collection import Collection
+from instance_search.datasets import load_benchmark
+from instance_search.evaluation import iou
+from instance_search.recipes import Recipe
+
+
+@pytest.fixture(scope="module")
+def paris_index(tmp_path_factory):
+    bench = load_benchmark("rparis6k")
+    # a small real database: the positives of one query plus some other landmarks' images
+    q = 0
+    ok = list(bench.gnd[q]["easy"]) if "easy" in bench.gnd[q] else list(bench.gnd[q]["ok"])
+    others = [i for i in range(len(bench.images)) if i not in set(ok) | set(bench.gnd[q].get("junk", []))]
+    rng = np.random.default_rng(0)
+    chosen = sorted(ok[:6] + list(rng.choice(others, 10, replace=False)))
+    root = tmp_path_factory.mktemp("paris") / "ix"
+    col = Collection.create(root, Recipe("rmac", backbone="vgg16", max_size=384), whitening="self")
+    col.add_folder([bench.images[i] for i in chosen], progress=False)
+    positives = {str(Path(bench.images[i]).resolve()) for i in ok[:6]}
+    return root, bench.query_paths[q], bench.query_boxes[q], positives
+
+
+def _ap(hits, positives):
+    rel = [h.path in positives for h in hits]
+    hitsum, ap = 0, 0.0
+    for k, r in enumerate(rel):
+        if r:
+            hitsum += 1
+            ap += hitsum / (k + 1)
+    return ap / len(positives)
+
+
+def test_rerank_aml_gives_boxes_inside_images(paris_index):
+    root, qpath, qbox, positives = paris_index
+    col = Collection.open(root)
+    base = col.search(qpath, box=qbox, top=16)
+    aml = col.search(qpath, box=qbox, top=16, rerank="aml", shortlist=16)
+    assert sorted(h.id for h in aml) == sorted(h.id for h in base)
+    recs = {r["id"]: r for r in col.records()}
+    for h in aml:
+        x1, y1, x2, y2 = h.box
+        assert 0 <= x1 < x2 <= recs[h.id]["width"] + 1e-6 and 0 <= y1 < y2 <= recs[h.id]["height"] + 1e-6
+    # re-ranking by the localised region should not destroy the ranking of a landmark query
+    assert _ap(aml, positives) >= 0.6
+    casr = col.search(qpath, box=qbox, top=16, rerank="casr", shortlist=8)
+    assert all(h.box is not None for h in casr[:8]) and all(h.box is None for h in casr[8:])
+    qe = col.search(qpath, box=qbox, top=16, rerank="aml", shortlist=16, qe=3)
+    assert len(qe) == 16 and _ap(qe, positives) >= 0.6
+
+
+def test_rerank_needs_maps(paris_index, tmp_path, ukbench):
+    col = Collection.create(tmp_path / "nomaps", Recipe("mac", backbone="vgg16", max_size=128), whitening="none",
+                            store_maps=False)
+    col.add_folder([ukbench / "ukbench00000.jpg", ukbench / "ukbench00001.jpg"], progress=False)
+    with pytest.raises(Exception, match="without conv maps"):
+        col.search(ukbench / "ukbench00000.jpg", top=2, rerank="aml")
+    with pytest.raises(ValueError, match="re-ranking"):
+        col.search(ukbench / "ukbench00000.jpg", top=2, rerank="magic")
+    # a short list longer than the collection is the whole collection
+    hits = Collection.open(paris_index[0]).search(ukbench / "ukbench00000.jpg", top=100, rerank="aml",
+                                                  shortlist=5000)
+    assert len(hits) == 16
+
+
+def test_cli_rerank_json(paris_index, tmp_path):
+    root, qpath, qbox, _ = paris_index
+    box = ",".join(str(v) for v in (qbox.as_tuple() if hasattr(qbox, "as_tuple") else qbox))
+    res = CliRunner().invoke(app, ["search", str(qpath), "--index", str(root), "--box", box, "--top", "5",
+                                   "--rerank", "aml", "--json", "--show", str(tmp_path / "g.png")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert all(h["box"] is not None and len(h["box"]) == 4 for h in out["hits"])
+    assert (tmp_path / "g.png").stat().st_size > 10_000
