@@ -196,6 +196,24 @@ def weights_list() -> None:
 
 
 @app.command()
+def serve(
+    index_dir: Path = typer.Option(..., "--index", help="Index folder to serve."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (no authentication: keep loopback)."),
+    port: int = typer.Option(8000),
+    ground_truth: Optional[str] = typer.Option(None, "--ground-truth",
+                                               help="JSON {'groups': {name: group}} or 'ukbench'."),
+    read_only: bool = typer.Option(False, "--read-only", help="Refuse uploads."),
+) -> None:
+    """Serve the web page and the HTTP API (OpenAPI at /openapi.json) for an index."""
+    from .server import serve as run_server
+
+    try:
+        run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only)
+    except _errors() as exc:
+        _fail(str(exc))
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-index"), help="Where to build the demo index."),
     images: int = typer.Option(40, help="Number of UKBench images (4 views per object)."),

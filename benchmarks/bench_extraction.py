@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""VGG16 conv5_3 extraction on the CPU: the exact fp32 network vs the Winograd engine.
+
+Measures, in one run:
+
+* the machine's fp32 matmul peak (a 4096 x 4096 matmul in torch, ``--threads`` threads, GFLOP/s);
+* the direct-convolution cost of VGG16 up to conv5_3 on a 768 x 1024 input (GFLOP, counted from the layer
+  table) and the resulting lower bound for direct fp32 convolution (cost / peak);
+* the time of the exact eager fp32 trunk and of the Winograd engine on a real 768 x 1024 photo (median of
+  ``--runs`` runs after a warm-up, the two engines interleaved so that a change of machine load hits both),
+  and the per-image time of the engine on batches of same-size images (``--batch``);
+* the agreement of the descriptors: cosine of MAC and of R-MAC (unwhitened), relative error of the raw
+  conv5_3 map;
+* end-to-end indexing throughput (images/s: JPEG decode + preprocessing + trunk + MAC) on ``--n`` UKBench
+  images (640 x 480), exact vs Winograd, and the worst MAC cosine over those images.
+
+The machine may be shared: the load average before and after is recorded. Results are printed and written to
+``benchmarks/results/extraction.json``.
+
+    .venv/bin/python benchmarks/bench_extraction.py [--n 40] [--runs 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ISEARCH_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "src"))
+
+from instance_search.backbones import load_backbone  # noqa: E402
+from instance_search.backbones import fast  # noqa: E402
+from instance_search.backbones.vgg16 import VGG16_CONVS  # noqa: E402
+from instance_search.images import load_image  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def matmul_peak(n: int = 4096, runs: int = 5) -> dict:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    flop = 2.0 * n**3
+    return {
+        "n": n,
+        "gflops_best": flop / min(times) / 1e9,
+        "gflops_median": flop / statistics.median(times) / 1e9,
+        "times_s": times,
+    }
+
+
+def vgg16_gflop(h: int, w: int, last: str = "conv5_3") -> float:
+    """Multiply-adds x 2 of the direct 3x3 convolutions up to ``last`` (pools after each block)."""
+    total = 0.0
+    for name, cin, cout in VGG16_CONVS:
+        total += 2.0 * 9 * cin * cout * h * w
+        if name == last:
+            break
+        if name in ("conv1_2", "conv2_2", "conv3_3", "conv4_3"):
+            h, w = h // 2, w // 2
+    return total / 1e9
+
+
+def interleaved_times(fns: dict, runs: int) -> dict:
+    """Median (and all) times of each callable, after one warm-up each, run in turns."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v} for k, v in times.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def descriptors(fmap: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MAC, and R-MAC / region MACs when the pooling module provides them, of a (C, H, W) map."""
+    out = {"mac": fmap.amax(dim=(-2, -1))}
+    try:
+        from instance_search.ops.pooling import region_macs, rmac, rmac_regions
+    except ImportError:
+        return out
+    regions = rmac_regions(fmap.shape[-2], fmap.shape[-1])
+    out["rmac"] = rmac(fmap, regions=regions)
+    out["region_macs"] = region_macs(fmap, regions)
+    return out
+
+
+def photo_768x1024() -> tuple[str, "Image.Image"]:  # noqa: F821
+    """A real 1024 x 768 (W x H) photo: the first Paris image of that size, else a resized UKBench one."""
+    for p in sorted((DATA / "rparis250" / "jpg").glob("*.jpg")):
+        img = load_image(p)
+        if img.size == (1024, 768):
+            return str(p), img
+    p = DATA / "ukbench1000" / "ukbench00000.jpg"
+    return str(p) + " (resized)", load_image(p).resize((1024, 768))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=40, help="UKBench images for the end-to-end throughput (default 40)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per engine on the 768x1024 image (>= 3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--batch", type=str, default="2", help="batch sizes to try with the engine, e.g. '2,4' ('' none)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "extraction.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res: dict = {
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "loadavg_before": os.getloadavg(),
+        }
+    }
+    print(f"CPU {res['machine']['cpu']}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load {res['machine']['loadavg_before']}")
+
+    # ---- peak and the direct-convolution bound
+    peak = matmul_peak()
+    gflop = vgg16_gflop(768, 1024)
+    bound = gflop / peak["gflops_best"]
+    res["peak"] = peak
+    res["vgg16_conv5_3_768x1024"] = {"direct_gflop": gflop, "direct_fp32_bound_s": bound}
+    print(f"peak fp32 matmul (4096^2): {peak['gflops_best']:.1f} GFLOP/s (median {peak['gflops_median']:.1f})")
+    print(f"VGG16 up to conv5_3 on 768x1024: {gflop:.1f} GFLOP direct -> bound {bound:.2f} s at peak")
+
+    # ---- one 768 x 1024 photo, exact vs Winograd
+    bb = load_backbone("vgg16", progress=False)
+    engine = fast.winograd_trunk(bb)
+    path, img = photo_768x1024()
+    x = bb.preprocess(img)[None]
+    layers = ["conv5_3"]
+
+    def run_exact(batch=x):
+        with torch.inference_mode():
+            return bb.net(batch, layers)["conv5_3"]
+
+    def run_fast(batch=x):
+        with torch.inference_mode():
+            return engine(batch, layers)["conv5_3"]
+
+    t = interleaved_times({"exact": run_exact, "winograd": run_fast}, max(3, args.runs))
+    exact_s, fast_s = t["exact"]["median_s"], t["winograd"]["median_s"]
+    ref, out = run_exact()[0], run_fast()[0]
+    d_ref, d_out = descriptors(ref), descriptors(out)
+    acc = {
+        "conv5_3_rel_err": rel_err(out, ref),
+        "conv5_3_max_abs_err_over_max": float((out - ref).abs().max() / ref.abs().max()),
+        "cos_mac": cos(d_out["mac"], d_ref["mac"]),
+    }
+    if "rmac" in d_ref:
+        acc["cos_rmac"] = cos(d_out["rmac"], d_ref["rmac"])
+        acc["cos_region_macs_min"] = float(F.cosine_similarity(d_out["region_macs"], d_ref["region_macs"], dim=-1).min())
+    res["image_768x1024"] = {
+        "photo": path,
+        "input": list(x.shape),
+        "exact": t["exact"],
+        "winograd": t["winograd"],
+        "speedup": exact_s / fast_s,
+        "winograd_over_direct_bound": fast_s / bound,
+        "exact_over_direct_bound": exact_s / bound,
+        "winograd_effective_gflops": gflop / fast_s,
+        "accuracy": acc,
+        "engine_workspace_mb": engine._ws.nbytes() / 2**20,
+    }
+    print(f"exact eager fp32: {exact_s:.3f} s   winograd: {fast_s:.3f} s   speedup {exact_s / fast_s:.2f}x   "
+          f"winograd / direct bound = {fast_s / bound:.2f}  ({gflop / fast_s:.0f} effective GFLOP/s)")
+    print("accuracy: " + ", ".join(f"{k} {v:.3g}" if "err" in k else f"{k} {v:.7f}" for k, v in acc.items()))
+
+    # ---- batches of same-size images
+    batches = {}
+    for b in [int(s) for s in args.batch.split(",") if s.strip()]:
+        xb = x.expand(b, -1, -1, -1).contiguous()
+        tb = interleaved_times({"winograd": lambda: run_fast(xb)}, max(3, args.runs))["winograd"]
+        batches[str(b)] = {"per_image_s": tb["median_s"] / b, "batch_s": tb["median_s"]}
+        print(f"winograd batch of {b}: {tb['median_s'] / b:.3f} s per image (batch 1: {fast_s:.3f} s)")
+    res["image_768x1024"]["winograd_batches"] = batches
+
+    # ---- end-to-end indexing throughput on UKBench
+    paths = sorted((DATA / "ukbench1000").glob("*.jpg"))[: args.n]
+    e2e = {"n_images": len(paths), "image_size": None}
+    worst = 1.0
+    macs = {}
+    for name in ("exact", "winograd"):
+        fast.use_engine(bb, name)
+        bb.features(load_image(paths[0]), "conv5_3")  # warm-up (buffers, caches)
+        t0 = time.perf_counter()
+        vecs = []
+        for p in paths:
+            im = load_image(p)
+            e2e["image_size"] = list(im.size)
+            fmap = bb.features(im, "conv5_3")[("conv5_3", 1.0)]
+            vecs.append(fmap.amax(dim=(-2, -1)))
+        dt = time.perf_counter() - t0
+        macs[name] = torch.stack(vecs)
+        e2e[name] = {"seconds": dt, "images_per_s": len(paths) / dt, "s_per_image": dt / len(paths)}
+        print(f"end-to-end {name}: {len(paths)} UKBench images in {dt:.1f} s = {len(paths) / dt:.3f} images/s")
+    fast.use_engine(bb, "exact")
+    worst = float(F.cosine_similarity(macs["exact"].double(), macs["winograd"].double(), dim=1).min())
+    e2e["min_cos_mac"] = worst
+    e2e["speedup"] = e2e["exact"]["seconds"] / e2e["winograd"]["seconds"]
+    res["ukbench_end_to_end"] = e2e
+    print(f"end-to-end speedup {e2e['speedup']:.2f}x, worst MAC cosine over the images {worst:.7f}")
+
+    res["machine"]["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"load average after: {res['machine']['loadavg_after']}; wrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The Winograd engine (instance_search.backbones.fast) against direct convolution."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from instance_search.backbones import fast
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _reference(x, w, b, relu=False, pool=False):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    if relu:
+        y = F.relu(y)
+    if pool:
+        y = F.max_pool2d(y, 2)
+    return y
+
+
+_SHAPES = [((1, 8, 13, 17), 16), ((2, 5, 6, 9), 7), ((1, 3, 1, 1), 4), ((1, 16, 4, 4), 8), ((3, 32, 21, 11), 24)]
+_CASES = [
+    (shape, cout, relu, pool)
+    for shape, cout in _SHAPES
+    for relu, pool in [(False, False), (True, False), (True, True)]
+    if not (pool and min(shape[2:]) < 2)  # F.max_pool2d needs 2x2
+]
+
+
+@pytest.mark.parametrize("shape,cout,relu,pool", _CASES)
+def test_winograd_conv_matches_conv2d(shape, cout, relu, pool):
+    g = torch.Generator().manual_seed(sum(shape) + cout)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(cout, shape[1], 3, 3, generator=g) / (9 * shape[1]) ** 0.5
+    b = torch.randn(cout, generator=g)
+    ref = _reference(x, w, b, relu, pool)
+    out = fast.winograd_conv2d(x, w, b, relu=relu, pool=pool)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert _rel(out, ref) < 2e-5
+    # the fp32 direct convolution is about as far from the float64 truth as the Winograd one
+    assert _rel(out, ref) < 20 * max(_rel(F.conv2d(x, w, b, padding=1), _reference(x, w, b)), 1e-7)
+
+
+def test_winograd_conv_strips_and_no_bias():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 30, 26, generator=g)
+    w = torch.randn(10, 12, 3, 3, generator=g)
+    ref = _reference(x, w, None)
+    for strip in (1, 7, 10_000):  # one tile row per strip, several, everything at once
+        assert _rel(fast.winograd_conv2d(x, w, None, strip_tiles=strip), ref) < 2e-5
+
+
+def test_transform_weight_shape_and_errors():
+    w = torch.randn(5, 4, 3, 3)
+    assert fast.transform_weight(w).shape == (36, 4, 5)
+    with pytest.raises(ValueError):
+        fast.transform_weight(torch.randn(5, 4, 5, 5))
+    with pytest.raises(ValueError):
+        fast.winograd_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3))
+
+
+def _mini_vgg(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers, c, blk, i = [], 3, 1, 1
+    for v in [16, 16, "M", 32, 32, "M", 48, 48, "M", 64, 64]:
+        if v == "M":
+            layers.append((f"pool{blk}", nn.MaxPool2d(2, 2)))
+            blk, i = blk + 1, 1
+            continue
+        conv = nn.Conv2d(c, v, 3, padding=1)
+        nn.init.kaiming_normal_(conv.weight)
+        nn.init.normal_(conv.bias, std=0.1)
+        layers += [(f"conv{blk}_{i}", conv), (f"relu{blk}_{i}", nn.ReLU())]
+        c, i = v, i + 1
+    return nn.Sequential(OrderedDict(layers)).eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 37, 53), (2, 3, 64, 80), (1, 3, 45, 45), (1, 3, 9, 10)])
+def test_trunk_matches_sequential(shape):
+    net = _mini_vgg()
+    trunk = fast.WinogradVGGTrunk(net.named_children())
+    x = torch.randn(*shape) * 50
+    taps = {}
+    with torch.no_grad():
+        h = x
+        for name, mod in net.named_children():
+            h = mod(h)
+            taps[name] = h.clone()
+    names = ["relu1_2", "pool1", "relu3_2", "pool3", "conv4_2"]
+    out = trunk(x, names)
+    for name in names:
+        ref = taps["relu4_2" if name == "conv4_2" else name]  # a conv's name is its output after its ReLU
+        assert out[name].shape == ref.shape, name
+        assert _rel(out[name], ref) < 1e-4, name
+    # default: the last layer; a second call with another size reuses the buffers correctly
+    assert _rel(trunk(x)["conv4_2"], taps["relu4_2"]) < 1e-4
+    x2 = torch.randn(1, 3, 20, 31) * 50
+    with torch.no_grad():
+        ref2 = net(x2)
+    assert _rel(trunk(x2, "relu4_2")["relu4_2"], ref2) < 1e-4
+    assert _rel(trunk(x)["conv4_2"], taps["relu4_2"]) < 1e-4
+
+
+def test_trunk_rejects_other_layers():
+    with pytest.raises(ValueError):
+        fast.WinogradVGGTrunk([("c", nn.Conv2d(3, 4, 3, padding=1, stride=2))])
+    with pytest.raises(ValueError):
+        fast.WinogradVGGTrunk([("c", nn.Conv2d(3, 4, 5, padding=2))])
+    with pytest.raises(ValueError):
+        fast.WinogradVGGTrunk([("c", nn.Conv2d(3, 4, 3, padding=1)), ("bn", nn.BatchNorm2d(4))])
+    trunk = fast.WinogradVGGTrunk(_mini_vgg().named_children())
+    with pytest.raises(KeyError):
+        trunk(torch.randn(1, 3, 16, 16), "conv9_9")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the real network
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vgg16():
+    try:
+        from instance_search.backbones import load_backbone
+    except ImportError as exc:  # pragma: no cover - only while the backbones package is being written
+        pytest.skip(f"instance_search.backbones.load_backbone is not importable yet: {exc}")
+    return load_backbone("vgg16", progress=False)
+
+
+def test_real_vgg16_descriptors_match_exact(vgg16, ukbench, paris):
+    from instance_search.images import load_image
+    from instance_search.ops.pooling import mac, rmac
+
+    photos = [load_image(ukbench / "ukbench00000.jpg")]  # 640 x 480
+    paris_jpg = sorted(paris.glob("*.jpg"))[0]
+    photos.append(load_image(paris_jpg).crop((100, 50, 100 + 421, 50 + 333)))  # odd sizes, not multiples of 4
+    layers = ["conv5_3", "pool5", "conv3_3"]
+    try:
+        for img in photos:
+            fast.use_engine(vgg16, "exact")
+            assert vgg16.trunk is vgg16.net and fast.engine_of(vgg16) == "exact"
+            ref = vgg16.features(img, layers)
+            fast.use_engine(vgg16, "winograd")
+            assert isinstance(vgg16.trunk, fast.WinogradVGGTrunk) and fast.engine_of(vgg16) == "winograd"
+            out = vgg16.features(img, layers)
+            for key, r in ref.items():
+                assert out[key].shape == r.shape, key
+                assert _rel(out[key], r) < 1e-4, key  # measured ~3e-6
+            a, b = ref[("conv5_3", 1.0)], out[("conv5_3", 1.0)]
+            assert float(F.cosine_similarity(mac(a), mac(b), dim=0)) >= 0.999
+            assert float(F.cosine_similarity(rmac(a), rmac(b), dim=0)) >= 0.999
+            assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    finally:
+        fast.use_engine(vgg16, "exact")
+    assert vgg16.trunk is vgg16.net
+
+
+def test_use_engine_rejects_unknown(vgg16):
+    with pytest.raises(ValueError):
+        fast.use_engine(vgg16, "turbo")
+    assert fast.engine_of(vgg16) == "exact"
