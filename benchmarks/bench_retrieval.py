@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE / "cache")
     ap.add_argument("--engine", default=None, help="backbone engine (e.g. 'winograd'); default: exact fp32")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("ISEARCH_THREADS", os.cpu_count() or 1)))
     needed = sorted(set(args.benchmarks) | {WHITEN_ON[b] for b in args.benchmarks})
     results = []
     for bb in args.backbones:

@@ -31,3 +31,14 @@ def test_readme_python_snippet_runs(ukbench, tmp_path, capsys):
     assert len(lines) == 4
     assert lines[0].startswith("1 ") and int(Path(lines[0].split()[-1]).stem[-5:]) // 4 == 1
     assert sum(int(Path(l.split()[-1]).stem[-5:]) // 4 == 1 for l in lines) >= 3
+
+
+def test_demo_command_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from instance_search.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--images", "4", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert "N-S score on these 4 images: 4.00" in res.output
+    assert (tmp_path / "demo" / "demo-ranked.png").stat().st_size > 10_000

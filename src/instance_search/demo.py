@@ -44,6 +44,12 @@ def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16") -> dict:
     scores = v @ v.T
     groups = np.arange(len(paths)) // 4
     ns = ukbench_ns_score(scores, groups)
-    typer.echo(f"UKBench N-S score on these {len(paths)} images: {ns:.2f} / 4.00 (whitening learned on the "
-               f"collection itself)")
+    how = "whitening learned on the collection itself" if col.whitening is not None else "no whitening"
+    typer.echo(f"UKBench N-S score on these {len(paths)} images: {ns:.2f} / 4.00 ({how})")
+    from .viz import draw_ranked
+
+    picture = draw_ranked(paths[0], [h.path for h in hits], [h.score for h in hits], out / "demo-ranked.png",
+                          relevant=[int(Path(h.path).stem[-5:]) // 4 == 0 for h in hits])
+    typer.echo(f"picture of the ranked list: {picture}")
+    typer.echo(f"next: isearch search {paths[min(5, len(paths) - 1)]} --index {out} --top 4 --rerank aml --show ranked.png")
     return {"ns_score": float(ns), "images": len(paths)}
