@@ -42,46 +42,62 @@ WHITEN_ON = {"ukbench": "holidays", "holidays": "ukbench", "rparis6k": "holidays
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["vgg16", "resnet50"])
-    ap.add_argument("--benchmarks", nargs="+", default=["ukbench", "holidays", "rparis6k"])
+    ap.add_argument("--benchmarks", nargs="+", default=["holidays", "ukbench", "rparis6k"])
     ap.add_argument("--max-size", type=int, default=512)
+    ap.add_argument("--size", nargs="*", default=[], metavar="BENCH=PIXELS",
+                    help="per-benchmark max side overriding --max-size, e.g. ukbench=384")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "retrieval.json")
     ap.add_argument("--cache", type=Path, default=HERE / "cache")
     ap.add_argument("--engine", default=None, help="backbone engine (e.g. 'winograd'); default: exact fp32")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ISEARCH_THREADS", os.cpu_count() or 1)))
-    needed = sorted(set(args.benchmarks) | {WHITEN_ON[b] for b in args.benchmarks})
+    sizes = {k: int(v) for k, v in (item.split("=") for item in args.size)}
+    order = []  # describe each benchmark once, in the order asked, adding the whitening sources
+    for b in args.benchmarks:
+        for name in (b, WHITEN_ON[b]):
+            if name not in order:
+                order.append(name)
     results = []
+    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "engine": args.engine or "exact fp32", "probe_floor": {"|".join(k): v for k, v in PROBE.items()}}
     for bb in args.backbones:
-        recipes = [Recipe("mac", backbone=bb, max_size=args.max_size),
-                   Recipe("rmac", backbone=bb, max_size=args.max_size)]
-        describer = Describer(recipes[0])
+        describer = Describer(Recipe("mac", backbone=bb))
         if args.engine:
             from instance_search.backbones.fast import use_engine
 
             use_engine(describer.backbone, args.engine)
-        benches = {name: load_benchmark(name) for name in needed}
-        t0 = time.perf_counter()
-        described = {name: describe_benchmark(b, recipes, cache_dir=args.cache, describer=describer)
-                     for name, b in benches.items()}
-        print(f"{bb}: described {', '.join(needed)} in {time.perf_counter() - t0:.0f} s")
-        for r in recipes:
-            for name in args.benchmarks:
-                db, q = described[name][r.name]
-                train_name = WHITEN_ON[name]
-                train_db, _ = described[train_name][r.name]
-                rows = np.concatenate(train_db)
-                w = fit_whitening(rows, trained_on=f"{train_name} ({len(train_db)} images, {len(rows)} {r.name} "
-                                                   f"vectors)")
-                for wname, wh in (("none", None), (train_name, w)):
-                    res = dict(benches[name].evaluate(score(r, db, q, wh)))
-                    row = {"backbone": bb, "recipe": r.name, "benchmark": name, "whitening": wname,
-                           "max_size": args.max_size, **res}
-                    results.append(row)
-                    print(json.dumps(row))
-    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "probe_floor": {"|".join(k): v for k, v in PROBE.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, json.dumps({"meta": meta, "results": results}, indent=1).encode())
+        described: dict = {}
+        benches: dict = {}
+        for name in order:
+            size = sizes.get(name, args.max_size)
+            recipes = [Recipe("mac", backbone=bb, max_size=size), Recipe("rmac", backbone=bb, max_size=size)]
+            benches[name] = load_benchmark(name)
+            t0 = time.perf_counter()
+            described[name] = describe_benchmark(benches[name], recipes, cache_dir=args.cache, describer=describer)
+            print(f"{bb}: described {name} at max side {size} in {time.perf_counter() - t0:.0f} s", flush=True)
+            # evaluate every benchmark whose own and whitening collections are now described
+            for b in args.benchmarks:
+                if b not in described or WHITEN_ON[b] not in described:
+                    continue
+                if any(r["backbone"] == bb and r["benchmark"] == b for r in results):
+                    continue
+                for rname in ("mac", "rmac"):
+                    r = Recipe(rname, backbone=bb, max_size=sizes.get(b, args.max_size))
+                    db, q = described[b][rname]
+                    train_name = WHITEN_ON[b]
+                    train_db, _ = described[train_name][rname]
+                    rows = np.concatenate(train_db)
+                    w = fit_whitening(rows, trained_on=f"{train_name} ({len(train_db)} images, {len(rows)} "
+                                                       f"{rname} vectors)")
+                    for wname, wh in (("none", None), (train_name, w)):
+                        res = dict(benches[b].evaluate(score(r, db, q, wh)))
+                        row = {"backbone": bb, "recipe": rname, "benchmark": b, "whitening": wname,
+                               "max_size": r.max_size, **res}
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+                meta["date"] = time.strftime("%Y-%m-%d %H:%M")
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(args.out, json.dumps({"meta": meta, "results": results}, indent=1).encode())
     print(f"wrote {args.out}")
 
 
