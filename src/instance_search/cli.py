@@ -259,6 +259,79 @@ def eval_cmd(
         atomic_write_bytes(out, json.dumps(res, indent=1).encode())
 
 
+def _sizes(values: List[str]):
+    """``["holidays=300", "ukbench=240"]`` -> dict; a lone number applies to every benchmark."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return int(values[0])
+    out = {}
+    for v in values:
+        name, _, num = v.partition("=")
+        if not num:
+            _fail(f"expected NAME=NUMBER, got {v!r}")
+        out[name] = int(num)
+    return out
+
+
+@app.command()
+def sweep(
+    benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark", help="Benchmarks (repeat)."),
+    backbone: str = typer.Option("vgg16"),
+    layers: Optional[List[str]] = typer.Option(None, "--layer", help="Layers (repeat; default: all conv)."),
+    scales: List[float] = typer.Option([1.0, 2.0], "--scale", help="Scales (repeat): 1 and 2 as in Ng et al."),
+    k: int = typer.Option(100, help="k-means codebook size."),
+    out_dim: int = typer.Option(128, "--out-dim", help="PCA-whitening output dimension."),
+    limit: List[str] = typer.Option([], help="NAME=N: use the first N images of a benchmark."),
+    max_size: List[str] = typer.Option([], "--max-size", help="PIXELS or NAME=PIXELS."),
+    threads: int = typer.Option(1, help="Torch threads (1 is fastest on a busy 2-core machine)."),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+    plot: Optional[Path] = typer.Option(None, help="PNG of mAP per layer and scale (Ng et al. Fig. 2)."),
+) -> None:
+    """Ng et al. 2015 Fig. 2: VLAD (k=100, 128-D) mAP per layer and scale; codebooks learned on the other set."""
+    from .sweep import layer_scale_sweep, plot_sweep, sweep_table
+
+    try:
+        res = layer_scale_sweep(benchmarks, backbone=backbone, layers=layers or None, scales=scales, k=k,
+                                out_dim=out_dim, limit=_sizes(limit), max_size=_sizes(max_size), threads=threads)
+    except _errors() as exc:
+        _fail(str(exc))
+    typer.echo(sweep_table(res))
+    if json_out:
+        from .index.store import atomic_write_bytes
+
+        atomic_write_bytes(json_out, json.dumps(res, indent=1, default=str).encode())
+    if plot:
+        typer.echo(f"plot: {plot_sweep(res, plot)}")
+
+
+@app.command("selective-grid")
+def selective_grid_cmd(
+    benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark"),
+    evaluate: Optional[List[str]] = typer.Option(None, help="Benchmarks to score (default: all given)."),
+    config: str = typer.Option("table2", help="table2 (D=4224) or an output size 512..8064 (Table 4)."),
+    layer: str = typer.Option("conv5_3"),
+    limit: List[str] = typer.Option([], help="NAME=N: use the first N images of a benchmark."),
+    max_size: List[str] = typer.Option([], "--max-size", help="PIXELS or NAME=PIXELS."),
+    threads: int = typer.Option(1),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Hoang et al. 2017 Table 3: mask x (embedding, aggregation) grid; learned on the other benchmark."""
+    from .sweep import grid_table, selective_grid
+
+    try:
+        res = selective_grid(benchmarks, evaluate=evaluate or None, config=config if config == "table2" else
+                             int(config), layer=layer, limit=_sizes(limit), max_size=_sizes(max_size),
+                             threads=threads)
+    except _errors() as exc:
+        _fail(str(exc))
+    typer.echo(grid_table(res))
+    if json_out:
+        from .index.store import atomic_write_bytes
+
+        atomic_write_bytes(json_out, json.dumps(res, indent=1, default=str).encode())
+
+
 def main() -> None:  # pragma: no cover
     app()
 
