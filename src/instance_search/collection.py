@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fileio import file_sha256
 from .images import Box, ImageError, list_images, load_image, parse_box
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
@@ -51,17 +52,6 @@ class IndexReport:
         s = (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
              f"{len(self.failed)} failed")
         return s + (f"; {self.whitening}" if self.whitening else "")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -202,7 +192,6 @@ class Collection:
         if whitening is None:
             info = None
         else:
-            import io
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:

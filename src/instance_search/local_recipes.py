@@ -22,15 +22,14 @@ regularised because held-out collections here hold hundreds, not tens of thousan
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from .fileio import atomic_save_npz
 import torch
 
 from .learn.codebook import GMMCodebook, KMeansCodebook, LocalPCA
@@ -121,24 +120,7 @@ def _l2(v: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def _atomic_save(path, arrays: dict[str, np.ndarray]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_save_npz(path, **arrays)
 
 
 def _load(path, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -62,6 +62,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_bytes, file_sha256
+
 __all__ = [
     "ARCHS",
     "CAFFE",
@@ -568,33 +570,8 @@ def _meta_path(pt: Path) -> Path:
     return pt.with_suffix(".json")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _serialise(state: Mapping[str, torch.Tensor]) -> bytes:

@@ -11,12 +11,11 @@ using an unfitted model raises :class:`RuntimeError`.
 """
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import atomic_save_npz
 
 __all__ = ["CodebookFileError", "KMeansCodebook", "GMMCodebook", "LocalPCA", "TembPostprocess"]
 
@@ -39,23 +38,7 @@ def _as_2d(X, name: str = "features", dim: int | None = None) -> np.ndarray:
 
 
 def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_save_npz(path, **arrays)
 
 
 class _NpzModel:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import atomic_save_npz
 
 __all__ = ["PCAWhitening", "NotFittedError", "WhiteningFileError"]
 
@@ -250,20 +251,7 @@ class PCAWhitening:
             "trained_on": np.array(self.trained_on), "created": np.array(self.created),
             "shrinkage": np.array(self.shrinkage), "reg": np.array(self.reg), "power": np.array(self.power),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return path
+        return atomic_save_npz(path, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCAWhitening":
