@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,30 @@ def ukbench(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def paris(data_dir) -> Path:
     return data_dir / "rparis250" / "jpg"
+
+
+SERVER_OBJECTS = 3
+
+
+def build_server_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(photos, index) of 12 UKBench photos (+ 2 views of a 4th object, not indexed), built once per session
+    and shared with test_browser.py (which only reads it). No whitening: learned on 12 images it is degenerate."""
+    from instance_search.collection import Collection
+    from instance_search.recipes import Recipe
+
+    base = tmp_path_factory.getbasetemp()
+    photos, root = base / "isearch-server-photos", base / "isearch-server-index"
+    if (root / "manifest.json").is_file():
+        return photos, root
+    photos.mkdir(exist_ok=True)
+    for i in range(4 * SERVER_OBJECTS + 2):
+        shutil.copy(ukbench / f"ukbench{i:05d}.jpg", photos / f"ukbench{i:05d}.jpg")
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix="building-")) / "index"
+    col = Collection.create(tmp, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none")
+    report = col.add_folder([photos / f"ukbench{i:05d}.jpg" for i in range(4 * SERVER_OBJECTS)], progress=False)
+    assert len(report.added) == 4 * SERVER_OBJECTS and not report.failed
+    try:
+        tmp.rename(root)
+    except OSError:
+        assert (root / "manifest.json").is_file()
+    return photos, root

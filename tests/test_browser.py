@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,31 +26,10 @@ CHROMIUM = os.environ.get("ISEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ISEARCH_CHROMEDRIVER", "/usr/bin/chromedriver")
 INSTALL = ("install them with: apt-get install -y chromium chromium-driver && "
            ".venv/bin/pip install selenium fastapi uvicorn python-multipart")
-N_OBJECTS = 3
+from conftest import SERVER_OBJECTS as N_OBJECTS, build_server_index as build_index  # noqa: E402
 SERVER_LIFETIME_S = 240  # the server subprocess is killed after this, whatever happens to the test
 
 
-def build_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """Same shared index as test_server.py's (built once per session, whichever module runs first)."""
-    from instance_search.collection import Collection
-    from instance_search.recipes import Recipe
-
-    base = tmp_path_factory.getbasetemp()
-    photos, root = base / "isearch-server-photos", base / "isearch-server-index"
-    if (root / "manifest.json").is_file():
-        return photos, root
-    photos.mkdir(exist_ok=True)
-    for i in range(4 * N_OBJECTS + 2):
-        shutil.copy(ukbench / f"ukbench{i:05d}.jpg", photos / f"ukbench{i:05d}.jpg")
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix="building-")) / "index"
-    col = Collection.create(tmp, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none")
-    report = col.add_folder([photos / f"ukbench{i:05d}.jpg" for i in range(4 * N_OBJECTS)], progress=False)
-    assert len(report.added) == 4 * N_OBJECTS and not report.failed
-    try:
-        tmp.rename(root)
-    except OSError:
-        assert (root / "manifest.json").is_file()
-    return photos, root
 
 
 def _free_port() -> int:

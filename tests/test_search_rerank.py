@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from instance_search.cli import app
 from instance_search.collection import Collection
 from instance_search.datasets import load_benchmark
-from instance_search.evaluation import iou
 from instance_search.recipes import Recipe
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import shutil
 import struct
-import tempfile
 import threading
 import zlib
 from pathlib import Path
@@ -16,32 +15,12 @@ from fastapi.testclient import TestClient  # needs fastapi, python-multipart and
 from PIL import Image
 
 from instance_search.collection import Collection
-from instance_search.recipes import Recipe
+from conftest import build_server_index as build_index
 from instance_search.server import create_app
 from instance_search.server.app import sanitize_stem
 
-N_OBJECTS = 3
 
 
-def build_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """(photos, index) of 12 UKBench photos (+ 2 views of a 4th object, not indexed), built once per session
-    and shared with test_browser.py (which only reads it). No whitening: learned on 12 images it is degenerate."""
-    base = tmp_path_factory.getbasetemp()
-    photos, root = base / "isearch-server-photos", base / "isearch-server-index"
-    if (root / "manifest.json").is_file():
-        return photos, root
-    photos.mkdir(exist_ok=True)
-    for i in range(4 * N_OBJECTS + 2):
-        shutil.copy(ukbench / f"ukbench{i:05d}.jpg", photos / f"ukbench{i:05d}.jpg")
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix="building-")) / "index"
-    col = Collection.create(tmp, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none")
-    report = col.add_folder([photos / f"ukbench{i:05d}.jpg" for i in range(4 * N_OBJECTS)], progress=False)
-    assert len(report.added) == 4 * N_OBJECTS and not report.failed
-    try:
-        tmp.rename(root)
-    except OSError:  # another worker finished first
-        assert (root / "manifest.json").is_file()
-    return photos, root
 
 
 @pytest.fixture(scope="module")
