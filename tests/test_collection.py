@@ -51,6 +51,16 @@ def test_search_finds_other_views(built, photos):
     assert float(col.vectors()[i] @ vec) > 0.999
 
 
+def test_approximate_faiss_index_agrees(self_whitened, data_dir):
+    exact = Collection.open(self_whitened)
+    hnsw = Collection.open(self_whitened, faiss_kind="hnsw")
+    q = sorted((data_dir / "holidays811" / "jpg").glob("*.jpg"))[10]
+    a, b = exact.search(q, top=10), hnsw.search(q, top=10)
+    assert [h.id for h in a[:5]] == [h.id for h in b[:5]]
+    with pytest.raises(ValueError, match="ivfpq needs"):
+        Collection.open(self_whitened, faiss_kind="ivfpq").search(q, top=3)
+
+
 def test_query_box_and_bad_box(built, photos):
     col = Collection.open(built)
     hits = col.search(photos / "ukbench00004.jpg", box=(100, 60, 540, 420), top=3)

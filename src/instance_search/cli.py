@@ -93,6 +93,7 @@ def search(
     rerank: str = typer.Option("none", help="none | aml (Tolias: localise with AML) | casr (Salvador CA-SR)."),
     shortlist: int = typer.Option(1000, help="How many top results to re-rank."),
     qe: int = typer.Option(0, help="Average query expansion with the top QE results (0: off)."),
+    faiss_kind: str = typer.Option("flat", "--faiss", help="flat (exact) | hnsw | ivfpq (approximate)."),
 ) -> None:
     """Rank the indexed images by similarity to QUERY (optionally re-ranked, with boxes, and expanded)."""
     from .collection import Collection
@@ -100,7 +101,7 @@ def search(
 
     try:
         b = parse_box(box)
-        col = Collection.open(index_dir)
+        col = Collection.open(index_dir, faiss_kind=faiss_kind)
         t0 = time.perf_counter()
         hits = col.search(query, box=b, top=top, rerank=rerank, shortlist=shortlist, qe=qe)
         dt = time.perf_counter() - t0

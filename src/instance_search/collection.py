@@ -138,8 +138,10 @@ class Collection:
     #: whitened on themselves rank worse than unwhitened), so the index stays unwhitened until it grows.
     MIN_SELF_WHITENING_IMAGES = 100
 
-    def __init__(self, store: IndexStore, weights: str | None = None, device: str = "cpu"):
+    def __init__(self, store: IndexStore, weights: str | None = None, device: str = "cpu",
+                 faiss_kind: str = "flat"):
         self.store = store
+        self.faiss_kind = faiss_kind  # "flat" (exact, default), "hnsw" or "ivfpq" (approximate, large collections)
         self.recipe = Recipe.from_dict(store.settings["recipe"])
         self.describer = Describer(self.recipe, weights=weights or store.settings.get("weights"), device=device)
         self.whitening: PCAWhitening | None = None
@@ -174,9 +176,9 @@ class Collection:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, writable: bool = False, weights: str | None = None,
-             device: str = "cpu") -> "Collection":
+             device: str = "cpu", faiss_kind: str = "flat") -> "Collection":
         store = IndexStore.open(root, writable=writable)
-        col = cls(store, weights=weights, device=device)
+        col = cls(store, weights=weights, device=device, faiss_kind=faiss_kind)
         if writable:
             col._refresh_vectors()
         return col
@@ -326,14 +328,14 @@ class Collection:
         local, fmap = self.describer.describe(img)
         return self.recipe.finalize(local, self.whitening), local, fmap
 
-    def _ensure_faiss(self, kind: str = "flat"):
+    def _ensure_faiss(self):
         if self._faiss is None:
             self._records = self.store.records()
             if self.store.stale_segments(self.whitening_tag):
                 vecs = self.recipe.finalize(self.store.local_descriptors(), self.whitening)
             else:
                 vecs = self.store.vectors()
-            self._faiss = build_faiss(vecs, kind) if len(vecs) else None
+            self._faiss = build_faiss(vecs, self.faiss_kind) if len(vecs) else None
         return self._faiss
 
     def vectors(self) -> np.ndarray:

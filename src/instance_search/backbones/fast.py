@@ -20,7 +20,13 @@ Implementation notes (all plain torch, no Python loop over tiles or channels):
   with ``Aᵀ⊗Aᵀ`` (16x36); the bias is added in the Winograd domain at the one position whose output row of
   ``Aᵀ`` is all ones (1/36 of the data), ReLU is fused into the scatter copy, and a 2x2 max-pool that follows
   a convolution is done on the 4x4 output tiles before they are written (pool windows never straddle tiles);
-* the first convolution (3 input channels) is an im2col matmul (K=27), which is cheaper than Winograd there.
+* the first convolution (3 input channels) is an im2col matmul (K=27), which is cheaper than Winograd there;
+* parallelism (``parallel='strips'``, the default): the strips of a layer are shared out to
+  ``torch.get_num_threads()`` worker threads that each run single-threaded torch ops, instead of running every
+  small op on all threads (``parallel='omp'``). Both are equally fast on an idle machine, but each OpenMP op
+  ends in a barrier, and when other processes compete for the cores a descheduled thread stalls the others
+  at every op: with the load of a few test runs beside it, the OpenMP variant was measured 10x slower, the
+  strip workers degrade in proportion to the CPU share they get.
 
 Public API:
 
@@ -34,6 +40,7 @@ Public API:
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -540,14 +547,14 @@ class WinogradVGGTrunk(nn.Module):
         """Bytes held by the reused buffers."""
         return self._ws.nbytes() + (self._pool.nbytes() if self._pool is not None else 0)
 
-    def _workers(self) -> _StripPool | None:
-        n = torch.get_num_threads()
+    def _workers(self, n: int) -> _StripPool | None:
         if self.parallel != "strips" or n <= 1:
             return None
         if self._pool is None or self._pool.workers != n:
             if self._pool is not None:
                 self._pool.shutdown()
             self._pool = _StripPool(n)
+            weakref.finalize(self, self._pool.shutdown)
         return self._pool
 
     # forward -------------------------------------------------------------------------------------------
@@ -563,11 +570,19 @@ class WinogradVGGTrunk(nn.Module):
             raise ValueError("WinogradVGGTrunk runs on the CPU only")
         outside = not torch.is_inference_mode_enabled()
         with self._lock:
+            threads = torch.get_num_threads()
+            workers = self._workers(threads)
             try:
+                if workers is not None:
+                    # the workers do the heavy lifting; the few big copies left here run on one thread, as a
+                    # barrier-synchronised op is very slow when another process holds the other core
+                    torch.set_num_threads(1)
                 # the reused buffers are inference tensors: they are only ever touched in inference mode
                 with torch.inference_mode():
-                    out = self._run(x.detach().float(), want)
+                    out = self._run(x.detach().float(), want, workers)
             finally:
+                if workers is not None:
+                    torch.set_num_threads(threads)
                 if not self.reuse_buffers:
                     self._ws.clear()
                     if self._pool is not None:
@@ -576,9 +591,10 @@ class WinogradVGGTrunk(nn.Module):
             out = {name: t.clone() for name, t in out.items()}
         return out
 
-    def _run(self, x: torch.Tensor, want: dict[str, tuple[int, bool]]) -> dict[str, torch.Tensor]:
+    def _run(
+        self, x: torch.Tensor, want: dict[str, tuple[int, bool]], workers: _StripPool | None
+    ) -> dict[str, torch.Tensor]:
         ws = self._ws
-        workers = self._workers()
         bsz, cin, h, w = x.shape
         stop = max(i for i, _ in want.values())
         # per conv: do we need its unpooled output (then the pool is not fused)?
