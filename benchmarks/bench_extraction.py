@@ -6,8 +6,9 @@ Measures, in one run:
 * the machine's fp32 matmul peak (a 4096 x 4096 matmul in torch, ``--threads`` threads, GFLOP/s);
 * the direct-convolution cost of VGG16 up to conv5_3 on a 768 x 1024 input (GFLOP, counted from the layer
   table) and the resulting lower bound for direct fp32 convolution (cost / peak);
-* the time of the exact eager fp32 trunk and of the Winograd engine on a real 768 x 1024 photo (median of
-  ``--runs`` runs after a warm-up, the two engines interleaved so that a change of machine load hits both),
+* the time of the exact eager fp32 trunk and of the Winograd engine (strip workers, the default, and OpenMP
+  op-level parallelism) on a real 768 x 1024 photo (median of ``--runs`` runs after a warm-up, the engines
+  interleaved so that a change of machine load hits all),
   and the per-image time of the engine on batches of same-size images (``--batch``);
 * the agreement of the descriptors: cosine of MAC and of R-MAC (unwhitened), relative error of the raw
   conv5_3 map;
@@ -116,7 +117,7 @@ def descriptors(fmap: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def photo_768x1024() -> tuple[str, "Image.Image"]:  # noqa: F821
+def photo_768x1024():
     """A real 1024 x 768 (W x H) photo: the first Paris image of that size, else a resized UKBench one."""
     for p in sorted((DATA / "rparis250" / "jpg").glob("*.jpg")):
         img = load_image(p)
@@ -158,7 +159,8 @@ def main(argv=None) -> dict:
 
     # ---- one 768 x 1024 photo, exact vs Winograd
     bb = load_backbone("vgg16", progress=False)
-    engine = fast.winograd_trunk(bb)
+    engine = fast.winograd_trunk(bb)  # parallel='strips' (the default)
+    engine_omp = fast.WinogradVGGTrunk(bb.net.features.named_children(), parallel="omp")
     path, img = photo_768x1024()
     x = bb.preprocess(img)[None]
     layers = ["conv5_3"]
@@ -171,7 +173,11 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             return engine(batch, layers)["conv5_3"]
 
-    t = interleaved_times({"exact": run_exact, "winograd": run_fast}, max(3, args.runs))
+    def run_fast_omp(batch=x):
+        with torch.inference_mode():
+            return engine_omp(batch, layers)["conv5_3"]
+
+    t = interleaved_times({"exact": run_exact, "winograd": run_fast, "winograd_omp": run_fast_omp}, max(3, args.runs))
     exact_s, fast_s = t["exact"]["median_s"], t["winograd"]["median_s"]
     ref, out = run_exact()[0], run_fast()[0]
     d_ref, d_out = descriptors(ref), descriptors(out)
@@ -182,21 +188,24 @@ def main(argv=None) -> dict:
     }
     if "rmac" in d_ref:
         acc["cos_rmac"] = cos(d_out["rmac"], d_ref["rmac"])
-        acc["cos_region_macs_min"] = float(F.cosine_similarity(d_out["region_macs"], d_ref["region_macs"], dim=-1).min())
+        region_cos = F.cosine_similarity(d_out["region_macs"], d_ref["region_macs"], dim=-1)
+        acc["cos_region_macs_min"] = float(region_cos.min())
     res["image_768x1024"] = {
         "photo": path,
         "input": list(x.shape),
         "exact": t["exact"],
         "winograd": t["winograd"],
+        "winograd_omp": t["winograd_omp"],
         "speedup": exact_s / fast_s,
         "winograd_over_direct_bound": fast_s / bound,
         "exact_over_direct_bound": exact_s / bound,
         "winograd_effective_gflops": gflop / fast_s,
         "accuracy": acc,
-        "engine_workspace_mb": engine._ws.nbytes() / 2**20,
+        "engine_workspace_mb": engine.workspace_bytes() / 2**20,
     }
     print(f"exact eager fp32: {exact_s:.3f} s   winograd: {fast_s:.3f} s   speedup {exact_s / fast_s:.2f}x   "
           f"winograd / direct bound = {fast_s / bound:.2f}  ({gflop / fast_s:.0f} effective GFLOP/s)")
+    print(f"winograd with OpenMP op-level parallelism instead of strip workers: {t['winograd_omp']['median_s']:.3f} s")
     print("accuracy: " + ", ".join(f"{k} {v:.3g}" if "err" in k else f"{k} {v:.7f}" for k, v in acc.items()))
 
     # ---- batches of same-size images
@@ -211,7 +220,6 @@ def main(argv=None) -> dict:
     # ---- end-to-end indexing throughput on UKBench
     paths = sorted((DATA / "ukbench1000").glob("*.jpg"))[: args.n]
     e2e = {"n_images": len(paths), "image_size": None}
-    worst = 1.0
     macs = {}
     for name in ("exact", "winograd"):
         fast.use_engine(bb, name)

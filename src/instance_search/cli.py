@@ -50,6 +50,7 @@ def index(
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Store compact conv maps for re-ranking."),
     weights: Optional[str] = typer.Option(None, help="Weights source or local .pt file."),
     batch: int = typer.Option(32, help="Images per durable commit."),
+    engine: str = typer.Option("exact", help="exact (fp32) | winograd (VGG16: Winograd F(4x4,3x3), ~2x faster)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
@@ -70,6 +71,7 @@ def index(
             col = Collection.create(index_dir, Recipe(name=recipe, backbone=backbone, layer=layer,
                                                       max_size=max_size),
                                     whitening=whitening, weights=weights, store_maps=maps)
+        col.describer.engine = engine
         t0 = time.perf_counter()
         report = col.add_folder(photos, batch=batch, progress=not quiet)
         dt = time.perf_counter() - t0
