@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import normalize as _normalize
+
 __all__ = ["sum_pool", "mean_pool", "democratic", "democratic_weights", "power_law", "l2n", "aggregate"]
 
 _EPS = 1e-12
@@ -31,22 +33,16 @@ def _like(t: torch.Tensor, ref):
     return t if isinstance(ref, torch.Tensor) else t.numpy()
 
 
-# TODO(lead): switch to instance_search.ops.normalize.{power_law, l2n} once that module lands; kept
-# local so this file does not depend on an API that did not exist when it was written.
 def l2n(v, eps: float = _EPS):
-    """L2-normalise along the last axis (zero vectors stay zero)."""
-    t = _tensor(v)
-    return _like(t / t.norm(dim=-1, keepdim=True).clamp_min(eps), v)
+    """L2-normalise along the last axis (zero vectors stay zero); :func:`ops.normalize.l2n` with eps 1e-12."""
+    return _normalize.l2n(v, dim=-1, eps=eps)
 
 
 def power_law(v, alpha: float = 0.5, l2: bool = True):
     """Signed power-law ``sign(v)|v|^alpha`` (Perronnin et al. 2010, Sec. 3.1; Jégou & Zisserman 2014,
     Sec. 4), then L2 normalisation along the last axis when ``l2``."""
-    t = _tensor(v)
-    t = torch.sign(t) * t.abs().pow(alpha)
-    if l2:
-        t = t / t.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return _like(t, v)
+    t = _normalize.power_law(v, alpha)
+    return l2n(t) if l2 else t
 
 
 def sum_pool(E):
