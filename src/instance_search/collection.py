@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from .fileio import file_sha256
 from .images import Box, ImageError, list_images, load_image, parse_box
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
-from .index.store import CorruptIndexError, Entry, IndexStore, atomic_write_bytes
+from .index.store import CorruptIndexError, Entry, IndexStore
 from .learn.pca_whitening import PCAWhitening
 from .recipes import Recipe
 
@@ -194,20 +193,15 @@ class Collection:
         info = self.store.whitening_info
         return info["tag"] if info else "none"
 
-    def set_whitening(self, whitening: PCAWhitening | None, progress: bool = False) -> None:
+    def set_whitening(self, whitening: PCAWhitening | None) -> None:
         """Install ``whitening`` (or none) and recompute every stored global vector with it."""
         if whitening is None:
             info = None
         else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                p = Path(tmp) / "w.npz"
-                whitening.save(p)
-                data = p.read_bytes()
-            tag = hashlib.sha256(data).hexdigest()[:16]
+            staged = whitening.save(self.store.root / ".whitening-staged.npz")  # atomic, fsynced
+            tag = file_sha256(staged)[:16]
             fname = f"whitening-{tag}.npz"
-            atomic_write_bytes(self.store.root / fname, data)
+            os.replace(staged, self.store.root / fname)
             info = {"file": fname, "tag": tag, "trained_on": getattr(whitening, "trained_on", ""),
                     "dim": int(whitening.dim)}
         self.whitening = whitening
