@@ -280,10 +280,11 @@ class Collection:
         if replaced:
             self.store.remove(replaced)
         if self.store.settings.get("whitening_mode") == "self" and self.whitening is None and len(self.store):
-            n_rows = sum(len(x) for x in self.store.local_descriptors())
-            dim = self.store.local_descriptors()[0].shape[1]
-            if len(self.store) >= self.MIN_SELF_WHITENING_IMAGES and n_rows >= 2 * dim:
-                w = self.learn_whitening()
+            local = self.store.local_descriptors()
+            n_rows, dim = sum(len(x) for x in local), local[0].shape[1]
+            if len(local) >= self.MIN_SELF_WHITENING_IMAGES and n_rows >= 2 * dim:
+                w = fit_whitening(np.concatenate(local), dim=self.recipe.whitening_dim,
+                                  trained_on=f"index {self.store.root}")
                 self.set_whitening(w)
                 report.whitening = (f"whitening learned on this collection itself ({w.n_samples} local vectors, "
                                     f"{w.dim}-D); for benchmark numbers learn it on another collection")
