@@ -57,3 +57,18 @@ def build_server_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
     except OSError:
         assert (root / "manifest.json").is_file()
     return photos, root
+
+
+@pytest.fixture(scope="session")
+def vgg_conv5(data_dir):
+    """Real VGG16 conv5_3 map (post-ReLU) of an Oxford query image, max side 384 px (24 x 16 cells)."""
+    from PIL import Image
+
+    backbones = pytest.importorskip("instance_search.backbones")
+    try:
+        bb = backbones.load_backbone("vgg16", progress=False)
+    except backbones.WeightsError as exc:  # no cached weights and no registry reachable
+        pytest.skip(f"VGG16 weights unavailable: {exc}")
+    img = Image.open(data_dir / "oxford5k-queries10" / "bodleian_000132.jpg").convert("RGB")
+    img.thumbnail((384, 384))
+    return bb.features(img, layers=["conv5_3"])[("conv5_3", 1.0)].numpy()

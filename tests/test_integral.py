@@ -134,21 +134,6 @@ def test_aml_finds_planted_window_with_few_evaluations():
     assert I.window_iou(win2, box) >= 0.7 and n2 > n
 
 
-@pytest.fixture(scope="module")
-def vgg_conv5(data_dir):
-    """Real VGG16 conv5_3 map (post-ReLU) of an Oxford query image, max side 384 px (24 x 16 cells)."""
-    from PIL import Image
-
-    backbones = pytest.importorskip("instance_search.backbones")
-    try:
-        bb = backbones.load_backbone("vgg16", progress=False)
-    except backbones.WeightsError as exc:  # no cached weights and no registry reachable
-        pytest.skip(f"VGG16 weights unavailable: {exc}")
-    img = Image.open(data_dir / "oxford5k-queries10" / "bodleian_000132.jpg").convert("RGB")
-    img.thumbnail((384, 384))
-    return bb.features(img, layers=["conv5_3"])[("conv5_3", 1.0)].numpy()
-
-
 def test_real_conv5_map_approximation_and_aml(vgg_conv5):
     X = vgg_conv5
     C, H, W = X.shape

@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
+from instance_search.index.compact import decode_map, encode_map
+
 from instance_search.index.store import (
     CorruptIndexError,
     Entry,
     IndexStore,
-    compress_map,
-    decompress_map,
 )
 
 
@@ -41,7 +41,7 @@ def test_add_reopen_remove(tmp_path):
     np.testing.assert_allclose(again.local_descriptors()[4], entries[4].local, atol=1e-3)  # stored as fp16
     fmap = again.feature_map(2)
     assert fmap.shape == (8, 5, 6)
-    assert np.abs(fmap - entries[2].fmap).max() <= entries[2].fmap.max() / 255 / 2 + 1e-6
+    np.testing.assert_array_equal(fmap, decode_map(encode_map(entries[2].fmap)))  # the compact code, read back
     assert again.remove([1, 3, 99]) == 2
     third = IndexStore.open(tmp_path / "ix", writable=True)
     assert third.ids().tolist() == [0, 2, 4]
@@ -51,20 +51,6 @@ def test_add_reopen_remove(tmp_path):
     np.testing.assert_allclose(fourth.feature_map(4), third.feature_map(4))
     with pytest.raises(KeyError):
         fourth.feature_map(1)
-
-
-def test_compress_map_roundtrip_matches_reference():
-    rng = np.random.default_rng(1)
-    x = np.maximum(rng.standard_normal((16, 7, 9)), 0).astype(np.float32)
-    code = compress_map(x)
-    y = decompress_map(code)
-    step = x.max() / 255
-    # slow reference: quantise every cell by hand
-    ref = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        ref[idx] = round(float(x[idx]) / step) * step
-    np.testing.assert_allclose(y, ref, atol=1e-5)
-    assert len(code["pos"]) == np.count_nonzero(np.rint(x / step))
 
 
 def test_refresh_vectors_after_new_whitening(tmp_path):
@@ -150,3 +136,20 @@ def test_kill_minus_9_never_loses_acknowledged_entries(tmp_path):
         for i in (0, len(ids) - 1):
             assert store.feature_map(i).shape == (64, 30, 40)
     assert json.loads((root / "manifest.json").read_text())["format"] == 1
+
+
+def test_damaged_map_file_is_named(tmp_path):
+    rng = np.random.default_rng(3)
+    store = IndexStore.create(tmp_path / "ix", {"recipe": {"name": "rmac"}})
+    store.add([_entry(i, rng) for i in range(3)])
+    cmap = next((tmp_path / "ix" / "maps").glob("*.cmap"))
+    data = cmap.read_bytes()
+    cmap.write_bytes(data[:-7])
+    with pytest.raises(CorruptIndexError, match=cmap.name):
+        IndexStore.open(tmp_path / "ix").feature_map(1)
+    cmap.write_bytes(data[:10] + b"\xff" * 40 + data[50:])  # same size, garbage inside the first code
+    with pytest.raises(CorruptIndexError, match=cmap.name):
+        IndexStore.open(tmp_path / "ix").feature_maps([0, 1, 2])
+    cmap.unlink()
+    with pytest.raises(CorruptIndexError, match=cmap.name):
+        IndexStore.open(tmp_path / "ix").feature_map(0)

@@ -128,3 +128,34 @@ def evaluate_recipe(bench, recipe: Recipe, whitening: PCAWhitening | str | os.Pa
         "describe_seconds": round(t1 - t0, 2),
     })
     return res
+
+
+def extract_maps(items: Sequence[tuple[Path, Box | tuple | None]], recipe: Recipe, *,
+                 describer: Describer | None = None, progress: bool = True, cache_dir: Path | None = None,
+                 desc: str = "feature maps") -> list[np.ndarray]:
+    """Float conv feature maps ``(C, H, W)`` (float16) of every (image, box), at the recipe's backbone, layer and
+    max_size; cached in ``cache_dir`` as one ``maps-<key>.npz`` (flat values + shapes) when given.
+
+    Used by the localisation / re-ranking benchmarks, which need the uncompressed maps as the reference.
+    """
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"maps-{_cache_key([recipe], items)}.npz"
+        if cache.exists():
+            z = load_npz(cache)
+            off, shapes = z["off"], z["shapes"]
+            return [z["values"][off[i]:off[i + 1]].reshape(tuple(shapes[i])) for i in range(len(shapes))]
+    describer = describer or Describer(recipe)
+    out: list[np.ndarray] = []
+    bar = _progress(len(items), desc, progress)
+    try:
+        for img in _prefetch(lambda it: load_image(it[0], max_size=recipe.max_size, box=it[1]), items):
+            out.append(describer.feature_map(img).detach().cpu().numpy().astype(np.float16))
+            bar.update(1)
+    finally:
+        bar.close()
+    if cache is not None:
+        atomic_save_npz(cache, values=np.concatenate([m.ravel() for m in out]),
+                        off=np.concatenate([[0], np.cumsum([m.size for m in out])]),
+                        shapes=np.asarray([m.shape for m in out], np.int64))
+    return out

@@ -4,7 +4,8 @@ Layout of an index folder::
 
     manifest.json            the only source of truth: settings, committed segments, removed ids
     segments/seg-NNNNNN.npz  one committed batch: ids, metadata, region descriptors, global vectors
-    maps/seg-NNNNNN.npz      the same batch's conv feature maps, sparse and 8-bit quantised (optional)
+    maps/seg-NNNNNN.cmap     the same batch's conv feature maps in the compact code of index/compact.py
+                             (Tolias et al. 2016 Sec. 7), concatenated; read memory-mapped (optional).
     whitening.npz            the fitted PCA-whitening (if any)
 
 Crash safety: a segment is written to a temporary file, fsynced and renamed into place *before* the
@@ -25,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..fileio import atomic_save_npz, atomic_write_bytes  # noqa: F401  (re-exported)
+from .compact import CompactMapError, decode_map, encode_map
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -53,29 +55,6 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 # compact conv maps
 
 
-def compress_map(fmap: np.ndarray) -> dict[str, np.ndarray]:
-    """Sparse 8-bit code of a non-negative (C,H,W) map (Tolias et al. 2016 Sec. 7, simplified).
-
-    Values are quantised to 255 levels of the map's maximum; only non-zero cells are kept, as flat
-    positions (uint32) and uint8 codes. ``decompress_map`` inverts it up to the quantisation step.
-    """
-    fmap = np.asarray(fmap, dtype=np.float32)
-    if fmap.ndim != 3:
-        raise ValueError(f"compress_map expects a (C,H,W) map, got shape {fmap.shape}")
-    vmax = float(fmap.max()) if fmap.size else 0.0
-    scale = vmax / 255.0 if vmax > 0 else 1.0
-    codes = np.rint(np.clip(fmap, 0, None) / scale).astype(np.uint8).ravel()
-    pos = np.flatnonzero(codes).astype(np.uint32)
-    return {"shape": np.asarray(fmap.shape, np.int32), "scale": np.float32(scale), "pos": pos, "codes": codes[pos]}
-
-
-def decompress_map(code: dict[str, Any]) -> np.ndarray:
-    shape = tuple(int(s) for s in code["shape"])
-    out = np.zeros(int(np.prod(shape)), np.float32)
-    out[np.asarray(code["pos"], np.int64)] = np.asarray(code["codes"], np.float32) * float(code["scale"])
-    return out.reshape(shape)
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -91,7 +70,7 @@ class Entry:
     size: int
     local: np.ndarray
     vector: np.ndarray | None = None
-    fmap: np.ndarray | None = None
+    fmap: np.ndarray | bytes | None = None  # (C,H,W) map, or its code from index.compact.encode_map
     id: int = -1
 
 
@@ -109,6 +88,7 @@ class _Segment:
     vectors: np.ndarray  # (n, D) float32
     has_maps: bool
     tag: str  # which whitening the vectors were computed with
+    map_offsets: np.ndarray | None = None  # (n+1,) byte offsets into maps/<name>.cmap (None: old .npz maps)
 
 
 @dataclass
@@ -186,6 +166,7 @@ class IndexStore:
                 vectors=z["vectors"],
                 has_maps=bool(z["has_maps"]),
                 tag=str(z["tag"]),
+                map_offsets=z["map_offsets"].astype(np.int64) if "map_offsets" in z else None,
             )
         except KeyError as exc:
             raise CorruptIndexError(f"{path}: corrupt segment (no {exc})") from exc
@@ -200,7 +181,7 @@ class IndexStore:
             if not d.is_dir():
                 continue
             for f in d.iterdir():
-                stem = f.name.split(".npz")[0]
+                stem = f.name.split(".npz")[0].split(".cmap")[0]
                 if f.name.startswith(".") or stem not in named:
                     try:
                         f.unlink()
@@ -282,11 +263,23 @@ class IndexStore:
             by_seg.setdefault(name, []).append((k, j))
         out: list[np.ndarray | None] = [None] * len(want)
         for name, pairs in by_seg.items():
-            z = load_npz(self.root / "maps" / f"{name}.npz")
-            po = z["pos_offsets"]
-            for k, j in pairs:
-                out[k] = decompress_map({"shape": z["shapes"][j], "scale": z["scales"][j],
-                                         "pos": z["pos"][po[j]:po[j + 1]], "codes": z["codes"][po[j]:po[j + 1]]})
+            seg = self._segments[name]
+            if seg.map_offsets is not None:
+                path = self.root / "maps" / f"{name}.cmap"
+                try:
+                    mm = np.memmap(path, dtype=np.uint8, mode="r") if seg.map_offsets[-1] > 0 else np.zeros(0, np.uint8)
+                except (OSError, ValueError) as exc:
+                    raise CorruptIndexError(f"{path}: missing or unreadable ({exc})") from exc
+                if mm.size != seg.map_offsets[-1]:
+                    raise CorruptIndexError(f"{path}: {mm.size} bytes, the segment expects {seg.map_offsets[-1]}")
+                for k, j in pairs:
+                    try:
+                        out[k] = decode_map(mm[seg.map_offsets[j]:seg.map_offsets[j + 1]])
+                    except CompactMapError as exc:
+                        raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt ({exc})") from exc
+                continue
+            raise CorruptIndexError(f"{self.root / 'segments' / name}.npz: its conv maps use the format of an older "
+                                    "version; re-index these images to re-rank them")
         return out  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- writing
@@ -387,13 +380,13 @@ class IndexStore:
         local = [np.asarray(e.local, np.float32) for e in entries]
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in local])]).astype(np.int64)
         has_maps = bool(entries) and all(e.fmap is not None for e in entries)
+        extra = {}
         if has_maps:
-            codes = [compress_map(e.fmap) for e in entries]
-            po = np.concatenate([[0], np.cumsum([len(c["pos"]) for c in codes])]).astype(np.int64)
-            atomic_save_npz(self.root / "maps" / f"{name}.npz", shapes=np.stack([c["shape"] for c in codes]),
-                            scales=np.asarray([c["scale"] for c in codes], np.float32),
-                            pos=np.concatenate([c["pos"] for c in codes]),
-                            codes=np.concatenate([c["codes"] for c in codes]), pos_offsets=po)
+            # fmap may arrive already encoded (bytes from encode_map, e.g. by a distributed worker)
+            codes = [bytes(e.fmap) if isinstance(e.fmap, (bytes, bytearray)) else encode_map(e.fmap) for e in entries]
+            (self.root / "maps").mkdir(exist_ok=True)
+            atomic_write_bytes(self.root / "maps" / f"{name}.cmap", b"".join(codes))
+            extra["map_offsets"] = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
         atomic_save_npz(
             self.root / "segments" / f"{name}.npz", ids=ids,
             paths=np.asarray([e.path for e in entries], dtype=str),
@@ -406,5 +399,6 @@ class IndexStore:
             vectors=np.stack([np.asarray(e.vector, np.float32) for e in entries]) if entries else np.zeros((0, 1), np.float32),
             has_maps=np.asarray(has_maps),
             tag=np.asarray(tag),
+            **extra,
         )
         self._segments[name] = self._read_segment(name)
