@@ -149,3 +149,26 @@ def test_real_conv5_map_approximation_and_aml(vgg_conv5):
     q = I.exact_window_max(X, [box])[0]
     win, score, n = I.aml_search(X, q, query_aspect=box[2] / box[3])
     assert I.window_iou(win, box) >= 0.7 and n < len(I.all_windows(H, W)) / 50
+
+
+def test_batched_aml_matches_single_map_search(vgg_conv5):
+    """aml_search_batch = aml_search run map by map (same windows, same refinement), on real conv5 maps."""
+    X = torch.from_numpy(vgg_conv5)
+    maps = torch.stack([X, X.flip(2), X.flip(1), X.roll(3, 2)])
+    C, H, W = X.shape
+    agree, n = 0, 0
+    for box in [(W // 4, H // 4, W // 2, H // 3), (1, 2, 6, 5), (0, 0, W, H)]:
+        q = I.exact_window_max(vgg_conv5, [box])[0]
+        asp = box[2] / box[3]
+        wins, scores, counts, _ = I.aml_search_batch(maps, q, query_aspect=asp, max_bytes=40 << 20)
+        for b in range(len(maps)):
+            w1, s1, n1 = I.aml_search(maps[b].numpy(), q, query_aspect=asp)
+            n += 1
+            agree += tuple(wins[b]) == tuple(w1)
+            assert scores[b] == pytest.approx(s1, abs=2e-4)  # float32 scores vs float64
+            # the found window really scores what is reported
+            ref = I.window_scores(I.power_integral(maps[b].numpy()), [wins[b]], q)[0]
+            assert scores[b] == pytest.approx(ref, abs=2e-4)
+    assert agree >= n - 1, f"{agree}/{n} windows identical"
+    with pytest.raises(ValueError, match="channels"):
+        I.aml_search_batch(maps, np.ones(3))

@@ -89,6 +89,36 @@ def test_rerank_aml_localises_and_ranks_positives_first(shortlist):
     np.testing.assert_array_equal(res_w.boxes, res.boxes)
 
 
+def test_rerank_aml_window_rmac_matches_reference(shortlist):
+    """With R-MAC filtering, the window is re-scored by its own R-MAC (regions pooled from the integral images)
+    against the query R-MAC: checked against a loop over the windows with the single-map functions."""
+    from instance_search.ops.integral import power_integral, window_maxpool_approx
+    from instance_search.ops.pooling import rmac_regions
+
+    q, qbox, maps, boxes, positive = shortlist
+    P = np.eye(C) + 0.05 * np.random.default_rng(5).normal(size=(C, C))  # a whitening-like rotation
+
+    def finalize(local):  # L2 -> projection -> L2 -> sum -> L2, the shape of the recipe's finalize
+        L = local / np.linalg.norm(local, axis=1, keepdims=True)
+        L = L @ P
+        L /= np.linalg.norm(L, axis=1, keepdims=True)
+        g = L.sum(0)
+        return g / np.linalg.norm(g)
+
+    qg = finalize(q[None])
+    res = rerank_aml(q, maps, query_aspect=qbox[2] / qbox[3], finalize=finalize, query_global=qg)
+    base = rerank_aml(q, maps, query_aspect=qbox[2] / qbox[3])
+    np.testing.assert_array_equal(res.boxes, base.boxes)  # same localisation
+    for i, X in enumerate(maps):
+        x, y, w, h = res.boxes[i]
+        reg = rmac_regions(h, w, 3) + np.array([x, y, 0, 0])
+        local = window_maxpool_approx(power_integral(X, 10.0), reg)
+        assert res.scores[i] == pytest.approx(float(finalize(local) @ qg), abs=1e-4)
+    np.testing.assert_array_equal(res.order, np.argsort(-res.scores, kind="stable"))
+    with pytest.raises(ValueError, match="both"):
+        rerank_aml(q, maps, finalize=finalize)
+
+
 def test_rerank_tie_break_uses_shortlist_scores():
     X = np.ones((4, 5, 5), dtype=np.float32)
     res = rerank_aml(np.ones(4), [X, X, X], shortlist_scores=[0.1, 0.9, 0.5])

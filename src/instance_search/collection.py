@@ -75,6 +75,10 @@ class Describer:
             from .backbones import load_backbone
 
             self._backbone = load_backbone(self.recipe.backbone, weights=self.weights, device=self.device)
+            if self.recipe.name == "learned-rmac":  # the trained conv layers (Gordo et al. 2016), before any engine
+                from .learn.rmac_net import prepare_backbone
+
+                prepare_backbone(self._backbone, self.recipe.extra)
             if self.engine != "exact":
                 from .backbones.fast import use_engine
 
@@ -106,6 +110,11 @@ def _decode(path: Path, max_size: int) -> tuple[Path, Any, os.stat_result | None
         return path, exc, None, ""
     except OSError as exc:
         return path, ImageError(f"{path}: {exc.strerror or exc}"), None, ""
+
+
+def _l2rows(M: np.ndarray) -> np.ndarray:
+    M = np.asarray(M, np.float32)
+    return M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-12)
 
 
 def _prefetch(fn: Callable, items: Sequence, ahead: int = 4, workers: int = 2) -> Iterator:
@@ -166,6 +175,8 @@ class Collection:
                weights: str | None = None, store_maps: bool = True, device: str = "cpu") -> "Collection":
         """Create an empty index at ``root``. ``whitening``: ``"self"`` (learn it on this collection after
         indexing), ``"none"``, or the path of a whitening fitted elsewhere (``isearch whitening learn``)."""
+        if recipe.name == "learned-rmac" and str(whitening) == "self":
+            whitening = "none"  # the trained head already whitens (its shift + FC start from PCA-whitening)
         settings = {"recipe": recipe.to_dict(), "whitening_mode": "self", "store_maps": bool(store_maps),
                     "weights": weights}
         if str(whitening) not in cls.WHITENING_MODES:
@@ -224,8 +235,14 @@ class Collection:
 
     # ------------------------------------------------------------------ indexing
     def add_folder(self, photos: str | os.PathLike | Iterable[str | os.PathLike], *, batch: int = 32,
-                   progress: bool = True, on_error: Callable[[str, str], None] | None = None) -> IndexReport:
-        """Index every image under ``photos`` that is new or changed; bad files are reported, not fatal."""
+                   progress: bool = True, on_error: Callable[[str, str], None] | None = None,
+                   extract: Callable[[list[Path]], Iterator] | None = None) -> IndexReport:
+        """Index every image under ``photos`` that is new or changed; bad files are reported, not fatal.
+
+        ``extract(paths)`` yields, in order, ``(path, (local, fmap, (width, height)) or an error, stat, sha256)``
+        for each path to describe; the default (:meth:`extract`) decodes and runs the network here, and
+        ``index.distributed.RayExtractor`` runs it on a Ray cluster (the bookkeeping below is the same).
+        """
         paths = list_images(photos) if isinstance(photos, (str, os.PathLike)) else [Path(p) for p in photos]
         report = IndexReport()
         known = self.store.path_index()
@@ -250,20 +267,18 @@ class Collection:
                 report.updated.append(key)
             todo.append(p)
         pending: list[Entry] = []
-        max_size = self.recipe.max_size
         store_maps = self.store.settings.get("store_maps", True)
         bar = _progress(len(todo), "indexing", progress)
         try:
-            for path, img, st, sha in _prefetch(lambda p: _decode(p, max_size), todo):
-                if isinstance(img, Exception):
-                    report.failed.append((str(path), str(img)))
+            for path, res, st, sha in (extract or self.extract)(todo):
+                if isinstance(res, Exception):
+                    report.failed.append((str(path), str(res)))
                     if on_error:
-                        on_error(str(path), str(img))
+                        on_error(str(path), str(res))
                     bar.update(1)
                     continue
-                local, fmap = self.describer.describe(img)
+                local, fmap, (width, height) = res
                 key = str(path.resolve())
-                width, height = img.info.get("original_size", img.size)
                 pending.append(Entry(path=key, width=width, height=height, sha256=sha, mtime=st.st_mtime,
                                      size=st.st_size, local=local, fmap=fmap if store_maps else None,
                                      vector=self.recipe.finalize(local, self.whitening)))
@@ -295,6 +310,21 @@ class Collection:
                                     f"use `isearch whitening learn` on another collection)")
         self._faiss = None
         return report
+
+    def extract(self, paths: Sequence[Path]) -> Iterator:
+        """``(path, (local, fmap, (width, height)) or ImageError, stat, sha256)`` per path, in order: JPEG
+        decoding in threads, overlapped with this process's forward passes."""
+        max_size = self.recipe.max_size
+        for path, img, st, sha in _prefetch(lambda p: _decode(p, max_size), paths):
+            if isinstance(img, Exception):
+                yield path, img, st, sha
+            else:
+                try:
+                    local, fmap = self.describer.describe(img)
+                except ValueError as exc:  # e.g. fewer pixels than the network's stride: report it, go on
+                    yield path, ImageError(f"{path}: cannot be described ({exc})"), st, sha
+                    continue
+                yield path, (local, fmap, img.info.get("original_size", img.size)), st, sha
 
     def remove_paths(self, paths: Iterable[str | os.PathLike]) -> int:
         known = self.store.path_index()
@@ -379,7 +409,7 @@ class Collection:
         depth = max(top, shortlist if rerank else top, qe)
         hits = self.search_vector(vec, top=depth)
         if rerank:
-            hits = self._rerank(hits, fmap, rerank, shortlist)
+            hits = self._rerank(hits, fmap, rerank, shortlist, vec)
         if qe > 0 and hits:
             from .rerank.expansion import average_qe
 
@@ -387,7 +417,7 @@ class Collection:
             q2 = average_qe(vec, vecs, ranks=np.arange(len(vecs)), top=len(vecs))
             hits = self.search_vector(np.asarray(q2, np.float32).reshape(-1), top=depth)
             if rerank:
-                hits = self._rerank(hits, fmap, rerank, shortlist)
+                hits = self._rerank(hits, fmap, rerank, shortlist, vec)
         return hits[:top]
 
     def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
@@ -395,7 +425,8 @@ class Collection:
         pos = {r["id"]: k for k, r in enumerate(self._records)}
         return np.stack([self._faiss.reconstruct(int(pos[i])) for i in ids])
 
-    def _rerank(self, hits: list[Hit], qmap: np.ndarray, method: str, shortlist: int) -> list[Hit]:
+    def _rerank(self, hits: list[Hit], qmap: np.ndarray, method: str, shortlist: int,
+                qglobal: np.ndarray | None = None) -> list[Hit]:
         from .rerank.aml import cells_to_pixels, rerank_aml
         from .rerank.spatial import ca_sr
 
@@ -405,8 +436,12 @@ class Collection:
         qvec = qmap_t.amax(dim=(1, 2)).numpy()  # the query's MAC
         old = np.asarray([h.score for h in head])
         if method == "aml":
+            window_rmac = {}
+            if self.recipe.name == "rmac" and qglobal is not None:  # score the window's R-MAC (Tolias Sec. 6)
+                window_rmac = dict(finalize=lambda local: self.recipe.finalize(_l2rows(local), self.whitening),
+                                   query_global=qglobal, levels=self.recipe.levels)
             res = rerank_aml(qvec, maps, shortlist_scores=old, query_aspect=qmap.shape[2] / qmap.shape[1],
-                             whitening=self.whitening)
+                             whitening=self.whitening, **window_rmac)
         else:
             res = ca_sr(qvec, maps, shortlist_scores=old, whitening=self.whitening)
         recs = {r["id"]: r for r in self.records()}

@@ -4,7 +4,8 @@ For every short-listed image, :func:`instance_search.ops.integral.aml_search` lo
 image's conv map (cosine of the approximate region MAC with the query MAC, Eq. 4); the image is then re-scored
 by the cosine between the localised region's vector and the query vector, optionally after PCA-whitening
 both. By default the region's vector is its exact MAC (the approximation is only used to search; ``exact=False``
-scores with the approximate vector ``f̃_R`` instead).
+scores with the approximate vector ``f̃_R`` instead); when the first stage used R-MAC, the window's R-MAC
+(regions pooled from the same integral images) is compared with the query's R-MAC.
 
 Boxes are ``(x, y, w, h)`` in map cells; :func:`cells_to_pixels` / :func:`pixels_to_cells` convert to and from
 image pixels ``(x1, y1, x2, y2)`` by proportional scaling (cell ``i`` covers pixels
@@ -17,7 +18,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..ops.integral import aml_search, power_integral, window_max, window_maxpool_approx
+from ..ops.integral import _batch_vectors, _corners, aml_search_batch
+from ..ops.pooling import rmac_regions
 
 __all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores"]
 
@@ -84,30 +86,69 @@ def rerank_aml(
     refine_rounds: int = 5,
     whitening: Callable | None = None,
     exact: bool = True,
+    finalize: Callable | None = None,
+    query_global=None,
+    levels: int = 3,
 ) -> RerankResult:
     """Re-rank a short list by AML localisation (Tolias et al. 2016, Sec. 6).
 
     ``query_vec``: (C,) MAC of the query (region); ``maps``: one non-negative (C, H, W) map per short-listed
-    image (numpy or torch, float16 accepted; sizes may differ); ``shortlist_scores``: (N,) first-stage scores,
-    only used to break ties in ``order``. ``t, s, query_aspect`` (query width / height), ``refine_*``, ``alpha``:
-    see :func:`instance_search.ops.integral.aml_search`. ``whitening``: callable or object with ``.transform``
-    mapping (R, C) → (R, D), applied (after L2) to the region vector and the query before the cosine.
-    ``exact``: score the found window with its exact MAC (default) or its approximation ``f̃_R``.
+    image (numpy or torch, float16 accepted; sizes may differ — maps of equal size are searched together by
+    :func:`instance_search.ops.integral.aml_search_batch`); ``shortlist_scores``: (N,) first-stage scores, only
+    used to break ties in ``order``. ``t, s, query_aspect`` (query width / height), ``refine_*``, ``alpha``:
+    see :func:`instance_search.ops.integral.aml_search`.
+
+    Scoring of the localised window:
+
+    * with ``finalize`` and ``query_global`` (R-MAC filtering): the window's own R-MAC — the ``levels``-level
+      R-MAC regions of the window, pooled from the same integral images (``f̃``, Eq. 3), turned into a global
+      vector by ``finalize`` ((R, C) unnormalised region vectors → (D,) L2-normalised, e.g. the recipe's
+      L2–whitening–sum–L2) — against the query's R-MAC ``query_global``;
+    * otherwise the window's MAC (exact by default, ``exact=False``: its approximation ``f̃_R``) against the
+      query MAC, after ``whitening`` (callable or object with ``.transform``, (R, C) → (R, D)) when given.
     """
     q = _vec(query_vec).reshape(-1)
     n = len(maps)
     scores = np.zeros(n)
     boxes = np.zeros((n, 4), dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
-    for i, X in enumerate(maps):
-        pi = power_integral(X, alpha)
-        box, score, cnt = aml_search(pi, q, t=t, s=s, refine_steps=refine_steps, refine_rounds=refine_rounds,
-                                     query_aspect=query_aspect)
-        boxes[i], counts[i] = box, cnt
-        if exact or whitening is not None:
-            v = window_max(X, [box]) if exact else window_maxpool_approx(pi, [box])
-            score = float(cosine_scores(v, q, whitening)[0])
-        scores[i] = score
+    if (finalize is None) != (query_global is None):
+        raise ValueError("give both finalize and query_global (R-MAC of the window) or neither")
+    tensors = [_vec(X) for X in maps]
+    for i, X in enumerate(tensors):
+        if X.ndim != 3:
+            raise ValueError(f"map {i} must be (C, H, W), got shape {tuple(X.shape)}")
+        if X.shape[0] != q.shape[0]:
+            raise ValueError(f"map {i} has {X.shape[0]} channels, the query {q.shape[0]}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, X in enumerate(tensors):
+        groups.setdefault((int(X.shape[1]), int(X.shape[2])), []).append(i)
+    qg = None if query_global is None else np.asarray(query_global, dtype=np.float64).reshape(-1)
+    for (H, W), idx in groups.items():
+        stack = torch.stack([tensors[i].to(torch.float32) for i in idx])
+        wins, sc, cnt, integrals = aml_search_batch(stack, q.numpy(), t=t, s=s, alpha=alpha, refine_steps=refine_steps,
+                                                    refine_rounds=refine_rounds, query_aspect=query_aspect)
+        tables = [(tb[k], scl[k]) for tb, scl in integrals for k in range(tb.shape[0])]
+        for k, i in enumerate(idx):
+            x, y, w, h = (int(v) for v in wins[k])
+            boxes[i], counts[i] = wins[k], cnt[k]
+            if finalize is not None:
+                reg = rmac_regions(h, w, levels=levels) + np.array([x, y, 0, 0])
+                table, scl = tables[k]
+                corners = _corners(torch.from_numpy(reg), W)[None]
+                local = _batch_vectors(table[None], scl[None], corners, alpha)[0].numpy()
+                g = np.asarray(finalize(local), dtype=np.float64).reshape(-1)
+                if g.shape != qg.shape:
+                    raise ValueError(f"finalize gave {g.shape[0]} dimensions, query_global has {qg.shape[0]}")
+                scores[i] = float(g @ qg)
+            elif exact or whitening is not None:
+                X = tensors[i]
+                v = X[:, y:y + h, x:x + w].amax(dim=(1, 2))[None] if exact else \
+                    _batch_vectors(tables[k][0][None], tables[k][1][None],
+                                   _corners(torch.tensor([[x, y, w, h]]), W)[None], alpha)[0]
+                scores[i] = float(cosine_scores(v, q, whitening)[0])
+            else:
+                scores[i] = float(sc[k])
     return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts)
 
 
