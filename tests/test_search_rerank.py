@@ -81,3 +81,30 @@ def test_cli_rerank_json(paris_index, tmp_path):
     out = json.loads(res.stdout)
     assert all(h["box"] is not None and len(h["box"]) == 4 for h in out["hits"])
     assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+def test_search_indexed_and_qe_over_windows(paris_index):
+    """'More like this' from a stored image (no network pass) equals searching with the image file; QE after
+    AML re-scores the short list with the query averaged with the localised windows' R-MACs."""
+    root, qpath, qbox, positives = paris_index
+    col = Collection.open(root)
+    rec = next(r for r in col.records() if r["path"] in positives)
+    by_id = col.search_indexed(rec["id"], top=16)
+    by_file = col.search(rec["path"], top=16)
+    assert [h.id for h in by_id] == [h.id for h in by_file]
+    np.testing.assert_allclose([h.score for h in by_id], [h.score for h in by_file], atol=1e-4)
+    assert by_id[0].id == rec["id"] and by_id[0].score == pytest.approx(1.0, abs=1e-4)
+    aml = col.search_indexed(rec["id"], top=16, rerank="aml", shortlist=16)
+    qe = col.search_indexed(rec["id"], top=16, rerank="aml", shortlist=16, qe=3)
+    assert sorted(h.id for h in qe) == sorted(h.id for h in aml) and all(h.box is not None for h in qe)
+    # reference for the QE scores: q2 = L2(q + sum of the top-3 window vectors), score = window vector . q2
+    vec = col.vectors()[[r["id"] for r in col.records()].index(rec["id"])]
+    first, wv = col._rerank(col.search_vector(vec, 16), col.store.feature_map(rec["id"]), "aml", 16, vec)
+    q2 = vec + sum(wv[h.id] for h in first[:3])
+    q2 = q2 / np.linalg.norm(q2)
+    expect = sorted(((float(wv[h.id] @ q2), h.id) for h in first), key=lambda t: -t[0])
+    np.testing.assert_allclose([h.score for h in qe], [e[0] for e in expect], atol=1e-5)
+    assert qe[0].score <= 1.0 + 1e-6 and [h.rank for h in qe] == list(range(1, 17))
+    assert _ap(qe, positives) >= 0.6
+    with pytest.raises(KeyError, match="not in the index"):
+        col.search_indexed(10_000)

@@ -405,20 +405,57 @@ class Collection:
         if shortlist < 1:
             raise ValueError(f"shortlist must be at least 1, got {shortlist}")
         vec, _, fmap = self.describe(image, box=box)
+        return self._search_described(vec, fmap, top, rerank, shortlist, qe)
+
+    def search_indexed(self, image_id: int, top: int = 10, *, rerank: str | None = None, shortlist: int = 1000,
+                       qe: int = 0) -> list[Hit]:
+        """Like :meth:`search`, with an indexed image as the query ("more like this"): its stored vector and
+        stored conv map are used, no network pass. The image itself is among the hits."""
+        if rerank not in (None, "none", "aml", "casr"):
+            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, casr or none")
+        if top < 1 or shortlist < 1:
+            raise ValueError(f"top and shortlist must be at least 1, got {top}, {shortlist}")
+        self._ensure_faiss()
+        pos = {r["id"]: k for k, r in enumerate(self._records)}
+        if int(image_id) not in pos:
+            raise KeyError(f"image id {image_id} is not in the index {self.store.root}")
+        vec = self._faiss.reconstruct(int(pos[int(image_id)]))
+        fmap = self.store.feature_map(int(image_id)) if rerank not in (None, "none") else None
+        return self._search_described(vec, fmap, top, rerank, shortlist, qe)
+
+    def _search_described(self, vec, fmap, top: int, rerank, shortlist: int, qe: int) -> list[Hit]:
+        """Search with a described query; re-rank; average QE (Chum et al. 2007) with the top ``qe``.
+
+        After AML with a MAC/R-MAC recipe, QE averages the query with the vectors of the *localised windows* of
+        the top ``qe`` re-ranked images and re-scores the short list with them (Tolias et al. 2016 Sec. 6);
+        otherwise (no re-ranking, CA-SR, other recipes) it averages the stored global vectors of the top
+        ``qe`` (after re-ranking, Salvador et al. 2016 Sec. 4.3) and searches again.
+        """
+        from .rerank.expansion import average_qe
+
         rerank = None if rerank == "none" else rerank
         depth = max(top, shortlist if rerank else top, qe)
         hits = self.search_vector(vec, top=depth)
+        wvecs: dict[int, np.ndarray] = {}
         if rerank:
-            hits = self._rerank(hits, fmap, rerank, shortlist, vec)
-        if qe > 0 and hits:
-            from .rerank.expansion import average_qe
-
-            vecs = self._vectors_of([h.id for h in hits[:qe]])
-            q2 = average_qe(vec, vecs, ranks=np.arange(len(vecs)), top=len(vecs))
-            hits = self.search_vector(np.asarray(q2, np.float32).reshape(-1), top=depth)
-            if rerank:
-                hits = self._rerank(hits, fmap, rerank, shortlist, vec)
-        return hits[:top]
+            hits, wvecs = self._rerank(hits, fmap, rerank, shortlist, vec)
+        if qe <= 0 or not hits:
+            return hits[:top]
+        if rerank == "aml" and self.recipe.name in ("mac", "rmac") and wvecs:
+            top_ids = [h.id for h in hits[:qe]]
+            q2 = average_qe(vec, np.stack([wvecs[i] for i in top_ids]), ranks=np.arange(len(top_ids)),
+                            top=len(top_ids)).reshape(-1)
+            head = [h for h in hits if h.id in wvecs]
+            tail = [h for h in hits if h.id not in wvecs]
+            new = np.asarray([float(wvecs[h.id] @ q2) for h in head])
+            order = np.lexsort((np.arange(len(head)), -new))
+            out = [Hit(rank=r + 1, id=head[k].id, path=head[k].path, score=float(new[k]), box=head[k].box)
+                   for r, k in enumerate(order)]
+            out += [Hit(rank=len(out) + j + 1, id=h.id, path=h.path, score=h.score) for j, h in enumerate(tail)]
+            return out[:top]
+        vecs = self._vectors_of([h.id for h in hits[:qe]])
+        q2 = average_qe(vec, vecs, ranks=np.arange(len(vecs)), top=len(vecs))
+        return self.search_vector(np.asarray(q2, np.float32).reshape(-1), top=top)
 
     def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         self._ensure_faiss()
@@ -426,7 +463,7 @@ class Collection:
         return np.stack([self._faiss.reconstruct(int(pos[i])) for i in ids])
 
     def _rerank(self, hits: list[Hit], qmap: np.ndarray, method: str, shortlist: int,
-                qglobal: np.ndarray | None = None) -> list[Hit]:
+                qglobal: np.ndarray | None = None) -> tuple[list[Hit], dict[int, np.ndarray]]:
         from .rerank.aml import cells_to_pixels, rerank_aml
         from .rerank.spatial import ca_sr
 
@@ -454,7 +491,8 @@ class Collection:
                            box=tuple(round(float(v), 1) for v in box)))
         for j, h in enumerate(tail):
             out.append(Hit(rank=len(out) + 1, id=h.id, path=h.path, score=h.score))
-        return out
+        wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)}
+        return out, wvecs
 
     def __len__(self) -> int:
         return len(self.store)

@@ -2,13 +2,14 @@
 2016, Sec. 3.3), query expansion (average QE, α-QE) and database-side augmentation (DBA)."""
 from __future__ import annotations
 
-from .aml import RerankResult, cells_to_pixels, cosine_scores, pixels_to_cells, rerank_aml
+from .aml import RerankResult, cells_to_pixels, cosine_scores, pixels_to_cells, region_vectors, rerank_aml
 from .expansion import alpha_qe, average_qe, dba
 from .spatial import ca_sr, region_mac, rmac_boxes, sliding_windows
 
 __all__ = [
     "RerankResult",
     "rerank_aml",
+    "region_vectors",
     "cells_to_pixels",
     "pixels_to_cells",
     "cosine_scores",

@@ -21,7 +21,7 @@ import torch
 from ..ops.integral import _batch_vectors, _corners, aml_search_batch
 from ..ops.pooling import rmac_regions
 
-__all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores"]
+__all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores", "region_vectors"]
 
 
 class RerankResult(NamedTuple):
@@ -31,6 +31,7 @@ class RerankResult(NamedTuple):
     boxes: np.ndarray  #: (N, 4) int64 best region ``(x, y, w, h)`` in map cells
     order: np.ndarray  #: (N,) short-list indices sorted by new score, best first (ties: old score, then index)
     n_windows: np.ndarray  #: (N,) int64 windows evaluated per image
+    vectors: np.ndarray | None = None  #: (N, D) the L2-normalised vector each image was scored with (for QE)
 
 
 def _vec(v) -> torch.Tensor:
@@ -53,17 +54,20 @@ def _whiten(whitening, M: torch.Tensor) -> torch.Tensor:
     return out.to(torch.float64)
 
 
+def region_vectors(region_vecs, whitening: Callable | None = None) -> torch.Tensor:
+    """``L2(W(L2 f))`` of each row of ``region_vecs`` (R, C), or ``L2 f`` without whitening: ``(R, D)`` float64."""
+    R = _vec(region_vecs).to(torch.float64)
+    R = R[None] if R.ndim == 1 else R
+    R = _l2n(R)
+    return _l2n(_whiten(whitening, R)) if whitening is not None else R
+
+
 def cosine_scores(region_vecs, query_vec, whitening: Callable | None = None) -> torch.Tensor:
     """Cosine of each row of ``region_vecs`` (R, C) with ``query_vec`` (C,): ``(R,)`` float64.
 
     With ``whitening``: ``cos(L2(W(L2 f_R)), L2(W(L2 q)))`` (MAC → L2 → PCA-whitening → L2, Tolias Sec. 3).
     """
-    R = _vec(region_vecs).to(torch.float64).reshape(-1, _vec(query_vec).numel())
-    q = _vec(query_vec).to(torch.float64).reshape(1, -1)
-    R, q = _l2n(R), _l2n(q)
-    if whitening is not None:
-        R, q = _l2n(_whiten(whitening, R)), _l2n(_whiten(whitening, q))
-    return R @ q[0]
+    return region_vectors(region_vecs, whitening) @ region_vectors(query_vec, whitening)[0]
 
 
 def _order(scores: np.ndarray, old) -> np.ndarray:
@@ -112,6 +116,7 @@ def rerank_aml(
     scores = np.zeros(n)
     boxes = np.zeros((n, 4), dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
+    vectors: list[np.ndarray | None] = [None] * n
     if (finalize is None) != (query_global is None):
         raise ValueError("give both finalize and query_global (R-MAC of the window) or neither")
     tensors = [_vec(X) for X in maps]
@@ -141,15 +146,19 @@ def rerank_aml(
                 if g.shape != qg.shape:
                     raise ValueError(f"finalize gave {g.shape[0]} dimensions, query_global has {qg.shape[0]}")
                 scores[i] = float(g @ qg)
+                vectors[i] = g
             elif exact or whitening is not None:
                 X = tensors[i]
                 v = X[:, y:y + h, x:x + w].amax(dim=(1, 2))[None] if exact else \
                     _batch_vectors(tables[k][0][None], tables[k][1][None],
                                    _corners(torch.tensor([[x, y, w, h]]), W)[None], alpha)[0]
-                scores[i] = float(cosine_scores(v, q, whitening)[0])
+                rv = region_vectors(v, whitening)[0]
+                scores[i] = float(rv @ region_vectors(q, whitening)[0])
+                vectors[i] = rv.numpy()
             else:
                 scores[i] = float(sc[k])
-    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts)
+    vecs = np.stack(vectors) if n and all(v is not None for v in vectors) else None
+    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts, vecs)
 
 
 def cells_to_pixels(box, map_hw: tuple[int, int], image_wh: tuple[float, float]) -> np.ndarray:

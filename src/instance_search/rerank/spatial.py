@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..ops.integral import power_integral, window_max, window_maxpool_approx
-from .aml import RerankResult, _order, _vec, cosine_scores
+from .aml import RerankResult, _order, _vec, region_vectors
 
 __all__ = ["ca_sr", "sliding_windows", "rmac_boxes", "region_mac"]
 
@@ -104,13 +104,18 @@ def ca_sr(
     scores = np.zeros(n)
     boxes = np.zeros((n, 4), dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
+    vectors = []
+    qv = region_vectors(q, whitening)[0]
     for i, X in enumerate(maps):
         H, W = int(X.shape[-2]), int(X.shape[-1])
         cands = np.asarray(gen(H, W), dtype=np.int64).reshape(-1, 4)
         if cands.shape[0] == 0:
             raise ValueError(f"candidate_boxes_fn returned no boxes for a {H}x{W} map")
         V = window_max(X, cands) if method == "exact" else window_maxpool_approx(power_integral(X, alpha), cands)
-        cs = cosine_scores(V, q, whitening)
+        RV = region_vectors(V, whitening)
+        cs = RV @ qv
         b = int(torch.argmax(cs))
         scores[i], boxes[i], counts[i] = float(cs[b]), cands[b], cands.shape[0]
-    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts)
+        vectors.append(RV[b].numpy())
+    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts,
+                        np.stack(vectors) if vectors else None)
