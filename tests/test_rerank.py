@@ -226,3 +226,27 @@ def test_dba_matches_loop(vectors):
     s = db @ db[i]
     s[i] = np.inf
     np.testing.assert_allclose(plain[i], l2n(db[np.argsort(-s)[:3]].sum(0)), rtol=1e-10)
+
+
+def test_mac_components_match_loop_and_picture(vgg_conv5, tmp_path, data_dir):
+    """Fig. 2 helper: top MAC contributions checked against a loop; the picture is written."""
+    from PIL import Image
+
+    from instance_search.viz import draw_mac_receptive_fields, mac_components
+
+    A = vgg_conv5
+    B = np.roll(A, 2, axis=2) * 0.5 + 0.1 * A
+    rows = mac_components(A, B, k=5)
+    ma, mb = A.max(axis=(1, 2)), B.max(axis=(1, 2))
+    ma, mb = ma / np.linalg.norm(ma), mb / np.linalg.norm(mb)
+    ref = sorted(range(len(ma)), key=lambda c: -ma[c] * mb[c])[:5]
+    assert [r[0] for r in rows] == ref
+    for c, contrib, (ya, xa), (yb, xb) in rows:
+        assert contrib == pytest.approx(ma[c] * mb[c], rel=1e-5)
+        assert A[c, ya, xa] == A[c].max() and B[c, yb, xb] == B[c].max()
+    img = Image.open(data_dir / "oxford5k-queries10" / "bodleian_000132.jpg").convert("RGB")
+    img.thumbnail((384, 384))
+    out = draw_mac_receptive_fields(img, img, A, B, tmp_path / "fig2.png")
+    assert out.stat().st_size > 20_000
+    with pytest.raises(ValueError, match="same C"):
+        mac_components(A, B[:3])
