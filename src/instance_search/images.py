@@ -66,7 +66,7 @@ def parse_box(text: str | Sequence[float] | None) -> Box | None:
     else:
         try:
             values = [float(v) for v in text]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
             raise BoxError(f"box {text!r}: expected four numbers x1,y1,x2,y2") from None
     if len(values) != 4:
         raise BoxError(f"box {text!r}: expected four numbers x1,y1,x2,y2, got {len(values)}")
@@ -188,6 +188,9 @@ def load_image(
     except FileNotFoundError as exc:
         raise ImageError(f"{path}: no such file") from exc
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
+        raise ImageError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from exc
+    except Exception as exc:  # decoder bugs on hostile files, e.g. Pillow 13's TypeError on a TIFF whose
+        # StripOffsets tag is typed RATIONAL (found by tests/test_fuzz.py): one bad file must not stop a run
         raise ImageError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from exc
     if min(img.size) < 1:
         raise ImageError(f"{path}: image has no pixels")

@@ -40,7 +40,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 
-from ..images import MAX_PIXELS, Box, BoxError, ImageError, load_image, parse_box
+from ..images import MAX_PIXELS, Box, BoxError, ImageError, clip_box, load_image, parse_box
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 UPLOAD_FOLDER = "uploads"
@@ -150,7 +150,7 @@ def probe_image(path: Path, name: str) -> tuple[str, int, int]:
                     orient = 1
     except Image.DecompressionBombError as exc:
         raise _BadImage(413, f"{name}: too many pixels, refused as a decompression bomb ({exc})") from None
-    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except Exception as exc:  # UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, decoder bugs
         raise _BadImage(415, f"{name}: not a readable image ({exc.__class__.__name__})") from None
     if fmt not in UPLOAD_FORMATS:
         raise _BadImage(415, f"{name}: image format {fmt or 'unknown'} is not accepted "
@@ -340,6 +340,7 @@ class SearchService:
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._thumb_cache = thumb_cache
         self._thumb_lock = threading.Lock()
+        self._min_side: int | None = None
         params = inspect.signature(self.col.search).parameters
         self.search_options = sorted(k for k, p in params.items() if k not in ("image", "box", "top")
                                      and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
@@ -394,6 +395,30 @@ class SearchService:
                     self._thumbs.popitem(last=False)
         return data
 
+    # ----------------------------------------------------------------- size check
+    def check_describable(self, name: str, width: int, height: int, box: Box | None = None) -> None:
+        """Refuse (422) an image that, cropped to ``box`` and scaled to the recipe's ``max_size`` the way
+        :func:`load_image` does, has a side shorter than the network's stride: it has no feature map."""
+        if box is not None:
+            x1, y1, x2, y2 = clip_box(box, width, height, name=name)
+            width, height = x2 - x1, y2 - y1
+        max_size = self.col.recipe.max_size
+        s = max_size / max(width, height) if max_size else 1.0
+        if s < 1.0:  # as images.resize_max
+            width, height = max(1, round(width * s)), max(1, round(height * s))
+        need = self.min_side()
+        if min(width, height) < need:
+            what = "cropped to the box and scaled" if box is not None else "scaled"
+            raise _BadImage(422, f"{name}: {width}x{height} pixels once {what} to at most {max_size} px is too "
+                                 f"small to describe; each side needs at least {need} pixels")
+
+    def min_side(self) -> int:
+        """The stride of the recipe's layer: the shortest image side that still gives a feature map."""
+        if self._min_side is None:
+            d = self.col.describer
+            self._min_side = int(d.backbone.stride(d.layer))
+        return self._min_side
+
     # ----------------------------------------------------------------- options
     def parse_options(self, text: str | None) -> dict[str, Any]:
         if text is None or text.strip() == "":
@@ -418,12 +443,13 @@ class SearchService:
                extra_timings: dict[str, float]) -> dict[str, Any]:
         t0 = time.perf_counter()
         query_size = None
+        _, qw, qh = probe_image(query_path, query_name)
         if box is not None or frame is not None:
-            _, qw, qh = probe_image(query_path, query_name)
             query_size = [qw, qh]
             if frame is not None and box is not None:
                 sx, sy = qw / frame[0], qh / frame[1]
                 box = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
+        self.check_describable(query_name, qw, qh, box)
         with self.lock:
             t1 = time.perf_counter()
             hits = self.col.search(query_path, box=box, top=top, **options)
@@ -501,7 +527,8 @@ class SearchService:
                 tmp = Path(tmpname)
                 staged.append((tmp, name, "", ""))
                 _, sha = _copy_limited(src, tmp, self.max_upload_bytes, name)
-                fmt, _, _ = verify_image(tmp, name)
+                fmt, w, h = verify_image(tmp, name)
+                self.check_describable(name, w, h)
                 staged[-1] = (tmp, name, fmt, sha)
             t1 = time.perf_counter()
             with self.lock:
@@ -532,8 +559,10 @@ class SearchService:
                             "index_ms": round((t3 - t2) * 1e3, 2)}}
 
     def stats(self) -> dict[str, Any]:
-        with self.lock:
-            s = self.col.stats()
+        # No lock: it only reads, and the store publishes a new segment before the manifest names it, so a
+        # concurrent upload shows as before or after. (Under the lock, stats waited behind every queued
+        # search: median 12 s with 16 clients in benchmarks/bench_server_load.py.)
+        s = self.col.stats()
         s.update({"uploads": self.allow_uploads, "max_upload_bytes": self.max_upload_bytes,
                   "max_files": self.max_files, "max_top": self.max_top, "search_options": self.search_options,
                   "ground_truth": None if self.gt is None else self.gt.describe(),
@@ -635,6 +664,10 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                         fail(404, f"no image with id {query_id} in this index")
                     qpath, name, sha = Path(rec["path"]), Path(rec["path"]).name, rec["sha256"]
                     group = svc.groups.get(int(query_id))
+                    try:
+                        probe_image(qpath, name)
+                    except _BadImage:
+                        fail(404, f"image {query_id}: its file is missing or no longer readable")
                 t1 = time.perf_counter()
                 return svc.search(qpath, name, sha, group, b, frame, top, opts,
                                   {"upload_ms": (t1 - t0) * 1e3})
