@@ -133,11 +133,17 @@ def test_cli_roundtrip(built, photos, tmp_path):
 
 @pytest.fixture(scope="module")
 def self_whitened(data_dir, tmp_path_factory) -> Path:
-    """100 Holidays photos at a small size: enough images to learn a whitening on the collection itself."""
+    """100 Holidays photos at a small size, with the self-whitening threshold lowered from its default (500
+    images) to 100 so that the mechanism is tested quickly."""
     pics = sorted((data_dir / "holidays811" / "jpg").glob("*.jpg"))[:100]
     root = tmp_path_factory.mktemp("selfw") / "index"
     col = Collection.create(root, Recipe("rmac", backbone="vgg16", max_size=96), whitening="self")
-    report = col.add_folder(pics, progress=False)
+    saved = Collection.MIN_SELF_WHITENING_IMAGES
+    Collection.MIN_SELF_WHITENING_IMAGES = 100
+    try:
+        report = col.add_folder(pics, progress=False)
+    finally:
+        Collection.MIN_SELF_WHITENING_IMAGES = saved
     assert "learned on this collection" in report.whitening
     return root
 
