@@ -113,7 +113,9 @@ def test_rerank_aml_window_rmac_matches_reference(shortlist):
         x, y, w, h = res.boxes[i]
         reg = rmac_regions(h, w, 3) + np.array([x, y, 0, 0])
         local = window_maxpool_approx(power_integral(X, 10.0), reg)
-        assert res.scores[i] == pytest.approx(float(finalize(local) @ qg), abs=1e-4)
+        # 1e-3: the batched integrals zero cells below 1e-15**(1/alpha) = 3 % of the channel max before the power
+        # (the same noise floor the float64 path applies to window sums), the reference does not
+        assert res.scores[i] == pytest.approx(float(finalize(local) @ qg), abs=1e-3)
     np.testing.assert_array_equal(res.order, np.argsort(-res.scores, kind="stable"))
     with pytest.raises(ValueError, match="both"):
         rerank_aml(q, maps, finalize=finalize)
