@@ -41,16 +41,23 @@ def _errors():
 def index(
     photos: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     index_dir: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
-    recipe: str = typer.Option("rmac", help="mac | rmac | spoc | gem"),
+    recipe: str = typer.Option("rmac", help="mac | rmac | spoc | gem | learned-rmac (needs --model)"),
     backbone: str = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0"),
     layer: Optional[str] = typer.Option(None, help="Backbone layer (default: the last conv layer)."),
     max_size: int = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024)."),
     whitening: str = typer.Option("self", help="'self' (learn on this collection), 'none', or a file from "
                                               "`isearch whitening learn`."),
+    model: Optional[Path] = typer.Option(None, "--model", help="learned-rmac: a model.pt from `isearch train-rmac`."),
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Store compact conv maps for re-ranking."),
     weights: Optional[str] = typer.Option(None, help="Weights source or local .pt file."),
     batch: int = typer.Option(32, help="Images per durable commit."),
-    engine: str = typer.Option("exact", help="exact (fp32) | winograd (VGG16: Winograd F(4x4,3x3), ~2x faster)."),
+    engine: str = typer.Option("exact", help="exact (fp32) | winograd (VGG16: Winograd F(4x4,3x3), ~2x faster) | "
+                                              "ray (distributed extraction on a Ray cluster; pip install '.[scale]')."),
+    address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (host:port or auto); "
+                                                     "default: start a local cluster on 127.0.0.1."),
+    worker_engine: str = typer.Option("exact", "--worker-engine", help="--engine ray: the workers' engine, "
+                                                                       "exact | winograd."),
+    workers: int = typer.Option(2, help="--engine ray: number of model actors."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
@@ -58,24 +65,37 @@ def index(
     from .index.store import IndexStore
     from .recipes import Recipe
 
+    def make_recipe() -> Recipe:
+        if recipe == "learned-rmac":  # Gordo et al. 2016: the trained network (learn/rmac_net.py)
+            if model is None:
+                raise ValueError("--recipe learned-rmac needs --model FILE (a model.pt from `isearch train-rmac`)")
+            from .learn.rmac_net import learned_rmac_recipe
+
+            return learned_rmac_recipe(model, max_size=max_size)
+        return Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size)
+
     try:
         if IndexStore.exists(index_dir):
             col = Collection.open(index_dir, writable=True, weights=weights)
-            asked = Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size)
+            asked = make_recipe()
             have = col.recipe
             if (have.name, have.backbone, have.layer, have.max_size) != (asked.name, asked.backbone, asked.layer,
                                                                         asked.max_size):
                 typer.secho(f"note: {index_dir} was built with recipe={have.name} backbone={have.backbone} "
                             f"max-size={have.max_size}; adding with those settings", err=True)
         else:
-            col = Collection.create(index_dir, Recipe(name=recipe, backbone=backbone, layer=layer,
-                                                      max_size=max_size),
-                                    whitening=whitening, weights=weights, store_maps=maps)
-        col.describer.engine = engine
+            col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights, store_maps=maps)
         t0 = time.perf_counter()
-        report = col.add_folder(photos, batch=batch, progress=not quiet)
+        if engine == "ray":
+            from .index.distributed import add_folder_ray
+
+            report = add_folder_ray(col, photos, address=address, workers=workers, engine=worker_engine,
+                                    batch=batch, progress=not quiet)
+        else:
+            col.describer.engine = engine
+            report = col.add_folder(photos, batch=batch, progress=not quiet)
         dt = time.perf_counter() - t0
-    except _errors() as exc:
+    except (*_errors(), ImportError) as exc:
         _fail(str(exc))
     for path, reason in report.failed:
         typer.secho(f"skipped {reason}", fg=typer.colors.YELLOW, err=True)
@@ -335,9 +355,94 @@ def selective_grid_cmd(
         atomic_write_bytes(json_out, json.dumps(res, indent=1, default=str).encode())
 
 
+@app.command("clean")
+def clean_cmd(
+    folder: Optional[Path] = typer.Argument(None, help="Folder of groups (one sub-folder per object/place). "
+                                                       "Default: the built-in training split."),
+    out: Path = typer.Option(..., "--out", help="Boxes JSON to write."),
+    data: Optional[Path] = typer.Option(None, help="Benchmark data folder for the built-in split "
+                                                   "(default: ../shared/data)."),
+    max_side: int = typer.Option(512, "--max-side", help="SIFT runs on images shrunk to this many pixels."),
+    min_inliers: int = typer.Option(10, "--min-inliers", help="Inliers for a verified pair (graph edge)."),
+    ratio: float = typer.Option(0.8, help="First-to-second-neighbour ratio test."),
+    alpha: float = typer.Option(0.1, help="Box diffusion rate."),
+    cache: Optional[Path] = typer.Option(None, help="Folder to cache SIFT features in."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Clean groups and estimate object boxes (Gordo et al. 2016, Sec. 4.1): SIFT + affine RANSAC per pair,
+    largest connected component per group, box diffusion. Writes {image: group, kept, box, ...}."""
+    from .learn.cleaning import CleaningParams, clean_and_box, groups_from_folder, save_boxes
+
+    try:
+        if folder is None:
+            from .datasets.splits import _data_dir, training_set
+
+            root = _data_dir(data)
+            ts = training_set(root)
+        else:
+            root = Path(folder)
+            ts = groups_from_folder(root)
+        params = CleaningParams(max_side=max_side, min_inliers=min_inliers, ratio=ratio, alpha=alpha)
+        res = clean_and_box(ts, root=root, params=params, cache_dir=cache, progress=not quiet)
+        save_boxes(res, out)
+    except _errors() as exc:
+        _fail(str(exc))
+    st = res.stats
+    for msg in st["failed"]:
+        typer.secho(f"skipped {msg}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"{out}: kept {st['kept']} of {st['images']} images in {st['groups']} groups; "
+               f"{st['pairs_verified']} of {st['pairs_matched']} pairs verified ({st['seconds_total']:.1f} s)")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+@app.command("train-rmac")
+def train_rmac(
+    checkpoint_dir: Path = typer.Option(Path("runs/learned-rmac"), "--checkpoint-dir",
+                                        help="Checkpoints, per-epoch models, model.pt (+ .json), loss_curve.png."),
+    epochs: int = typer.Option(3, help="Epochs (one epoch: every training image once as the query)."),
+    lr: float = typer.Option(1e-3, help="SGD learning rate."),
+    momentum: float = typer.Option(0.9),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    margin: float = typer.Option(0.1, help="Triplet margin m (Gordo et al. 2016: 0.1)."),
+    batch: int = typer.Option(16, help="Triplets per SGD update (gradients accumulated)."),
+    micro_batch: int = typer.Option(8, "--micro-batch", help="Triplets per forward/backward pass."),
+    remine_every: int = typer.Option(4, "--remine-every", help="Updates between two hard-triplet minings."),
+    mine_pool: int = typer.Option(0, "--mine-pool", help="Candidate negatives per mining (0: all training images)."),
+    anchors_per_epoch: int = typer.Option(0, "--anchors-per-epoch", help="Queries per epoch (0: all)."),
+    train_layers: str = typer.Option("conv5", "--train-layers",
+                                     help="head | conv5_3 | conv5 | conv4 | all (lower layers frozen and cached)."),
+    max_size: int = typer.Option(384, "--max-size", help="Longer side of the training images in pixels."),
+    engine: str = typer.Option("exact", help="Engine of the frozen layers: exact | winograd (VGG16, ~2x faster)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of the frozen layers' outputs "
+                                                                       "(default: CHECKPOINT_DIR/inputs)."),
+    data: Optional[Path] = typer.Option(None, help="Benchmark data folder (default: ../shared/data)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from CHECKPOINT_DIR/checkpoint.pt."),
+    seed: int = typer.Option(0),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train learned R-MAC (Gordo et al. 2016, Sec. 3.1) with hard triplets on the training split
+    (Holidays-811 + UKBench 0-499); use it with `isearch index --recipe learned-rmac --model CHECKPOINT_DIR/model.pt`."""
+    from .learn.triplet import CheckpointError, TrainConfig, train_on_split
+
+    try:
+        cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, margin=margin,
+                          batch=batch, micro_batch=micro_batch, remine_every=remine_every, mine_pool=mine_pool,
+                          anchors_per_epoch=anchors_per_epoch, seed=seed)
+        _, history, model_path = train_on_split(checkpoint_dir, cfg, train_layers=train_layers, max_size=max_size,
+                                                data_dir=data, cache_dir=cache_dir, engine=engine, resume=resume,
+                                                progress=not quiet)
+    except _errors() + (CheckpointError,) as exc:
+        _fail(str(exc))
+    for e in history["epochs"]:
+        typer.echo(f"epoch {e['epoch'] + 1}: {e['seconds']:.0f} s ({e['updates']} updates, mining "
+                   f"{e['mine_seconds']:.0f} s), mean batch loss {e['mean_batch_loss']:.4f}, mean mined loss "
+                   f"{e['mean_mined_loss']:.4f}")
+    typer.echo(f"model: {model_path} (+ {model_path.with_suffix('.json').name}); loss curve: "
+               f"{checkpoint_dir / 'loss_curve.png'}")
