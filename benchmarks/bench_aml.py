@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -96,12 +97,13 @@ def plot_fig3(res, path):
     plt.close(fig)
 
 
-def table1(bench, qmaps, dbmaps, per_query, ts=(1, 2, 3, 4, 5), ss=(1.1, 1.5, 2.0)):
+def table1(bench, qmaps, dbmaps, per_query, max_pairs=None, ts=(1, 2, 3, 4, 5), ss=(1.1, 1.5, 2.0)):
     """AML vs exhaustive search on query/positive pairs (Tolias Table 1, left)."""
     pairs = []
     for qi, g in enumerate(bench.gnd):
         pos = list(g.get("easy", [])) + list(g.get("hard", []))
         pairs += [(qi, int(j)) for j in pos[:per_query]]
+    pairs = pairs[:max_pairs] if max_pairs else pairs
     iou_sum = {(t, s): 0.0 for t in ts for s in ss}
     frac_sum = {(t, s): 0.0 for t in ts for s in ss}
     t_ex = t_aml = 0.0
@@ -207,6 +209,11 @@ def main() -> None:
                     help="an index of ANOTHER collection (e.g. Holidays) whose R-MAC regions train the whitening "
                          "(the papers' protocol); default: no whitening (self-whitening on these 238 images of 5 "
                          "landmarks hurts, see README)")
+    ap.add_argument("--max-pairs", type=int, default=None, help="Table 1: at most this many pairs")
+    ap.add_argument("--shortlist", type=int, default=100, help="images re-ranked per query (mAP parts)")
+    ap.add_argument("--compact", nargs="+", default=["0.3:64"], metavar="RHO:TOP",
+                    help="compact-map settings compared with the float maps")
+    ap.add_argument("--speed-queries", type=int, default=1)
     ap.add_argument("--parts", nargs="+", default=["fig3", "localisation", "table1", "rerank", "speed"],
                     help="parts to run; the others are kept from an existing --out file")
     args = ap.parse_args()
@@ -231,9 +238,16 @@ def main() -> None:
     if "fig3" in args.parts:
         out["fig3"] = fig3(dbmaps, rng)
         plot_fig3(out["fig3"], RESULTS / "aml_fig3.png")
-    print("Fig. 3: mean cosine by region size", json.dumps(out["fig3"]["mean_cosine"]))
-    print(f"        alpha=10 over {out['fig3']['windows']} regions: mean {out['fig3']['alpha10_mean_cosine']:.4f}, "
-          f"percentiles {out['fig3']['alpha10_cosine_percentiles']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every part, so that a long run keeps what it has
+        args.out.write_text(json.dumps(out, indent=1))
+
+    if "fig3" in out:
+        save()
+        print("Fig. 3: mean cosine by region size", json.dumps(out["fig3"]["mean_cosine"]))
+        print(f"        alpha=10 over {out['fig3']['windows']} regions: mean {out['fig3']['alpha10_mean_cosine']:.4f}, "
+              f"percentiles {out['fig3']['alpha10_cosine_percentiles']}")
 
     from PIL import Image
 
@@ -246,8 +260,9 @@ def main() -> None:
     # cells_to_pixels with the original size maps cells to original pixels
     if "localisation" in args.parts:
         out["localisation"] = localisation_gt(bench, qmaps, qfull, sizes)
-    loc = out["localisation"]
-    print(f"Localisation vs ground truth: {loc['pairs']} pairs, mean IoU {loc['mean_iou']}, IoU>=0.5 {loc['iou_ge_0.5']}")
+        save()
+        loc = out["localisation"]
+        print(f"Localisation vs ground truth: {loc['pairs']} pairs, mean IoU {loc['mean_iou']}, IoU>=0.5 {loc['iou_ge_0.5']}")
 
     # pictures: Fig. 2 (receptive fields of the top-5 MAC components of a query / positive pair) and the ranked
     # list of query 0 after R-MAC + AML with the localised boxes
@@ -262,12 +277,13 @@ def main() -> None:
                                   dbmaps[j0].astype(np.float32), RESULTS / "aml_fig2.png")
 
     if "table1" in args.parts:
-        out["table1"] = table1(bench, qmaps, dbmaps, args.pairs_per_query)
-    tab = out["table1"]
-    print(f"Table 1 ({tab['pairs']} pairs; exhaustive {tab['exhaustive_seconds_per_pair']} s/pair, "
+        out["table1"] = table1(bench, qmaps, dbmaps, args.pairs_per_query, args.max_pairs)
+        save()
+        tab = out["table1"]
+        print(f"Table 1 ({tab['pairs']} pairs; exhaustive {tab['exhaustive_seconds_per_pair']} s/pair, "
           f"AML t=3 s=1.1 {tab['aml_t3_s1.1_ms_per_pair']} ms/pair):")
-    for r in tab["rows"]:
-        print(f"  t={r['t']} s={r['s']}: IoU {r['iou_with_exhaustive']:.3f}, windows {r['percent_windows']:.3f}%")
+        for r in tab["rows"]:
+            print(f"  t={r['t']} s={r['s']}: IoU {r['iou_with_exhaustive']:.3f}, windows {r['percent_windows']:.3f}%")
 
     # R-MAC first stage (whitening from another collection's index, or none), then AML re-ranking with float vs
     # compact maps
@@ -287,10 +303,11 @@ def main() -> None:
     base = bench.evaluate(scores)
     out["rmac"] = {p: round(base[f"map_{p}"], 2) for p in ("easy", "medium", "hard")}
     if "rerank" in args.parts:
-        out["rmac_aml_float"] = rerank_map(bench, scores, qglobal, qmaps, dbmaps, recipe, wh, len(dbmaps))
+        out["shortlist"] = args.shortlist
+        out["rmac_aml_float"] = rerank_map(bench, scores, qglobal, qmaps, dbmaps, recipe, wh, args.shortlist)
         _ranked_picture(bench, scores, qglobal, qmaps, dbmaps, recipe, wh)
         storage = []
-        for rho, top in ((0.3, 64), (0.2, 128), (0.5, 32)):
+        for rho, top in ((float(a), int(b)) for a, b in (c.split(":") for c in args.compact)):
             codes = [encode_map(m.astype(np.float32), rho=rho, top=top) for m in dbmaps]
             dec = [decode_map(c) for c in codes]
             cells = float(np.mean([m.shape[1] * m.shape[2] for m in dbmaps]))
@@ -298,7 +315,7 @@ def main() -> None:
                             "bytes_per_image_mean": round(float(np.mean([len(c) for c in codes]))),
                             "bytes_per_image_max": int(max(len(c) for c in codes)), "mean_cells": round(cells),
                             "float16_bytes_per_image": int(np.mean([m.size * 2 for m in dbmaps])),
-                            "rmac_aml_map": rerank_map(bench, scores, qglobal, qmaps, dec, recipe, wh, len(dbmaps))})
+                            "rmac_aml_map": rerank_map(bench, scores, qglobal, qmaps, dec, recipe, wh, args.shortlist)})
             print(f"compact rho={rho} top={top}: {storage[-1]['bytes_per_image_mean']} B/image "
                   f"(max {storage[-1]['bytes_per_image_max']}), AML mAP {storage[-1]['rmac_aml_map']}")
         out["compact_storage"] = storage
@@ -314,14 +331,14 @@ def main() -> None:
     dec = [decode_map(c) for c in short]
     t_dec = time.perf_counter() - t0
     times = []
-    for qi in range(min(3, len(qmaps))):
+    for qi in range(min(args.speed_queries, len(qmaps))):
         q = qmaps[qi].astype(np.float32).max(axis=(1, 2))
         t0 = time.perf_counter()
         rerank_aml(q, dec, query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1],
                    finalize=lambda L: recipe.finalize(L / np.linalg.norm(L, axis=1, keepdims=True), wh),
                    query_global=qglobal[qi], levels=recipe.levels)
         times.append(time.perf_counter() - t0)
-    out["speed"] = {"shortlist": 1000, "map_shape_example": list(dbmaps[0].shape), "threads": args.threads,
+    out["speed"] = {"shortlist": 1000, "loadavg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), "map_shape_example": list(dbmaps[0].shape), "threads": args.threads,
                     "rerank_seconds_per_query": round(float(np.median(times)), 3),
                     "decode_seconds_per_1000": round(t_dec, 3), "paper_seconds_per_1000": 2.9, "goal_seconds": 0.1}
     print(f"Re-ranking 1000 images: {out['speed']['rerank_seconds_per_query']} s per query "

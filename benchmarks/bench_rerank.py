@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--shortlist", type=int, default=100)
     ap.add_argument("--max-queries", type=int, default=None, help="evaluate the first N queries only")
     ap.add_argument("--skip-paris", action="store_true")
+    ap.add_argument("--skip-holidays", action="store_true", help="use the Holidays index only for the whitening")
+    ap.add_argument("--paris-shortlist", type=int, default=100)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "rerank.json")
     args = ap.parse_args()
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -125,10 +127,10 @@ def main() -> None:
                 vec = recipe.finalize(recipe.local_from_map(t), col.whitening)
                 qfns.append(lambda top, rerank, shortlist, qe, v=vec, fm=m.astype(np.float32):
                             col._search_described(v, fm, top, rerank, shortlist, qe))
-            out["paris250"] = evaluate(bench, col, qfns, shortlist=len(bench.images), max_queries=None,
+            out["paris250"] = evaluate(bench, col, qfns, shortlist=args.paris_shortlist, max_queries=None,
                                        label="rparis250")
     for name, idx in (("holidays811", args.holidays_index), ("ukbench1000", args.ukbench_index)):
-        if idx is None:
+        if idx is None or (name == "holidays811" and args.skip_holidays):
             continue
         bench = load_benchmark("holidays" if name.startswith("holidays") else "ukbench")
         col = Collection.open(idx)
