@@ -394,12 +394,6 @@ def clean_cmd(
                f"{st['pairs_verified']} of {st['pairs_matched']} pairs verified ({st['seconds_total']:.1f} s)")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
 
 
 @app.command("train-rmac")
@@ -446,3 +440,11 @@ def train_rmac(
                    f"{e['mean_mined_loss']:.4f}")
     typer.echo(f"model: {model_path} (+ {model_path.with_suffix('.json').name}); loss curve: "
                f"{checkpoint_dir / 'loss_curve.png'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
