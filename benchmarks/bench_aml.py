@@ -171,7 +171,7 @@ def rerank_map(bench, scores, qglobal, qmaps, dbmaps, recipe, whitening, shortli
         q = qmaps[qi].astype(np.float32).max(axis=(1, 2))
         res = rerank_aml(q, [dbmaps[j] for j in head], shortlist_scores=scores[qi, head],
                          query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1],
-                         finalize=lambda L: recipe.finalize(L / np.linalg.norm(L, axis=1, keepdims=True), whitening),
+                         finalize=lambda L: recipe.finalize(L / np.maximum(np.linalg.norm(L, axis=1, keepdims=True), 1e-12), whitening),
                          query_global=qglobal[qi], levels=recipe.levels)
         new[qi, :shortlist] = head[res.order]
     return {p: round(100 * compute_map(new.T, bench.ok_gnd(p))[0], 2) for p in ("easy", "medium", "hard")}
@@ -186,7 +186,7 @@ def _ranked_picture(bench, scores, qglobal, qmaps, dbmaps, recipe, wh, qi=0, n=1
     q = qmaps[qi].astype(np.float32).max(axis=(1, 2))
     res = rerank_aml(q, [dbmaps[j] for j in head], shortlist_scores=scores[qi, head],
                      query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1],
-                     finalize=lambda L: recipe.finalize(L / np.linalg.norm(L, axis=1, keepdims=True), wh),
+                     finalize=lambda L: recipe.finalize(L / np.maximum(np.linalg.norm(L, axis=1, keepdims=True), 1e-12), wh),
                      query_global=qglobal[qi], levels=recipe.levels)
     top = [int(k) for k in res.order[:n]]
     boxes = []
@@ -335,7 +335,7 @@ def main() -> None:
         q = qmaps[qi].astype(np.float32).max(axis=(1, 2))
         t0 = time.perf_counter()
         rerank_aml(q, dec, query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1],
-                   finalize=lambda L: recipe.finalize(L / np.linalg.norm(L, axis=1, keepdims=True), wh),
+                   finalize=lambda L: recipe.finalize(L / np.maximum(np.linalg.norm(L, axis=1, keepdims=True), 1e-12), wh),
                    query_global=qglobal[qi], levels=recipe.levels)
         times.append(time.perf_counter() - t0)
     out["speed"] = {"shortlist": 1000, "loadavg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), "map_shape_example": list(dbmaps[0].shape), "threads": args.threads,
