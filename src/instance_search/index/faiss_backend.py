@@ -9,12 +9,10 @@ several processes share the pages.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..fileio import fsync_dir
 
 KINDS = ("flat", "hnsw", "ivfpq")
 
@@ -157,27 +155,12 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def save_faiss(index, path: str | os.PathLike) -> Path:
-    """Write ``index`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write ``index`` to ``path`` atomically (serialised in memory, then temporary file, fsync, rename)."""
     import faiss
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return path
+    from ..fileio import atomic_write_bytes
+
+    return atomic_write_bytes(Path(path), faiss.serialize_index(index).tobytes())
 
 
 def load_faiss(path: str | os.PathLike, *, mmap: bool = True):
