@@ -1,0 +1,445 @@
+"""Faster R-CNN-style features and spatial re-ranking (Salvador, Giró-i-Nieto, Marqués & Satoh 2016, "Faster R-CNN
+features for instance search", CVPRW, Sec. 3-4) on the evaluation split, with our own RPN and detector heads.
+
+Everything runs on frozen VGG16 maps at max side ``--size`` (cached once, shared with bench_rpn.py and
+bench_learned_rmac.py); the RPN is the one bench_rpn.py trained on the training split (benchmarks/cache/rpn/rpn.pt).
+
+* IPA (Sec. 3.1): image-wise pooling of conv5_3 -- sum (L2 -> PCA-whitening learned on the training split -> L2)
+  or max (L2). The query is pooled over its box in the full query image (Paris) or the whole image (UKBench).
+* CA-SR (Sec. 3.3): the IPA-sum short list (top ``--shortlist``) re-scored by the best cosine between the query box
+  MAC and the MACs of each image's top ``--proposals`` RPN boxes (L2 -> whitening of regional MACs -> L2).
+* CS-SR (Sec. 3.2-3.3): a detector head (RoI pooling -> fc6 -> fc7 -> classes + boxes) first trained as a *base
+  detector* on the training split (its groups as classes, the automatic boxes of bench_cleaning.py as ground
+  truth) -- no trained detector weights exist here -- then fine-tuned on the query instances: every query object
+  a class (Paris: the landmark; UKBench: the object) plus background, the query images and their horizontal
+  flips as training data. Strategy #1 trains the FC layers only; #2 also conv5_1-3 and the RPN. The short list
+  is re-ranked by the best proposal's probability of the query's class.
+* QE after re-ranking (Sec. 4.3): the query box vector plus the box vectors of the top ``--qe`` re-ranked images,
+  then CA-SR of the short list with the expanded query; for IPA alone, average QE on the global vectors.
+
+Evaluation split: Paris-250 (238 database images, 12 queries of 5 landmarks, revisited Easy/Medium/Hard) and
+UKBench 500-999 in a query-instance protocol: one query per object (its first view, images 500, 504, ...: 125
+queries, 125 classes), the other three views are the positives and the query image itself is ignored (junk),
+since it is a training image of the fine-tuned detector. IPA on all 500 UKBench queries (N-S, mAP) is reported
+for reference. Writes benchmarks/results/salvador.json.
+
+    OMP_NUM_THREADS=1 ISEARCH_THREADS=1 python benchmarks/bench_salvador.py
+"""
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ISEARCH_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_rpn import CACHE as RPN_CACHE, Features, MapCache, log, original_size  # noqa: E402
+
+from instance_search import evaluation as ev  # noqa: E402
+from instance_search.datasets import splits  # noqa: E402
+from instance_search.datasets.benchmarks import find_shared_data  # noqa: E402
+from instance_search.fileio import atomic_write_bytes  # noqa: E402
+from instance_search.learn import finetune as FT  # noqa: E402
+from instance_search.learn import rpn as R  # noqa: E402
+from instance_search.ops.pooling import region_macs, rmac_regions  # noqa: E402
+from instance_search.rerank import cs_sr as CS  # noqa: E402
+from instance_search.rerank.aml import region_vectors  # noqa: E402
+from instance_search.rerank.expansion import average_qe  # noqa: E402
+
+RESULTS = HERE / "results"
+CACHE = HERE / "cache" / "salvador"
+
+PAPER = ("Salvador et al. 2016 (Sec. 4; Faster R-CNN VGG16 trained on PASCAL, full Oxford 5k / Paris 6k): IPA-sum "
+         "beats IPA-max as a first stage; CA-SR over the RPN proposals improves on IPA; CS-SR with the detector "
+         "fine-tuned on the queries improves further, strategy #2 (conv layers + RPN too) more than #1; QE after "
+         "re-ranking adds more on top. (Read the exact figures in the paper; they are not copied here.)")
+
+
+# ------------------------------------------------------------------------------------------------ features
+def flipped_maps(feat: Features, paths, desc: str):
+    """pool4 and conv5_3 maps of horizontally flipped images (cached under benchmarks/cache/salvador/)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from instance_search.images import load_image
+
+    key = hashlib.sha256(json.dumps([[Path(p).name, Path(p).stat().st_size] for p in paths] +
+                                    [feat.size, str(getattr(feat.bb.weights, "sha256", ""))]).encode()).hexdigest()[:16]
+    folder = CACHE / f"flip-{feat.size}-{len(paths)}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(paths)) if not (folder / f"{i:06d}.c5.npy").exists()]
+    for i in tqdm(todo, desc=f"{desc} (flipped) -> pool4, conv5_3", unit="img", file=sys.stderr, disable=not todo):
+        img = load_image(paths[i], max_size=feat.size).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        p4 = feat.bb.features(img, layers=["pool4"])[("pool4", 1.0)]
+        with torch.no_grad():
+            c5 = feat.trunk(p4[None])[0]
+        for tag, arr in (("p4", p4), ("c5", c5)):
+            tmp = folder / f".{i:06d}.{tag}.tmp.npy"
+            np.save(tmp, arr.numpy().astype(np.float16))
+            os.replace(tmp, folder / f"{i:06d}.{tag}.npy")
+
+    def get(i, tag):
+        return lambda: torch.from_numpy(np.load(folder / f"{i:06d}.{tag}.npy").astype(np.float32))
+
+    return [(get(i, "p4"), get(i, "c5")) for i in range(len(paths))]
+
+
+def box_cells(box_px, image_wh, map_hw) -> np.ndarray:
+    """Cells (x, y, w, h) covering a box given in original-image pixels."""
+    from instance_search.learn.rmac_net import boxes_to_cells
+
+    fb = R.to_map_frame(box_px, image_wh, map_hw, 16)
+    return boxes_to_cells(fb, 16, *map_hw)
+
+
+def l2(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def ukb_instance_gnd(n_db: int, query_idx: list[int]) -> list[dict]:
+    """UKBench query-instance protocol: positives = the other views of the query's object, junk = the query."""
+    return [{"ok": np.array([j for j in range(4 * (q // 4), 4 * (q // 4) + 4) if j != q]), "junk": np.array([q])}
+            for q in query_idx]
+
+
+def score_ranks(ranks_cols: list[np.ndarray], bench_name: str, paris, ukb_gnd) -> dict:
+    ranks = np.stack(ranks_cols, axis=1)
+    if bench_name == "paris":
+        r = ev.evaluate_revisited(ranks, paris.gnd)
+        return {k: round(float(r[k]), 2) for k in ("map_easy", "map_medium", "map_hard")}
+    m, aps, _, _ = ev.compute_map(ranks, ukb_gnd)
+    return {"map": round(float(m) * 100, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=384)
+    ap.add_argument("--rpn", type=Path, default=RPN_CACHE / "rpn.pt", help="RPN trained by bench_rpn.py")
+    ap.add_argument("--boxes", type=Path, default=RESULTS / "train_boxes.json")
+    ap.add_argument("--shortlist", type=int, default=100)
+    ap.add_argument("--proposals", type=int, default=256)
+    ap.add_argument("--qe", type=int, default=5)
+    ap.add_argument("--pool", type=int, default=3, help="RoI pooling output size of the detector head")
+    ap.add_argument("--hidden", type=int, default=1024, help="fc6/fc7 width")
+    ap.add_argument("--base-epochs", type=int, default=2)
+    ap.add_argument("--base-lr", type=float, default=1e-2)
+    ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--ft-epochs", type=int, nargs=2, default=[20, 20], metavar=("PARIS", "UKBENCH"),
+                    help="strategy #1: passes over the query images (+ flips) when fine-tuning")
+    ap.add_argument("--ft-epochs-2", type=int, nargs=2, default=[20, 4], metavar=("PARIS", "UKBENCH"),
+                    help="strategy #2 (conv5 + RPN + FC: ~10x the CPU time per image): passes over the query images")
+    ap.add_argument("--engine", default="winograd")
+    ap.add_argument("--out", type=Path, default=RESULTS / "salvador.json")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("ISEARCH_THREADS", "1")))
+    torch.manual_seed(0)
+    t_start, c_start = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    data = find_shared_data()
+
+    rpn, rpn_cfg = R.load_rpn(args.rpn)
+    if rpn.max_size and rpn.max_size != args.size:
+        log(f"note: the RPN was trained at {rpn.max_size} px, images here are described at {args.size} px")
+    feat = Features(args.size, args.engine)
+
+    # ---------------------------------------------------------------- data (the one split, asserted disjoint)
+    ts = splits.training_set(data)
+    ukb, paris = splits.ukbench_eval(data), splits.paris_eval(data)
+    splits.assert_disjoint(ts.paths, list(ukb.images) + list(paris.images) + list(paris.query_paths))
+    t0 = time.perf_counter()
+    tr_c5 = feat.conv5([(p, None) for p in ts.paths], "training split")
+    ukb_p4 = feat.pool4([(p, None) for p in ukb.images], "UKBench 500-999")
+    ukb_c5 = feat.conv5([(p, None) for p in ukb.images], "UKBench 500-999")
+    pdb_p4 = feat.pool4([(p, None) for p in paris.images], "Paris-250")
+    pdb_c5 = feat.conv5([(p, None) for p in paris.images], "Paris-250")
+    pq_p4 = feat.pool4([(p, None) for p in paris.query_paths], "Paris queries (full)")
+    pq_c5 = feat.conv5([(p, None) for p in paris.query_paths], "Paris queries (full)")
+    ukb_q = list(range(0, len(ukb.images), 4))  # first view of every object
+    pq_flip = flipped_maps(feat, list(paris.query_paths), "Paris queries")
+    uq_flip = flipped_maps(feat, [ukb.images[i] for i in ukb_q], "UKBench queries")
+    timings["features_s"] = round(time.perf_counter() - t0, 1)
+    ukb_gnd = ukb_instance_gnd(len(ukb.images), ukb_q)
+
+    # query boxes (map frame) and query vectors (box MAC / box sum on the full query map)
+    pq_boxes, pq_cells = [], []
+    for i, (p, b) in enumerate(zip(paris.query_paths, paris.query_boxes)):
+        hw = tuple(pq_c5[i].shape[-2:])
+        pq_boxes.append(R.to_map_frame(b, original_size(p), hw, 16)[0])
+        pq_cells.append(box_cells(b, original_size(p), hw)[0])
+    uq_boxes = [np.array([0.0, 0.0, ukb_c5[i].shape[-1] * 16, ukb_c5[i].shape[-2] * 16]) for i in ukb_q]
+    marks = sorted({Path(p).stem.split("_")[1] for p in paris.query_paths})
+    pq_class = [marks.index(Path(p).stem.split("_")[1]) for p in paris.query_paths]
+    uq_class = list(range(len(ukb_q)))
+
+    def q_pool(c5, cell, how):
+        x, y, w, h = [int(v) for v in cell]
+        win = c5[:, y:y + h, x:x + w]
+        return (win.sum(dim=(1, 2)) if how == "sum" else win.amax(dim=(1, 2))).numpy()
+
+    # ---------------------------------------------------------------- IPA (Salvador Sec. 3.1)
+    from instance_search.collection import fit_whitening
+
+    t0 = time.perf_counter()
+    tr_sum = np.stack([tr_c5[i].sum(dim=(1, 2)).numpy() for i in range(len(tr_c5))])
+    w_ipa = fit_whitening(l2(tr_sum).astype(np.float32), trained_on="training split IPA-sum")
+    grid_rows = []
+    for i in range(len(tr_c5)):
+        m = tr_c5[i]
+        grid_rows.append(l2(region_macs(m, rmac_regions(m.shape[-2], m.shape[-1])).numpy()))
+    w_reg = fit_whitening(np.concatenate(grid_rows).astype(np.float32), trained_on="training split grid region MACs")
+    timings["whitening_s"] = round(time.perf_counter() - t0, 1)
+
+    def ipa_db(c5s, how):
+        v = np.stack([(c5s[i].sum(dim=(1, 2)) if how == "sum" else c5s[i].amax(dim=(1, 2))).numpy()
+                      for i in range(len(c5s))])
+        v = l2(v)
+        return l2(w_ipa.transform(v.astype(np.float32))) if how == "sum" else v
+
+    def ipa_q(vecs, how):
+        v = l2(np.stack(vecs))
+        return l2(w_ipa.transform(v.astype(np.float32))) if how == "sum" else v
+
+    ipa = {}
+    for how in ("sum", "max"):
+        ipa[("paris", how)] = (ipa_db(pdb_c5, how), ipa_q([q_pool(pq_c5[i], pq_cells[i], how)
+                                                           for i in range(len(pq_c5))], how))
+        u = ipa_db(ukb_c5, how)
+        ipa[("ukb", how)] = (u, u[ukb_q])
+        ipa[("ukb500", how)] = (u, u)
+
+    results = []
+
+    def add(method, bench, ranks_cols, extra=None):
+        row = {"method": method, "dataset": bench,
+               **score_ranks(ranks_cols, "paris" if bench == "paris" else "ukb", paris, ukb_gnd), **(extra or {})}
+        results.append(row)
+        log(json.dumps(row))
+
+    for how in ("sum", "max"):
+        db, _ = ipa[("ukb500", how)]
+        r = ukb.evaluate(db @ db.T)
+        results.append({"method": f"IPA-{how}", "dataset": "ukbench-500-every-image-a-query",
+                        "ns": round(float(r["ns"]), 3), "map": round(float(r["map"]), 2)})
+        log(json.dumps(results[-1]))
+
+    first_order = {}
+    for bench in ("paris", "ukb"):
+        for how in ("sum", "max"):
+            db, q = ipa[(bench, how)]
+            S = q @ db.T
+            order = [np.argsort(-S[j], kind="stable") for j in range(len(q))]
+            add(f"IPA-{how}", bench, order)
+            qe = average_qe(q, db, S, top=args.qe)
+            S2 = qe @ db.T
+            add(f"IPA-{how} + QE{args.qe}", bench, [np.argsort(-S2[j], kind="stable") for j in range(len(q))])
+            if how == "sum":
+                first_order[bench] = order
+
+    # ---------------------------------------------------------------- RPN proposals and region vectors of the databases
+    t0 = time.perf_counter()
+    from instance_search.learn.rmac_net import boxes_to_cells
+
+    def regions_of(c5s, desc):
+        """(boxes, cells, region MACs) of the top proposals of every map; the boxes are cached on disk."""
+        from tqdm.auto import tqdm
+
+        key = hashlib.sha256(f"{rpn_cfg['state_sha256']}|{Path(c5s.folder).name}|{args.proposals}".encode())
+        f = CACHE / f"proposals-{key.hexdigest()[:16]}.npz"
+        boxes = None
+        if f.is_file():
+            z = np.load(f)
+            boxes = [z[f"b{i}"] for i in range(len(c5s))]
+        out = []
+        for i in tqdm(range(len(c5s)), desc=f"{desc}: RPN proposals + region MACs", unit="img", file=sys.stderr):
+            m = c5s[i]
+            b = boxes[i] if boxes is not None else rpn.propose(m, args.proposals)[0].numpy()
+            cells = boxes_to_cells(b, 16, m.shape[-2], m.shape[-1])
+            out.append((b, cells, region_macs(m, cells).numpy().astype(np.float32)))
+        if boxes is None:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            np.savez(f, **{f"b{i}": o[0] for i, o in enumerate(out)})
+        return out
+
+    regs = {"paris": regions_of(pdb_c5, "Paris-250"), "ukb": regions_of(ukb_c5, "UKBench 500-999")}
+    timings["proposals_and_regions_s"] = round(time.perf_counter() - t0, 1)
+    qbox_vec = {"paris": [q_pool(pq_c5[i], pq_cells[i], "max") for i in range(len(pq_c5))],
+                "ukb": [ukb_c5[i].amax(dim=(1, 2)).numpy() for i in ukb_q]}
+
+    def rerank_all(bench, scorer, name, extra=None):
+        """scorer(j, shortlist) -> RerankResult; adds the re-ranked and the re-ranked + QE rows."""
+        plain, withqe = [], []
+        for j, order in enumerate(first_order[bench]):
+            sl = order[:args.shortlist]
+            res = scorer(j, sl)
+            plain.append(CS.full_ranking(order, args.shortlist, res.order))
+            reg = [regs[bench][i][2] for i in sl]
+            qe = CS.qe_after_rerank(qbox_vec[bench][j], res, reg, top=args.qe, whitening=w_reg)
+            withqe.append(CS.full_ranking(order, args.shortlist, qe.order))
+        add(f"IPA-sum + {name}", bench, plain, extra)
+        add(f"IPA-sum + {name} + QE{args.qe}", bench, withqe, extra)
+
+    # ---------------------------------------------------------------- CA-SR (Salvador Sec. 3.3)
+    t0 = time.perf_counter()
+    for bench in ("paris", "ukb"):
+        rerank_all(bench, lambda j, sl, bench=bench: CS.ca_sr_regions(
+            qbox_vec[bench][j], [regs[bench][i][2] for i in sl], whitening=w_reg), "CA-SR")
+    timings["ca_sr_s"] = round(time.perf_counter() - t0, 1)
+
+    # ---------------------------------------------------------------- base detector on the training split
+    from instance_search.learn.cleaning import load_boxes
+
+    _, recs = load_boxes(args.boxes, root=data, kept_only=True)
+    base_items = []
+    for i, p in enumerate(ts.paths):
+        rel = Path(p).resolve().relative_to(data.resolve()).as_posix()
+        if rel in recs:
+            base_items.append((i, rel, int(ts.labels[i])))
+    groups = sorted({g for _, _, g in base_items})
+    log(f"base detector: {len(base_items)} training images with boxes, {len(groups)} groups as classes")
+    t0 = time.perf_counter()
+    base_samples, base_props = [], []
+    for i, rel, g in base_items:
+        hw = tuple(np.load(tr_c5.file(i), mmap_mode="r").shape[-2:])
+        box = R.to_map_frame(recs[rel]["box"], original_size(ts.paths[i]), hw, 16)
+        base_samples.append(FT.DetectorSample(box, np.array([groups.index(g) + 1]), None,
+                                              (lambda i=i: tr_c5[i]), rel))
+    prop_file = CACHE / f"base-proposals-{hashlib.sha256((str(args.rpn.stat().st_mtime_ns) + str(len(base_items)) + str(args.size)).encode()).hexdigest()[:12]}.npz"
+    if prop_file.is_file():
+        z = np.load(prop_file)
+        base_props = [torch.from_numpy(z[f"p{k}"]) for k in range(len(base_samples))]
+    else:
+        from tqdm.auto import tqdm
+
+        for s in tqdm(base_samples, desc="training split: RPN proposals", unit="img", file=sys.stderr):
+            base_props.append(rpn.propose(s.conv5(), 300)[0])
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(prop_file, **{f"p{k}": p.numpy() for k, p in enumerate(base_props)})
+    torch.manual_seed(0)
+    base = FT.Detector(copy.deepcopy(rpn), len(groups), [str(g) for g in groups], pool=args.pool,
+                       hidden=args.hidden, trunk=FT.conv5_block(feat.bb))
+    base.backbone_weights_sha256 = str(getattr(feat.bb.weights, "sha256", ""))
+    bcfg = FT.DetectorTrainConfig(trainable="fc", epochs=args.base_epochs, lr=args.base_lr, images_per_batch=2,
+                                  rois_per_image=64)
+    base_hist = FT.train_detector(base, base_samples, bcfg, CACHE, desc="base detector", fixed_proposals=base_props)
+    timings["base_detector_s_this_run"] = round(time.perf_counter() - t0, 1)
+    for e in base_hist["epochs"]:
+        log(f"base detector epoch {e['epoch']}: {e['seconds']:.0f} s wall ({e['images']} images), "
+            f"cls {e['train_cls']:.3f} reg {e['train_reg']:.4f}")
+
+    # ---------------------------------------------------------------- fine-tuning on the queries, CS-SR
+    ft_info = {}
+    for bench, epochs_by_strategy in (("paris", (args.ft_epochs[0], args.ft_epochs_2[0])),
+                                      ("ukb", (args.ft_epochs[1], args.ft_epochs_2[1]))):
+        if bench == "paris":
+            qs = [{"name": Path(p).name, "label": pq_class[i] + 1, "box": pq_boxes[i], "pool4": pq_p4[i],
+                   "conv5": pq_c5[i], "pool4_flip": pq_flip[i][0], "conv5_flip": pq_flip[i][1]}
+                  for i, p in enumerate(paris.query_paths)]
+            classes, q_class, db_p4, db_c5 = marks, pq_class, pdb_p4, pdb_c5
+        else:
+            qs = [{"name": Path(ukb.images[i]).name, "label": k + 1, "box": uq_boxes[k], "pool4": ukb_p4[i],
+                   "conv5": ukb_c5[i], "pool4_flip": uq_flip[k][0], "conv5_flip": uq_flip[k][1]}
+                  for k, i in enumerate(ukb_q)]
+            classes, q_class, db_p4, db_c5 = [f"object {k}" for k in range(len(ukb_q))], uq_class, ukb_p4, ukb_c5
+        samples = FT.query_samples(qs)
+        for strategy in (1, 2):
+            det = copy.deepcopy(base).set_classes(classes)
+            torch.manual_seed(strategy)
+            det.head.reset_classes(len(classes))
+            trainable = "fc" if strategy == 1 else "conv5+rpn+fc"
+            cfg = FT.DetectorTrainConfig(trainable=trainable, epochs=epochs_by_strategy[strategy - 1], lr=args.ft_lr,
+                                         images_per_batch=2,
+                                         rois_per_image=64, seed=strategy)
+            props = None
+            if strategy == 1:
+                props = [rpn.propose(s.conv5 if not callable(s.conv5) else s.conv5(), 300)[0] for s in samples]
+            t0 = time.perf_counter()
+            hist = FT.train_detector(det, samples, cfg, CACHE, desc=f"fine-tune {bench} #{strategy}",
+                                     fixed_proposals=props)
+            t_ft = time.perf_counter() - t0
+            # detections on every database image, once (all classes at a time)
+            t0 = time.perf_counter()
+            from tqdm.auto import tqdm
+
+            K = len(classes)
+            det_scores = np.zeros((len(db_c5), K))
+            det_boxes = np.zeros((len(db_c5), K, 4))
+            hw = []
+            for i in tqdm(range(len(db_c5)), desc=f"CS-SR #{strategy} detections on {bench}", unit="img",
+                          file=sys.stderr):
+                with torch.no_grad():
+                    m = db_c5[i] if strategy == 1 else det.conv_map(db_p4[i])
+                det_scores[i], det_boxes[i] = FT.class_detections(det, m, 300)
+                hw.append(tuple(m.shape[-2:]))
+            t_det = time.perf_counter() - t0
+            info = {"strategy": strategy, "trainable": trainable, "training_images": len(samples),
+                    "epochs": len(hist["epochs"]), "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
+                    "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
+                    "train_cls_first_last": [hist["epochs"][0]["train_cls"], hist["epochs"][-1]["train_cls"]],
+                    "fine_tune_s_this_run": round(t_ft, 1), "detection_s": round(t_det, 1),
+                    "detection_ms_per_image": round(1000 * t_det / len(db_c5), 1)}
+            ft_info[f"{bench}#{strategy}"] = info
+            log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
+
+            def scorer(j, sl, bench=bench, K=K):
+                k = q_class[j]
+                vecs = []
+                for i in sl:  # the MAC of the detected box on the frozen map, for QE
+                    m = (pdb_c5 if bench == "paris" else ukb_c5)[i]
+                    cell = boxes_to_cells(det_boxes[i, k][None], 16, m.shape[-2], m.shape[-1])
+                    vecs.append(region_vectors(region_macs(m, cell), w_reg)[0].numpy())
+                return CS.cs_sr_scores(det_scores[sl, k], det_boxes[sl, k], np.arange(len(sl))[::-1] * 1.0,
+                                       [hw[i] for i in sl], 16, np.stack(vecs))
+
+            rerank_all(bench, scorer, f"CS-SR #{strategy}")
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(), "size": args.size,
+        "rpn": str(args.rpn), "rpn_config": {k: rpn_cfg[k] for k in ("sizes", "ratios", "mid_channels", "max_size")},
+        "shortlist": args.shortlist, "proposals": args.proposals, "qe": args.qe,
+        "detector": {"pool": args.pool, "hidden": args.hidden, "base_classes": len(groups),
+                     "base_images": len(base_samples), "base_config": vars(bcfg), "base_history": base_hist["epochs"],
+                     "fine_tuning": ft_info, "ft_lr": args.ft_lr, "ft_epochs_strategy_1": args.ft_epochs,
+                     "ft_epochs_strategy_2": args.ft_epochs_2},
+        "paris_classes": marks, "timings": timings, "this_run_wall_s": round(time.perf_counter() - t_start, 1),
+        "this_run_cpu_s": round(time.process_time() - c_start, 1), "paper": PAPER, "comparable": False,
+        "protocols": {"paris": "rparis6k restricted to Paris-250: 238 database images, 12 queries (box pooled on the "
+                               "full query image), revisited E/M/H mAP",
+                      "ukb": "UKBench 500-999, 125 queries (first view of each object); positives: the other 3 "
+                             "views; the query image itself is junk (it trains the CS-SR detector)",
+                      "ukbench-500-every-image-a-query": "standard UKBench protocol on images 500-999 (IPA only)"},
+        "note": "subsets: real measurements, not comparable with published tables",
+    }
+    atomic_write_bytes(args.out, json.dumps({"meta": meta, "results": results}, indent=1, default=str).encode())
+    print()
+    print(f"{'method':<34} {'Paris E':>8} {'M':>6} {'H':>6} {'UKB-125 mAP':>12}")
+    names = list(dict.fromkeys(r["method"] for r in results if r["dataset"] in ("paris", "ukb")))
+    for n in names:
+        p = next((r for r in results if r["method"] == n and r["dataset"] == "paris"), None)
+        u = next((r for r in results if r["method"] == n and r["dataset"] == "ukb"), None)
+        print(f"{n:<34} {p['map_easy']:>8.2f} {p['map_medium']:>6.2f} {p['map_hard']:>6.2f} {u['map']:>12.2f}")
+    for r in results:
+        if r["dataset"] == "ukbench-500-every-image-a-query":
+            print(f"{r['method']} on all 500 UKBench queries: N-S {r['ns']:.3f}, mAP {r['map']:.2f}")
+    print(f"paper: {PAPER}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Spatial re-ranking with proposals (rerank/cs_sr.py): CA-SR over stored regions, CS-SR with a detector, QE after
+re-ranking -- each against a brute-force loop, on real conv maps of UKBench photos."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from instance_search.learn import finetune as FT
+from instance_search.learn import rpn as R
+from instance_search.learn.rmac_net import boxes_to_cells
+from instance_search.rerank import cs_sr as CS
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def maps(ukbench):
+    """conv5_3 maps (224 px) of UKBench images 0-5: two views of object 0 first, then others."""
+    from instance_search.backbones import load_backbone
+    from instance_search.backbones.fast import use_engine
+    from instance_search.images import load_image
+
+    bb = use_engine(load_backbone("vgg16"), "winograd")
+    return [bb.features(load_image(ukbench / f"ukbench{i:05d}.jpg", max_size=224), layers=["conv5_3"])
+            [("conv5_3", 1.0)] for i in (0, 1, 4, 5, 8, 9)]
+
+
+@pytest.fixture(scope="module")
+def rpn():
+    torch.manual_seed(0)
+    return R.RPN(mid_channels=16, sizes=(48, 96, 192), max_size=224).eval()
+
+
+def _regions(rpn, maps, k=20):
+    from instance_search.ops.pooling import region_macs
+
+    cells = [rpn.proposal_cells(m, k) for m in maps]
+    return [region_macs(m, c).numpy() for m, c in zip(maps, cells)], cells
+
+
+def _l2(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_ca_sr_regions_matches_brute_force(maps, rpn):
+    from instance_search.learn.pca_whitening import PCAWhitening
+
+    regs, cells = _regions(rpn, maps)
+    q = maps[0].amax(dim=(1, 2)).numpy()  # the whole of view 0 as the query box
+    res = CS.ca_sr_regions(q, regs[1:], cells=cells[1:])
+    for i, Rg in enumerate(regs[1:]):
+        cs = _l2(Rg) @ _l2(q)
+        assert res.scores[i] == pytest.approx(cs.max(), abs=1e-9)
+        np.testing.assert_array_equal(res.boxes[i], cells[1:][i][int(np.argmax(cs))])
+    assert list(res.order) == sorted(range(5), key=lambda i: -res.scores[i])
+    assert res.order[0] == 0, "the other view of the same object should win"
+    w = PCAWhitening().fit(np.concatenate(regs), dim=64, shrinkage="auto")
+    resw = CS.ca_sr_regions(q, regs[1:], whitening=w)
+    qw = _l2(w.transform(_l2(q)[None].astype(np.float32)))[0]
+    for i, Rg in enumerate(regs[1:]):
+        rw = _l2(w.transform(_l2(Rg).astype(np.float32)))
+        assert resw.scores[i] == pytest.approx(float((rw @ qw).max()), abs=1e-5)
+    with pytest.raises(ValueError, match="no region vectors"):
+        CS.ca_sr_regions(q, [np.zeros((0, 512))])
+
+
+def test_qe_after_rerank_by_hand(maps, rpn):
+    regs, _ = _regions(rpn, maps)
+    q = maps[0].amax(dim=(1, 2)).numpy()
+    first = CS.ca_sr_regions(q, regs[1:])
+    qe = CS.qe_after_rerank(q, first, regs[1:], top=2)
+    v = _l2(q) + first.vectors[first.order[0]] + first.vectors[first.order[1]]
+    v = v / np.linalg.norm(v)
+    for i, Rg in enumerate(regs[1:]):
+        assert qe.scores[i] == pytest.approx(float((_l2(Rg) @ v).max()), abs=1e-9)
+    same = CS.qe_after_rerank(q, first, regs[1:], top=0)  # no expansion = CA-SR again
+    np.testing.assert_allclose(same.scores, first.scores, atol=1e-12)
+
+
+def test_cs_sr_takes_the_best_proposal_of_the_query_class(maps, rpn):
+    torch.manual_seed(1)
+    det = FT.Detector(rpn, 3, ["a", "b", "c"], pool=2, hidden=32).eval()
+    res = CS.cs_sr(det, 1, maps, proposals=40)
+    for i, m in enumerate(maps):
+        props, probs, boxes = det.detect(m, 40)
+        j = int(torch.argmax(probs[:, 2]))
+        assert res.scores[i] == pytest.approx(float(probs[j, 2]), rel=1e-6)
+        np.testing.assert_array_equal(res.boxes[i], boxes_to_cells(boxes[j, 2][None].numpy(), 16, *m.shape[-2:])[0])
+    assert list(res.order) == list(np.argsort(-res.scores, kind="stable"))
+    assert res.vectors.shape == (len(maps), 512)
+    np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, rtol=1e-6)
+    sc, bx = FT.class_detections(det, maps[0], 40)
+    assert sc[1] == pytest.approx(res.scores[0], rel=1e-6)
+    with pytest.raises(ValueError, match="class_index 3"):
+        CS.cs_sr(det, 3, maps[:1])
+
+
+def test_cs_sr_scores_and_full_ranking():
+    res = CS.cs_sr_scores([0.2, 0.9, 0.9, 0.1], np.tile([[0.0, 0.0, 32.0, 48.0]], (4, 1)), [4, 3, 2, 1],
+                          map_hw=[(10, 10)] * 4)
+    assert list(res.order) == [1, 2, 0, 3]  # tie between 1 and 2 broken by the first-stage score
+    np.testing.assert_array_equal(res.boxes[0], [0, 0, 2, 3])
+    first = np.array([7, 3, 5, 1, 0, 2])
+    np.testing.assert_array_equal(CS.full_ranking(first, 4, res.order), [3, 5, 7, 1, 0, 2])
+    with pytest.raises(ValueError, match="permutation"):
+        CS.full_ranking(first, 4, [0, 0, 1, 2])
+    with pytest.raises(ValueError, match="2 boxes for 4 scores"):
+        CS.cs_sr_scores([1, 2, 3, 4], np.zeros((2, 4)))

@@ -1,0 +1,347 @@
+"""Region proposal network (learn/rpn.py): box maths and RoI pooling against slow loops, and real training on
+UKBench training images with boxes from the automatic cleaning (learn/cleaning.py)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from instance_search.learn import rpn as R
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def vgg():
+    from instance_search.backbones import load_backbone
+    from instance_search.backbones.fast import use_engine
+
+    return use_engine(load_backbone("vgg16"), "winograd")
+
+
+@pytest.fixture(scope="module")
+def real_samples(vgg, ukbench, data_dir):
+    """UKBench training objects 0 and 1 (images 0-7): conv5_3 maps at 256 px and the boxes estimated by the
+    cleaning (SIFT matching + box diffusion), in map-frame pixels."""
+    from instance_search.datasets.splits import TrainingSet
+    from instance_search.images import load_image
+    from instance_search.learn.cleaning import CleaningParams, clean_and_box
+
+    paths = [ukbench / f"ukbench{i:05d}.jpg" for i in range(8)]
+    ts = TrainingSet(paths, np.array([i // 4 for i in range(8)]), ["ukbench"] * 8)
+    res = clean_and_box(ts, root=data_dir, params=CleaningParams(max_side=320), progress=False)
+    out = []
+    for p in paths:
+        rec = res.images[p.resolve().relative_to(data_dir.resolve()).as_posix()]
+        if not rec["kept"]:
+            continue
+        img = load_image(p, max_size=256)
+        fmap = vgg.features(img, layers=["conv5_3"], scales=(1.0,))[("conv5_3", 1.0)]
+        assert fmap.ndim == 3
+        box = R.to_map_frame(rec["box"], img.info["original_size"], tuple(fmap.shape[-2:]), 16)
+        out.append(R.RPNSample(fmap.float(), box, p.name))
+    assert len(out) >= 6, "the cleaning should keep most of these UKBench views"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ box maths
+def _slow_iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _random_boxes(rng, n, size=300.0):
+    xy = rng.uniform(0, size, (n, 2))
+    wh = rng.uniform(4, size / 2, (n, 2))
+    return np.concatenate([xy, xy + wh], 1)
+
+
+def test_box_iou_matches_slow_loop():
+    rng = np.random.default_rng(0)
+    a, b = _random_boxes(rng, 40), _random_boxes(rng, 30)
+    got = R.box_iou(a, b).numpy()
+    ref = np.array([[_slow_iou(x, y) for y in b] for x in a])
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    assert got.max() > 0.1 and (got == 0).any()
+
+
+def test_encode_decode_round_trip_and_formula():
+    rng = np.random.default_rng(1)
+    anc = torch.from_numpy(_random_boxes(rng, 50))
+    box = torch.from_numpy(_random_boxes(rng, 50))
+    d = R.encode_boxes(anc, box)
+    np.testing.assert_allclose(R.decode_boxes(anc, d).numpy(), box.numpy(), rtol=1e-9, atol=1e-9)
+    a, b = anc[0].tolist(), box[0].tolist()  # Ren et al. 2015, Eq. 2, by hand
+    wa, ha, wb, hb = a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]
+    ref = [((b[0] + wb / 2) - (a[0] + wa / 2)) / wa, ((b[1] + hb / 2) - (a[1] + ha / 2)) / ha, math.log(wb / wa),
+           math.log(hb / ha)]
+    np.testing.assert_allclose(d[0].numpy(), ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="positive width"):
+        R.encode_boxes(anc[:1], torch.tensor([[5.0, 5.0, 5.0, 9.0]], dtype=torch.float64))
+
+
+def test_anchors_layout():
+    base = R.base_anchors((32, 64), (0.5, 1.0, 2.0))
+    assert base.shape == (6, 4)
+    w = base[:, 2] - base[:, 0]
+    h = base[:, 3] - base[:, 1]
+    np.testing.assert_allclose((w * h).numpy(), [32 ** 2, 64 ** 2] * 3, rtol=1e-5)
+    np.testing.assert_allclose((h / w).numpy(), [0.5, 0.5, 1, 1, 2, 2], rtol=1e-5)
+    A = R.grid_anchors(3, 5, 16, base)
+    assert A.shape == (3 * 5 * 6, 4)
+    # anchor of cell (row 2, column 4), anchor index 3, centred on ((4 + .5) 16, (2 + .5) 16)
+    a = A[(2 * 5 + 4) * 6 + 3]
+    assert torch.allclose((a[0] + a[2]) / 2, torch.tensor(72.0)) and torch.allclose((a[1] + a[3]) / 2, torch.tensor(40.0))
+
+
+def _slow_nms(boxes, scores, thr):
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    keep = []
+    for i in order:
+        if all(_slow_iou(boxes[i], boxes[j]) <= thr for j in keep):
+            keep.append(i)
+    return keep
+
+
+def test_nms_matches_slow_greedy_loop():
+    rng = np.random.default_rng(2)
+    boxes = _random_boxes(rng, 300, 200.0)
+    scores = rng.uniform(size=300).round(2)  # ties on purpose
+    for thr in (0.3, 0.5, 0.7):
+        got = R.nms(boxes, scores, thr).tolist()
+        assert got == _slow_nms(boxes.tolist(), scores.tolist(), thr)
+        assert R.nms(boxes, scores, thr, max_keep=7).tolist() == got[:7]
+    with pytest.raises(ValueError, match="3 scores"):
+        R.nms(boxes, scores[:3])
+
+
+def test_assign_anchors_follows_ren_rules():
+    rng = np.random.default_rng(3)
+    anchors = R.grid_anchors(6, 8, 16, R.base_anchors((32, 64), (0.5, 1, 2)))
+    gt = torch.tensor([[10.0, 12.0, 70.0, 60.0], [60.0, 30.0, 120.0, 95.0]])
+    labels, matched = R.assign_anchors(anchors, gt, 0.7, 0.3)
+    iou = R.box_iou(anchors, gt).numpy()
+    for i in range(len(anchors)):
+        best = iou[i].max()
+        is_argmax = any(iou[i, g] == iou[:, g].max() for g in range(2))
+        want = 1 if (best >= 0.7 or is_argmax) else (0 if best < 0.3 else -1)
+        assert labels[i] == want, i
+        if want == 1 and not is_argmax:
+            assert matched[i] == iou[i].argmax()
+    s = R.sample_labels(labels, 20, 0.5, torch.Generator().manual_seed(0))
+    assert int((s >= 0).sum()) == 20 and int((s == 1).sum()) <= 10
+    assert set(torch.nonzero(s == 1)[:, 0].tolist()) <= set(torch.nonzero(labels == 1)[:, 0].tolist())
+
+
+# ------------------------------------------------------------------------------------------------ RoI pooling
+def _slow_roi_pool(X, box, p, stride):
+    C, H, W = X.shape
+    x0 = min(max(math.floor(box[0] / stride), 0), W - 1)
+    y0 = min(max(math.floor(box[1] / stride), 0), H - 1)
+    x1 = max(min(math.ceil(box[2] / stride), W), x0 + 1)
+    y1 = max(min(math.ceil(box[3] / stride), H), y0 + 1)
+    rw, rh = x1 - x0, y1 - y0
+    out = torch.zeros(C, p, p)
+    for i in range(p):
+        for j in range(p):
+            ys, ye = y0 + math.floor(i * rh / p), y0 + math.ceil((i + 1) * rh / p)
+            xs, xe = x0 + math.floor(j * rw / p), x0 + math.ceil((j + 1) * rw / p)
+            out[:, i, j] = X[:, ys:ye, xs:xe].amax(dim=(1, 2))
+    return out
+
+
+def test_roi_pool_matches_slow_loop_on_a_real_map(real_samples):
+    X = real_samples[0].map()
+    H, W = X.shape[-2:]
+    rng = np.random.default_rng(4)
+    boxes = _random_boxes(rng, 25, 16.0 * min(H, W))
+    boxes = np.concatenate([boxes, [[0, 0, W * 16, H * 16], [3, 3, 9, 9], [-20, -5, 400, 500]]])
+    for p in (1, 3, 7):
+        got = R.roi_pool(X, boxes, p)
+        ref = torch.stack([_slow_roi_pool(X, b, p, 16) for b in boxes.tolist()])
+        assert torch.equal(got, ref), p
+    # 1x1 RoI pooling of a box is the MAC of the cells it covers (Gordo et al. 2016, Sec. 3.1)
+    assert torch.equal(R.roi_pool(X, [[0, 0, W * 16, H * 16]], 1)[0, :, 0, 0], X.amax(dim=(1, 2)))
+
+
+def test_roi_pool_gradient_goes_to_the_argmax(real_samples):
+    X = real_samples[1].map()[:16].clone().requires_grad_(True)
+    box = [[20.0, 8.0, 150.0, 120.0]]
+    out = R.roi_pool(X, box, 2)
+    out.sum().backward()
+    ref = torch.zeros_like(X)
+    Xd = X.detach()
+    x0, y0, x1, y1 = 1, 0, 10, 8  # floor(20/16), floor(8/16), ceil(150/16), ceil(120/16)
+    for i in range(2):
+        for j in range(2):
+            ys, ye = y0 + math.floor(i * (y1 - y0) / 2), y0 + math.ceil((i + 1) * (y1 - y0) / 2)
+            xs, xe = x0 + math.floor(j * (x1 - x0) / 2), x0 + math.ceil((j + 1) * (x1 - x0) / 2)
+            for c in range(16):
+                win = Xd[c, ys:ye, xs:xe]
+                if win.max() > 0:  # ties at 0 (ReLU) may send the gradient to any zero
+                    k = int(torch.argmax(win))
+                    ref[c, ys + k // win.shape[1], xs + k % win.shape[1]] += 1
+    mask = ref > 0
+    assert torch.equal(X.grad[mask], ref[mask])
+    assert float(X.grad.sum()) == pytest.approx(2 * 2 * 16)
+
+
+def test_bad_boxes_are_refused():
+    X = torch.rand(4, 5, 6)
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        R.roi_pool(X, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="finite"):
+        R.roi_pool(X, [[0, 0, float("nan"), 5]])
+    with pytest.raises(ValueError, match="one \\(C, H, W\\) map"):
+        R.roi_pool(torch.rand(1, 4, 5, 6), [[0, 0, 5, 5]])
+
+
+def test_detection_recall_by_hand():
+    gt = [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [20, 20, 30, 40]])]
+    props = [np.array([[50, 50, 60, 60], [0, 0, 10, 12]]), np.array([[0, 0, 10, 10], [20, 20, 30, 30]])]
+    rec = R.detection_recall(props, gt, (0.5, 0.7), ks=(1, 2))
+    assert rec["1"] == {"0.5": 1 / 3, "0.7": 1 / 3}  # only image 2's first proposal matches
+    assert rec["2"] == {"0.5": 1.0, "0.7": 2 / 3}  # IoU 10/12 and 0.5 for the half-height box
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _recall(rpn, samples, k=16, t=0.7):
+    props = [rpn.propose(s.map(), k)[0] for s in samples]
+    return R.detection_recall(props, [s.boxes for s in samples], (t,))["all"][str(t)]
+
+
+def test_training_on_real_boxes_lowers_the_loss_and_raises_recall(real_samples, tmp_path):
+    torch.manual_seed(0)
+    rpn = R.RPN(mid_channels=64, sizes=(32, 64, 128, 256), max_size=256)
+    cfg = R.RPNTrainConfig(epochs=10, lr=3e-3, images_per_batch=1, seed=0)
+    before = R.evaluate_loss(rpn, real_samples, cfg)
+    r_before = _recall(rpn, real_samples)
+    hist = R.train_rpn(rpn, real_samples, cfg, tmp_path / "ck", progress=False)
+    after = R.evaluate_loss(rpn, real_samples, cfg)
+    r_after = _recall(rpn, real_samples)
+    assert len(hist["epochs"]) == 10 and all(e["seconds"] > 0 for e in hist["epochs"])
+    assert after["val_cls"] < 0.5 * before["val_cls"], (before, after)
+    assert r_after > r_before and r_after >= 0.8, (r_before, r_after)
+    assert sorted(p.name for p in (tmp_path / "ck").glob("epoch-*.pt"))[-1] == "epoch-010.pt"
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(real_samples, tmp_path):
+    cfg = R.RPNTrainConfig(epochs=2, lr=1e-3, images_per_batch=2, seed=3)
+
+    def fresh():
+        torch.manual_seed(1)
+        return R.RPN(mid_channels=32, sizes=(64, 128), max_size=256)
+
+    straight = fresh()
+    R.train_rpn(straight, real_samples, cfg, tmp_path / "a", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, rec):
+        raise Stop
+
+    with pytest.raises(Stop):  # interrupted after the first epoch's checkpoint
+        R.train_rpn(fresh(), real_samples, cfg, tmp_path / "b", progress=False, on_epoch=stop)
+    resumed = R.RPN(mid_channels=32, sizes=(64, 128), max_size=256)  # other random weights: the checkpoint wins
+    hist = R.train_rpn(resumed, real_samples, cfg, tmp_path / "b", progress=False)
+    assert [e["epoch"] for e in hist["epochs"]] == [1, 2]
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-5, atol=1e-7)
+    other = R.RPNTrainConfig(**{**vars(cfg), "lr": 2e-3})  # other settings: the checkpoint is not used
+    h2 = R.train_rpn(fresh(), real_samples, R.RPNTrainConfig(**{**vars(other), "epochs": 1}), tmp_path / "b",
+                     progress=False)
+    assert len(h2["epochs"]) == 1 and h2["epochs"][0]["lr"] == 2e-3
+
+
+def test_training_refuses_bad_samples(real_samples):
+    bad = [R.RPNSample(real_samples[0].fmap, np.array([[10.0, 10.0, 5.0, 20.0]]), "upside-down.jpg")]
+    with pytest.raises(ValueError, match="upside-down.jpg"):
+        R.train_rpn(R.RPN(mid_channels=8), bad, R.RPNTrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="no training samples"):
+        R.train_rpn(R.RPN(mid_channels=8), [], progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        R.RPNTrainConfig(epochs=0).validate()
+
+
+def test_proposals_are_sorted_clipped_and_suppressed(real_samples):
+    torch.manual_seed(0)
+    rpn = R.RPN(mid_channels=16)
+    m = real_samples[0].map()
+    H, W = m.shape[-2:]
+    boxes, scores = rpn.propose(m, 50)
+    assert len(boxes) == 50 and torch.all(scores[:-1] >= scores[1:])
+    assert boxes.min() >= 0 and float(boxes[:, 2].max()) <= W * 16 and float(boxes[:, 3].max()) <= H * 16
+    iou = R.box_iou(boxes, boxes) - torch.eye(50, dtype=torch.float64)
+    assert float(iou.max()) <= 0.7 + 1e-6
+    cells = rpn.proposal_cells(m, 50)
+    assert cells.shape == (50, 4) and (cells[:, 0] + cells[:, 2] <= W).all() and (cells[:, 1] + cells[:, 3] <= H).all()
+
+
+# ------------------------------------------------------------------------------------------------ files, recipe
+def test_save_load_round_trip_and_damage(real_samples, tmp_path):
+    torch.manual_seed(0)
+    rpn = R.RPN(mid_channels=16, sizes=(40, 80), ratios=(1.0,), max_size=256)
+    path = R.save_rpn(rpn, tmp_path / "m.pt", note="test")
+    back, cfg = R.load_rpn(path)
+    assert cfg["note"] == "test" and back.sizes == (40.0, 80.0) and back.max_size == 256
+    m = real_samples[0].map()
+    assert torch.equal(back.propose(m, 20)[0], rpn.propose(m, 20)[0])
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(R.RPNFileError, match="m.pt"):
+        R.load_rpn(path)
+    (tmp_path / "x.json").write_text(json.dumps({"format": "other"}))
+    (tmp_path / "x.pt").write_bytes(b"junk")
+    with pytest.raises(R.RPNFileError, match="x.json"):
+        R.load_rpn(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        R.load_rpn(tmp_path / "nothing.pt")
+
+
+def test_rpa_recipe_pools_rmac_over_the_proposals(real_samples, tmp_path):
+    from instance_search.ops.pooling import region_macs
+    from instance_search.recipes import Recipe
+
+    torch.manual_seed(0)
+    rpn = R.RPN(mid_channels=16, max_size=256)
+    path = R.save_rpn(rpn, tmp_path / "rpn.pt")
+    rec = R.rpa_recipe(path, proposals=12, max_size=256)
+    assert rec.name == "rpa" and rec.extra["proposals"] == 12
+    m = real_samples[0].map()
+    local = rec.local_from_map(m)
+    ref = region_macs(m, rpn.proposal_cells(m, 12)).numpy()
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(local, ref, rtol=1e-5, atol=1e-6)
+    g = rec.finalize(local)
+    np.testing.assert_allclose(g, ref.sum(0) / np.linalg.norm(ref.sum(0)), rtol=1e-5, atol=1e-6)
+    assert Recipe.from_dict(rec.to_dict()) == rec
+    with pytest.raises(ValueError, match="region proposal network"):
+        Recipe("rpa")
+    ipa = Recipe("ipa", extra={"pooling": "sum"})
+    np.testing.assert_allclose(ipa.local_from_map(m)[0], (m.sum((1, 2)) / m.sum((1, 2)).norm()).numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        Recipe("ipa", extra={"pooling": "mean"})
+
+
+def test_rpa_recipe_indexes_and_searches_a_collection(tmp_path, ukbench):
+    """The ``rpa`` recipe inside a real on-disk collection: index 8 UKBench photos, query with a third view."""
+    from instance_search.collection import Collection
+
+    torch.manual_seed(0)
+    path = R.save_rpn(R.RPN(mid_channels=16, max_size=224), tmp_path / "rpn.pt")
+    col = Collection.create(tmp_path / "index", R.rpa_recipe(path, proposals=32, max_size=224), whitening="none")
+    photos = [ukbench / f"ukbench{i:05d}.jpg" for i in (0, 1, 4, 5, 8, 9, 12, 13)]
+    report = col.add_folder(photos, progress=False)
+    assert len(report.added) == 8 and not report.failed
+    hits = col.search(ukbench / "ukbench00006.jpg", top=2)  # object 1, a view that is not indexed
+    assert {Path(h.path).name for h in hits} == {"ukbench00004.jpg", "ukbench00005.jpg"}
