@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--max-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "index_throughput.json")
+    ap.add_argument("--keep", type=Path, default=None, help="build the index here and keep it (default: a temporary "
+                    "folder, deleted afterwards); it must not exist yet")
     args = ap.parse_args()
     photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not photos:
@@ -39,16 +41,21 @@ def main() -> None:
     isearch = Path(sys.executable).with_name("isearch")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), ISEARCH_THREADS=str(args.threads))
     tmp = Path(tempfile.mkdtemp(prefix="isearch-throughput-"))
+    ix = tmp / "ix"
+    if args.keep is not None:
+        if args.keep.exists():
+            sys.exit(f"--keep {args.keep}: already exists")
+        ix = args.keep
     try:
         load0 = os.getloadavg()
         t0 = time.perf_counter()
-        subprocess.run([str(isearch), "index", str(args.photos), "--index", str(tmp / "ix"), "--engine", args.engine,
+        subprocess.run([str(isearch), "index", str(args.photos), "--index", str(ix), "--engine", args.engine,
                         "--recipe", args.recipe, "--max-size", str(args.max_size), "--quiet"], check=True, env=env)
         wall = time.perf_counter() - t0
         load1 = os.getloadavg()
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        size = sum(f.stat().st_size for f in (tmp / "ix").rglob("*") if f.is_file())
-        maps = sum(f.stat().st_size for f in (tmp / "ix" / "maps").glob("*.cmap"))
+        size = sum(f.stat().st_size for f in ix.rglob("*") if f.is_file())
+        maps = sum(f.stat().st_size for f in (ix / "maps").glob("*.cmap"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rec = {"photos": str(args.photos.name), "images": len(photos), "engine": args.engine, "recipe": args.recipe,

@@ -48,6 +48,8 @@ def main() -> None:
                     help="per-benchmark max side overriding --max-size, e.g. ukbench=384")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "retrieval.json")
     ap.add_argument("--cache", type=Path, default=HERE / "cache")
+    ap.add_argument("--powers", type=float, nargs="+", default=[0.5],
+                    help="whitening eigenvalue exponents to report (0.5 = full PCA-whitening; smaller = partial)")
     ap.add_argument("--engine", default=None, help="backbone engine (e.g. 'winograd'); default: exact fp32")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ISEARCH_THREADS", os.cpu_count() or 1)))
@@ -87,9 +89,12 @@ def main() -> None:
                     train_name = WHITEN_ON[b]
                     train_db, _ = described[train_name][rname]
                     rows = np.concatenate(train_db)
-                    w = fit_whitening(rows, trained_on=f"{train_name} ({len(train_db)} images, {len(rows)} "
-                                                       f"{rname} vectors)")
-                    for wname, wh in (("none", None), (train_name, w)):
+                    variants = [("none", None)]
+                    for power in args.powers:
+                        w = fit_whitening(rows, trained_on=f"{train_name} ({len(train_db)} images, {len(rows)} "
+                                                           f"{rname} vectors)", power=power)
+                        variants.append((train_name if power == 0.5 else f"{train_name} (power {power:g})", w))
+                    for wname, wh in variants:
                         res = dict(benches[b].evaluate(score(r, db, q, wh)))
                         row = {"backbone": bb, "recipe": rname, "benchmark": b, "whitening": wname,
                                "max_size": r.max_size, **res}

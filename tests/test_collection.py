@@ -14,6 +14,7 @@ from instance_search.collection import Collection
 from instance_search.images import BoxError
 from instance_search.index.store import CorruptIndexError
 from instance_search.recipes import Recipe
+from instance_search.learn.pca_whitening import PCAWhitening
 
 N_OBJECTS = 3
 
@@ -112,6 +113,17 @@ def test_cli_roundtrip(built, photos, tmp_path):
     wfile = tmp_path / "w.npz"
     res = runner.invoke(app, ["whitening", "learn", "--index", str(built), "--out", str(wfile), "--dim", "64"])
     assert res.exit_code == 0, res.output
+    # partial whitening: eigenvalues to the power -0.25 instead of -0.5; a power outside [0, 0.5] is refused
+    half = tmp_path / "w_half.npz"
+    res = runner.invoke(app, ["whitening", "learn", "--index", str(built), "--out", str(half), "--dim", "64",
+                              "--power", "0.25"])
+    assert res.exit_code == 0, res.output
+    full_w, half_w = PCAWhitening.load(wfile), PCAWhitening.load(half)
+    assert half_w.power == 0.25 and np.allclose(half_w.scale, full_w.eigenvalues ** -0.25)
+    assert np.allclose(full_w.scale, full_w.eigenvalues ** -0.5)
+    res = runner.invoke(app, ["whitening", "learn", "--index", str(built), "--out", str(tmp_path / "bad.npz"),
+                              "--power", "0.7"])
+    assert res.exit_code != 0 and "power" in res.output and not (tmp_path / "bad.npz").exists()
     res = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "ix3"), "--recipe", "rmac",
                               "--max-size", "256", "--whitening", str(wfile), "--no-maps", "-q"])
     assert res.exit_code == 0, res.output

@@ -177,13 +177,15 @@ def whitening_learn(
     index_dir: Path = typer.Option(..., "--index", help="An index of the TRAINING collection."),
     out: Path = typer.Option(..., "--out", help="Where to save the whitening (.npz)."),
     dim: Optional[int] = typer.Option(None, help="Output dimension (default: all)."),
+    power: float = typer.Option(0.5, help="Eigenvalue exponent: 0.5 full whitening, smaller = partial "
+                                          "(0 = PCA rotation only)."),
 ) -> None:
     """Learn PCA-whitening on an indexed collection, to use on another one (`isearch index --whitening FILE`)."""
     from .collection import Collection
 
     try:
         col = Collection.open(index_dir)
-        w = col.learn_whitening(dim=dim, trained_on=str(Path(index_dir).resolve()))
+        w = col.learn_whitening(dim=dim, trained_on=str(Path(index_dir).resolve()), power=power)
         w.save(out)
     except _errors() as exc:
         _fail(str(exc))

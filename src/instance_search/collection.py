@@ -135,12 +135,13 @@ def _prefetch(fn: Callable, items: Sequence, ahead: int = 4, workers: int = 2) -
             yield f.result()
 
 
-def fit_whitening(rows: np.ndarray, dim: int | None = None, trained_on: str = "") -> PCAWhitening:
+def fit_whitening(rows: np.ndarray, dim: int | None = None, trained_on: str = "", power: float = 0.5) -> PCAWhitening:
     """PCA-whitening (Jégou & Chum 2012) of local vectors; Ledoit-Wolf shrinkage of the covariance when
-    there are fewer than two samples per dimension (e.g. MAC on a few hundred images)."""
+    there are fewer than two samples per dimension (e.g. MAC on a few hundred images). ``power`` < 0.5 whitens
+    partially (eigenvalues to the power -``power``; 0 = PCA rotation only)."""
     rows = np.asarray(rows, np.float32)
     shrink = "auto" if len(rows) < 2 * rows.shape[1] else 0.0
-    return PCAWhitening().fit(rows, dim=dim, shrinkage=shrink, trained_on=trained_on)
+    return PCAWhitening().fit(rows, dim=dim, shrinkage=shrink, trained_on=trained_on, power=power)
 
 
 class Collection:
@@ -225,13 +226,15 @@ class Collection:
         self.store.set_whitening(info)
         self._faiss = None
 
-    def learn_whitening(self, dim: int | None = None, trained_on: str | None = None) -> PCAWhitening:
-        """Fit PCA-whitening on this collection's own local vectors (R-MAC regions or one per image)."""
+    def learn_whitening(self, dim: int | None = None, trained_on: str | None = None,
+                        power: float = 0.5) -> PCAWhitening:
+        """Fit PCA-whitening on this collection's own local vectors (R-MAC regions or one per image);
+        ``power`` < 0.5: partial whitening (see :func:`fit_whitening`)."""
         local = self.store.local_descriptors()
         if not local:
             raise ValueError(f"{self.store.root}: cannot learn a whitening from an empty index")
         return fit_whitening(np.concatenate(local), dim=dim or self.recipe.whitening_dim,
-                             trained_on=trained_on or f"index {self.store.root}")
+                             trained_on=trained_on or f"index {self.store.root}", power=power)
 
     def _refresh_vectors(self) -> None:
         if self.store.stale_segments(self.whitening_tag):
