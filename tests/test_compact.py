@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from instance_search.index.compact import CompactMapError, decode_map, encode_map
+from instance_search.index.compact import CompactMapError, decode_map, decode_sparse, encode_map
 
 
 def reference(X, levels, rho, top):
@@ -69,3 +69,31 @@ def test_empty_and_zero_maps():
     np.testing.assert_array_equal(decode_map(encode_map(Z)), Z)
     E = np.zeros((4, 0, 5), np.float32)
     assert decode_map(encode_map(E)).shape == (4, 0, 5)
+
+
+def test_previous_format_still_decodes_and_rice_is_smaller(vgg_conv5):
+    """CMP1 codes (fixed-width deltas, the format of indexes written before) decode to the same map as the
+    current Rice-coded CMP2 ones, which are smaller; decode_sparse gives the same cells as decode_map."""
+    for levels, rho, top in [(8, 0.3, 64), (4, 0.4, 16), (16, 0.1, None)]:
+        v1 = encode_map(vgg_conv5, levels=levels, rho=rho, top=top, version=1)
+        v2 = encode_map(vgg_conv5, levels=levels, rho=rho, top=top)
+        assert v1[:4] == b"CMP1" and v2[:4] == b"CMP2"
+        Y = decode_map(v2)
+        np.testing.assert_array_equal(decode_map(v1), Y)
+        np.testing.assert_allclose(Y[:64], reference(vgg_conv5[:64], levels, rho, top), rtol=1e-6, atol=1e-6)
+        assert len(v2) < len(v1)
+        sp = decode_sparse(v2)
+        assert sp.shape == Y.shape and len(sp.value) == int((Y > 0).sum())
+        np.testing.assert_array_equal(sp.dense(), Y)
+    with pytest.raises(ValueError, match="version"):
+        encode_map(vgg_conv5, version=3)
+
+
+def test_rice_code_corruption_is_refused(vgg_conv5):
+    code = encode_map(vgg_conv5[:32])
+    with pytest.raises(CompactMapError):
+        decode_map(code[:-3])  # unary quotients cut
+    bad = bytearray(code)
+    bad[13 + 2 * 32] = 0  # count width 0 (after the 13-byte header and 32 float16 maxima)
+    with pytest.raises(CompactMapError, match="count width"):
+        decode_map(bytes(bad))

@@ -42,6 +42,10 @@ def test_add_reopen_remove(tmp_path):
     fmap = again.feature_map(2)
     assert fmap.shape == (8, 5, 6)
     np.testing.assert_array_equal(fmap, decode_map(encode_map(entries[2].fmap)))  # the compact code, read back
+    sparse = again.feature_maps([2, 0], sparse=True)  # non-zero cells only, for AML re-ranking
+    assert tuple(sparse[0].shape) == (8, 5, 6) and len(sparse[0].value) == int(np.count_nonzero(fmap))
+    np.testing.assert_array_equal(sparse[0].dense(), fmap)
+    np.testing.assert_array_equal(sparse[1].dense(), again.feature_map(0))
     assert again.remove([1, 3, 99]) == 2
     third = IndexStore.open(tmp_path / "ix", writable=True)
     assert third.ids().tolist() == [0, 2, 4]

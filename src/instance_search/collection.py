@@ -475,15 +475,17 @@ class Collection:
         from .rerank.spatial import ca_sr
 
         head, tail = hits[:shortlist], hits[shortlist:]
-        maps = self.store.feature_maps([h.id for h in head])
+        # AML works from the maps' non-zero cells (decoded without building dense maps); CA-SR pools dense maps
+        maps = self.store.feature_maps([h.id for h in head], sparse=method == "aml")
         qmap_t = torch.as_tensor(qmap, dtype=torch.float32)
         qvec = qmap_t.amax(dim=(1, 2)).numpy()  # the query's MAC
         old = np.asarray([h.score for h in head])
         if method == "aml":
             window_rmac = {}
             if self.recipe.name == "rmac" and qglobal is not None:  # score the window's R-MAC (Tolias Sec. 6)
-                window_rmac = dict(finalize=lambda local: self.recipe.finalize(_l2rows(local), self.whitening),
-                                   query_global=qglobal, levels=self.recipe.levels)
+                window_rmac = dict(finalize=lambda locs: self.recipe.finalize([_l2rows(L) for L in locs],
+                                                                              self.whitening),
+                                   finalize_batch=True, query_global=qglobal, levels=self.recipe.levels)
             res = rerank_aml(qvec, maps, shortlist_scores=old, query_aspect=qmap.shape[2] / qmap.shape[1],
                              whitening=self.whitening, **window_rmac)
         else:
@@ -493,7 +495,7 @@ class Collection:
         for rank, k in enumerate(res.order):
             h = head[int(k)]
             rec = recs[h.id]
-            box = cells_to_pixels(res.boxes[int(k)], maps[int(k)].shape[1:], (rec["width"], rec["height"]))
+            box = cells_to_pixels(res.boxes[int(k)], tuple(maps[int(k)].shape[1:]), (rec["width"], rec["height"]))
             out.append(Hit(rank=rank + 1, id=h.id, path=h.path, score=float(res.scores[int(k)]),
                            box=tuple(round(float(v), 1) for v in box)))
         for j, h in enumerate(tail):

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..fileio import atomic_save_npz, atomic_write_bytes  # noqa: F401  (re-exported)
-from .compact import CompactMapError, decode_map, encode_map
+from .compact import CompactMapError, decode_map, decode_sparse, encode_map
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -243,8 +243,10 @@ class IndexStore:
         """The stored conv feature map (C,H,W) of ``image_id`` (dequantised)."""
         return self.feature_maps([image_id])[0]
 
-    def feature_maps(self, image_ids) -> list[np.ndarray]:
-        """Stored conv maps of several images, reading each segment's map file once (for a short list)."""
+    def feature_maps(self, image_ids, sparse: bool = False) -> list:
+        """Stored conv maps of several images, reading each segment's map file once (for a short list):
+        dense (C, H, W) float32 arrays, or with ``sparse`` their non-zero cells
+        (:class:`~instance_search.ops.integral.SparseMap`, what AML re-ranking works from, without the dense map)."""
         removed = set(self.manifest["removed"])
         want = [int(i) for i in image_ids]
         where: dict[int, tuple[str, int]] = {}
@@ -274,7 +276,8 @@ class IndexStore:
                     raise CorruptIndexError(f"{path}: {mm.size} bytes, the segment expects {seg.map_offsets[-1]}")
                 for k, j in pairs:
                     try:
-                        out[k] = decode_map(mm[seg.map_offsets[j]:seg.map_offsets[j + 1]])
+                        code = mm[seg.map_offsets[j]:seg.map_offsets[j + 1]]
+                        out[k] = decode_sparse(code) if sparse else decode_map(code)
                     except CompactMapError as exc:
                         raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt ({exc})") from exc
                 continue

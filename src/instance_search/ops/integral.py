@@ -25,13 +25,20 @@ but ~0.2·s_i at α = 20, so large α buys nothing here.
 
 Maps may be numpy or torch; vectors and scores come back as the kind of the map given to
 :func:`power_integral` (windows always as numpy ``int64``).
+
+Re-ranking many images: :func:`aml_search_batch` runs the same search on many same-size maps from their
+non-zero cells only (dense maps or :class:`SparseMap`, e.g. decoded compact codes), without building any
+``(C, H+1, W+1)`` integral image; see the comment above it.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "PowerIntegral",
@@ -45,6 +52,11 @@ __all__ = [
     "aml_search",
     "exhaustive_search",
     "window_iou",
+    "SparseMap",
+    "SparseBatch",
+    "sparse_batch",
+    "map_shape",
+    "aml_search_batch",
 ]
 
 _REL_TOL = 1e-14  # window sums below this fraction of the channel total are float64 cancellation noise
@@ -198,10 +210,12 @@ def window_max(X, windows):
     ``⌈log2 H⌉·⌈log2 W⌉`` tables are built, only those the windows need.
     """
     t, is_torch = _map(X)
+    if is_torch and X.requires_grad:  # keep the graph (RoI max-pooling, learn/rpn.py): gradient to each arg-max
+        t = X
     c, h, w = t.shape
     wins = _windows(windows, h, w)
     src = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-    out = torch.empty(wins.shape[0], c, dtype=src.dtype)
+    out = torch.empty(wins.shape[0], c, dtype=src.dtype, device=src.device)
     if wins.shape[0] == 0:
         return out if is_torch else out.numpy()
     tables: dict[tuple[int, int], torch.Tensor] = {(0, 0): src}
@@ -398,6 +412,120 @@ def exhaustive_search(
 
 
 # ------------------------------------------------------------------------------------- batched AML search
+# Many same-size maps at once, from their non-zero cells only (Tolias et al. 2016, Sec. 5.1-5.2 and Sec. 7: the
+# compact maps keep <= 64 cells per channel, so a map has ~15k non-zeros out of 1.6M cells). Nothing
+# (C, H+1, W+1)-sized is built per map:
+#
+# * the sampled windows (step t) have their corners on a coarse set of grid lines, so one table on those lines
+#   serves them all (``_grid_table``: bin the non-zeros between the lines, then prefix sums over the small grid);
+# * that table is built in float64 from the cell weights ``w = (X/s)^α / total`` (so each channel sums to 1);
+#   a float32 copy with every entry rounded to a multiple of 2^-23 gives window sums that are exact in float32
+#   arithmetic (all partial sums lie in (-2, 2)) and within 4·2^-24 of the float64 ones; ``S^(1/α)`` comes from
+#   a lookup table indexed by the float's exponent and 10 mantissa bits (relative error <= 5e-5); this fast
+#   pass only ranks the windows: the ``verify`` best of each map are re-scored exactly from the float64 table,
+#   and the best of those is the AML start;
+# * the coordinate descent and any other windows (R-MAC regions of the result) are scored exactly from float64
+#   tables on per-map grid lines: the +-refine_steps neighbourhood of each border (one table per round) or the
+#   windows' own corners.
+
+_QBITS = 23  # fast pass: table entries rounded to multiples of 2^-_QBITS (sums < 2 stay exact in float32)
+_LUT_MANTISSA = 10  # fast pass: root looked up on exponent + 10 mantissa bits
+_LUT_LOW = 47  # ... for sums from 2^-47 (~_REL_TOL) up to 2; smaller ones count as zero
+_LUTS: dict[float, torch.Tensor] = {}
+_BUFFERS = threading.local()
+
+
+def _zeros(slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed 1-D tensor of ``n`` elements in a per-thread buffer reused between calls (fresh multi-MB
+    allocations cost a page fault per 4 kB here); valid until the next call with the same ``slot``."""
+    buf = getattr(_BUFFERS, slot, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = torch.zeros(2 * n, dtype=dtype)
+        setattr(_BUFFERS, slot, buf)
+        return buf[:n]
+    return buf[:n].zero_()
+
+
+class SparseMap(NamedTuple):
+    """Non-zero cells of a non-negative ``(C, H, W)`` map (e.g. a decoded compact map, Tolias et al. Sec. 7):
+    ``channel``, flat ``position`` (``y·W + x``) and ``value``, 1-D arrays of equal length."""
+
+    shape: tuple[int, int, int]
+    channel: np.ndarray
+    position: np.ndarray
+    value: np.ndarray
+
+    def dense(self) -> np.ndarray:
+        """The ``(C, H, W)`` float32 map."""
+        C, H, W = self.shape
+        out = np.zeros((C, H * W), np.float32)
+        out[self.channel, self.position] = self.value
+        return out.reshape(C, H, W)
+
+
+def map_shape(X) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a dense map or a :class:`SparseMap`."""
+    return tuple(int(v) for v in X.shape) if isinstance(X, SparseMap) else tuple(int(v) for v in np.shape(X))
+
+
+@dataclass(frozen=True, eq=False)
+class SparseBatch:
+    """Non-zeros of ``B`` same-size maps, α-powered and normalised per channel (Tolias et al. 2016, Sec. 5.1).
+
+    Cell weights ``w = (X_c(p)/s_c)^α / T_c`` with ``s_c`` the channel maximum and ``T_c = Σ_p (X_c(p)/s_c)^α``,
+    so that the weights of a channel sum to 1; the window vector is ``f̃_{R,c} = fscale_c · (Σ_{p∈R} w_p)^{1/α}``
+    with ``fscale_c = s_c · T_c^{1/α}`` (Eq. 3 rescaled exactly). Cells with ``(X/s)^α < 1e-15`` are dropped
+    (below the float64 noise floor of integral images, see the module docstring). Arrays ``b, c, y, x, w``
+    are sorted by map ``b``; ``offsets[b]:offsets[b+1]`` are map ``b``'s.
+    """
+
+    shape: tuple[int, int, int, int]
+    b: torch.Tensor
+    c: torch.Tensor
+    y: torch.Tensor
+    x: torch.Tensor
+    w: torch.Tensor
+    fscale: torch.Tensor
+    offsets: torch.Tensor
+    alpha: float
+
+    @property
+    def maps(self) -> int:
+        return self.shape[0]
+
+    def window_vectors(self, windows, maps: Sequence[int] | None = None) -> torch.Tensor:
+        """Exact ``f̃`` (float64) of windows ``(n, m, 4)`` rows ``(x, y, w, h)``, ``m`` per map of ``maps``
+        (default all, in order): ``(n, m, C)``."""
+        idx = list(range(self.maps)) if maps is None else [int(i) for i in maps]
+        wins = torch.as_tensor(np.asarray(windows), dtype=torch.int64).reshape(len(idx), -1, 4)
+        out = torch.empty(len(idx), wins.shape[1], self.shape[1], dtype=torch.float64)
+        for i0 in range(0, len(idx), 16):
+            sub = self._select(idx[i0:i0 + 16])
+            sw = wins[i0:i0 + 16]
+            ly, lx = _lines(torch.cat([sw[..., 1], sw[..., 1] + sw[..., 3]], 1), self.shape[2]), \
+                _lines(torch.cat([sw[..., 0], sw[..., 0] + sw[..., 2]], 1), self.shape[3])
+            table = _grid_table(sub, ly, lx, torch.float64)
+            out[i0:i0 + 16] = _exact_vectors(sub, table, ly, lx, sw)
+        return out
+
+    def _select(self, maps: Sequence[int]) -> "SparseBatch":
+        """The batch restricted to ``maps`` (renumbered 0..)."""
+        maps = [int(i) for i in maps]
+        if maps == list(range(maps[0], maps[0] + len(maps))):
+            k0, k1 = int(self.offsets[maps[0]]), int(self.offsets[maps[-1] + 1])
+            sl = slice(k0, k1)
+            b = self.b[sl] - maps[0]
+            c, y, x, w = self.c[sl], self.y[sl], self.x[sl], self.w[sl]
+        else:
+            sel = torch.cat([torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in maps])
+            counts = torch.tensor([int(self.offsets[i + 1] - self.offsets[i]) for i in maps])
+            b = torch.repeat_interleave(torch.arange(len(maps)), counts)
+            c, y, x, w = self.c[sel], self.y[sel], self.x[sel], self.w[sel]
+        counts = torch.bincount(b, minlength=len(maps))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        return SparseBatch((len(maps),) + self.shape[1:], b, c, y, x, w, self.fscale[maps], offsets, self.alpha)
+
+
 def _ipow(p: torch.Tensor, alpha: float) -> torch.Tensor:
     """``p ** alpha``; integer ``alpha`` by repeated squaring (several times faster than ``pow`` on CPU)."""
     a = float(alpha)
@@ -413,45 +541,176 @@ def _ipow(p: torch.Tensor, alpha: float) -> torch.Tensor:
     return p.pow(a)
 
 
-def batch_power_integral(X: torch.Tensor, alpha: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integral images of ``B`` same-size maps at once: ``(table (B, (H+1)(W+1), C) float64, scale (B, C))``,
-    laid out as :class:`PowerIntegral` (per-channel max scaling, Tolias et al. 2016 Sec. 5.1).
+def _nonzeros(X, floor: float) -> tuple[np.ndarray | torch.Tensor, ...]:
+    """``(channel, position, value)`` of one map's positive cells; for a dense map only those ``>= floor`` times
+    their channel's maximum (the others are dropped later anyway)."""
+    if isinstance(X, SparseMap):
+        return X.channel, X.position, X.value
+    t = X.detach().cpu() if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X))
+    flat = t.reshape(t.shape[0], -1)
+    if not flat.is_floating_point() or flat.dtype == torch.float16:
+        flat = flat.to(torch.float32)
+    if flat.numel() and bool((flat.amin(1) < 0).any()):
+        raise ValueError("AML needs non-negative maps (e.g. ReLU activations)")
+    thr = flat.amax(1) * floor if flat.shape[1] else torch.zeros(flat.shape[0], dtype=flat.dtype)
+    ch, pos = torch.nonzero((flat >= thr[:, None]) & (flat > 0), as_tuple=True)
+    return ch, pos, flat[ch, pos]
 
-    The powers are taken in float32 (values in [0, 1]) and summed in float64; the table is channel-last so that
-    the four corner look-ups of a window are contiguous rows.
+
+def sparse_batch(maps: Sequence, alpha: float = 10.0) -> SparseBatch:
+    """:class:`SparseBatch` of same-size maps (each a dense ``(C, H, W)`` array/tensor or a :class:`SparseMap`)."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if len(maps) == 0:
+        raise ValueError("no maps given")
+    shape = map_shape(maps[0])
+    if len(shape) != 3:
+        raise ValueError(f"maps must be (C, H, W), got shape {shape}")
+    C, H, W = shape
+    floor = 1e-15 ** (1.0 / alpha)
+    parts = []
+    for i, X in enumerate(maps):
+        if map_shape(X) != shape:
+            raise ValueError(f"map {i} has shape {map_shape(X)}, map 0 {shape}: a batch needs equal sizes")
+        parts.append(_nonzeros(X, floor))
+    counts = torch.tensor([len(p[0]) for p in parts], dtype=torch.int64)
+    b = torch.repeat_interleave(torch.arange(len(maps)), counts)
+    ch = torch.cat([torch.as_tensor(p[0]).to(torch.int64) for p in parts])
+    pos = torch.cat([torch.as_tensor(p[1]).to(torch.int64) for p in parts])
+    val = torch.cat([torch.as_tensor(p[2]).to(torch.float64) for p in parts])
+    if val.numel() and bool((val < 0).any()):
+        raise ValueError("AML needs non-negative maps (e.g. ReLU activations)")
+    bc = b * C + ch
+    s = torch.zeros(len(maps) * C, dtype=torch.float64).scatter_reduce_(0, bc, val, "amax")
+    s = torch.where(s > 0, s, torch.ones((), dtype=torch.float64))
+    r = val / s[bc]
+    keep = (r >= floor) & (r > 0)
+    if not bool(keep.all()):  # cells with (X/s)^alpha < 1e-15: below the float64 noise floor of window sums
+        b, ch, pos, r, bc = b[keep], ch[keep], pos[keep], r[keep], bc[keep]
+        counts = torch.bincount(b, minlength=len(maps))
+    p = _ipow(r, alpha)
+    total = torch.zeros(len(maps) * C, dtype=torch.float64).index_add_(0, bc, p)
+    w = p / total[bc]
+    fscale = (s * total.pow(1.0 / alpha)).reshape(len(maps), C)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return SparseBatch((len(maps), C, H, W), b, ch, pos // W if W else pos, pos % W if W else pos, w, fscale,
+                       offsets, float(alpha))
+
+
+def _lines(coords: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted distinct values of each row of ``coords`` (nb, k), padded with ``n + 1`` (beyond every cell)."""
+    v, _ = torch.sort(coords, 1)
+    dup = torch.zeros_like(v, dtype=torch.bool)
+    dup[:, 1:] = v[:, 1:] == v[:, :-1]
+    v = torch.where(dup, torch.full((), n + 1, dtype=v.dtype), v)
+    v, _ = torch.sort(v, 1)
+    keep = int((~dup).sum(1).max()) if v.numel() else 0
+    return v[:, :max(keep, 1)].contiguous()
+
+
+def _bin_lut(lines: torch.Tensor, n: int) -> torch.Tensor:
+    """``(nb, n)``: for each map and coordinate ``v < n``, the number of the map's grid lines ``<= v``."""
+    v = torch.arange(n).expand(lines.shape[0], n).contiguous()
+    return torch.searchsorted(lines.contiguous(), v, right=True)
+
+
+def _grid_table(sp: SparseBatch, ly: torch.Tensor, lx: torch.Tensor, dtype: torch.dtype,
+                slot: str = "exact") -> torch.Tensor:
+    """``T[b, j, i, c] = Σ {w_k : map b, channel c, y_k < ly[b, j], x_k < lx[b, i]}``: ``(nb, Gy, Gx, C)``.
+
+    ``ly (nb, Gy)``, ``lx (nb, Gx)``: sorted grid lines per map (values up to H / W; larger values are padding).
+    The cells are binned between the lines (one ``index_add``; cells beyond the last line go to a spare bin),
+    then summed cumulatively over the small grid. The table lives in the thread's buffer ``slot``.
     """
-    B, C, H, W = X.shape
-    x = X.to(torch.float32)
-    scale = x.reshape(B, C, -1).amax(2) if H * W else torch.zeros(B, C)
-    scale = torch.where(scale > 0, scale, torch.ones(()))
-    r = x / scale[:, :, None, None]
-    # values with r^alpha < 1e-15 are below the float64 noise floor of the window sums (_REL_TOL, relative to
-    # the channel maximum 1), and in float32 such powers can be denormal numbers, ~100x slower on x86: zero them.
-    r = torch.where(r >= 1e-15 ** (1.0 / alpha), r, torch.zeros((), dtype=r.dtype))
-    p = _ipow(r, alpha).to(torch.float64)
-    ii = torch.zeros(B, H + 1, W + 1, C, dtype=torch.float64)
-    ii[:, 1:, 1:] = p.cumsum(3).cumsum(2).permute(0, 2, 3, 1)
-    return ii.reshape(B, -1, C), scale.to(torch.float64)
+    nb, C, H, W = sp.shape
+    Gy, Gx = ly.shape[1], lx.shape[1]
+    per_map = (Gy + 1) * (Gx + 1) * C
+    lut_y = (_bin_lut(ly, H) * ((Gx + 1) * C) + (torch.arange(nb) * per_map)[:, None]).reshape(-1)
+    lut_x = (_bin_lut(lx, W) * C).reshape(-1)
+    flat = lut_y[sp.b * H + sp.y]
+    flat += lut_x[sp.b * W + sp.x]
+    flat += sp.c
+    t = _zeros(slot, nb * per_map, dtype).index_add_(0, flat, sp.w.to(dtype)).reshape(nb, Gy + 1, Gx + 1, C)
+    for j in range(1, Gy + 1):
+        t[:, j].add_(t[:, j - 1])
+    for i in range(1, Gx + 1):
+        t[:, :, i].add_(t[:, :, i - 1])
+    return t  # (nb, Gy + 1, Gx + 1, C): the last row and column (cells beyond the lines) are never looked up
 
 
-def _batch_vectors(table: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``f̃`` of windows given by corner indices ``idx (B, N, 4)`` (y2x2, y1x2, y2x1, y1x1): ``(B, N, C)``."""
-    B = table.shape[0]
-    b = torch.arange(B)[:, None]
-    s = table[b, idx[..., 0]] - table[b, idx[..., 1]] - table[b, idx[..., 2]] + table[b, idx[..., 3]]
-    tol = _REL_TOL * table[:, -1:, :]
-    s = torch.where(s > tol, s, torch.zeros((), dtype=s.dtype))
-    return s.to(torch.float32).pow(1.0 / alpha) * scale[:, None, :].to(torch.float32)
+def _corner_sums(table: torch.Tensor, ly: torch.Tensor, lx: torch.Tensor, wins: torch.Tensor) -> torch.Tensor:
+    """Window sums ``(nb, m, C)`` of windows ``(nb, m, 4)`` whose corners lie on the grid lines of ``table``."""
+    nb, Gy, Gx, C = table.shape
+    x1, y1 = wins[..., 0].contiguous(), wins[..., 1].contiguous()
+    x2, y2 = x1 + wins[..., 2], y1 + wins[..., 3]
+    jy1, jy2 = torch.searchsorted(ly, y1), torch.searchsorted(ly, y2)
+    jx1, jx2 = torch.searchsorted(lx, x1), torch.searchsorted(lx, x2)
+    base = (torch.arange(nb) * Gy * Gx)[:, None]
+    flat = table.reshape(-1, C)
+    s = flat[base + jy2 * Gx + jx2] - flat[base + jy1 * Gx + jx2]
+    s -= flat[base + jy2 * Gx + jx1]
+    s += flat[base + jy1 * Gx + jx1]
+    return s
 
 
-def _corners(wins: torch.Tensor, W: int) -> torch.Tensor:
-    x1, y1, ww, hh = wins.unbind(-1)
-    x2, y2, st = x1 + ww, y1 + hh, W + 1
-    return torch.stack([y2 * st + x2, y1 * st + x2, y2 * st + x1, y1 * st + x1], -1)
+def _exact_vectors(sp: SparseBatch, table, ly, lx, wins) -> torch.Tensor:
+    """``f̃`` (float64) of windows on the grid lines of a float64 ``table``; sums below ``_REL_TOL`` of the
+    channel total (float64 rounding noise, as :meth:`PowerIntegral.window_sums`) count as zero."""
+    s = _corner_sums(table, ly, lx, wins)
+    s = torch.where(s > _REL_TOL, s, torch.zeros((), dtype=s.dtype))
+    return s.pow_(1.0 / sp.alpha).mul_(sp.fscale[:, None, :])
 
 
-def _cos(f: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
-    return (f @ qn) / f.norm(dim=-1).clamp_min(1e-30)
+def _exact_cos(f: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+    return (f @ qn) / f.norm(dim=-1).clamp_min(1e-300)
+
+
+def _root_lut(alpha: float) -> torch.Tensor:
+    """``S^{1/α}`` for float32 ``S`` in [2^-47, 2), by bucket of exponent + 10 mantissa bits (bucket midpoints;
+    entry 0 is for ``S`` below the range, zero or negative)."""
+    if alpha not in _LUTS:
+        shift = 23 - _LUT_MANTISSA
+        lo = (127 - _LUT_LOW) << _LUT_MANTISSA
+        n = (_LUT_LOW + 1) << _LUT_MANTISSA
+        starts = torch.arange(lo, lo + n + 1, dtype=torch.int32).bitwise_left_shift(shift).view(torch.float32)
+        mids = (starts[:-1].double() + starts[1:].double()) / 2
+        _LUTS[alpha] = torch.cat([torch.zeros(1), mids.pow(1.0 / alpha).float()])
+    return _LUTS[alpha]
+
+
+def _fast_scores(table32: torch.Tensor, corners: torch.Tensor, fscale: torch.Tensor, qn: torch.Tensor,
+                 alpha: float, residual: torch.Tensor | None = None, step: int = 64) -> torch.Tensor:
+    """Approximate Eq. 4 scores ``(nb, N)`` of the windows with corner rows ``corners (N, 4)`` (flat indices in
+    the per-map grid, order y2x2, y1x2, y2x1, y1x1) from a float32 table rounded to multiples of 2^-23, plus
+    the window sums of the float32 ``residual`` (table minus its rounding) when given."""
+    nb, P, C = table32.shape[0], table32.shape[1] * table32.shape[2], table32.shape[3]  # P: grid points
+    weight = table32.reshape(nb * P, C)
+    lut = _root_lut(alpha)
+    shift = 23 - _LUT_MANTISSA
+    base = ((127 - _LUT_LOW) << _LUT_MANTISSA) - 1
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0]).repeat(nb * step, 1)
+    fs = fscale.to(torch.float32)[:, None, :]
+    N = corners.shape[0]
+    out = torch.empty(nb, N)
+    offs = (torch.arange(nb) * P)[:, None, None]
+    gbuf = torch.empty(nb * step * C)
+    for i in range(0, N, step):
+        cw = corners[i:i + step]
+        n = cw.shape[0]
+        idx = (cw[None] + offs).reshape(-1, 4)
+        s = F.embedding_bag(idx, weight, per_sample_weights=sign[:idx.shape[0]], mode="sum")
+        if residual is not None:
+            s += F.embedding_bag(idx, residual.reshape(nb * P, C), per_sample_weights=sign[:idx.shape[0]], mode="sum")
+        k = s.view(torch.int32).bitwise_right_shift_(shift).sub_(base).clamp_(0, lut.shape[0] - 1)
+        g = torch.index_select(lut, 0, k.reshape(-1), out=gbuf[:k.numel()]).reshape(nb, n, C)
+        g.mul_(fs)
+        out[:, i:i + n] = torch.matmul(g, qn).div_(torch.linalg.vector_norm(g, dim=2).clamp_min_(1e-30))
+    return out
+
+
+def _grid_index(values: np.ndarray) -> tuple[torch.Tensor, dict[int, int]]:
+    v = np.unique(values)
+    return torch.from_numpy(v), {int(a): i for i, a in enumerate(v)}
 
 
 def aml_search_batch(
@@ -463,71 +722,132 @@ def aml_search_batch(
     refine_steps: int = 3,
     refine_rounds: int = 5,
     query_aspect: float | None = None,
-    max_bytes: int = 256 << 20,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """AML (Tolias et al. 2016, Sec. 5.2) for many same-size maps ``(B, C, H, W)`` at once.
+    verify: int = 8,
+    fine: bool | None = None,
+    chunk: int = 8,
+    refine_chunk: int = 64,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, SparseBatch]:
+    """AML (Tolias et al. 2016, Sec. 5.2) for many same-size maps at once, from their non-zero cells.
 
-    Same search as :func:`aml_search` (same sampled windows, same coordinate descent), vectorised over the
-    images; the scores are computed in float32 after float64 window sums (``max_bytes`` bounds the work
-    buffer). Returns ``(windows (B, 4), scores (B,), n_evaluated (B,), [(table, scale) per chunk])`` — the
-    integral images, so that callers can pool further regions of the found windows (R-MAC of the window).
+    ``maps``: ``(B, C, H, W)`` array/tensor, a list of ``(C, H, W)`` maps or :class:`SparseMap`, or a
+    :class:`SparseBatch` (built with the same ``alpha``). Same search as :func:`aml_search` (same sampled
+    windows, same coordinate descent with its ``1e-12`` improvement threshold, all in float64), except that the
+    sampled windows are first ranked by a fast float32 pass (see the comment above) and only the ``verify``
+    best per map are scored exactly (``verify=0``: all); the start is the exact best of those (the exact best
+    of all windows unless it ranks below ``verify`` in the fast pass, whose scores are within ~1e-4 of the
+    exact ones; ``fine`` adds a second float32 table, the rounding residual, which brings the fast pass's
+    window sums to ~1e-14 of the channel totals: needed for maps whose cells span a wide range, such as float
+    maps (default: ``True`` unless every map is a :class:`SparseMap`, i.e. a compact code clipped at
+    ``rho·max``)). The fast pass works on ``chunk`` maps at a time, the coordinate descent on ``refine_chunk``.
+    Returns ``(windows (B, 4), scores (B,) float64, n_evaluated (B,),
+    SparseBatch)``; :meth:`SparseBatch.window_vectors` pools further windows (R-MAC regions of the result).
     """
-    X = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
-    if X.ndim != 4:
-        raise ValueError(f"maps must be (B, C, H, W), got shape {tuple(X.shape)}")
-    B, C, H, W = X.shape
+    if isinstance(maps, SparseBatch):
+        sp = maps
+        if sp.alpha != float(alpha):
+            raise ValueError(f"the SparseBatch was built for alpha={sp.alpha}, not {alpha}")
+    else:
+        if isinstance(maps, (np.ndarray, torch.Tensor)) and maps.ndim != 4:
+            raise ValueError(f"maps must be (B, C, H, W), got shape {tuple(maps.shape)}")
+        maps = list(maps)
+        if fine is None:
+            fine = not all(isinstance(m, SparseMap) for m in maps)
+        sp = sparse_batch(maps, alpha)
+    fine_pass = True if fine is None else bool(fine)
+    B, C, H, W = sp.shape
     if H < 1 or W < 1:
         raise ValueError("empty feature maps")
-    qt = torch.as_tensor(np.asarray(q, dtype=np.float32)).reshape(-1)
+    qt = torch.as_tensor(np.asarray(q, dtype=np.float64)).reshape(-1)
     if qt.shape[0] != C:
         raise ValueError(f"query has {qt.shape[0]} dimensions, the maps have {C} channels")
-    qn = qt / qt.norm().clamp_min(1e-30)
-    wins = torch.from_numpy(sample_windows(H, W, t, query_aspect, s))
-    cw = _corners(wins, W)
+    qn = qt / qt.norm().clamp_min(1e-300)
+    qn32 = qn.to(torch.float32)
+    wins_np = sample_windows(H, W, t, query_aspect, s)
+    wins = torch.from_numpy(wins_np)
     N = wins.shape[0]
-    per_image = (H + 1) * (W + 1) * C * 8 * 2 + N * C * 8 * 2
-    chunk = max(1, min(B, int(max_bytes // max(per_image, 1))))
-    out_w = np.zeros((B, 4), np.int64)
-    out_s = np.zeros(B)
-    out_n = np.zeros(B, np.int64)
-    integrals = []
+    gy, iy = _grid_index(np.concatenate([wins_np[:, 1], wins_np[:, 1] + wins_np[:, 3]]))
+    gx, ix = _grid_index(np.concatenate([wins_np[:, 0], wins_np[:, 0] + wins_np[:, 2]]))
+    Gx = len(gx) + 1  # row stride of the tables (one spare column)
+    jx1 = torch.tensor([ix[int(v)] for v in wins_np[:, 0]])
+    jx2 = torch.tensor([ix[int(v)] for v in wins_np[:, 0] + wins_np[:, 2]])
+    jy1 = torch.tensor([iy[int(v)] for v in wins_np[:, 1]])
+    jy2 = torch.tensor([iy[int(v)] for v in wins_np[:, 1] + wins_np[:, 3]])
+    corners = torch.stack([jy2 * Gx + jx2, jy1 * Gx + jx2, jy2 * Gx + jx1, jy1 * Gx + jx1], 1)
+    shifts = torch.tensor([d for d in range(-refine_steps, refine_steps + 1) if d != 0], dtype=torch.int64)
+    nbhd = torch.arange(-refine_steps, refine_steps + 1)
     limits = torch.tensor([W, H, W, H])
-    for b0 in range(0, B, chunk):
-        table, scale = batch_power_integral(X[b0:b0 + chunk], alpha)
-        nb = table.shape[0]
-        integrals.append((table, scale))
-        sc = _cos(_batch_vectors(table, scale, cw.expand(nb, N, 4), alpha), qn)  # (nb, N)
-        best_s, j = sc.max(1)
-        best = wins[j]
-        edges = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
-        n_eval = torch.full((nb,), N, dtype=torch.int64)
-        active = torch.ones(nb, dtype=torch.bool)
-        shifts = torch.tensor([d for d in range(-refine_steps, refine_steps + 1) if d != 0], dtype=torch.int64)
+    edges = torch.zeros(B, 4, dtype=torch.int64)  # (x1, y1, x2, y2) of the current best window
+    best_s = torch.zeros(B, dtype=torch.float64)
+    n_eval = torch.full((B,), N, dtype=torch.int64)
+    step = max(int(chunk), 1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=2 * B, desc="AML", unit="map")
+    for b0 in range(0, B, step):
+        # fast pass over the sampled windows, exact scores for the best `verify` of each map
+        sub = sp._select(range(b0, min(b0 + step, B)))
+        nb = sub.maps
+        lyg, lxg = gy.expand(nb, -1).contiguous(), gx.expand(nb, -1).contiguous()
+        t64 = _grid_table(sub, lyg, lxg, torch.float64, slot="fast")
+        t32 = torch.round(t64 * 2.0 ** _QBITS).to(torch.float32).mul_(2.0 ** -_QBITS)
+        res32 = (t64 - t32.to(torch.float64)).to(torch.float32) if fine_pass else None
+        approx = _fast_scores(t32, corners, sub.fscale, qn32, sub.alpha, res32)
+        del t32, res32
+        k = min(int(verify), N) if verify else N
+        cand = wins[approx.topk(k, dim=1).indices]  # (nb, k, 4)
+        exact = _exact_cos(_exact_vectors(sub, t64, lyg, lxg, cand), qn)
+        bs, j = exact.max(1)
+        best = cand[torch.arange(nb), j]
+        edges[b0:b0 + nb] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
+        best_s[b0:b0 + nb] = bs
+        if bar is not None:
+            bar.update(nb)
+    # coordinate descent, `refine_chunk` maps at a time; one float64 table per round, for the maps still
+    # improving, on the +-refine_steps neighbourhood of each border
+    rstep = max(int(refine_chunk), 1)
+    for b0 in range(0, B, rstep):
+        sub = sp._select(range(b0, min(b0 + rstep, B)))
+        sl = slice(b0, b0 + sub.maps)
+        active = torch.ones(sub.maps, dtype=torch.bool)
         for _ in range(int(refine_rounds)):
-            improved = torch.zeros(nb, dtype=torch.bool)
-            for k in range(4):
-                cand = edges[:, None, :].repeat(1, len(shifts), 1)
-                cand[:, :, k] += shifts
-                ok = (cand[:, :, k] >= 0) & (cand[:, :, k] <= limits[k]) & (cand[:, :, 0] < cand[:, :, 2]) & \
-                    (cand[:, :, 1] < cand[:, :, 3]) & active[:, None]
-                cwin = torch.stack([cand[..., 0], cand[..., 1], cand[..., 2] - cand[..., 0],
-                                    cand[..., 3] - cand[..., 1]], -1)
-                cwin = torch.where(ok[..., None], cwin, torch.tensor([0, 0, 1, 1]))
-                cs = _cos(_batch_vectors(table, scale, _corners(cwin, W), alpha), qn)
-                cs = torch.where(ok, cs, torch.full((), -2.0))
-                n_eval += ok.sum(1)
-                v, jj = cs.max(1)
-                better = v > best_s.to(v.dtype) + 1e-6
-                if bool(better.any()):
-                    best_s = torch.where(better, v, best_s)
-                    edges = torch.where(better[:, None], cand[torch.arange(nb), jj], edges)
-                    improved |= better
-            active &= improved
-            if not bool(active.any()):
+            act = torch.nonzero(active)[:, 0]
+            na = len(act)
+            if na == 0:
                 break
-        sl = slice(b0, b0 + nb)
-        out_w[sl] = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]],
-                                1).numpy()
-        out_s[sl] = best_s.numpy()
-        out_n[sl] = n_eval.numpy()
-    return out_w, out_s, out_n, integrals
+            asub = sub if na == sub.maps else sub._select(act.tolist())
+            e = edges[sl][act]
+            ly = _lines(torch.cat([(e[:, 1:2] + nbhd).clamp(0, H), (e[:, 3:4] + nbhd).clamp(0, H)], 1), H)
+            lx = _lines(torch.cat([(e[:, 0:1] + nbhd).clamp(0, W), (e[:, 2:3] + nbhd).clamp(0, W)], 1), W)
+            table = _grid_table(asub, ly, lx, torch.float64)
+            bs = best_s[sl][act]
+            ne = n_eval[sl][act]
+            improved = torch.zeros(na, dtype=torch.bool)
+            for kk in range(4):
+                cnd = e[:, None, :].repeat(1, len(shifts), 1)
+                cnd[:, :, kk] += shifts
+                ok = (cnd[:, :, kk] >= 0) & (cnd[:, :, kk] <= limits[kk]) & (cnd[:, :, 0] < cnd[:, :, 2]) & \
+                    (cnd[:, :, 1] < cnd[:, :, 3])
+                cnd = torch.where(ok[..., None], cnd, e[:, None, :])
+                cwin = torch.stack([cnd[..., 0], cnd[..., 1], cnd[..., 2] - cnd[..., 0], cnd[..., 3] - cnd[..., 1]],
+                                   -1)
+                cs = _exact_cos(_exact_vectors(asub, table, ly, lx, cwin), qn)
+                cs = torch.where(ok, cs, torch.full((), -2.0, dtype=cs.dtype))
+                ne = ne + ok.sum(1)
+                v, jj = cs.max(1)
+                better = v > bs + 1e-12
+                if bool(better.any()):
+                    bs = torch.where(better, v, bs)
+                    e = torch.where(better[:, None], cnd[torch.arange(na), jj], e)
+                    improved |= better
+            idx = act + b0
+            best_s[idx], edges[idx], n_eval[idx] = bs, e, ne
+            active[act] = improved
+        if bar is not None:
+            bar.update(sub.maps)
+    if bar is not None:
+        bar.close()
+    out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
+    return out_w.numpy(), best_s.numpy(), n_eval.numpy(), sp

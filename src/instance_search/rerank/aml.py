@@ -5,7 +5,7 @@ image's conv map (cosine of the approximate region MAC with the query MAC, Eq. 4
 by the cosine between the localised region's vector and the query vector, optionally after PCA-whitening
 both. By default the region's vector is its exact MAC (the approximation is only used to search; ``exact=False``
 scores with the approximate vector ``f̃_R`` instead); when the first stage used R-MAC, the window's R-MAC
-(regions pooled from the same integral images) is compared with the query's R-MAC.
+(regions pooled exactly from the map's non-zero cells) is compared with the query's R-MAC.
 
 Boxes are ``(x, y, w, h)`` in map cells; :func:`cells_to_pixels` / :func:`pixels_to_cells` convert to and from
 image pixels ``(x1, y1, x2, y2)`` by proportional scaling (cell ``i`` covers pixels
@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..ops.integral import _batch_vectors, _corners, aml_search_batch
+from ..ops.integral import SparseMap, aml_search_batch, map_shape
 from ..ops.pooling import rmac_regions
 
 __all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores", "region_vectors"]
@@ -78,6 +78,20 @@ def _order(scores: np.ndarray, old) -> np.ndarray:
     return np.lexsort((np.arange(n), -old, -scores))
 
 
+def _window_mac(X, box) -> torch.Tensor:
+    """Exact MAC ``max_{p∈R} X(p)`` of window ``box = (x, y, w, h)`` of a dense map or a :class:`SparseMap`."""
+    x, y, w, h = (int(v) for v in box)
+    if isinstance(X, SparseMap):
+        C, H, W = X.shape
+        pos = np.asarray(X.position)
+        yy, xx = pos // W, pos % W
+        inside = (yy >= y) & (yy < y + h) & (xx >= x) & (xx < x + w)
+        out = np.zeros(C, np.float32)
+        np.maximum.at(out, np.asarray(X.channel)[inside], np.asarray(X.value, np.float32)[inside])
+        return torch.from_numpy(out)
+    return _vec(X)[:, y:y + h, x:x + w].amax(dim=(1, 2))
+
+
 def rerank_aml(
     query_vec,
     maps: Sequence,
@@ -93,21 +107,27 @@ def rerank_aml(
     finalize: Callable | None = None,
     query_global=None,
     levels: int = 3,
+    finalize_batch: bool = False,
+    verify: int = 8,
+    progress: bool = False,
 ) -> RerankResult:
     """Re-rank a short list by AML localisation (Tolias et al. 2016, Sec. 6).
 
     ``query_vec``: (C,) MAC of the query (region); ``maps``: one non-negative (C, H, W) map per short-listed
-    image (numpy or torch, float16 accepted; sizes may differ — maps of equal size are searched together by
-    :func:`instance_search.ops.integral.aml_search_batch`); ``shortlist_scores``: (N,) first-stage scores, only
-    used to break ties in ``order``. ``t, s, query_aspect`` (query width / height), ``refine_*``, ``alpha``:
-    see :func:`instance_search.ops.integral.aml_search`.
+    image (numpy or torch, float16 accepted, or a :class:`~instance_search.ops.integral.SparseMap` such as
+    :func:`instance_search.index.compact.decode_sparse` returns — the fast way; sizes may differ — maps of
+    equal size are searched together by :func:`instance_search.ops.integral.aml_search_batch`);
+    ``shortlist_scores``: (N,) first-stage scores, only used to break ties in ``order``. ``t, s, query_aspect``
+    (query width / height), ``refine_*``, ``alpha``: see :func:`instance_search.ops.integral.aml_search`;
+    ``verify``: see :func:`~instance_search.ops.integral.aml_search_batch`.
 
     Scoring of the localised window:
 
     * with ``finalize`` and ``query_global`` (R-MAC filtering): the window's own R-MAC — the ``levels``-level
-      R-MAC regions of the window, pooled from the same integral images (``f̃``, Eq. 3), turned into a global
-      vector by ``finalize`` ((R, C) unnormalised region vectors → (D,) L2-normalised, e.g. the recipe's
-      L2–whitening–sum–L2) — against the query's R-MAC ``query_global``;
+      R-MAC regions of the window, pooled exactly from the map's non-zeros (``f̃``, Eq. 3), turned into a
+      global vector by ``finalize`` ((R, C) unnormalised region vectors → (D,) L2-normalised, e.g. the
+      recipe's L2–whitening–sum–L2; with ``finalize_batch=True`` it is called once per map size with a list of
+      (R_i, C) arrays and returns (n, D)) — against the query's R-MAC ``query_global``;
     * otherwise the window's MAC (exact by default, ``exact=False``: its approximation ``f̃_R``) against the
       query MAC, after ``whitening`` (callable or object with ``.transform``, (R, C) → (R, D)) when given.
     """
@@ -119,44 +139,48 @@ def rerank_aml(
     vectors: list[np.ndarray | None] = [None] * n
     if (finalize is None) != (query_global is None):
         raise ValueError("give both finalize and query_global (R-MAC of the window) or neither")
-    tensors = [_vec(X) for X in maps]
-    for i, X in enumerate(tensors):
-        if X.ndim != 3:
-            raise ValueError(f"map {i} must be (C, H, W), got shape {tuple(X.shape)}")
-        if X.shape[0] != q.shape[0]:
-            raise ValueError(f"map {i} has {X.shape[0]} channels, the query {q.shape[0]}")
+    maps = [m if isinstance(m, SparseMap) else _vec(m) for m in maps]
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, X in enumerate(tensors):
-        groups.setdefault((int(X.shape[1]), int(X.shape[2])), []).append(i)
+    for i, X in enumerate(maps):
+        shape = map_shape(X)
+        if len(shape) != 3:
+            raise ValueError(f"map {i} must be (C, H, W), got shape {shape}")
+        if shape[0] != q.shape[0]:
+            raise ValueError(f"map {i} has {shape[0]} channels, the query {q.shape[0]}")
+        groups.setdefault(shape[1:], []).append(i)
     qg = None if query_global is None else np.asarray(query_global, dtype=np.float64).reshape(-1)
+    qw = region_vectors(q, whitening)[0] if whitening is not None else None
     for (H, W), idx in groups.items():
-        stack = torch.stack([tensors[i].to(torch.float32) for i in idx])
-        wins, sc, cnt, integrals = aml_search_batch(stack, q.numpy(), t=t, s=s, alpha=alpha, refine_steps=refine_steps,
-                                                    refine_rounds=refine_rounds, query_aspect=query_aspect)
-        tables = [(tb[k], scl[k]) for tb, scl in integrals for k in range(tb.shape[0])]
-        for k, i in enumerate(idx):
-            x, y, w, h = (int(v) for v in wins[k])
-            boxes[i], counts[i] = wins[k], cnt[k]
-            if finalize is not None:
-                reg = rmac_regions(h, w, levels=levels) + np.array([x, y, 0, 0])
-                table, scl = tables[k]
-                corners = _corners(torch.from_numpy(reg), W)[None]
-                local = _batch_vectors(table[None], scl[None], corners, alpha)[0].numpy()
-                g = np.asarray(finalize(local), dtype=np.float64).reshape(-1)
-                if g.shape != qg.shape:
-                    raise ValueError(f"finalize gave {g.shape[0]} dimensions, query_global has {qg.shape[0]}")
-                scores[i] = float(g @ qg)
-                vectors[i] = g
-            elif exact or whitening is not None:
-                X = tensors[i]
-                v = X[:, y:y + h, x:x + w].amax(dim=(1, 2))[None] if exact else \
-                    _batch_vectors(tables[k][0][None], tables[k][1][None],
-                                   _corners(torch.tensor([[x, y, w, h]]), W)[None], alpha)[0]
-                rv = region_vectors(v, whitening)[0]
-                scores[i] = float(rv @ region_vectors(q, whitening)[0])
-                vectors[i] = rv.numpy()
+        wins, sc, cnt, sp = aml_search_batch([maps[i] for i in idx], q.numpy(), t=t, s=s, alpha=alpha,
+                                             refine_steps=refine_steps, refine_rounds=refine_rounds,
+                                             query_aspect=query_aspect, verify=verify, progress=progress)
+        boxes[idx], counts[idx] = wins, cnt
+        if finalize is not None:
+            regs = [rmac_regions(int(h), int(w), levels=levels) + np.array([x, y, 0, 0]) for x, y, w, h in wins]
+            R = max(len(r) for r in regs)
+            padded = np.stack([np.concatenate([r, np.repeat(r[:1], R - len(r), 0)]) for r in regs])
+            vecs = sp.window_vectors(padded).numpy()
+            local = [vecs[k, :len(r)] for k, r in enumerate(regs)]
+            if finalize_batch:
+                G = np.asarray(finalize(local), dtype=np.float64).reshape(len(idx), -1)
             else:
-                scores[i] = float(sc[k])
+                G = np.stack([np.asarray(finalize(L), dtype=np.float64).reshape(-1) for L in local])
+            if G.shape[1] != qg.shape[0]:
+                raise ValueError(f"finalize gave {G.shape[1]} dimensions, query_global has {qg.shape[0]}")
+            scores[idx] = G @ qg
+            for k, i in enumerate(idx):
+                vectors[i] = G[k]
+        elif exact or whitening is not None:
+            if exact:
+                V = torch.stack([_window_mac(maps[i], wins[k]) for k, i in enumerate(idx)])
+            else:
+                V = sp.window_vectors(wins[:, None, :])[:, 0]
+            rv = region_vectors(V, whitening)
+            scores[idx] = (rv @ (qw if qw is not None else region_vectors(q)[0])).numpy()
+            for k, i in enumerate(idx):
+                vectors[i] = rv[k].numpy()
+        else:
+            scores[idx] = sc
     vecs = np.stack(vectors) if n and all(v is not None for v in vectors) else None
     return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts, vecs)
 
