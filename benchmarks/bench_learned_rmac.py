@@ -63,6 +63,17 @@ def evaluate(bench, db: np.ndarray, q: np.ndarray) -> dict:
     return {k: round(float(res[k]), 4 if k == "ns" else 2) for k in keep}
 
 
+def print_map_table(rows: list[dict], width: int = 62, epoch: bool = False) -> None:
+    """The mAP table of rows ``{"method", "ukbench_500_999": {ns, map}, "paris250": {map_easy, ...}}``."""
+    ep = f" {'ep':>3}" if epoch else ""
+    print(f"{'method':<{width}}{ep} {'UKB N-S':>8} {'UKB mAP':>8} {'Paris E':>8} {'M':>6} {'H':>6}")
+    for r in rows:
+        u, p = r["ukbench_500_999"], r["paris250"]
+        e = f" {'' if r.get('epoch') is None else r['epoch']:>3}" if epoch else ""
+        print(f"{r['method']:<{width}}{e} {u['ns']:>8.3f} {u['map']:>8.2f} {p['map_easy']:>8.2f} "
+              f"{p['map_medium']:>6.2f} {p['map_hard']:>6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-size", type=int, default=256, help="max side of the training images")
@@ -190,11 +201,7 @@ def main() -> None:
     atomic_write_bytes(args.out, json.dumps({"meta": meta, "results": results}, indent=1, default=str).encode())
 
     print()
-    print(f"{'method':<82} {'ep':>3} {'UKB N-S':>8} {'UKB mAP':>8} {'Paris E':>8} {'M':>6} {'H':>6}")
-    for r in results:
-        u, p = r["ukbench_500_999"], r["paris250"]
-        print(f"{r['method']:<82} {'' if r['epoch'] is None else r['epoch']:>3} {u['ns']:>8.3f} {u['map']:>8.2f} "
-              f"{p['map_easy']:>8.2f} {p['map_medium']:>6.2f} {p['map_hard']:>6.2f}")
+    print_map_table(results, 82, epoch=True)
     print(f"seconds per epoch (wall): {meta['seconds_per_epoch']}; CPU: {meta['cpu_seconds_per_epoch']}")
     print(f"wrote {args.out} and {args.curve}")
 

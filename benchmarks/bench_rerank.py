@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--max-queries", type=int, default=None, help="evaluate the first N queries only")
     ap.add_argument("--skip-paris", action="store_true")
     ap.add_argument("--skip-holidays", action="store_true", help="use the Holidays index only for the whitening")
+    ap.add_argument("--skip-ukbench", action="store_true", help="use the UKBench index only for the whitening")
     ap.add_argument("--paris-shortlist", type=int, default=100)
     ap.add_argument("--whitening", choices=["other", "self"], default="other",
                     help="Holidays/UKBench: whitening learned on the other collection's index (papers' protocol) "
@@ -136,7 +137,7 @@ def main() -> None:
                                        label="rparis250")
     others = {"holidays811": args.ukbench_index, "ukbench1000": args.holidays_index}
     for name, idx in (("holidays811", args.holidays_index), ("ukbench1000", args.ukbench_index)):
-        if idx is None or (name == "holidays811" and args.skip_holidays):
+        if idx is None or (name == "holidays811" and args.skip_holidays) or (name == "ukbench1000" and args.skip_ukbench):
             continue
         bench = load_benchmark("holidays" if name.startswith("holidays") else "ukbench")
         col = Collection.open(idx)

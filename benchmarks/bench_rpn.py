@@ -34,7 +34,6 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -43,8 +42,13 @@ from instance_search.datasets import splits  # noqa: E402
 from instance_search.datasets.benchmarks import find_shared_data, load_gnd_pickle  # noqa: E402
 from instance_search.fileio import atomic_write_bytes  # noqa: E402
 from instance_search.learn import rpn as R  # noqa: E402
+from instance_search.learn.triplet import InputCache  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_learned_rmac import evaluate, print_map_table  # noqa: E402
+
 RESULTS = HERE / "results"
 CACHE = HERE / "cache" / "rpn"
 POOL4_ROOT = HERE / "cache" / "learned_rmac"  # the frozen pool4 maps, shared with bench_learned_rmac.py
@@ -61,22 +65,8 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ frozen features
-class MapCache(Sequence):
+class MapCache(InputCache):
     """conv5_3 maps (fp16 ``.npy`` per image) computed from a pool4 :class:`InputCache` by a conv5 block."""
-
-    def __init__(self, folder: Path, n: int):
-        self.folder, self.n = Path(folder), int(n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def file(self, i: int) -> Path:
-        return self.folder / f"{i:06d}.npy"
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.n))]
-        return torch.from_numpy(np.load(self.file(int(i)), allow_pickle=False).astype(np.float32))
 
     @classmethod
     def build(cls, pool4, trunk, root: Path, tag: str, desc: str) -> "MapCache":
@@ -124,8 +114,6 @@ class Features:
         self.trunk = conv5_block(self.bb).eval()
 
     def pool4(self, items, desc: str):
-        from instance_search.learn.triplet import InputCache
-
         return InputCache.build(items, self.bb, "pool4", self.size, POOL4_ROOT, desc=f"{desc} -> pool4")
 
     def conv5(self, items, desc: str) -> MapCache:
@@ -226,12 +214,6 @@ def plot_recall(tables: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
-def evaluate(bench, db: np.ndarray, q: np.ndarray) -> dict:
-    res = bench.evaluate(q @ db.T)
-    keep = ("ns", "map") if bench.protocol == "ukbench" else ("map_easy", "map_medium", "map_hard")
-    return {k: round(float(res[k]), 4 if k == "ns" else 2) for k in keep}
-
-
 def rmac_vectors(maps, regions_fn, whitening) -> np.ndarray:
     """R-MAC ``L2(sum_r L2(W(L2 f_r)))`` of each map over the regions ``regions_fn(i, map)`` (cells)."""
     from instance_search.ops.pooling import region_macs
@@ -400,9 +382,13 @@ def main() -> None:
                     maps_results.append(row)
                     log(json.dumps(row))
 
+                # proposals of the RPN on the learned conv5_3 maps, as the recipe does
+                # (learned_rmac_recipe(model, rpn=...): the index only has the trained network's maps)
+                for k, c in learned.items():
+                    props[f"learned-{k}"] = [rpn.propose(c[i], max(args.ks))[0].numpy() for i in range(len(c))]
                 run_learned("learned R-MAC, grid L=3", lambda key: grid_fn)
                 for k in args.ks:
-                    run_learned(f"learned R-MAC, RPN top-{k}", lambda key, k=k: prop_fn(key, k))
+                    run_learned(f"learned R-MAC, RPN top-{k}", lambda key, k=k: prop_fn(f"learned-{key}", k))
         else:
             log(f"learned R-MAC: no model ({args.learned_model}); skipped")
 
@@ -422,11 +408,7 @@ def main() -> None:
 
     if maps_results:
         print()
-        print(f"{'method':<62} {'UKB N-S':>8} {'UKB mAP':>8} {'Paris E':>8} {'M':>6} {'H':>6}")
-        for r in maps_results:
-            u, p = r["ukbench_500_999"], r["paris250"]
-            print(f"{r['method']:<62} {u['ns']:>8.3f} {u['map']:>8.2f} {p['map_easy']:>8.2f} {p['map_medium']:>6.2f} "
-                  f"{p['map_hard']:>6.2f}")
+        print_map_table(maps_results)
     print(f"seconds per epoch (wall): {meta['seconds_per_epoch']}; CPU: {meta['cpu_seconds_per_epoch']}")
     print(f"paper: {PAPER}")
     print(f"wrote {args.out}, {RESULTS / 'rpn_recall.png'} and {model_path}")

@@ -13,7 +13,16 @@ bench_learned_rmac.py); the RPN is the one bench_rpn.py trained on the training 
   truth) -- no trained detector weights exist here -- then fine-tuned on the query instances: every query object
   a class (Paris: the landmark; UKBench: the object) plus background, the query images and their horizontal
   flips as training data. Strategy #1 trains the FC layers only; #2 also conv5_1-3 and the RPN. The short list
-  is re-ranked by the best proposal's probability of the query's class.
+  is re-ranked by the best proposal's probability of the query's class. Schedule (the same budget for both
+  strategies): phase 1, shared, ``--ft-epochs`` passes training the new output layers and fc6/fc7 (lr 3e-3);
+  phase 2, ``--ft-epochs-2`` more passes training the FC layers only (#1) or also conv5 + RPN (#2, ~8x the CPU
+  per pass), lr 1e-3. Salvador fine-tunes each strategy directly; the shared first phase keeps #2 affordable
+  here. lr 3e-3: at 1e-3 the 126-way UKBench classifier had not fitted its own training (query) images after
+  4-6 passes (a training-set criterion; no evaluation image was used to choose it).
+* Detector check (per benchmark and strategy, ``diagnostics`` in the JSON): the best proposal's probability of
+  the own class on the training (query + flipped) images and on the query's positives, how often the own class
+  is the arg-max, the negatives' probability of the query's class, and the mAP of ranking the whole database by
+  that probability alone -- whether CS-SR's scores recognise the instances at all.
 * QE after re-ranking (Sec. 4.3): the query box vector plus the box vectors of the top ``--qe`` re-ranked images,
   then CA-SR of the short list with the expanded query; for IPA alone, average QE on the global vectors.
 
@@ -21,9 +30,13 @@ Evaluation split: Paris-250 (238 database images, 12 queries of 5 landmarks, rev
 UKBench 500-999 in a query-instance protocol: one query per object (its first view, images 500, 504, ...: 125
 queries, 125 classes), the other three views are the positives and the query image itself is ignored (junk),
 since it is a training image of the fine-tuned detector. IPA on all 500 UKBench queries (N-S, mAP) is reported
-for reference. Writes benchmarks/results/salvador.json.
+for reference. ``--ukb-train-views 2``: the first two views of each object train the detector (Salvador's setting
+of several query images per instance) and are junk; the other two are the positives. Writes
+benchmarks/results/salvador.json (after every row, so that a run cut short keeps its figures).
 
     OMP_NUM_THREADS=1 ISEARCH_THREADS=1 python benchmarks/bench_salvador.py
+    OMP_NUM_THREADS=1 ISEARCH_THREADS=1 python benchmarks/bench_salvador.py --benches ukb --strategies 1 \
+        --ukb-train-views 2 --ft-epochs 10 --ft-epochs-2 1 --out benchmarks/results/salvador_ukb_2views.json
 """
 from __future__ import annotations
 
@@ -43,11 +56,12 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_rpn import CACHE as RPN_CACHE, Features, MapCache, log, original_size  # noqa: E402
+from bench_rpn import CACHE as RPN_CACHE, Features, log, original_size  # noqa: E402
 
 from instance_search import evaluation as ev  # noqa: E402
 from instance_search.datasets import splits  # noqa: E402
@@ -73,7 +87,6 @@ PAPER = ("Salvador et al. 2016 (Sec. 4; Faster R-CNN VGG16 trained on PASCAL, fu
 def flipped_maps(feat: Features, paths, desc: str):
     """pool4 and conv5_3 maps of horizontally flipped images (cached under benchmarks/cache/salvador/)."""
     from PIL import Image
-    from tqdm.auto import tqdm
 
     from instance_search.images import load_image
 
@@ -112,10 +125,47 @@ def l2(x):
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def ukb_instance_gnd(n_db: int, query_idx: list[int]) -> list[dict]:
-    """UKBench query-instance protocol: positives = the other views of the query's object, junk = the query."""
-    return [{"ok": np.array([j for j in range(4 * (q // 4), 4 * (q // 4) + 4) if j != q]), "junk": np.array([q])}
+def ukb_instance_gnd(n_db: int, query_idx: list[int], train_views: int = 1) -> list[dict]:
+    """UKBench query-instance protocol: junk = the views of the query's object that train the detector (the first
+    ``train_views``, the query among them), positives = its other views."""
+    return [{"ok": np.array([j for j in range(4 * (q // 4), 4 * (q // 4) + 4) if j % 4 >= train_views]),
+             "junk": np.array([j for j in range(4 * (q // 4), 4 * (q // 4) + 4) if j % 4 < train_views])}
             for q in query_idx]
+
+
+def detector_diagnostics(db_scores: np.ndarray, train_scores: np.ndarray, train_labels, q_class, positives,
+                         ignore) -> dict:
+    """Does the fine-tuned detector recognise its classes? (the check behind CS-SR's figures).
+
+    ``db_scores`` (N, K): per database image the best proposal's probability of every object class;
+    ``train_scores`` (T, K) the same on the training (query + flipped) images with classes ``train_labels``
+    (1..K); per query: its class ``q_class[j]`` (0-based), its positives and ignored (junk) database indices.
+    Reports P(own class) on the training images and on the positives, how often the own class is the arg-max,
+    the negatives' P(class), and the mAP of ranking the whole database by P(query's class) alone."""
+    tl = np.asarray(train_labels).reshape(-1) - 1
+    own_tr = train_scores[np.arange(len(tl)), tl]
+    pos_p, pos_top, neg_p, aps = [], [], [], []
+    for j, k in enumerate(q_class):
+        pos = np.asarray(positives[j], dtype=np.int64)
+        bad = np.zeros(len(db_scores), bool)
+        bad[pos] = True
+        bad[np.asarray(ignore[j], dtype=np.int64)] = True
+        pos_p += db_scores[pos, k].tolist()
+        pos_top += (db_scores[pos].argmax(1) == k).tolist()
+        neg_p += db_scores[~bad, k].tolist()
+        s = db_scores[:, k].copy()
+        s[np.asarray(ignore[j], dtype=np.int64)] = -np.inf
+        order = np.argsort(-s, kind="stable")
+        order = order[np.isfinite(s[order])]
+        ranks = np.nonzero(np.isin(order, pos))[0]
+        aps.append(float(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1))) if len(ranks) else 0.0)
+    r4 = lambda x: round(float(x), 4)  # noqa: E731
+    return {"classes": int(db_scores.shape[1]), "uniform_probability": r4(1.0 / (db_scores.shape[1] + 1)),
+            "train_p_own_mean": r4(own_tr.mean()), "train_own_is_argmax": r4(np.mean(train_scores.argmax(1) == tl)),
+            "positives_p_own_mean": r4(np.mean(pos_p)), "positives_p_own_median": r4(np.median(pos_p)),
+            "positives_own_is_argmax": r4(np.mean(pos_top)), "negatives_p_mean": r4(np.mean(neg_p)),
+            "negatives_p_99th_percentile": r4(np.percentile(neg_p, 99)),
+            "map_ranking_whole_database_by_class_probability": round(100 * float(np.mean(aps)), 2)}
 
 
 def score_ranks(ranks_cols: list[np.ndarray], bench_name: str, paris, ukb_gnd) -> dict:
@@ -139,11 +189,18 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024, help="fc6/fc7 width")
     ap.add_argument("--base-epochs", type=int, default=2)
     ap.add_argument("--base-lr", type=float, default=1e-2)
-    ap.add_argument("--ft-lr", type=float, default=1e-3)
-    ap.add_argument("--ft-epochs", type=int, nargs=2, default=[20, 20], metavar=("PARIS", "UKBENCH"),
-                    help="strategy #1: passes over the query images (+ flips) when fine-tuning")
-    ap.add_argument("--ft-epochs-2", type=int, nargs=2, default=[20, 4], metavar=("PARIS", "UKBENCH"),
-                    help="strategy #2 (conv5 + RPN + FC: ~10x the CPU time per image): passes over the query images")
+    ap.add_argument("--ft-epochs", type=int, default=20,
+                    help="fine-tuning phase 1 (both strategies): passes over the query images + flips, FC layers")
+    ap.add_argument("--ft-lr", type=float, default=3e-3)
+    ap.add_argument("--ft-epochs-2", type=int, default=4,
+                    help="phase 2: more passes, FC only (strategy #1) or conv5 + RPN + FC (strategy #2, ~8x the CPU)")
+    ap.add_argument("--ft-lr-2", type=float, default=1e-3)
+    ap.add_argument("--ukb-train-views", type=int, default=1, choices=(1, 2, 3),
+                    help="UKBench: views per object (+ flips) that train the detector; 1 = the query image alone, "
+                         "as for Paris; 2 = Salvador's setting of several query images per instance")
+    ap.add_argument("--strategies", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    ap.add_argument("--benches", nargs="+", default=["paris", "ukb"], choices=("paris", "ukb"),
+                    help="where to fine-tune and run CS-SR")
     ap.add_argument("--engine", default="winograd")
     ap.add_argument("--out", type=Path, default=RESULTS / "salvador.json")
     args = ap.parse_args()
@@ -172,9 +229,10 @@ def main() -> None:
     pq_c5 = feat.conv5([(p, None) for p in paris.query_paths], "Paris queries (full)")
     ukb_q = list(range(0, len(ukb.images), 4))  # first view of every object
     pq_flip = flipped_maps(feat, list(paris.query_paths), "Paris queries")
-    uq_flip = flipped_maps(feat, [ukb.images[i] for i in ukb_q], "UKBench queries")
+    ukb_train = [i for i in range(len(ukb.images)) if i % 4 < args.ukb_train_views]  # detector training views
+    uq_flip = flipped_maps(feat, [ukb.images[i] for i in ukb_train], "UKBench queries")
     timings["features_s"] = round(time.perf_counter() - t0, 1)
-    ukb_gnd = ukb_instance_gnd(len(ukb.images), ukb_q)
+    ukb_gnd = ukb_instance_gnd(len(ukb.images), ukb_q, args.ukb_train_views)
 
     # query boxes (map frame) and query vectors (box MAC / box sum on the full query map)
     pq_boxes, pq_cells = [], []
@@ -182,7 +240,7 @@ def main() -> None:
         hw = tuple(pq_c5[i].shape[-2:])
         pq_boxes.append(R.to_map_frame(b, original_size(p), hw, 16)[0])
         pq_cells.append(box_cells(b, original_size(p), hw)[0])
-    uq_boxes = [np.array([0.0, 0.0, ukb_c5[i].shape[-1] * 16, ukb_c5[i].shape[-2] * 16]) for i in ukb_q]
+    uq_boxes = [np.array([0.0, 0.0, ukb_c5[i].shape[-1] * 16, ukb_c5[i].shape[-2] * 16]) for i in ukb_train]
     marks = sorted({Path(p).stem.split("_")[1] for p in paris.query_paths})
     pq_class = [marks.index(Path(p).stem.split("_")[1]) for p in paris.query_paths]
     uq_class = list(range(len(ukb_q)))
@@ -230,6 +288,9 @@ def main() -> None:
                **score_ranks(ranks_cols, "paris" if bench == "paris" else "ukb", paris, ukb_gnd), **(extra or {})}
         results.append(row)
         log(json.dumps(row))
+        # partial file after every row (a run cut short keeps its figures); the full meta comes at the end
+        atomic_write_bytes(args.out, json.dumps({"meta": {"partial": True, "args": vars(args), "date": time.strftime(
+            "%Y-%m-%d %H:%M")}, "results": results}, indent=1, default=str).encode())
 
     for how in ("sum", "max"):
         db, _ = ipa[("ukb500", how)]
@@ -257,8 +318,6 @@ def main() -> None:
 
     def regions_of(c5s, desc):
         """(boxes, cells, region MACs) of the top proposals of every map; the boxes are cached on disk."""
-        from tqdm.auto import tqdm
-
         key = hashlib.sha256(f"{rpn_cfg['state_sha256']}|{Path(c5s.folder).name}|{args.proposals}".encode())
         f = CACHE / f"proposals-{key.hexdigest()[:16]}.npz"
         boxes = None
@@ -281,6 +340,12 @@ def main() -> None:
     qbox_vec = {"paris": [q_pool(pq_c5[i], pq_cells[i], "max") for i in range(len(pq_c5))],
                 "ukb": [ukb_c5[i].amax(dim=(1, 2)).numpy() for i in ukb_q]}
 
+    # L2(W(L2 f)) of every stored region once per database image (float32) and of the query boxes: CA-SR and QE
+    # below then need no whitening (L2 of a unit vector is itself) -- the same scores, one whitening per image
+    # instead of one per (query, short-listed image)
+    wregs = {b: [region_vectors(r[2], w_reg).numpy().astype(np.float32) for r in regs[b]] for b in regs}
+    wq = {b: [region_vectors(v, w_reg)[0].numpy() for v in qbox_vec[b]] for b in qbox_vec}
+
     def rerank_all(bench, scorer, name, extra=None):
         """scorer(j, shortlist) -> RerankResult; adds the re-ranked and the re-ranked + QE rows."""
         plain, withqe = [], []
@@ -288,8 +353,7 @@ def main() -> None:
             sl = order[:args.shortlist]
             res = scorer(j, sl)
             plain.append(CS.full_ranking(order, args.shortlist, res.order))
-            reg = [regs[bench][i][2] for i in sl]
-            qe = CS.qe_after_rerank(qbox_vec[bench][j], res, reg, top=args.qe, whitening=w_reg)
+            qe = CS.qe_after_rerank(wq[bench][j], res, [wregs[bench][i] for i in sl], top=args.qe)
             withqe.append(CS.full_ranking(order, args.shortlist, qe.order))
         add(f"IPA-sum + {name}", bench, plain, extra)
         add(f"IPA-sum + {name} + QE{args.qe}", bench, withqe, extra)
@@ -298,7 +362,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for bench in ("paris", "ukb"):
         rerank_all(bench, lambda j, sl, bench=bench: CS.ca_sr_regions(
-            qbox_vec[bench][j], [regs[bench][i][2] for i in sl], whitening=w_reg), "CA-SR")
+            wq[bench][j], [wregs[bench][i] for i in sl]), "CA-SR")
     timings["ca_sr_s"] = round(time.perf_counter() - t0, 1)
 
     # ---------------------------------------------------------------- base detector on the training split
@@ -319,13 +383,12 @@ def main() -> None:
         box = R.to_map_frame(recs[rel]["box"], original_size(ts.paths[i]), hw, 16)
         base_samples.append(FT.DetectorSample(box, np.array([groups.index(g) + 1]), None,
                                               (lambda i=i: tr_c5[i]), rel))
-    prop_file = CACHE / f"base-proposals-{hashlib.sha256((str(args.rpn.stat().st_mtime_ns) + str(len(base_items)) + str(args.size)).encode()).hexdigest()[:12]}.npz"
+    pkey = f"{rpn_cfg['state_sha256']}|{len(base_items)}|{args.size}"
+    prop_file = CACHE / f"base-proposals-{hashlib.sha256(pkey.encode()).hexdigest()[:12]}.npz"
     if prop_file.is_file():
         z = np.load(prop_file)
         base_props = [torch.from_numpy(z[f"p{k}"]) for k in range(len(base_samples))]
     else:
-        from tqdm.auto import tqdm
-
         for s in tqdm(base_samples, desc="training split: RPN proposals", unit="img", file=sys.stderr):
             base_props.append(rpn.propose(s.conv5(), 300)[0])
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -344,38 +407,39 @@ def main() -> None:
 
     # ---------------------------------------------------------------- fine-tuning on the queries, CS-SR
     ft_info = {}
-    for bench, epochs_by_strategy in (("paris", (args.ft_epochs[0], args.ft_epochs_2[0])),
-                                      ("ukb", (args.ft_epochs[1], args.ft_epochs_2[1]))):
+    for bench in args.benches:
         if bench == "paris":
             qs = [{"name": Path(p).name, "label": pq_class[i] + 1, "box": pq_boxes[i], "pool4": pq_p4[i],
                    "conv5": pq_c5[i], "pool4_flip": pq_flip[i][0], "conv5_flip": pq_flip[i][1]}
                   for i, p in enumerate(paris.query_paths)]
             classes, q_class, db_p4, db_c5 = marks, pq_class, pdb_p4, pdb_c5
         else:
-            qs = [{"name": Path(ukb.images[i]).name, "label": k + 1, "box": uq_boxes[k], "pool4": ukb_p4[i],
+            qs = [{"name": Path(ukb.images[i]).name, "label": i // 4 + 1, "box": uq_boxes[k], "pool4": ukb_p4[i],
                    "conv5": ukb_c5[i], "pool4_flip": uq_flip[k][0], "conv5_flip": uq_flip[k][1]}
-                  for k, i in enumerate(ukb_q)]
+                  for k, i in enumerate(ukb_train)]
             classes, q_class, db_p4, db_c5 = [f"object {k}" for k in range(len(ukb_q))], uq_class, ukb_p4, ukb_c5
         samples = FT.query_samples(qs)
-        for strategy in (1, 2):
-            det = copy.deepcopy(base).set_classes(classes)
-            torch.manual_seed(strategy)
-            det.head.reset_classes(len(classes))
+        props = [rpn.propose(s.conv5 if not callable(s.conv5) else s.conv5(), 300)[0] for s in samples]
+        # phase 1, shared by both strategies: new output layers for the query classes, FC layers trained
+        det1 = copy.deepcopy(base).set_classes(classes)
+        torch.manual_seed(0)
+        det1.head.reset_classes(len(classes))
+        t0 = time.perf_counter()
+        hist1 = FT.train_detector(det1, samples, FT.DetectorTrainConfig(
+            trainable="fc", epochs=args.ft_epochs, lr=args.ft_lr, rois_per_image=64, seed=0), CACHE,
+            desc=f"fine-tune {bench} phase 1 (FC)", fixed_proposals=props)
+        t_p1 = time.perf_counter() - t0
+        for strategy in args.strategies:
+            det = copy.deepcopy(det1)
             trainable = "fc" if strategy == 1 else "conv5+rpn+fc"
-            cfg = FT.DetectorTrainConfig(trainable=trainable, epochs=epochs_by_strategy[strategy - 1], lr=args.ft_lr,
-                                         images_per_batch=2,
+            cfg = FT.DetectorTrainConfig(trainable=trainable, epochs=args.ft_epochs_2, lr=args.ft_lr_2,
                                          rois_per_image=64, seed=strategy)
-            props = None
-            if strategy == 1:
-                props = [rpn.propose(s.conv5 if not callable(s.conv5) else s.conv5(), 300)[0] for s in samples]
             t0 = time.perf_counter()
-            hist = FT.train_detector(det, samples, cfg, CACHE, desc=f"fine-tune {bench} #{strategy}",
-                                     fixed_proposals=props)
+            hist = FT.train_detector(det, samples, cfg, CACHE, desc=f"fine-tune {bench} #{strategy} phase 2",
+                                     fixed_proposals=props if strategy == 1 else None)
             t_ft = time.perf_counter() - t0
             # detections on every database image, once (all classes at a time)
             t0 = time.perf_counter()
-            from tqdm.auto import tqdm
-
             K = len(classes)
             det_scores = np.zeros((len(db_c5), K))
             det_boxes = np.zeros((len(db_c5), K, 4))
@@ -387,11 +451,32 @@ def main() -> None:
                 det_scores[i], det_boxes[i] = FT.class_detections(det, m, 300)
                 hw.append(tuple(m.shape[-2:]))
             t_det = time.perf_counter() - t0
-            info = {"strategy": strategy, "trainable": trainable, "training_images": len(samples),
-                    "epochs": len(hist["epochs"]), "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
-                    "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
-                    "train_cls_first_last": [hist["epochs"][0]["train_cls"], hist["epochs"][-1]["train_cls"]],
-                    "fine_tune_s_this_run": round(t_ft, 1), "detection_s": round(t_det, 1),
+            tr_scores = np.zeros((len(samples), K))
+            for t, s in enumerate(samples):
+                with torch.no_grad():
+                    m = (FT.DetectorSample._get(s.conv5) if strategy == 1
+                         else det.conv_map(FT.DetectorSample._get(s.pool4)))
+                tr_scores[t] = FT.class_detections(det, m, 300)[0]
+            if bench == "paris":
+                positives = [np.concatenate([g["easy"], g["hard"]]) for g in paris.gnd]
+                ignore = [g["junk"] for g in paris.gnd]
+            else:
+                positives, ignore = [g["ok"] for g in ukb_gnd], [g["junk"] for g in ukb_gnd]
+            diag = detector_diagnostics(det_scores, tr_scores, [int(s.labels[0]) for s in samples], q_class,
+                                        positives, ignore)
+            log(f"{bench} CS-SR #{strategy} detector check: {json.dumps(diag)}")
+            info = {"strategy": strategy, "training_images": len(samples), "diagnostics": diag,
+                    "phase1_fc": {"epochs": len(hist1["epochs"]), "lr": args.ft_lr,
+                                  "seconds_per_epoch": [e["seconds"] for e in hist1["epochs"]],
+                                  "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist1["epochs"]],
+                                  "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist1["epochs"]],
+                                  "s_this_run": round(t_p1, 1)},
+                    "phase2": {"trainable": trainable, "epochs": len(hist["epochs"]), "lr": args.ft_lr_2,
+                               "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
+                               "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
+                               "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist["epochs"]],
+                               "s_this_run": round(t_ft, 1)},
+                    "detection_s": round(t_det, 1),
                     "detection_ms_per_image": round(1000 * t_det / len(db_c5), 1)}
             ft_info[f"{bench}#{strategy}"] = info
             log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
@@ -415,14 +500,15 @@ def main() -> None:
         "shortlist": args.shortlist, "proposals": args.proposals, "qe": args.qe,
         "detector": {"pool": args.pool, "hidden": args.hidden, "base_classes": len(groups),
                      "base_images": len(base_samples), "base_config": vars(bcfg), "base_history": base_hist["epochs"],
-                     "fine_tuning": ft_info, "ft_lr": args.ft_lr, "ft_epochs_strategy_1": args.ft_epochs,
-                     "ft_epochs_strategy_2": args.ft_epochs_2},
+                     "fine_tuning": ft_info, "phase1": {"epochs": args.ft_epochs, "lr": args.ft_lr},
+                     "phase2": {"epochs": args.ft_epochs_2, "lr": args.ft_lr_2}},
         "paris_classes": marks, "timings": timings, "this_run_wall_s": round(time.perf_counter() - t_start, 1),
         "this_run_cpu_s": round(time.process_time() - c_start, 1), "paper": PAPER, "comparable": False,
         "protocols": {"paris": "rparis6k restricted to Paris-250: 238 database images, 12 queries (box pooled on the "
                                "full query image), revisited E/M/H mAP",
-                      "ukb": "UKBench 500-999, 125 queries (first view of each object); positives: the other 3 "
-                             "views; the query image itself is junk (it trains the CS-SR detector)",
+                      "ukb": f"UKBench 500-999, 125 queries (first view of each object); the first "
+                             f"{args.ukb_train_views} view(s) of each object train the CS-SR detector and are junk; "
+                             f"positives: the other {4 - args.ukb_train_views} views",
                       "ukbench-500-every-image-a-query": "standard UKBench protocol on images 500-999 (IPA only)"},
         "note": "subsets: real measurements, not comparable with published tables",
     }
@@ -433,7 +519,8 @@ def main() -> None:
     for n in names:
         p = next((r for r in results if r["method"] == n and r["dataset"] == "paris"), None)
         u = next((r for r in results if r["method"] == n and r["dataset"] == "ukb"), None)
-        print(f"{n:<34} {p['map_easy']:>8.2f} {p['map_medium']:>6.2f} {p['map_hard']:>6.2f} {u['map']:>12.2f}")
+        pe = f"{p['map_easy']:>8.2f} {p['map_medium']:>6.2f} {p['map_hard']:>6.2f}" if p else f"{'-':>8} {'-':>6} {'-':>6}"
+        print(f"{n:<34} {pe} {u['map'] if u else float('nan'):>12.2f}")
     for r in results:
         if r["dataset"] == "ukbench-500-every-image-a-query":
             print(f"{r['method']} on all 500 UKBench queries: N-S {r['ns']:.3f}, mAP {r['map']:.2f}")

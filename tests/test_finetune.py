@@ -163,6 +163,8 @@ def test_bad_labels_and_files(maps, tmp_path):
         FT.train_detector(det, [bad], FT.DetectorTrainConfig(iterations=1), progress=False)
     with pytest.raises(ValueError, match="trainable"):
         FT.DetectorTrainConfig(trainable="everything").validate()
+    with pytest.raises(ValueError, match="new_layer_lr_mult"):
+        FT.DetectorTrainConfig(new_layer_lr_mult=0).validate()
     path = FT.save_detector(det, tmp_path / "det.pt", note="x")
     back, cfg = FT.load_detector(path)
     assert cfg["classes"] == ["a", "b"] and cfg["note"] == "x"
@@ -172,3 +174,41 @@ def test_bad_labels_and_files(maps, tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(FT.DetectorFileError, match="det.pt"):
         FT.load_detector(path)
+
+
+def test_detect_and_class_detections_match_a_slow_forward(maps):
+    """Detector.detect (Girshick 2015, Sec. 2: RoI pooling -> fc6 -> fc7 -> softmax, class boxes decoded with the
+    (0.1, 0.1, 0.2, 0.2) target scaling) against a per-RoI computation, on a real conv5_3 map."""
+    import math
+
+    bb, _, m = maps
+    torch.manual_seed(3)
+    det = FT.Detector(_rpn(), 3, ["a", "b", "c"], pool=2, hidden=48).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(det.head.bbox_pred.weight, std=0.05)
+        torch.nn.init.normal_(det.head.cls_score.weight, std=0.2)
+    c5 = m["5"][1]
+    H, W = c5.shape[-2:]
+    props, probs, boxes = det.detect(c5, 40)
+    assert torch.equal(props, det.rpn.propose(c5, 40)[0])
+    h = det.head
+    with torch.no_grad():
+        for r, b in enumerate(props.tolist()):
+            x = R.roi_pool(c5, [b], 2).flatten()
+            x = x / x.norm() * math.sqrt(x.numel())
+            z = torch.relu(h.fc7.weight @ torch.relu(h.fc6.weight @ x + h.fc6.bias) + h.fc7.bias)
+            p = torch.softmax(h.cls_score.weight @ z + h.cls_score.bias, 0)
+            torch.testing.assert_close(probs[r], p, rtol=1e-4, atol=1e-6)
+            d = (h.bbox_pred.weight @ z + h.bbox_pred.bias).reshape(4, 4)
+            for k in range(4):
+                wa, ha = b[2] - b[0], b[3] - b[1]
+                cx, cy = b[0] + wa / 2 + 0.1 * float(d[k, 0]) * wa, b[1] + ha / 2 + 0.1 * float(d[k, 1]) * ha
+                w, hh = wa * math.exp(0.2 * float(d[k, 2])), ha * math.exp(0.2 * float(d[k, 3]))
+                ref = [min(max(v, 0), lim) for v, lim in ((cx - w / 2, W * 16), (cy - hh / 2, H * 16),
+                                                           (cx + w / 2, W * 16), (cy + hh / 2, H * 16))]
+                np.testing.assert_allclose(boxes[r, k].numpy(), ref, rtol=1e-4, atol=1e-3)
+    scores, cboxes = FT.class_detections(det, c5, 40)
+    for k in range(3):
+        j = int(torch.argmax(probs[:, k + 1]))
+        assert scores[k] == pytest.approx(float(probs[j, k + 1]), rel=1e-6)
+        np.testing.assert_allclose(cboxes[k], boxes[j, k + 1].numpy(), rtol=1e-6)

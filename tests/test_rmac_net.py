@@ -174,3 +174,77 @@ def test_save_load_and_use_in_a_collection(vgg, maps, whitening, tmp_path, data_
         rn.load_model(tmp_path / "model.pt")
     with pytest.raises(FileNotFoundError, match="config not found"):
         rn.load_model(tmp_path / "other.pt")
+
+
+def test_recipe_with_rpn_regions_pools_over_the_proposals(vgg, maps, whitening, tmp_path):
+    """``learned_rmac_recipe(model, rpn=...)`` (Gordo et al. 2016, Sec. 3.2): the local vectors are the learned
+    region vectors of the RPN's top-k boxes of the (trained) conv5_3 map, checked region by region."""
+    from instance_search.learn import rpn as R
+
+    net = rn.RMACNet("conv5").init_from_backbone(vgg)
+    net.head.init_from_whitening(whitening)
+    model = rn.save_model(net, tmp_path / "model.pt")
+    torch.manual_seed(0)
+    rpn = R.RPN(mid_channels=16, max_size=SIZE)
+    rpath = R.save_rpn(rpn, tmp_path / "rpn.pt")
+    rec = rn.learned_rmac_recipe(model, max_size=SIZE, rpn=rpath, proposals=10)
+    assert rec.extra["regions"] == "rpn" and rec.extra["proposals"] == 10
+    assert Recipe.from_dict(rec.to_dict()) == rec
+    c5 = maps[4][1]
+    local = rec.local_from_map(c5)
+    boxes = rpn.propose(c5, 10)[0].numpy()
+    assert local.shape == (len(boxes), 512)
+    for r, b in enumerate(boxes):  # one proposal at a time: MAC of its cells, L2, W(x + s), L2
+        x0, y0 = int(np.floor(b[0] / 16)), int(np.floor(b[1] / 16))
+        x1 = max(min(int(np.ceil(b[2] / 16)), c5.shape[-1]), x0 + 1)
+        y1 = max(min(int(np.ceil(b[3] / 16)), c5.shape[-2]), y0 + 1)
+        f = c5[:, y0:y1, x0:x1].amax(dim=(1, 2)).double()
+        f = f / f.norm()
+        v = (net.head.fc.weight.double() @ (f + net.head.shift.double())).detach()
+        np.testing.assert_allclose(local[r], (v / v.norm()).numpy(), rtol=1e-4, atol=1e-5)
+    grid = rn.learned_rmac_recipe(model, max_size=SIZE)
+    assert "regions" not in grid.extra and grid.local_from_map(c5).shape[0] == len(rmac_regions(*c5.shape[-2:]))
+    with pytest.raises(ValueError, match="proposals"):
+        rn.learned_rmac_recipe(model, rpn=rpath, proposals=0)
+    with pytest.raises(ValueError, match="regions must be"):
+        Recipe("learned-rmac", extra={**rec.extra, "regions": "selective-search"}).local_from_map(c5)
+
+
+def test_cli_index_with_rpn_regions(vgg, maps, whitening, tmp_path, data_dir):
+    """``isearch index --recipe learned-rmac --model M --regions rpn --rpn R --proposals 10`` (and ``--recipe rpa``):
+    the index's vectors are the recipe's, computed on the same photos."""
+    from typer.testing import CliRunner
+
+    from instance_search.cli import app
+    from instance_search.collection import Collection
+    from instance_search.learn import rpn as R
+
+    net = rn.RMACNet("conv5").init_from_backbone(vgg)
+    net.head.init_from_whitening(whitening)
+    model = rn.save_model(net, tmp_path / "model.pt")
+    torch.manual_seed(0)
+    rpath = R.save_rpn(R.RPN(mid_channels=16, max_size=SIZE), tmp_path / "rpn.pt")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = [data_dir / "ukbench1000" / f"ukbench{i:05d}.jpg" for i in (0, 1, 4, 8)]
+    for p in photos:
+        (folder / p.name).write_bytes(p.read_bytes())
+    common = ["--max-size", str(SIZE), "--whitening", "none", "--quiet", "--no-maps"]
+    res = CliRunner().invoke(app, ["index", str(folder), "--index", str(tmp_path / "idx"), "--recipe", "learned-rmac",
+                                   "--model", str(model), "--regions", "rpn", "--rpn", str(rpath), "--proposals",
+                                   "10"] + common)
+    assert res.exit_code == 0, res.output
+    col = Collection.open(tmp_path / "idx")
+    assert col.recipe.extra["regions"] == "rpn" and col.recipe.extra["proposals"] == 10
+    vecs = col.vectors()
+    order = {r["path"]: k for k, r in enumerate(col.records())}
+    for k, p in enumerate(photos):
+        want = col.recipe.finalize(col.recipe.local_from_map(maps[k][1]))
+        assert np.max(np.abs(vecs[order[str((folder / p.name).resolve())]] - want)) < 1e-4
+    res = CliRunner().invoke(app, ["index", str(folder), "--index", str(tmp_path / "idx2"), "--recipe", "rpa",
+                                   "--rpn", str(rpath), "--proposals", "12"] + common)
+    assert res.exit_code == 0, res.output
+    assert Collection.open(tmp_path / "idx2").recipe.extra["proposals"] == 12
+    res = CliRunner().invoke(app, ["index", str(folder), "--index", str(tmp_path / "idx3"), "--recipe", "learned-rmac",
+                                   "--model", str(model), "--regions", "rpn"] + common)
+    assert res.exit_code != 0 and "--rpn" in res.output

@@ -124,7 +124,6 @@ def test_nms_matches_slow_greedy_loop():
 
 
 def test_assign_anchors_follows_ren_rules():
-    rng = np.random.default_rng(3)
     anchors = R.grid_anchors(6, 8, 16, R.base_anchors((32, 64), (0.5, 1, 2)))
     gt = torch.tensor([[10.0, 12.0, 70.0, 60.0], [60.0, 30.0, 120.0, 95.0]])
     labels, matched = R.assign_anchors(anchors, gt, 0.7, 0.3)
@@ -345,3 +344,76 @@ def test_rpa_recipe_indexes_and_searches_a_collection(tmp_path, ukbench):
     assert len(report.added) == 8 and not report.failed
     hits = col.search(ukbench / "ukbench00006.jpg", top=2)  # object 1, a view that is not indexed
     assert {Path(h.path).name for h in hits} == {"ukbench00004.jpg", "ukbench00005.jpg"}
+
+
+# ------------------------------------------------------------------------------------------------ slow references
+def test_map_frame_round_trip_and_grid_boxes():
+    b = np.array([[12.0, 30.0, 410.0, 250.0]])
+    f = R.to_map_frame(b, (500, 333), (20, 31), 16)  # a 500 x 333 photo described as a 31 x 20 map
+    np.testing.assert_allclose(f, [[12 * 496 / 500, 30 * 320 / 333, 410 * 496 / 500, 250 * 320 / 333]])
+    np.testing.assert_allclose(R.from_map_frame(f, (500, 333), (20, 31), 16), b)
+    from instance_search.ops.pooling import rmac_regions
+
+    g = R.grid_boxes(20, 31, 3)
+    for (x, y, w, h), box in zip(rmac_regions(20, 31, 3).tolist(), g.tolist()):
+        assert box == [16 * x, 16 * y, 16 * (x + w), 16 * (y + h)]
+
+
+def test_rpn_loss_matches_slow_loop_on_a_real_map(real_samples):
+    torch.manual_seed(5)
+    rpn = R.RPN(mid_channels=16, sizes=(32, 64, 128, 256), max_size=256)
+    s = real_samples[0]
+    m = s.map()
+    anchors = rpn.anchors(*m.shape[-2:])
+    gt = torch.as_tensor(np.asarray(s.boxes, dtype=np.float32))
+    with torch.no_grad():
+        logits, deltas = rpn(m)
+    labels, matched = R.assign_anchors(anchors, gt)
+    labels = R.sample_labels(labels, 64, 0.5, torch.Generator().manual_seed(0))
+    cls, reg = R.rpn_loss(logits, deltas, anchors, gt, labels, matched, 1 / 9)
+    n, c_ref, r_ref = 0, 0.0, 0.0
+    for i in range(len(anchors)):  # Ren et al. 2015, Eq. 1, one anchor at a time
+        if labels[i] < 0:
+            continue
+        n += 1
+        p = 1 / (1 + math.exp(-float(logits[i])))
+        c_ref -= math.log(p) if labels[i] == 1 else math.log(1 - p)
+        if labels[i] == 1:
+            a, b = anchors[i].tolist(), gt[matched[i]].tolist()
+            wa, ha, wb, hb = a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]
+            t = [((b[0] + b[2]) - (a[0] + a[2])) / 2 / wa, ((b[1] + b[3]) - (a[1] + a[3])) / 2 / ha,
+                 math.log(wb / wa), math.log(hb / ha)]
+            for d, tt in zip(deltas[i].tolist(), t):
+                x = abs(d - tt)
+                r_ref += 0.5 * x * x * 9 if x < 1 / 9 else x - 0.5 / 9
+    assert n == 64 and int((labels == 1).sum()) >= 1
+    assert float(cls) == pytest.approx(c_ref / n, rel=1e-5)
+    assert float(reg) == pytest.approx(r_ref / n, rel=1e-4)
+
+
+def test_propose_matches_a_slow_pipeline(real_samples):
+    torch.manual_seed(6)
+    rpn = R.RPN(mid_channels=16, sizes=(32, 64, 128), max_size=256).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(rpn.head.reg.weight, std=0.02)  # non-trivial deltas
+    m = real_samples[2].map()
+    H, W = m.shape[-2:]
+    boxes, scores = rpn.propose(m, 30, pre_nms=200, nms_iou=0.6)
+    with torch.no_grad():
+        logits, deltas = rpn(m)
+    anchors = rpn.anchors(H, W)
+    order = sorted(range(len(logits)), key=lambda i: -float(logits[i]))[:200]
+    cand, cs = [], []
+    for i in order:  # Ren et al. 2015, Eq. 2 inverted, clipped, boxes under one stride dropped
+        a, d = anchors[i].tolist(), deltas[i].tolist()
+        wa, ha = a[2] - a[0], a[3] - a[1]
+        cx, cy = a[0] + wa / 2 + d[0] * wa, a[1] + ha / 2 + d[1] * ha
+        w, h = wa * math.exp(d[2]), ha * math.exp(d[3])
+        b = [min(max(cx - w / 2, 0), W * 16), min(max(cy - h / 2, 0), H * 16), min(max(cx + w / 2, 0), W * 16),
+             min(max(cy + h / 2, 0), H * 16)]
+        if b[2] - b[0] >= 16 and b[3] - b[1] >= 16:
+            cand.append(b)
+            cs.append(1 / (1 + math.exp(-float(logits[i]))))
+    keep = _slow_nms(cand, cs, 0.6)[:30]
+    np.testing.assert_allclose(boxes.numpy(), np.array(cand)[keep], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(scores.numpy(), np.array(cs)[keep], rtol=1e-5)

@@ -41,13 +41,17 @@ def _errors():
 def index(
     photos: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     index_dir: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
-    recipe: str = typer.Option("rmac", help="mac | rmac | spoc | gem | learned-rmac (needs --model)"),
+    recipe: str = typer.Option("rmac", help="mac | rmac | spoc | gem | ipa | learned-rmac (needs --model) | rpa "
+                                            "(needs --rpn)"),
     backbone: str = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0"),
     layer: Optional[str] = typer.Option(None, help="Backbone layer (default: the last conv layer)."),
     max_size: int = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024)."),
     whitening: str = typer.Option("self", help="'self' (learn on this collection), 'none', or a file from "
                                               "`isearch whitening learn`."),
     model: Optional[Path] = typer.Option(None, "--model", help="learned-rmac: a model.pt from `isearch train-rmac`."),
+    regions: str = typer.Option("grid", help="learned-rmac: R-MAC regions, 'grid' or 'rpn' (needs --rpn)."),
+    rpn: Optional[Path] = typer.Option(None, "--rpn", help="rpa / --regions rpn: an RPN model (learn.rpn.save_rpn)."),
+    proposals: int = typer.Option(256, help="rpa / --regions rpn: the top-k proposals used as regions."),
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Store compact conv maps for re-ranking."),
     weights: Optional[str] = typer.Option(None, help="Weights source or local .pt file."),
     batch: int = typer.Option(32, help="Images per durable commit."),
@@ -66,12 +70,20 @@ def index(
     from .recipes import Recipe
 
     def make_recipe() -> Recipe:
+        if regions not in ("grid", "rpn") or ((regions == "rpn" or recipe == "rpa") and rpn is None):
+            raise ValueError(f"--regions must be 'grid' or 'rpn' (got {regions!r}); --regions rpn and --recipe rpa "
+                             "need --rpn FILE (a region proposal network, learn.rpn.save_rpn)")
         if recipe == "learned-rmac":  # Gordo et al. 2016: the trained network (learn/rmac_net.py)
             if model is None:
                 raise ValueError("--recipe learned-rmac needs --model FILE (a model.pt from `isearch train-rmac`)")
             from .learn.rmac_net import learned_rmac_recipe
 
-            return learned_rmac_recipe(model, max_size=max_size)
+            return learned_rmac_recipe(model, max_size=max_size, rpn=rpn if regions == "rpn" else None,
+                                       proposals=proposals)
+        if recipe == "rpa":  # Salvador et al. 2016, Sec. 3.1: region-wise pooling of RPN proposals
+            from .learn.rpn import rpa_recipe
+
+            return rpa_recipe(rpn, proposals, max_size=max_size)
         return Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size)
 
     try:

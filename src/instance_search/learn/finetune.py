@@ -29,10 +29,9 @@ import io
 import json
 import os
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import atomic_write_bytes, file_sha256
-from .rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes, nms,
-                  roi_pool, rpn_loss, sample_labels, smooth_l1)
+from .rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes,
+                  read_state, roi_pool, rpn_loss, sample_labels, save_state, smooth_l1)
 
 __all__ = ["BBOX_STDS", "DetectorHead", "Detector", "DetectorSample", "DetectorTrainConfig", "sample_rois",
            "detector_loss", "train_detector", "flip_boxes", "query_samples", "class_detections", "save_detector",
@@ -456,37 +455,16 @@ def train_detector(det: Detector, samples: Sequence[DetectorSample], config: Det
 # ------------------------------------------------------------------------------------------------ files
 def save_detector(det: Detector, path: str | os.PathLike, **info: Any) -> Path:
     """Save a detector as a plain state dict (``.pt``) + JSON config (``.json``, with the sha256 and ``info``)."""
-    path = Path(path)
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in det.state_dict().items()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    cfg = det.config()
-    cfg.update(state_file=path.name, state_sha256=file_sha256(path), **info)
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(cfg, indent=1, default=str).encode())
-    return path
+    return save_state(det, path, det.config(), **info)
 
 
 def load_detector(path: str | os.PathLike) -> tuple[Detector, dict[str, Any]]:
     """Read a detector written by :func:`save_detector` (``torch.load(weights_only=True)``). Errors name the file."""
-    path = Path(path)
-    cpath = path.with_suffix(".json")
-    if not cpath.is_file() or not path.is_file():
-        raise FileNotFoundError(f"{path}: detector model (.pt + .json) not found")
+    path, cfg, state = read_state(path, _FORMAT, DetectorFileError, "detector")
     try:
-        cfg = json.loads(cpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise DetectorFileError(f"{cpath}: unreadable detector config ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
-        raise DetectorFileError(f"{cpath}: not a detector config")
-    if file_sha256(path) != cfg.get("state_sha256"):
-        raise DetectorFileError(f"{path}: the state file does not match its config (sha256 differs)")
-    try:
-        r = cfg["rpn"]
-        rpn = RPN(int(r["in_channels"]), int(r["mid_channels"]), r["sizes"], r["ratios"], int(r["stride"]),
-                  r.get("layer", "conv5_3"), r.get("max_size"))
-        det = Detector(rpn, len(cfg["classes"]), cfg["classes"], int(cfg["pool"]), int(cfg["hidden"]),
-                       float(cfg["dropout"]))
-        det.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        det = Detector(RPN.from_config(cfg["rpn"]), len(cfg["classes"]), cfg["classes"], int(cfg["pool"]),
+                       int(cfg["hidden"]), float(cfg["dropout"]))
+        det.load_state_dict(state, strict=True)
     except Exception as exc:
         raise DetectorFileError(f"{path}: not a readable detector ({type(exc).__name__}: {str(exc)[:300]})") from exc
     det.backbone_weights_sha256 = str(cfg.get("backbone_weights_sha256", ""))

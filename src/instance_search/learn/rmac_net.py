@@ -415,9 +415,12 @@ def apply_to_backbone(net: RMACNet, backbone) -> None:
 _LOADED: dict[tuple[str, str], RMACNet] = {}
 
 
-def learned_rmac_recipe(model: str | os.PathLike, max_size: int = 1024):
+def learned_rmac_recipe(model: str | os.PathLike, max_size: int = 1024, rpn: str | os.PathLike | None = None,
+                        proposals: int = 256):
     """A :class:`~instance_search.recipes.Recipe` ``"learned-rmac"`` describing images with a trained model
-    (``isearch index --recipe learned-rmac --model FILE``): the model's path and sha256 travel in the recipe."""
+    (``isearch index --recipe learned-rmac --model FILE``): the model's path and sha256 travel in the recipe.
+    With ``rpn`` (a model of :func:`instance_search.learn.rpn.save_rpn`), the regions are its top ``proposals``
+    boxes on the trained conv5_3 map instead of the rigid grid (Gordo et al. 2016, Sec. 3.2)."""
     from ..recipes import Recipe
 
     path = Path(model).expanduser().resolve()
@@ -426,8 +429,16 @@ def learned_rmac_recipe(model: str | os.PathLike, max_size: int = 1024):
     cfg = read_config(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: learned R-MAC model file not found")
+    extra: dict[str, Any] = {"model": str(path), "sha256": cfg["state_sha256"]}
+    if rpn is not None:
+        from .rpn import rpa_recipe
+
+        if int(proposals) < 1:
+            raise ValueError(f"proposals must be >= 1, got {proposals}")
+        r = rpa_recipe(rpn, proposals).extra  # loads and checks the RPN file
+        extra.update(regions="rpn", rpn=r["rpn"], rpn_sha256=r["sha256"], proposals=int(proposals))
     return Recipe("learned-rmac", backbone=cfg.get("backbone", "vgg16"), layer="conv5_3", levels=int(cfg["levels"]),
-                  max_size=max_size, extra={"model": str(path), "sha256": cfg["state_sha256"]})
+                  max_size=max_size, extra=extra)
 
 
 def model_for_recipe(extra: dict[str, Any]) -> RMACNet:
@@ -457,4 +468,13 @@ def recipe_region_vectors(extra: dict[str, Any], fmap: torch.Tensor) -> np.ndarr
     """(R, D) learned region vectors ``L2(W(L2(f_R) + s))`` of one conv5_3 map (from a backbone prepared with
     :func:`prepare_backbone`): the index's local vectors; their L2-normalised sum is the learned R-MAC."""
     net = model_for_recipe(extra)
-    return net.head.region_vectors(fmap.float().to(net.head.shift.device)).cpu().numpy().astype(np.float32)
+    fmap = fmap.float().to(net.head.shift.device)
+    regions = None  # the rigid grid
+    if extra.get("regions") == "rpn":  # Gordo et al. 2016, Sec. 3.2: the RPN's top proposals instead
+        from .rpn import rpn_for_recipe
+
+        rpn = rpn_for_recipe({"rpn": extra.get("rpn"), "sha256": extra.get("rpn_sha256", "")})
+        regions = rpn.proposal_cells(fmap, int(extra.get("proposals", 256)))
+    elif extra.get("regions", "grid") != "grid":
+        raise ValueError(f"recipe 'learned-rmac': regions must be 'grid' or 'rpn', got {extra.get('regions')!r}")
+    return net.head.region_vectors(fmap, regions).cpu().numpy().astype(np.float32)

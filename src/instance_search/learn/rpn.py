@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,12 +44,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import atomic_write_bytes, file_sha256
+from ..ops.integral import window_max
 
 __all__ = [
     "DEFAULT_SIZES", "DEFAULT_RATIOS", "base_anchors", "grid_anchors", "box_iou", "encode_boxes", "decode_boxes",
     "clip_boxes", "nms", "smooth_l1", "assign_anchors", "sample_labels", "RPNHead", "RPN", "rpn_loss",
     "RPNTrainConfig", "RPNSample", "train_rpn", "detection_recall", "roi_pool", "to_map_frame",
-    "from_map_frame", "save_rpn", "load_rpn", "RPNFileError", "rpa_recipe", "rpn_for_recipe", "rpa_local_vectors",
+    "from_map_frame", "save_rpn", "load_rpn", "save_state", "read_state", "RPNFileError", "rpa_recipe", "rpn_for_recipe", "rpa_local_vectors",
     "grid_boxes",
 ]
 
@@ -208,44 +209,6 @@ def smooth_l1(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ RoI pooling
-def _range_max(X: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Exact max of ``X`` (C, H, W) over each window (columns ``x..x+w-1``, rows ``y..y+h-1``): (N, C), with a
-    2-D sparse table of power-of-two block maxima (four look-ups per window). Differentiable in ``X``."""
-    c = X.shape[0]
-    out = X.new_zeros(x.shape[0], c)
-    if x.shape[0] == 0:
-        return out
-    tables: dict[tuple[int, int], torch.Tensor] = {(0, 0): X}
-
-    def table(k: int, l: int) -> torch.Tensor:
-        if (k, l) not in tables:
-            if k > 0:
-                m, d = table(k - 1, l), 1 << (k - 1)
-                tables[(k, l)] = torch.maximum(m[:, :-d], m[:, d:])
-            else:
-                m, d = table(k, l - 1), 1 << (l - 1)
-                tables[(k, l)] = torch.maximum(m[:, :, :-d], m[:, :, d:])
-        return tables[(k, l)]
-
-    kk = torch.floor(torch.log2(h.double())).long()
-    ll = torch.floor(torch.log2(w.double())).long()
-    key = kk * 64 + ll
-    parts = []
-    for g in torch.unique(key).tolist():
-        sel = torch.nonzero(key == g)[:, 0]
-        k, l = divmod(int(g), 64)
-        m = table(k, l)
-        flat, stride = m.reshape(c, -1), m.shape[2]
-        x1, y1 = x[sel], y[sel]
-        x2, y2 = x1 + w[sel] - (1 << l), y1 + h[sel] - (1 << k)
-        v = torch.maximum(torch.maximum(flat[:, y1 * stride + x1], flat[:, y1 * stride + x2]),
-                          torch.maximum(flat[:, y2 * stride + x1], flat[:, y2 * stride + x2]))
-        parts.append((sel, v.T))
-    order = torch.cat([p[0] for p in parts])
-    vals = torch.cat([p[1] for p in parts])
-    return vals[torch.argsort(order)]
-
-
 def roi_pool(fmap: torch.Tensor, boxes, output_size: int | tuple[int, int] = 7, stride: int = 16) -> torch.Tensor:
     """RoI max-pooling (Girshick 2015, "Fast R-CNN", Sec. 2.1): each box (map-frame pixels) is projected onto
     the map -- cells ``floor(x1/s) .. ceil(x2/s)`` (end-exclusive), clipped, at least one cell -- and divided
@@ -279,7 +242,8 @@ def roi_pool(fmap: torch.Tensor, boxes, output_size: int | tuple[int, int] = 7, 
     Xw = (bx1 - bx0)[:, None, :].expand(R, ph, pw).reshape(-1).long()
     Y = by0[:, :, None].expand(R, ph, pw).reshape(-1).long()
     Yh = (by1 - by0)[:, :, None].expand(R, ph, pw).reshape(-1).long()
-    v = _range_max(fmap if fmap.is_floating_point() else fmap.float(), X, Y, Xw, Yh)  # (R*ph*pw, C)
+    # exact max of every bin (2-D sparse table of ops.integral.window_max, differentiable): (R*ph*pw, C)
+    v = window_max(fmap if fmap.is_floating_point() else fmap.float(), torch.stack([X, Y, Xw, Yh], 1))
     return v.reshape(R, ph, pw, C).permute(0, 3, 1, 2).contiguous()
 
 
@@ -334,6 +298,12 @@ class RPN(nn.Module):
         self.register_buffer("base", base_anchors(self.sizes, self.ratios), persistent=False)
         self.head = RPNHead(in_channels, mid_channels, self.base.shape[0])
         self.in_channels, self.mid_channels = int(in_channels), int(mid_channels)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "RPN":
+        """An (untrained) RPN of the architecture :meth:`config` describes."""
+        return cls(int(cfg["in_channels"]), int(cfg["mid_channels"]), cfg["sizes"], cfg["ratios"], int(cfg["stride"]),
+                   cfg.get("layer", "conv5_3"), cfg.get("max_size"))
 
     @property
     def num_anchors(self) -> int:
@@ -649,53 +619,66 @@ def detection_recall(proposals: Sequence, gt: Sequence, iou_thresholds: Sequence
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_rpn(rpn: RPN, path: str | os.PathLike, **info: Any) -> Path:
-    """Save ``rpn`` as a plain state dict (``.pt``) and its JSON config (``.json`` beside it, with the state
-    file's sha256 and any ``info``, e.g. the training summary)."""
+def save_state(module: nn.Module, path: str | os.PathLike, config: dict[str, Any], **info: Any) -> Path:
+    """Write ``module``'s plain state dict (``.pt``) and ``config`` as JSON beside it (``.json``), with the state
+    file's name and sha256 and any ``info``. Shared by :func:`save_rpn` and
+    :func:`instance_search.learn.finetune.save_detector`."""
     path = Path(path)
     if path.suffix == ".json":
         raise ValueError(f"{path}: give the .pt path of the model (its config is written next to it)")
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in rpn.state_dict().items()}, buf)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, buf)
     atomic_write_bytes(path, buf.getvalue())
-    cfg = rpn.config()
-    cfg["state_file"] = path.name
-    cfg["state_sha256"] = file_sha256(path)
-    cfg.update(info)
+    cfg = dict(config, state_file=path.name, state_sha256=file_sha256(path), **info)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(cfg, indent=1, default=str).encode())
     return path
 
 
-def load_rpn(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[RPN, dict[str, Any]]:
-    """Read a model written by :func:`save_rpn` (``torch.load(weights_only=True)``: no pickled code). Errors name
-    the file."""
+def read_state(path: str | os.PathLike, fmt: str, error: type[Exception], what: str, version: int = 1,
+               map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a model written by :func:`save_state`: ``(path of the .pt, config, state dict)``. The config must
+    have format ``fmt`` (version <= ``version``) and the state file its sha256; the state is read with
+    ``torch.load(weights_only=True)`` (no pickled code). Errors (``error``) name the file."""
     path = Path(path)
     if path.suffix == ".json":
         path = path.with_suffix(".pt")
     cpath = path.with_suffix(".json")
     if not cpath.is_file():
-        raise FileNotFoundError(f"{cpath}: RPN config not found (a model is a .pt file with a .json beside it)")
+        raise FileNotFoundError(f"{cpath}: {what} config not found (a model is a .pt file with a .json beside it)")
     try:
         cfg = json.loads(cpath.read_text())
     except (OSError, ValueError) as exc:
-        raise RPNFileError(f"{cpath}: unreadable RPN config ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
-        raise RPNFileError(f"{cpath}: not an RPN config")
-    if int(cfg.get("format_version", 0)) > _FORMAT_VERSION:
-        raise RPNFileError(f"{cpath}: RPN format {cfg.get('format_version')} is newer than supported")
+        raise error(f"{cpath}: unreadable {what} config ({exc})") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
+        raise error(f"{cpath}: not a {what} config (format {fmt!r} expected)")
+    if int(cfg.get("format_version", 0)) > version:
+        raise error(f"{cpath}: {what} format {cfg.get('format_version')} is newer than supported")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: RPN model file not found")
+        raise FileNotFoundError(f"{path}: {what} model file not found")
     if file_sha256(path) != cfg.get("state_sha256"):
-        raise RPNFileError(f"{path}: the state file does not match its config {cpath.name} (sha256 differs)")
+        raise error(f"{path}: the state file does not match its config {cpath.name} (sha256 differs)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-        rpn = RPN(int(cfg["in_channels"]), int(cfg["mid_channels"]), cfg["sizes"], cfg["ratios"], int(cfg["stride"]),
-                  cfg.get("layer", "conv5_3"), cfg.get("max_size"))
+    except Exception as exc:  # unpickling / zip errors
+        raise error(f"{path}: not a readable {what} state dict ({type(exc).__name__}: {exc})") from exc
+    return path, cfg, state
+
+
+def save_rpn(rpn: RPN, path: str | os.PathLike, **info: Any) -> Path:
+    """Save ``rpn`` as a plain state dict (``.pt``) and its JSON config (``.json`` beside it, with the state
+    file's sha256 and any ``info``, e.g. the training summary)."""
+    return save_state(rpn, path, rpn.config(), **info)
+
+
+def load_rpn(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[RPN, dict[str, Any]]:
+    """Read a model written by :func:`save_rpn` (``torch.load(weights_only=True)``: no pickled code). Errors name
+    the file."""
+    path, cfg, state = read_state(path, _FORMAT, RPNFileError, "RPN", _FORMAT_VERSION, map_location)
+    try:
+        rpn = RPN.from_config(cfg)
         rpn.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise RPNFileError(f"{path}: not a readable RPN state dict ({type(exc).__name__}: {str(exc)[:300]})") from exc
-    except Exception as exc:  # unpickling / zip errors
-        raise RPNFileError(f"{path}: not a readable RPN state dict ({type(exc).__name__}: {exc})") from exc
     rpn.eval()
     return rpn.to(map_location), cfg
 

@@ -41,10 +41,15 @@ def ca_sr_regions(query_vec, regions: Sequence, shortlist_scores=None, whitening
     ``query_vec``: (C,) MAC of the query box; ``regions``: per short-listed image an (R_i, C) array of region MACs
     (e.g. of its RPN proposals); ``cells``: optional per image (R_i, 4) cell boxes of those regions (returned as
     the images' boxes; zeros otherwise); ``whitening``: callable or object with ``.transform``."""
+    return _best_regions(region_vectors(query_vec, whitening)[0], regions, whitening, cells, shortlist_scores)
+
+
+def _best_regions(qv: torch.Tensor, regions: Sequence, whitening, cells, shortlist_scores) -> RerankResult:
+    """Each image's best cosine between the (already normalised / whitened) query vector ``qv`` and its region
+    vectors ``L2(W(L2 f))``; the winning region's cell box and vector come with it."""
     n = len(regions)
     if cells is not None and len(cells) != n:
         raise ValueError(f"{len(cells)} cell arrays for {n} images")
-    qv = region_vectors(query_vec, whitening)[0]
     scores = np.zeros(n)
     boxes = np.zeros((n, 4), dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
@@ -131,21 +136,7 @@ def qe_after_rerank(query_vec, result: RerankResult, regions: Sequence, top: int
     v = q + np.asarray(result.vectors, dtype=np.float64)[best].sum(axis=0)
     v = v / max(np.linalg.norm(v), 1e-12)
     # the expanded vector is already whitened: score it against the whitened regions directly
-    n = len(regions)
-    scores = np.zeros(n)
-    boxes = np.zeros((n, 4), dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int64)
-    vectors = []
-    vt = torch.from_numpy(v)
-    for i, R in enumerate(regions):
-        RV = region_vectors(np.asarray(R), whitening)
-        cs = RV @ vt
-        b = int(torch.argmax(cs))
-        scores[i], counts[i] = float(cs[b]), RV.shape[0]
-        if cells is not None:
-            boxes[i] = np.asarray(cells[i])[b]
-        vectors.append(RV[b].numpy())
-    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts, np.stack(vectors))
+    return _best_regions(torch.from_numpy(v), regions, whitening, cells, shortlist_scores)
 
 
 def full_ranking(first_stage_order: np.ndarray, shortlist: int, rerank_order: np.ndarray) -> np.ndarray:
