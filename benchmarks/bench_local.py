@@ -6,9 +6,10 @@ Holidays and vice versa. One forward pass per image and scale serves every layer
 cached in benchmarks/cache/ (gitignored), so a re-run only re-scores. Single-threaded by default (the machine
 is shared: one thread per process is several times faster than oversubscribed pools there).
 
-    nohup python benchmarks/bench_local.py > benchmarks/results/local.log 2>&1 &
+    nohup python benchmarks/bench_local.py > benchmarks/results/local.log 2>&1 &           # small subsets
+    nohup python benchmarks/bench_local.py --full > benchmarks/results/local_full.log 2>&1 &  # full collections
 
-Writes benchmarks/results/local.json and benchmarks/results/sweep.png.
+Writes benchmarks/results/local.json + sweep.png (small), local_full.json + sweep_full*.png (--full).
 """
 from __future__ import annotations
 
@@ -74,67 +75,151 @@ def _findings(result) -> dict[str, dict[str, object]]:
     return out
 
 
+def _size(v: int | None) -> int | None:
+    return None if not v else int(v)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true",
+                    help="the full-size protocol: all of Holidays-811 at its native 325x243, all of UKBench-1000 "
+                         "at max side 320 (scale 2 = its native 640), Table 3 at 1024-D and 4224-D on both, "
+                         "Table 4 on Holidays, ResNet-50 sweep; writes local_full.json / sweep_full*.png")
     ap.add_argument("--holidays", type=int, default=300, help="first N Holidays images (811 = all)")
     ap.add_argument("--ukbench", type=int, default=300, help="first N UKBench images (1000 = all)")
     ap.add_argument("--max-size", type=int, default=192, help="longest image side at scale 1 (scale 2 doubles it)")
+    ap.add_argument("--holidays-max-size", type=int, default=None, help="override --max-size for Holidays (0: native)")
+    ap.add_argument("--ukbench-max-size", type=int, default=None, help="override --max-size for UKBench (0: native)")
+    ap.add_argument("--steps", nargs="*", default=None,
+                    choices=["sweep", "grid", "sweep_resnet50", "table4", "speed"],
+                    help="what to run, in this order (default: sweep grid speed; --full: all)")
     ap.add_argument("--layers", nargs="*", default=None, help="VGG16 layers to sweep (default conv3_1 .. pool5)")
-    ap.add_argument("--grid-evaluate", nargs="*", default=["holidays"], help="benchmarks scored in the Table-3 grid")
-    ap.add_argument("--speed-images", type=int, default=30,
-                    help="Holidays images at their native 325x243 size for the speed test")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sweep", "grid", "speed"])
+    ap.add_argument("--grid-evaluate", nargs="*", default=None, help="benchmarks scored in the Table-3 grid")
+    ap.add_argument("--grid-configs", nargs="*", default=None, help="table2 and/or 1024 (default: table2)")
+    ap.add_argument("--table4-dims", nargs="*", type=int, default=[512, 1024, 2048, 4096, 8064])
+    ap.add_argument("--table4-masks", nargs="*", default=["none", "sift", "sum", "max"])
+    ap.add_argument("--scale-limits", type=json.loads, default=None,
+                    help='JSON {scale: {benchmark: N}}: pass only the first N images of a benchmark at that scale '
+                         '(CPU time); its partner\'s PCA-whitening is then learned on them at every scale and it is '
+                         'also scored on them. --full default: {"2": {"holidays": 150, "ukbench": 150}}')
+    ap.add_argument("--resnet-ukbench", type=int, default=None,
+                    help="UKBench images for the ResNet-50 sweep (its held-out partner for Holidays; default all)")
+    ap.add_argument("--speed-images", type=int, default=30, help="Holidays images (native size) in the speed test")
     ap.add_argument("--k", type=int, default=100, help="VLAD codebook size (Ng et al.: 100)")
     ap.add_argument("--out-dim", type=int, default=128, help="PCA-whitened VLAD dimension (Ng et al.: 128)")
+    ap.add_argument("--engine", default="winograd", choices=["exact", "winograd"],
+                    help="VGG16 engine (winograd: same maps to ~1e-6 relative, several times faster on a CPU)")
     ap.add_argument("--threads", type=int, default=int(_THREADS))
+    ap.add_argument("--out", default=None, help="results name (default local, --full: local_full)")
     ap.add_argument("--cache-dir", default=str(HERE / "cache"))
     args = ap.parse_args(argv)
+    if args.full:
+        args.holidays, args.ukbench = 811, 1000
+        args.holidays_max_size = 0 if args.holidays_max_size is None else args.holidays_max_size
+        args.ukbench_max_size = 320 if args.ukbench_max_size is None else args.ukbench_max_size
+        if args.scale_limits is None:
+            args.scale_limits = {"2": {"holidays": 150, "ukbench": 150}}
+    steps = args.steps or (["sweep", "grid", "sweep_resnet50", "table4", "speed"] if args.full
+                           else ["sweep", "grid", "speed"])
+    configs = args.grid_configs or (["1024", "table2"] if args.full else ["table2"])
+    grid_eval = args.grid_evaluate or (["holidays", "ukbench"] if args.full else ["holidays"])
+    name = args.out or ("local_full" if args.full else "local")
+    hsize = args.max_size if args.holidays_max_size is None else _size(args.holidays_max_size)
+    usize = args.max_size if args.ukbench_max_size is None else _size(args.ukbench_max_size)
+    specs = [BenchSpec("holidays", args.holidays, hsize), BenchSpec("ukbench", args.ukbench, usize)]
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    specs = [BenchSpec("holidays", args.holidays, args.max_size), BenchSpec("ukbench", args.ukbench, args.max_size)]
-    report: dict[str, object] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or
-                                 platform.machine(), "threads": args.threads, "cpu_count": os.cpu_count()}
     RESULTS.mkdir(parents=True, exist_ok=True)
+    out_path = RESULTS / f"{name}.json"
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+            "threads": args.threads, "cpu_count": os.cpu_count(), "engine": args.engine}
+    report: dict[str, object] = {}
 
-    def save():
-        report["cpu_seconds"] = round(time.process_time() - cpu0, 1)
-        report["wall_seconds"] = round(time.perf_counter() - wall0, 1)
-        atomic_write_bytes(RESULTS / "local.json", json.dumps(report, indent=1).encode())
+    def save(key=None, value=None):
+        """Update this run's keys in the results file; it is re-read first, so that results accumulate over
+        runs of single steps, even concurrent ones (a grid run on one benchmark keeps the other's rows)."""
+        old = json.loads(out_path.read_text()) if out_path.exists() else {}
+        if key is not None:
+            prev = old.get(key)
+            if key.startswith("grid") and isinstance(prev, dict) and prev.get("settings", {}).get("config") == \
+                    value["settings"]["config"]:
+                mine = {r["benchmark"] for r in value["rows"]}
+                value = {**value, "rows": [r for r in prev["rows"] if r["benchmark"] not in mine] + value["rows"],
+                         "kept": {**prev.get("kept", {}), **value["kept"]}}
+                value["table"] = grid_table(value)
+            report[key] = value
+        old.update(meta)
+        old.update(report)
+        old["cpu_seconds_last_run"] = round(time.process_time() - cpu0, 1)
+        old["wall_seconds_last_run"] = round(time.perf_counter() - wall0, 1)
+        old["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+        atomic_write_bytes(out_path, json.dumps(old, indent=1).encode())
 
-    if "sweep" not in args.skip:
-        _log("Ng et al. 2015 layer x scale sweep")
-        res = layer_scale_sweep(specs, layers=args.layers, scales=(1.0, 2.0), k=args.k, out_dim=args.out_dim,
-                                codebook_images=60, features_per_image=200, cache_dir=args.cache_dir,
-                                save_maps=("conv5_3",), keypoints=True, threads=args.threads, log=_log)
+    def sweep(backbone: str, sweep_specs, layers, plot_name: str | None, scales=(1.0, 2.0), scale_limits=None):
+        _log(f"Ng et al. 2015 layer x scale sweep, {backbone}, scales {scales}, limits {scale_limits}")
+        res = layer_scale_sweep(sweep_specs, backbone=backbone, layers=layers, scales=scales, k=args.k,
+                                out_dim=args.out_dim, codebook_images=60, features_per_image=200,
+                                cache_dir=args.cache_dir, save_maps=("conv5_3",) if backbone == "vgg16" else (),
+                                keypoints=True, engine=args.engine if backbone == "vgg16" else "exact",
+                                scale_limits=scale_limits, threads=args.threads, log=_log)
         res["table"] = sweep_table(res)
         res["findings"] = _findings(res)
         res["paper"] = PAPER_NG
-        plot_sweep(res, RESULTS / "sweep.png")
-        report["sweep"] = res
+        if plot_name:
+            plot_sweep(res, RESULTS / plot_name)
         print("\n" + res["table"] + "\n", flush=True)
         print(json.dumps(res["findings"], indent=1), flush=True)
         print(PAPER_NG, flush=True)
-        save()
-    if "grid" not in args.skip:
-        _log("Hoang et al. 2017 Table-3 grid (Table-2 configurations, D = 4224)")
-        res = selective_grid(specs, evaluate=args.grid_evaluate, config="table2", cache_dir=args.cache_dir,
-                             selective_kw={"drop_samples": 2000}, threads=args.threads, log=_log)
+        return res
+
+    def grid(config, pairs=None, evaluate=None, masks=None):
+        kw = {} if pairs is None else {"pairs": pairs}
+        if masks is not None:
+            kw["masks"] = masks
+        res = selective_grid(specs, evaluate=evaluate or grid_eval, config=config, cache_dir=args.cache_dir,
+                             engine=args.engine, selective_kw={"drop_samples": 2000}, threads=args.threads,
+                             log=_log, **kw)
         res["table"] = grid_table(res)
         res["paper_kept_percent"] = PAPER_HOANG_KEPT
-        report["grid"] = res
         print("\n" + res["table"] + "\n", flush=True)
         print(f"kept % (ours): {res['kept']}  paper ~ {PAPER_HOANG_KEPT}", flush=True)
-        save()
-    if "speed" not in args.skip:
-        _log("online speed at 512-D (T-emb, democratic) against R-MAC, same conv5_3 maps")
-        res = selective_speed(specs[1], BenchSpec("holidays", args.speed_images, None), dim=512,
-                              aggregation="democratic", n_images=args.speed_images, cache_dir=args.cache_dir,
-                              repeats=3, threads=args.threads, log=_log)
-        report["speed"] = res
-        print(json.dumps(res, indent=1), flush=True)
-        save()
+        return res
+
+    full_sfx = "_full" if args.full else ""
+    for step in steps:
+        if step == "sweep":
+            limits = {float(a): b for a, b in args.scale_limits.items()} if args.scale_limits else None
+            if limits and any(a != 1.0 for a in limits):
+                # scale 1 alone with every training image it has, then all scales on a common training set
+                save("sweep_scale1", sweep("vgg16", specs, args.layers, None, scales=(1.0,),
+                                           scale_limits={1.0: limits[1.0]} if 1.0 in limits else None))
+            save("sweep", sweep("vgg16", specs, args.layers, f"sweep{full_sfx}.png", scale_limits=limits))
+        elif step == "sweep_resnet50":
+            limits = {q: {"ukbench": args.resnet_ukbench} for q in (1.0, 2.0)} if args.resnet_ukbench else None
+            save("sweep_resnet50", sweep("resnet50", specs, None, f"sweep{full_sfx}_resnet50.png",
+                                         scale_limits=limits))
+        elif step == "grid":
+            for config in configs:
+                cfg = config if config == "table2" else int(config)
+                _log(f"Hoang et al. 2017 Table-3 grid, config {cfg}")
+                save(f"grid_{config}" if args.full or config != "table2" else "grid", grid(cfg))
+        elif step == "table4":
+            rows = []
+            for dim in args.table4_dims:
+                _log(f"Hoang et al. 2017 Table 4: T-emb + democratic at {dim}-D on Holidays")
+                res = grid(dim, pairs=[("temb", "democratic")], evaluate=["holidays"], masks=args.table4_masks)
+                rows += res["rows"]
+                save("table4", {"paper": "Hoang et al. 2017, Table 4", "rows": rows, "kept": res["kept"],
+                                "settings": res["settings"]})
+        elif step == "speed":
+            _log("online speed at 512-D (T-emb, democratic) against R-MAC, same conv5_3 maps")
+            test = specs[0] if args.full else BenchSpec("holidays", args.speed_images, None)
+            res = selective_speed(specs[1], test, dim=512, aggregation="democratic", n_images=args.speed_images,
+                                  cache_dir=args.cache_dir, repeats=3, threads=args.threads, log=_log)
+            print(json.dumps(res, indent=1), flush=True)
+            save("speed", res)
     save()
-    _log(f"done: {report['cpu_seconds']} CPU s, {report['wall_seconds']} wall s -> {RESULTS / 'local.json'}")
+    _log(f"done: {time.process_time() - cpu0:.1f} CPU s, {time.perf_counter() - wall0:.1f} wall s -> {out_path}")
     return 0
 
 

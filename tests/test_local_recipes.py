@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from instance_search.local_recipes import (
+    DIM1024,
     TABLE2,
     TABLE4,
     LocalModelFileError,
@@ -22,7 +23,8 @@ from instance_search.local_recipes import (
     mask_cells,
     ng_vlad,
 )
-from instance_search.sweep import limit_threads, plot_sweep, subset_benchmark, sweep_table
+from instance_search.sweep import (_make_selective, _per_image_ms, limit_threads, plot_sweep, subset_benchmark,
+                                   sweep_table)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,6 +62,27 @@ def test_table4_dimensions():
     for dim, cfg in TABLE4.items():
         sel = Selective.table4(dim)
         assert sel.dim == dim and sel.embedding == cfg["embedding"] and sel.drop == cfg["d"]
+
+
+@pytest.mark.parametrize("embedding", sorted(DIM1024))
+def test_dim1024_configs_encode_1024(embedding):
+    sel = _make_selective(1024, "sum", embedding, "democratic", features_per_image=100, gmm_iter=5,
+                          drop_samples=600)
+    assert sel.dim == 1024 and sel.embedding == embedding
+    assert sel.embed_dim == embedding_dim(embedding, sel.d, sel.k)
+    maps = _maps(12, c=64)
+    sel.fit(maps[:10])
+    v = sel.encode(maps[11])
+    assert v.shape == (1024,) and np.isfinite(v).all() and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5)
+    # other Table-4 sizes keep T-emb's (d, k) for every embedding
+    assert _make_selective(512, "max", "vlad", "sum").d == 32
+
+
+def test_per_image_ms_counts_cpu_not_sleep():
+    import time
+
+    cpu, wall = _per_image_ms(lambda i, x: time.sleep(0.01), [0, 1, 2], repeats=2)
+    assert wall >= 9.0 and cpu < 5.0
 
 
 def test_aggregations_and_masks_run_and_differ():
@@ -258,3 +281,31 @@ def test_end_to_end_holidays24_beats_chance(real_maps):
     acc_ng, p1_ng = _pair_accuracy(bench, ng.encode_many(maps))
     print("ng", acc_ng, p1_ng)
     assert acc_ng > 0.7, (acc_ng, p1_ng)
+
+
+def test_vlad_pass_resumes_and_serves_limits(tmp_path):
+    """A pass stopped after the first images (``limit``) goes on where it stopped and ends with the same VLADs
+    as one uninterrupted pass; a limited request never runs more images than asked."""
+    from instance_search.sweep import BenchSpec, _vlad_pass
+
+    calls = []
+
+    class Stub:  # deterministic 'conv maps' of the image content, counting forward passes
+        def features(self, img, layers, scales):
+            calls.append(1)
+            a = np.asarray(img.resize((4, 3)), np.float32).transpose(2, 0, 1) / 255.0
+            return {(layer, s): torch.from_numpy(np.concatenate([a, a ** 2])) for layer in layers for s in scales}
+
+    spec = BenchSpec("ukbench", 8, 64)
+    rng = np.random.default_rng(0)
+    cbs = {"ukbench": {"l": rng.random((5, 6)).astype(np.float32)}}
+    args = (spec, ["l"], 1.0, cbs, lambda: Stub())
+    kw = dict(backbone="stub", save_maps=(), keypoints=False, log=lambda m: None)
+    part = _vlad_pass(*args, tmp_path / "a", **kw, limit=3)[("l", "ukbench")]
+    assert len(calls) == 3 and np.abs(part[:3]).sum() > 0 and not part[3:].any()
+    full = np.array(_vlad_pass(*args, tmp_path / "a", **kw)[("l", "ukbench")])
+    assert len(calls) == 8  # resumed at image 3
+    ref = np.array(_vlad_pass(*args, tmp_path / "b", **kw)[("l", "ukbench")])
+    np.testing.assert_array_equal(full, ref)
+    _vlad_pass(*args, tmp_path / "a", **kw, limit=5)
+    assert len(calls) == 16  # the reference pass ran 8; nothing more for a request already served

@@ -45,6 +45,7 @@ __all__ = [
     "MASKS",
     "TABLE2",
     "TABLE4",
+    "DIM1024",
     "LocalModelFileError",
     "NgVLAD",
     "NotFittedError",
@@ -79,6 +80,15 @@ TABLE4: dict[int, dict[str, Any]] = {
     2048: {"embedding": "temb", "d": 64, "k": 33},
     4096: {"embedding": "temb", "d": 64, "k": 65},
     8064: {"embedding": "temb", "d": 128, "k": 64},
+}
+#: Every embedding at D = 1024 (the issue's comparison size; Hoang et al. give Table 3 at 4224-D only):
+#: FV 2kd, VLAD kd, T-emb (k-1)d (= Table 4's 1024-D row). F-FAemb cannot hit 1024 exactly ((k-1) d(d+1)/2 is
+#: never a power of two), so it keeps d = 16, k = 9 and drops 200 = 136 + 64 leading components instead of 136.
+DIM1024: dict[str, dict[str, int]] = {
+    "fv": {"d": 32, "k": 16},  # 2 * 16 * 32 = 1024
+    "vlad": {"d": 64, "k": 16},  # 16 * 64 = 1024
+    "temb": {"d": 64, "k": 17},  # 17 * 64 - 64 = 1024
+    "ffaemb": {"d": 16, "k": 9, "drop": 200},  # 9 * 136 - 200 = 1024
 }
 
 
@@ -647,6 +657,13 @@ class Selective:
             raise ValueError(f"no Table-4 configuration of {dim} dimensions; choose one of {sorted(TABLE4)}")
         cfg = {**TABLE4[dim], **kw}
         return cls(mask, cfg.pop("embedding"), aggregation, **cfg)
+
+    @classmethod
+    def dim1024(cls, embedding: str, mask: str = "max", aggregation: str = "democratic", **kw) -> "Selective":
+        """``embedding`` at D = 1024 (:data:`DIM1024`), for the 1024-D version of Table 3."""
+        if embedding not in DIM1024:
+            raise ValueError(f"unknown embedding {embedding!r}; choose one of {', '.join(DIM1024)}")
+        return cls(mask, embedding, aggregation, **{**DIM1024[embedding], **kw})
 
     def __repr__(self) -> str:
         return (f"Selective(mask={self.mask!r}, embedding={self.embedding!r}, aggregation={self.aggregation!r}, "
