@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid-configs", nargs="*", default=None, help="table2 and/or 1024 (default: table2)")
     ap.add_argument("--table4-dims", nargs="*", type=int, default=[512, 1024, 2048, 4096, 8064])
     ap.add_argument("--table4-masks", nargs="*", default=["none", "sift", "sum", "max"])
+    ap.add_argument("--resnet-scales", type=float, nargs="+", default=[1.0, 2.0],
+                    help="scales of the ResNet-50 sweep (default 1 2)")
     ap.add_argument("--scale-limits", type=json.loads, default=None,
                     help='JSON {scale: {benchmark: N}}: pass only the first N images of a benchmark at that scale '
                          '(CPU time); its partner\'s PCA-whitening is then learned on them at every scale and it is '
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
         elif step == "sweep_resnet50":
             limits = {q: {"ukbench": args.resnet_ukbench} for q in (1.0, 2.0)} if args.resnet_ukbench else None
             save("sweep_resnet50", sweep("resnet50", specs, None, f"sweep{full_sfx}_resnet50.png",
-                                         scale_limits=limits))
+                                         scales=tuple(args.resnet_scales), scale_limits=limits))
         elif step == "grid":
             for config in configs:
                 cfg = config if config == "table2" else int(config)
