@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fileio import atomic_write_bytes, file_sha256
+from .modelfile import read_state, save_state
 from .rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes,
-                  read_state, roi_pool, rpn_loss, sample_labels, save_state, smooth_l1)
+                  roi_pool, rpn_loss, sample_labels, smooth_l1)
 
 __all__ = ["BBOX_STDS", "DetectorHead", "Detector", "DetectorSample", "DetectorTrainConfig", "sample_rois",
            "detector_loss", "train_detector", "flip_boxes", "query_samples", "class_detections", "save_detector",

@@ -24,7 +24,6 @@ runs the trainable layers. A trained model is saved as a plain state dict (``.pt
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -35,8 +34,9 @@ import torch
 import torch.nn as nn
 
 from ..backbones.vgg16 import VGG16, VGG16_CHANNELS, VGG16_STRIDES
-from ..fileio import atomic_write_bytes, file_sha256
 from ..ops.pooling import region_macs, rmac_regions
+from .modelfile import read_config as _read_config
+from .modelfile import read_state, save_state
 from .pca_whitening import PCAWhitening
 
 __all__ = ["TRAIN_LAYERS", "INPUT_LAYER", "RMACHead", "RMACNet", "roi_max_pool", "learned_rmac_regions",
@@ -321,70 +321,36 @@ def fit_head_whitening(net: RMACNet, inputs: Sequence[torch.Tensor], trained_on:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _config_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
 def save_model(net: RMACNet, path: str | os.PathLike, **info: Any) -> Path:
     """Save ``net`` as a plain state dict at ``path`` (``.pt``) and its JSON config at ``path`` with ``.json``
     (architecture, backbone weights, the state file's sha256, and any ``info`` such as the training summary)."""
-    import io
+    return save_state(net, path, net.config(), **info)
 
-    path = Path(path)
-    if path.suffix == ".json":
-        raise ValueError(f"{path}: give the .pt path of the model (its config is written next to it)")
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    cfg = net.config()
-    cfg["state_file"] = path.name
-    cfg["state_sha256"] = file_sha256(path)
-    cfg.update(info)
-    atomic_write_bytes(_config_path(path), json.dumps(cfg, indent=1, default=str).encode())
-    return path
+
+_WHAT, _HINT = "learned R-MAC", "written by `isearch train-rmac`"
+
+
+def _check_keys(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    for key in ("train_layers", "levels", "out_dim", "state_sha256"):
+        if key not in cfg:
+            raise ModelFileError(f"{path.with_suffix('.json')}: model config lacks {key!r}")
+    return cfg
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a saved model (``path`` is the ``.pt`` file or its ``.json``)."""
-    path = Path(path)
-    cpath = path if path.suffix == ".json" else _config_path(path)
-    if not cpath.is_file():
-        raise FileNotFoundError(f"{cpath}: learned R-MAC config not found (a model is a .pt file with a .json "
-                                f"beside it, written by `isearch train-rmac`)")
-    try:
-        cfg = json.loads(cpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{cpath}: unreadable model config ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
-        raise ModelFileError(f"{cpath}: not a learned R-MAC config (format {cfg.get('format') if isinstance(cfg, dict) else None!r})")
-    if int(cfg.get("format_version", 0)) > _FORMAT_VERSION:
-        raise ModelFileError(f"{cpath}: model format {cfg.get('format_version')} is newer than supported")
-    for key in ("train_layers", "levels", "out_dim", "state_sha256"):
-        if key not in cfg:
-            raise ModelFileError(f"{cpath}: model config lacks {key!r}")
-    return cfg
+    return _check_keys(Path(path), _read_config(path, _FORMAT, ModelFileError, _WHAT, _FORMAT_VERSION, _HINT))
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[RMACNet, dict[str, Any]]:
     """Read a model written by :func:`save_model` (``torch.load(weights_only=True)``: no pickled code).
     Returns ``(net, config)``. Errors name the file."""
-    path = Path(path)
-    if path.suffix == ".json":
-        path = path.with_suffix(".pt")
-    cfg = read_config(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: learned R-MAC model file not found")
-    if file_sha256(path) != cfg["state_sha256"]:
-        raise ModelFileError(f"{path}: the state file does not match its config {_config_path(path).name} "
-                             f"(sha256 differs): damaged, or from another training run")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors, zip errors ...
-        raise ModelFileError(f"{path}: not a readable state dict ({type(exc).__name__}: {exc})") from exc
+    path, cfg, state = read_state(path, _FORMAT, ModelFileError, _WHAT, _FORMAT_VERSION, map_location, _HINT)
+    _check_keys(path, cfg)
     try:
         net = RMACNet(cfg["train_layers"], out_dim=int(cfg["out_dim"]), levels=int(cfg["levels"]))
     except ValueError as exc:
-        raise ModelFileError(f"{_config_path(path)}: {exc}") from exc
+        raise ModelFileError(f"{path.with_suffix('.json')}: {exc}") from exc
     try:
         net.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -45,12 +45,13 @@ import torch.nn.functional as F
 
 from ..fileio import atomic_write_bytes, file_sha256
 from ..ops.integral import window_max
+from .modelfile import read_state, save_state
 
 __all__ = [
     "DEFAULT_SIZES", "DEFAULT_RATIOS", "base_anchors", "grid_anchors", "box_iou", "encode_boxes", "decode_boxes",
     "clip_boxes", "nms", "smooth_l1", "assign_anchors", "sample_labels", "RPNHead", "RPN", "rpn_loss",
     "RPNTrainConfig", "RPNSample", "train_rpn", "detection_recall", "roi_pool", "to_map_frame",
-    "from_map_frame", "save_rpn", "load_rpn", "save_state", "read_state", "RPNFileError", "rpa_recipe", "rpn_for_recipe", "rpa_local_vectors",
+    "from_map_frame", "save_rpn", "load_rpn", "RPNFileError", "rpa_recipe", "rpn_for_recipe", "rpa_local_vectors",
     "grid_boxes",
 ]
 
@@ -619,51 +620,6 @@ def detection_recall(proposals: Sequence, gt: Sequence, iou_thresholds: Sequence
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_state(module: nn.Module, path: str | os.PathLike, config: dict[str, Any], **info: Any) -> Path:
-    """Write ``module``'s plain state dict (``.pt``) and ``config`` as JSON beside it (``.json``), with the state
-    file's name and sha256 and any ``info``. Shared by :func:`save_rpn` and
-    :func:`instance_search.learn.finetune.save_detector`."""
-    path = Path(path)
-    if path.suffix == ".json":
-        raise ValueError(f"{path}: give the .pt path of the model (its config is written next to it)")
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    cfg = dict(config, state_file=path.name, state_sha256=file_sha256(path), **info)
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(cfg, indent=1, default=str).encode())
-    return path
-
-
-def read_state(path: str | os.PathLike, fmt: str, error: type[Exception], what: str, version: int = 1,
-               map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a model written by :func:`save_state`: ``(path of the .pt, config, state dict)``. The config must
-    have format ``fmt`` (version <= ``version``) and the state file its sha256; the state is read with
-    ``torch.load(weights_only=True)`` (no pickled code). Errors (``error``) name the file."""
-    path = Path(path)
-    if path.suffix == ".json":
-        path = path.with_suffix(".pt")
-    cpath = path.with_suffix(".json")
-    if not cpath.is_file():
-        raise FileNotFoundError(f"{cpath}: {what} config not found (a model is a .pt file with a .json beside it)")
-    try:
-        cfg = json.loads(cpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise error(f"{cpath}: unreadable {what} config ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
-        raise error(f"{cpath}: not a {what} config (format {fmt!r} expected)")
-    if int(cfg.get("format_version", 0)) > version:
-        raise error(f"{cpath}: {what} format {cfg.get('format_version')} is newer than supported")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} model file not found")
-    if file_sha256(path) != cfg.get("state_sha256"):
-        raise error(f"{path}: the state file does not match its config {cpath.name} (sha256 differs)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling / zip errors
-        raise error(f"{path}: not a readable {what} state dict ({type(exc).__name__}: {exc})") from exc
-    return path, cfg, state
-
-
 def save_rpn(rpn: RPN, path: str | os.PathLike, **info: Any) -> Path:
     """Save ``rpn`` as a plain state dict (``.pt``) and its JSON config (``.json`` beside it, with the state
     file's sha256 and any ``info``, e.g. the training summary)."""
