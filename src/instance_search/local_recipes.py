@@ -5,7 +5,7 @@
   codebook (k = 100) learned on a held-out collection, residual sums, intra-normalisation, L2; PCA + whitening
   to 128-D. Scale 2 = the input enlarged 2x (one forward pass per scale); multi-scale = the scales' VLADs
   concatenated before the PCA. Works on the maps of any backbone (VGG16 ``conv1_1``..``pool5``, ResNet-50
-  ``res2``..``res5``); the paper's GoogLeNet is not offered (no weights available here).
+  ``res2``..``res5``); GoogLeNet (``inception_3a``..``inception_5b``) with weights the user supplies (none reach this machine).
 * :class:`Selective` -- Hoang, Do, Le Tan & Cheung 2017, "Selective deep convolutional features for image
   retrieval" (ACM MM): a mask (SIFT / SUM / MAX, Sec. 3.1) selects cells of a conv map; the kept features are
   PCA-reduced to ``d`` and L2-normalised, embedded one by one (FV, VLAD, T-emb, F-FAemb), aggregated (sum /

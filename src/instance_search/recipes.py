@@ -40,7 +40,7 @@ from .ops.normalize import l2n
 from .ops.pooling import gem, mac, region_macs, rmac_regions, spoc
 
 RECIPES = ("mac", "rmac", "spoc", "gem", "learned-rmac", "ipa", "rpa")
-BACKBONES = ("vgg16", "resnet50", "efficientnet-lite0")
+BACKBONES = ("vgg16", "resnet50", "efficientnet-lite0", "googlenet")  # googlenet: user-supplied weights
 
 
 @dataclass

