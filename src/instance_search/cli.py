@@ -124,8 +124,12 @@ def search(
     top: int = typer.Option(10, help="Number of results."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     show: Optional[Path] = typer.Option(None, help="Draw the ranked list into this PNG."),
-    rerank: str = typer.Option("none", help="none | aml (Tolias: localise with AML) | casr (Salvador CA-SR)."),
+    rerank: str = typer.Option("none", help="none | aml (Tolias: localise with AML) | aml-fast (coarse AML on the "
+                               "query's strongest channels) | casr (Salvador CA-SR)."),
     shortlist: int = typer.Option(1000, help="How many top results to re-rank."),
+    fast_k: int = typer.Option(512, "--fast-k", help="aml-fast: number of query channels K (512: all VGG16 ones)."),
+    fast_g: int = typer.Option(8, "--fast-g", help="aml-fast: max-pooling factor g of the coarse maps."),
+    fast_step: int = typer.Option(2, "--fast-step", help="aml-fast: window step in coarse cells."),
     qe: int = typer.Option(0, help="Average query expansion with the top QE results (0: off)."),
     faiss_kind: str = typer.Option("flat", "--faiss", help="flat (exact) | hnsw | ivfpq (approximate)."),
 ) -> None:
@@ -136,6 +140,7 @@ def search(
     try:
         b = parse_box(box)
         col = Collection.open(index_dir, faiss_kind=faiss_kind)
+        col.aml_fast_options = {"K": fast_k, "g": fast_g, "step": fast_step}
         t0 = time.perf_counter()
         hits = col.search(query, box=b, top=top, rerank=rerank, shortlist=shortlist, qe=qe)
         dt = time.perf_counter() - t0
@@ -206,9 +211,11 @@ def whitening_learn(
 
 @weights_app.command("fetch")
 def weights_fetch(
-    arch: str = typer.Argument("all", help="vgg16 | resnet50 | efficientnet-lite0 | all"),
+    arch: str = typer.Argument("all", help="vgg16 | resnet50 | efficientnet-lite0 | googlenet | all (the first "
+                                           "three: googlenet has no registry source)"),
     source: Optional[str] = typer.Option(None, help="Only this source (see `isearch weights list`)."),
-    path: Optional[Path] = typer.Option(None, help="A local state-dict file to use."),
+    path: Optional[Path] = typer.Option(None, help="A local state-dict file to use (googlenet: a torchvision-layout "
+                                                   "file, checked and cached for later loads)."),
 ) -> None:
     """Fetch (and convert) backbone weights into the cache, checking their sha256."""
     from .backbones.weights import WeightsError, fetch_weights
@@ -314,8 +321,10 @@ def _sizes(values: List[str]):
 @app.command()
 def sweep(
     benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark", help="Benchmarks (repeat)."),
-    backbone: str = typer.Option("vgg16"),
-    layers: Optional[List[str]] = typer.Option(None, "--layer", help="Layers (repeat; default: all conv)."),
+    backbone: str = typer.Option("vgg16", help="vgg16 | resnet50 | googlenet (weights: `isearch weights fetch`)."),
+    weights: Optional[str] = typer.Option(None, help="Weights source or state-dict file (default: the cache)."),
+    layers: Optional[List[str]] = typer.Option(None, "--layer", help="Layers (repeat; default: all conv / all "
+                                                                     "inception modules)."),
     scales: List[float] = typer.Option([1.0, 2.0], "--scale", help="Scales (repeat): 1 and 2 as in Ng et al."),
     k: int = typer.Option(100, help="k-means codebook size."),
     out_dim: int = typer.Option(128, "--out-dim", help="PCA-whitening output dimension."),
@@ -330,7 +339,8 @@ def sweep(
 
     try:
         res = layer_scale_sweep(benchmarks, backbone=backbone, layers=layers or None, scales=scales, k=k,
-                                out_dim=out_dim, limit=_sizes(limit), max_size=_sizes(max_size), threads=threads)
+                                out_dim=out_dim, limit=_sizes(limit), max_size=_sizes(max_size), threads=threads,
+                                weights=weights)
     except _errors() as exc:
         _fail(str(exc))
     typer.echo(sweep_table(res))

@@ -173,6 +173,9 @@ class Collection:
         self._faiss = None
         self._faiss_ids: np.ndarray | None = None
         self._records: list[dict[str, Any]] | None = None
+        #: settings of ``rerank="aml-fast"`` (rerank/aml_fast.py): K query channels, pooling g, window step
+        self.aml_fast_options: dict[str, Any] = {}
+        self._aml_fast: tuple[Any, Any, dict[int, int]] | None = None  # (key, AMLInvertedMaps, id -> row)
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -400,13 +403,15 @@ class Collection:
         """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does).
 
         ``rerank``: ``"aml"`` (Tolias et al. 2016 Sec. 6: localise the query's MAC in each short-listed map
-        with AML and score the localised region) or ``"casr"`` (Salvador et al. 2016 Sec. 3.3: best of the
-        candidate boxes); the top ``shortlist`` images are re-ranked and get a box in image pixels.
+        with AML and score the localised region), ``"aml-fast"`` (the same idea on coarse maps and the query's
+        strongest channels, :mod:`instance_search.rerank.aml_fast`; options in :attr:`aml_fast_options`) or
+        ``"casr"`` (Salvador et al. 2016 Sec. 3.3: best of the candidate boxes); the top ``shortlist`` images
+        are re-ranked and get a box in image pixels.
         ``qe``: average query expansion with the top ``qe`` results (Chum et al. 2007), after re-ranking;
         the expanded query is searched again (and the new short list re-ranked).
         """
-        if rerank not in (None, "none", "aml", "casr"):
-            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, casr or none")
+        if rerank not in (None, "none", "aml", "aml-fast", "casr"):
+            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, aml-fast, casr or none")
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
         if shortlist < 1:
@@ -418,8 +423,8 @@ class Collection:
                        qe: int = 0) -> list[Hit]:
         """Like :meth:`search`, with an indexed image as the query ("more like this"): its stored vector and
         stored conv map are used, no network pass. The image itself is among the hits."""
-        if rerank not in (None, "none", "aml", "casr"):
-            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, casr or none")
+        if rerank not in (None, "none", "aml", "aml-fast", "casr"):
+            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, aml-fast, casr or none")
         if top < 1 or shortlist < 1:
             raise ValueError(f"top and shortlist must be at least 1, got {top}, {shortlist}")
         self._ensure_faiss()
@@ -475,6 +480,8 @@ class Collection:
         from .rerank.spatial import ca_sr
 
         head, tail = hits[:shortlist], hits[shortlist:]
+        if method == "aml-fast":
+            return self._rerank_fast(head, tail, qmap)
         # AML works from the maps' non-zero cells (decoded without building dense maps); CA-SR pools dense maps
         maps = self.store.feature_maps([h.id for h in head], sparse=method == "aml")
         qmap_t = torch.as_tensor(qmap, dtype=torch.float32)
@@ -502,6 +509,34 @@ class Collection:
             out.append(Hit(rank=len(out) + 1, id=h.id, path=h.path, score=h.score))
         wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)}
         return out, wvecs
+
+    def _rerank_fast(self, head: list[Hit], tail: list[Hit], qmap: np.ndarray) -> tuple[list[Hit], dict]:
+        """``rerank="aml-fast"``: the coarse maps of all images are built once (on first use, again after the
+        index changes) and kept in RAM; boxes are in image pixels at the coarse resolution."""
+        from .rerank.aml import cells_to_pixels
+        from .rerank.aml_fast import DEFAULT_G, AMLInvertedMaps, rerank_aml_fast
+
+        opts = dict(self.aml_fast_options)
+        g = int(opts.pop("g", DEFAULT_G))
+        key = (g, tuple(self.store.manifest["segments"]), tuple(self.store.manifest["removed"]))
+        if self._aml_fast is None or self._aml_fast[0] != key:
+            ids = [int(i) for i in self.store.ids()]
+            inv = AMLInvertedMaps.build(self.store.feature_maps(ids, sparse=True), g=g, progress=len(ids) > 1000)
+            self._aml_fast = (key, inv, {i: r for r, i in enumerate(ids)})
+        _, inv, row_of = self._aml_fast
+        rows = np.asarray([row_of[h.id] for h in head], np.int64)
+        qvec = np.asarray(qmap, np.float32).max(axis=(1, 2))
+        res = rerank_aml_fast(qvec, inv, rows, shortlist_scores=np.asarray([h.score for h in head]),
+                              query_aspect=qmap.shape[2] / qmap.shape[1], whitening=self.whitening, **opts)
+        recs = {r["id"]: r for r in self.records()}
+        out = []
+        for rank, k in enumerate(res.order):
+            h, rec = head[int(k)], recs[head[int(k)].id]
+            box = cells_to_pixels(res.boxes[int(k)], tuple(inv.shapes[rows[int(k)]]), (rec["width"], rec["height"]))
+            out.append(Hit(rank=rank + 1, id=h.id, path=h.path, score=float(res.scores[int(k)]),
+                           box=tuple(round(float(v), 1) for v in box)))
+        out += [Hit(rank=len(out) + j + 1, id=h.id, path=h.path, score=h.score) for j, h in enumerate(tail)]
+        return out, {}
 
     def __len__(self) -> int:
         return len(self.store)
