@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from instance_search.benchmarking import benchmark_items, extract_maps
 from instance_search.collection import Describer, fit_whitening
@@ -171,17 +172,42 @@ def rmac_scores(recipe, q_local, db_local, whitening):
     return q @ d.T, q
 
 
-def rerank_map(bench, scores, qglobal, qmaps, dbmaps, recipe, whitening, shortlist):
-    """mAP (revisited E/M/H) of R-MAC, re-ranked with AML scoring the window's R-MAC (Tolias Sec. 6)."""
-    ranks = np.argsort(-scores, axis=1)
+def first_stage(recipe, qmaps, dbmaps, whitening_index=None):
+    """R-MAC of the query crops and database maps, whitening learned on another collection's index (or none):
+    ``(qlocal, dblocal, whitening, scores, qglobal)``."""
+    qlocal = [recipe.local_from_map(torch.from_numpy(m.astype(np.float32))) for m in qmaps]
+    dblocal = [recipe.local_from_map(torch.from_numpy(m.astype(np.float32))) for m in dbmaps]
+    wh = None
+    if whitening_index is not None:
+        from instance_search.collection import Collection
+
+        rows = np.concatenate(Collection.open(whitening_index).store.local_descriptors())
+        wh = fit_whitening(rows, trained_on=f"R-MAC regions of the index {whitening_index}")
+    scores, qglobal = rmac_scores(recipe, qlocal, dblocal, wh)
+    return qlocal, dblocal, wh, scores, qglobal
+
+
+def rerank_ranks(scores, qglobal, qmaps, maps, recipe, wh, shortlist, desc):
+    """R-MAC order re-ranked by AML scoring the window's R-MAC (Tolias Sec. 6) on the short list, one row per
+    query: ``(ranks (nq, ndb), heads, boxes in head order)``."""
+    ranks = np.argsort(-scores, axis=1, kind="stable")
     new = ranks.copy()
-    for qi in range(len(qmaps)):
+    heads, boxes = [], []
+    for qi in tqdm(range(len(qmaps)), desc=desc, leave=False):
         head = ranks[qi, :shortlist]
         q = qmaps[qi].astype(np.float32).max(axis=(1, 2))
-        res = rerank_aml(q, [dbmaps[j] for j in head], shortlist_scores=scores[qi, head],
-                         query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1], finalize=_finalizer(recipe, whitening),
+        res = rerank_aml(q, [maps[j] for j in head], shortlist_scores=scores[qi, head],
+                         query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1], finalize=_finalizer(recipe, wh),
                          finalize_batch=True, query_global=qglobal[qi], levels=recipe.levels)
         new[qi, :shortlist] = head[res.order]
+        heads.append(head)
+        boxes.append(res.boxes)
+    return new, heads, boxes
+
+
+def rerank_map(bench, scores, qglobal, qmaps, dbmaps, recipe, whitening, shortlist):
+    """mAP (revisited E/M/H) of R-MAC, re-ranked with AML scoring the window's R-MAC (Tolias Sec. 6)."""
+    new = rerank_ranks(scores, qglobal, qmaps, dbmaps, recipe, whitening, shortlist, "AML re-ranking")[0]
     return {p: round(100 * compute_map(new.T, bench.ok_gnd(p))[0], 2) for p in ("easy", "medium", "hard")}
 
 
@@ -294,16 +320,8 @@ def main() -> None:
 
     # R-MAC first stage (whitening from another collection's index, or none), then AML re-ranking with float vs
     # compact maps
-    qlocal = [recipe.local_from_map(torch.from_numpy(m.astype(np.float32))) for m in qmaps]
-    dblocal = [recipe.local_from_map(torch.from_numpy(m.astype(np.float32))) for m in dbmaps]
-    wh = None
-    if args.whitening_index is not None:
-        from instance_search.collection import Collection
-
-        rows = np.concatenate(Collection.open(args.whitening_index).store.local_descriptors())
-        wh = fit_whitening(rows, trained_on=f"R-MAC regions of the index {args.whitening_index}")
+    qlocal, dblocal, wh, scores, qglobal = first_stage(recipe, qmaps, dbmaps, args.whitening_index)
     out["whitening"] = "none" if wh is None else wh.trained_on
-    scores, qglobal = rmac_scores(recipe, qlocal, dblocal, wh)
     if "rerank" not in args.parts and "speed" not in args.parts:
         args.out.write_text(json.dumps(out, indent=1))
         return

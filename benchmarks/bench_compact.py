@@ -39,17 +39,15 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_aml import CACHE, RESULTS, _finalizer, rerank_map, rmac_scores  # noqa: E402
+from bench_aml import CACHE, RESULTS, _finalizer, first_stage, rerank_map, rerank_ranks  # noqa: E402
 
 from instance_search.benchmarking import benchmark_items, extract_maps  # noqa: E402
-from instance_search.collection import fit_whitening  # noqa: E402
 from instance_search.datasets.benchmarks import load_benchmark  # noqa: E402
 from instance_search.evaluation import compute_map  # noqa: E402
 from instance_search.index.compact import decode_sparse, encode_map  # noqa: E402
 from instance_search.ops.integral import sparse_batch  # noqa: E402
 from instance_search.ops.pooling import rmac_regions  # noqa: E402
 from instance_search.recipes import Recipe  # noqa: E402
-from instance_search.rerank.aml import rerank_aml  # noqa: E402
 
 
 def parse_setting(s: str) -> dict:
@@ -75,24 +73,6 @@ def parse_setting(s: str) -> dict:
         else:
             raise ValueError(f"compact setting {s!r}: unknown flag {f!r}")
     return kw
-
-
-def rerank_ranks(scores, qglobal, qmaps, maps, recipe, wh, shortlist, desc):
-    """R-MAC order re-ranked by AML on the short list, one row per query (the same call as bench_aml's
-    ``rerank_map``, which returns only the mAP): ``(ranks (nq, ndb), heads, boxes in head order)``."""
-    ranks = np.argsort(-scores, axis=1, kind="stable")
-    new = ranks.copy()
-    heads, boxes = [], []
-    for qi in tqdm(range(len(qmaps)), desc=desc, leave=False):
-        head = ranks[qi, :shortlist]
-        q = qmaps[qi].astype(np.float32).max(axis=(1, 2))
-        res = rerank_aml(q, [maps[j] for j in head], shortlist_scores=scores[qi, head],
-                         query_aspect=qmaps[qi].shape[2] / qmaps[qi].shape[1], finalize=_finalizer(recipe, wh),
-                         finalize_batch=True, query_global=qglobal[qi], levels=recipe.levels)
-        new[qi, :shortlist] = head[res.order]
-        heads.append(head)
-        boxes.append(res.boxes)
-    return new, heads, boxes
 
 
 def window_vectors(maps, wins, recipe, wh) -> np.ndarray:
@@ -162,15 +142,7 @@ def main() -> None:
     db, queries, _ = benchmark_items(bench)
     qmaps = extract_maps(queries, recipe, cache_dir=CACHE, desc="query crops")
     dbmaps = extract_maps(db, recipe, cache_dir=CACHE, desc="database")
-    qlocal = [recipe.local_from_map(torch.from_numpy(m.astype(np.float32))) for m in qmaps]
-    dblocal = [recipe.local_from_map(torch.from_numpy(m.astype(np.float32))) for m in dbmaps]
-    wh = None
-    if args.whitening_index is not None:
-        from instance_search.collection import Collection
-
-        rows = np.concatenate(Collection.open(args.whitening_index).store.local_descriptors())
-        wh = fit_whitening(rows, trained_on=f"R-MAC regions of the index {args.whitening_index}")
-    scores, qglobal = rmac_scores(recipe, qlocal, dblocal, wh)
+    qlocal, dblocal, wh, scores, qglobal = first_stage(recipe, qmaps, dbmaps, args.whitening_index)
     protocols = ("easy", "medium", "hard")
     out = {"benchmark": bench.summary(), "maps": len(dbmaps), "map_shape_example": list(dbmaps[0].shape),
            "whitening": "none" if wh is None else wh.trained_on, "shortlist": args.shortlist,
