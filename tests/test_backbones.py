@@ -194,3 +194,15 @@ def test_resnet_variants_and_lite0_padding():
         y = torch.zeros(1, 3, 64, 64)  # TF "SAME" pads the stride-2 convs asymmetrically (0 before, 1 after)
         assert same.stem_conv.tf_same and same.stem_conv.padding == (0, 0) and sym.stem_conv.padding == (1, 1)
         assert same.stem_conv(y).shape == sym.stem_conv(y).shape == (1, 32, 32, 32)
+
+
+def test_requested_taps_defaults_order_and_unknown_names():
+    from instance_search.backbones.resnet50 import RESNET50_LAYERS
+    from instance_search.backbones.taps import requested_taps
+
+    assert requested_taps("resnet50", None, RESNET50_LAYERS, "res5") == (["res5"], list(RESNET50_LAYERS).index("res5"))
+    layers, deepest = requested_taps("resnet50", ["res4", "res2"], RESNET50_LAYERS, "res5")
+    assert layers == ["res4", "res2"] and RESNET50_LAYERS[deepest] == "res4"
+    assert requested_taps("resnet50", "res3", RESNET50_LAYERS, "res5")[0] == ["res3"]
+    with pytest.raises(KeyError, match="resnet50 has no layer 'conv5_3'"):
+        requested_taps("resnet50", ["res3", "conv5_3"], RESNET50_LAYERS, "res5")

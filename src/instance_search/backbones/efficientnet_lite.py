@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .taps import requested_taps
+
 __all__ = ["EfficientNetLite0", "LITE0_STAGES", "LITE0_LAYERS", "LITE0_CHANNELS", "LITE0_STRIDES"]
 
 #: (blocks, kernel, stride, expand ratio, output channels) per stage.
@@ -139,13 +141,7 @@ class EfficientNetLite0(nn.Module):
         self.fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | str | None = None) -> dict[str, torch.Tensor]:
-        if isinstance(layers, str):
-            layers = [layers]
-        layers = list(layers) if layers is not None else ["head"]
-        for name in layers:
-            if name not in LITE0_LAYERS:
-                raise KeyError(f"efficientnet-lite0 has no layer {name!r}; known: {', '.join(LITE0_LAYERS)}")
-        deepest = max(LITE0_LAYERS.index(n) for n in layers)
+        layers, deepest = requested_taps("efficientnet-lite0", layers, LITE0_LAYERS, "head")
         out: dict[str, torch.Tensor] = {}
         x = F.relu6(self.stem_bn(self.stem_conv(x)))
         for i, stage in enumerate(self.stages):

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .taps import requested_taps
+
 __all__ = ["GoogLeNet", "GOOGLENET_INCEPTIONS", "GOOGLENET_LAYERS", "GOOGLENET_CHANNELS", "GOOGLENET_STRIDES",
            "GOOGLENET_RECEPTIVE_FIELD", "GOOGLENET_PARAMS"]
 
@@ -134,13 +136,7 @@ class GoogLeNet(nn.Module):
         return x * scale + shift
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | str | None = None) -> dict[str, torch.Tensor]:
-        if isinstance(layers, str):
-            layers = [layers]
-        layers = list(layers) if layers is not None else ["inception_5b"]
-        for name in layers:
-            if name not in GOOGLENET_LAYERS:
-                raise KeyError(f"googlenet has no layer {name!r}; known: {', '.join(GOOGLENET_LAYERS)}")
-        deepest = max(GOOGLENET_LAYERS.index(n) for n in layers)
+        layers, deepest = requested_taps("googlenet", layers, GOOGLENET_LAYERS, "inception_5b")
         x = self._transform(x)
         x = self.conv3(self.conv2(self.maxpool1(self.conv1(x))))
         out: dict[str, torch.Tensor] = {}

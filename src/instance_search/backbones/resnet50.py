@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .taps import requested_taps
+
 __all__ = ["ResNet50", "RESNET50_LAYERS", "RESNET50_CHANNELS", "RESNET50_STRIDES", "VARIANTS"]
 
 VARIANTS = ("caffe", "pytorch")
@@ -85,13 +87,7 @@ class ResNet50(nn.Module):
         self.fc = nn.Linear(2048, num_classes)
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | str | None = None) -> dict[str, torch.Tensor]:
-        if isinstance(layers, str):
-            layers = [layers]
-        layers = list(layers) if layers is not None else ["res5"]
-        for name in layers:
-            if name not in RESNET50_LAYERS:
-                raise KeyError(f"resnet50 has no layer {name!r}; known: {', '.join(RESNET50_LAYERS)}")
-        deepest = max(RESNET50_LAYERS.index(n) for n in layers)
+        layers, deepest = requested_taps("resnet50", layers, RESNET50_LAYERS, "res5")
         out: dict[str, torch.Tensor] = {}
         x = F.relu(self.bn1(self.conv1(x)))
         if "conv1" in layers:
