@@ -65,6 +65,11 @@ def test_store_holds_max_pooled_cells(maps):
     a, b = AMLInvertedMaps.build(sp, g=2), AMLInvertedMaps.build([m.dense() for m in sp], g=2)
     for f in ("offsets", "cy", "cx", "value"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    # a generator consumed a chunk at a time (the chunk boundary inside the list) gives the same store
+    c = AMLInvertedMaps.build((m for m in sp), g=2, chunk=3)
+    for f in ("shapes", "offsets", "cy", "cx", "value", "mac", "code"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(c, f))
+        assert getattr(a, f).dtype == getattr(c, f).dtype
 
 
 @pytest.mark.parametrize("pooling", ["max", "power"])

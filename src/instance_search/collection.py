@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .fileio import file_sha256
@@ -480,29 +479,30 @@ class Collection:
         from .rerank.spatial import ca_sr
 
         head, tail = hits[:shortlist], hits[shortlist:]
-        if method == "aml-fast":
-            return self._rerank_fast(head, tail, qmap)
-        # AML works from the maps' non-zero cells (decoded without building dense maps); CA-SR pools dense maps
-        maps = self.store.feature_maps([h.id for h in head], sparse=method == "aml")
-        qmap_t = torch.as_tensor(qmap, dtype=torch.float32)
-        qvec = qmap_t.amax(dim=(1, 2)).numpy()  # the query's MAC
+        qvec = np.asarray(qmap, np.float32).max(axis=(1, 2))  # the query's MAC
         old = np.asarray([h.score for h in head])
-        if method == "aml":
-            window_rmac = {}
-            if self.recipe.name == "rmac" and qglobal is not None:  # score the window's R-MAC (Tolias Sec. 6)
-                window_rmac = dict(finalize=lambda locs: self.recipe.finalize([_l2rows(L) for L in locs],
-                                                                              self.whitening),
-                                   finalize_batch=True, query_global=qglobal, levels=self.recipe.levels)
-            res = rerank_aml(qvec, maps, shortlist_scores=old, query_aspect=qmap.shape[2] / qmap.shape[1],
-                             whitening=self.whitening, **window_rmac)
+        if method == "aml-fast":
+            res, shapes = self._rerank_fast(head, qvec, qmap.shape[2] / qmap.shape[1], old)
         else:
-            res = ca_sr(qvec, maps, shortlist_scores=old, whitening=self.whitening)
+            # AML works from the maps' non-zero cells (decoded without building dense maps); CA-SR pools dense maps
+            maps = self.store.feature_maps([h.id for h in head], sparse=method == "aml")
+            shapes = [tuple(m.shape[1:]) for m in maps]
+            if method == "aml":
+                window_rmac = {}
+                if self.recipe.name == "rmac" and qglobal is not None:  # score the window's R-MAC (Tolias Sec. 6)
+                    window_rmac = dict(finalize=lambda locs: self.recipe.finalize([_l2rows(L) for L in locs],
+                                                                                  self.whitening),
+                                       finalize_batch=True, query_global=qglobal, levels=self.recipe.levels)
+                res = rerank_aml(qvec, maps, shortlist_scores=old, query_aspect=qmap.shape[2] / qmap.shape[1],
+                                 whitening=self.whitening, **window_rmac)
+            else:
+                res = ca_sr(qvec, maps, shortlist_scores=old, whitening=self.whitening)
         recs = {r["id"]: r for r in self.records()}
         out = []
         for rank, k in enumerate(res.order):
             h = head[int(k)]
             rec = recs[h.id]
-            box = cells_to_pixels(res.boxes[int(k)], tuple(maps[int(k)].shape[1:]), (rec["width"], rec["height"]))
+            box = cells_to_pixels(res.boxes[int(k)], shapes[int(k)], (rec["width"], rec["height"]))
             out.append(Hit(rank=rank + 1, id=h.id, path=h.path, score=float(res.scores[int(k)]),
                            box=tuple(round(float(v), 1) for v in box)))
         for j, h in enumerate(tail):
@@ -510,10 +510,10 @@ class Collection:
         wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)}
         return out, wvecs
 
-    def _rerank_fast(self, head: list[Hit], tail: list[Hit], qmap: np.ndarray) -> tuple[list[Hit], dict]:
-        """``rerank="aml-fast"``: the coarse maps of all images are built once (on first use, again after the
-        index changes) and kept in RAM; boxes are in image pixels at the coarse resolution."""
-        from .rerank.aml import cells_to_pixels
+    def _rerank_fast(self, head: list[Hit], qvec: np.ndarray, query_aspect: float, old: np.ndarray):
+        """``rerank="aml-fast"``: ``(RerankResult, map (H, W) of each head image)``. The coarse maps of all images
+        are built once (on first use, again after the index changes; streamed a chunk of decoded maps at a time)
+        and kept in RAM; boxes are at the coarse resolution."""
         from .rerank.aml_fast import DEFAULT_G, AMLInvertedMaps, rerank_aml_fast
 
         opts = dict(self.aml_fast_options)
@@ -521,22 +521,15 @@ class Collection:
         key = (g, tuple(self.store.manifest["segments"]), tuple(self.store.manifest["removed"]))
         if self._aml_fast is None or self._aml_fast[0] != key:
             ids = [int(i) for i in self.store.ids()]
-            inv = AMLInvertedMaps.build(self.store.feature_maps(ids, sparse=True), g=g, progress=len(ids) > 1000)
+            step = 4096
+            maps = (m for i in range(0, len(ids), step) for m in self.store.feature_maps(ids[i:i + step], sparse=True))
+            inv = AMLInvertedMaps.build(maps, g=g, progress=len(ids) > 1000, total=len(ids))
             self._aml_fast = (key, inv, {i: r for r, i in enumerate(ids)})
         _, inv, row_of = self._aml_fast
         rows = np.asarray([row_of[h.id] for h in head], np.int64)
-        qvec = np.asarray(qmap, np.float32).max(axis=(1, 2))
-        res = rerank_aml_fast(qvec, inv, rows, shortlist_scores=np.asarray([h.score for h in head]),
-                              query_aspect=qmap.shape[2] / qmap.shape[1], whitening=self.whitening, **opts)
-        recs = {r["id"]: r for r in self.records()}
-        out = []
-        for rank, k in enumerate(res.order):
-            h, rec = head[int(k)], recs[head[int(k)].id]
-            box = cells_to_pixels(res.boxes[int(k)], tuple(inv.shapes[rows[int(k)]]), (rec["width"], rec["height"]))
-            out.append(Hit(rank=rank + 1, id=h.id, path=h.path, score=float(res.scores[int(k)]),
-                           box=tuple(round(float(v), 1) for v in box)))
-        out += [Hit(rank=len(out) + j + 1, id=h.id, path=h.path, score=h.score) for j, h in enumerate(tail)]
-        return out, {}
+        res = rerank_aml_fast(qvec, inv, rows, shortlist_scores=old, query_aspect=query_aspect,
+                              whitening=self.whitening, **opts)
+        return res, [tuple(int(v) for v in inv.shapes[r]) for r in rows]
 
     def __len__(self) -> int:
         return len(self.store)

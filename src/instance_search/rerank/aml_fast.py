@@ -24,7 +24,8 @@ Boxes are ``(x, y, w, h)`` in the maps' own cells (multiples of ``g``, clipped t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from itertools import islice
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -91,43 +92,48 @@ class AMLInvertedMaps:
         return int(sum(a.nbytes for a in arrays))
 
     @classmethod
-    def build(cls, maps: Sequence, g: int = DEFAULT_G, chunk: int = 256, progress: bool = False) -> "AMLInvertedMaps":
+    def build(cls, maps: Iterable, g: int = DEFAULT_G, chunk: int = 256, progress: bool = False,
+              total: int | None = None) -> "AMLInvertedMaps":
         """Store of ``maps`` (each a non-negative ``(C, H, W)`` array or a :class:`SparseMap`, e.g.
         :func:`instance_search.index.compact.decode_sparse`; sizes may differ, channels may not), pooled by ``g``
-        (max of each ``g × g`` block). Vectorised over ``chunk`` maps at a time."""
+        (max of each ``g × g`` block). ``maps`` may be a generator: it is consumed ``chunk`` maps at a time
+        (vectorised within a chunk), so only one chunk of full-resolution maps is held at once; ``total``: the
+        count for the progress bar."""
         if int(g) != g or g < 1:
             raise ValueError(f"g (coarse pooling factor) must be an integer >= 1, got {g}")
         g = int(g)
-        maps = list(maps)
-        if not maps:
-            raise ValueError("maps: no maps given")
-        shapes = [map_shape(m) for m in maps]
-        for i, sh in enumerate(shapes):
-            if len(sh) != 3:
-                raise ValueError(f"maps[{i}] must be (C, H, W), got shape {sh}")
-            if sh[0] != shapes[0][0]:
-                raise ValueError(f"maps[{i}] has {sh[0]} channels, maps[0] has {shapes[0][0]}: all maps need the "
-                                 "same channel count")
-        C = shapes[0][0]
-        hw = np.asarray([sh[1:] for sh in shapes], np.int64).reshape(-1, 2)
-        ghw = -(-hw // g)
-        cdt = np.uint8 if int(ghw.max()) <= 255 else np.uint16 if int(ghw.max()) <= 65535 else np.int64
-        counts, cys, cxs, values = [], [], [], []
+        counts, cys, cxs, values, hws = [], [], [], [], []
+        C = None
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(maps), desc="AML inverted maps", unit="map")
-        for i0 in range(0, len(maps), chunk):
-            idx = range(i0, min(i0 + chunk, len(maps)))
-            parts = [_nonzeros(maps[i]) for i in idx]
+            bar = tqdm(total=total, desc="AML inverted maps", unit="map")
+        it = iter(maps)
+        i0 = 0
+        while True:
+            batch = list(islice(it, chunk))
+            if not batch:
+                break
+            shapes = [map_shape(m) for m in batch]
+            for i, sh in enumerate(shapes, start=i0):
+                if len(sh) != 3:
+                    raise ValueError(f"maps[{i}] must be (C, H, W), got shape {sh}")
+                if C is None:
+                    C = sh[0]
+                if sh[0] != C:
+                    raise ValueError(f"maps[{i}] has {sh[0]} channels, maps[0] has {C}: all maps need the "
+                                     "same channel count")
+            hw = np.asarray([sh[1:] for sh in shapes], np.int64).reshape(-1, 2)
+            ghw = -(-hw // g)
+            parts = [_nonzeros(m) for m in batch]
             n = np.asarray([len(p[0]) for p in parts], np.int64)
             img = np.repeat(np.arange(len(parts)), n)
             ch = np.concatenate([p[0] for p in parts]).astype(np.int64)
             pos = np.concatenate([p[1] for p in parts]).astype(np.int64)
             val = np.concatenate([p[2] for p in parts]).astype(np.float32)
-            W, gw = hw[i0 + img, 1], ghw[i0 + img, 1]
-            P = int((ghw[idx.start:idx.stop, 0] * ghw[idx.start:idx.stop, 1]).max())
+            W, gw = hw[img, 1], ghw[img, 1]
+            P = int((ghw[:, 0] * ghw[:, 1]).max())
             cpos = (pos // W) // g * gw + (pos % W) // g
             key = (img * C + ch) * P + cpos
             if g > 1 or (len(key) > 1 and (np.diff(key) < 0).any()):
@@ -137,22 +143,31 @@ class AMLInvertedMaps:
             first[1:] = key[1:] != key[:-1]
             starts = np.flatnonzero(first)
             ukey = key[starts]
-            cpos, gw = ukey % P, ghw[i0 + ukey // P // C, 1]
+            cpos, gw = ukey % P, ghw[ukey // P // C, 1]
             counts.append(np.bincount(ukey // P, minlength=len(parts) * C))
-            cys.append((cpos // gw).astype(cdt))
-            cxs.append((cpos % gw).astype(cdt))
+            kdt = np.uint16 if int(ghw.max()) <= 65535 else np.int64  # narrowed to uint8 at the end if it fits
+            cys.append((cpos // gw).astype(kdt))
+            cxs.append((cpos % gw).astype(kdt))
             values.append(np.maximum.reduceat(val, starts) if len(starts) else val[:0])
+            hws.append(hw)
+            i0 += len(batch)
             if bar is not None:
-                bar.update(len(parts))
+                bar.update(len(batch))
         if bar is not None:
             bar.close()
+        if C is None:
+            raise ValueError("maps: no maps given")
+        hw = np.concatenate(hws)
+        gmax = int((-(-hw // g)).max())
+        cdt = np.uint8 if gmax <= 255 else np.uint16 if gmax <= 65535 else np.int64
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
         value = np.concatenate(values)
         lens = np.diff(offsets)
-        mac = _seg_max(value, lens).reshape(len(maps), C)
+        mac = _seg_max(value, lens).reshape(len(hw), C)
         m = np.repeat(mac.reshape(-1), lens)
         code = np.rint(value / np.where(m > 0, m, 1) * _LEVELS).astype(np.uint16)
-        return cls(C, g, hw, offsets, np.concatenate(cys), np.concatenate(cxs), value, mac, code)
+        return cls(C, g, hw, offsets, np.concatenate(cys).astype(cdt, copy=False), np.concatenate(cxs).astype(cdt, copy=False),
+                   value, mac, code)
 
 
 def _check_k(K: int, C: int) -> int:
