@@ -57,6 +57,26 @@ def test_add_reopen_remove(tmp_path):
         fourth.feature_map(1)
 
 
+def test_feature_maps_across_segments_in_any_order(tmp_path):
+    """A short list spans segments and comes in score order: every map is the one stored for its id (reference:
+    each entry's own compact code, decoded), also after a later add and a removal on the same store object."""
+    rng = np.random.default_rng(5)
+    store = IndexStore.create(tmp_path / "ix", {})
+    entries = [_entry(i, rng) for i in range(9)]
+    for a, b in ((0, 4), (4, 5), (5, 9)):
+        store.add(entries[a:b])
+    want = [7, 0, 4, 8, 2, 5]
+    for i, got in zip(want, store.feature_maps(want)):
+        np.testing.assert_array_equal(got, decode_map(encode_map(entries[i].fmap)))
+    extra = _entry(9, rng)
+    assert store.add([extra]) == [9]  # a new segment: the id table is rebuilt
+    np.testing.assert_array_equal(store.feature_maps([9, 3])[0], decode_map(encode_map(extra.fmap)))
+    store.remove([4])
+    for bad in (4, 10, -1):
+        with pytest.raises(KeyError, match=f"image id {bad} "):
+            store.feature_maps([0, bad])
+
+
 def test_refresh_vectors_after_new_whitening(tmp_path):
     rng = np.random.default_rng(2)
     store = IndexStore.create(tmp_path / "ix", {})

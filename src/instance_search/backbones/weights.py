@@ -410,11 +410,17 @@ def _from_torchvision_vgg16(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _from_torchvision_resnet50(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _with_bn_counters(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the ``num_batches_tracked`` buffer that older torchvision checkpoints leave out of each BatchNorm."""
     out = dict(sd)
     for k in [k for k in out if k.endswith("running_var")]:
         out.setdefault(k[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.int64))
     return out
+
+
+def _from_torchvision_resnet50(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision ResNet-50 keys are this library's (PyTorch variant)."""
+    return _with_bn_counters(sd)
 
 
 def _googlenet_aux_shapes() -> dict[str, tuple[int, ...]]:
@@ -441,7 +447,7 @@ def _from_torchvision_googlenet(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
                                    + (f" (expected {aux[k]})" if k in aux else ""))
         else:
             out[k] = v
-    return _from_torchvision_resnet50(out)  # adds the num_batches_tracked buffers torchvision may leave out
+    return _with_bn_counters(out)
 
 
 _TIMM_DS = {"conv_dw": "dw_conv", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}

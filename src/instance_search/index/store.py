@@ -243,22 +243,37 @@ class IndexStore:
         """The stored conv feature map (C,H,W) of ``image_id`` (dequantised)."""
         return self.feature_maps([image_id])[0]
 
+    def _id_table(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """(segment names, every stored id sorted, its segment number, its row): built once per set of segments,
+        so that a short list's maps are found by binary search, not by a walk over the whole index."""
+        names = list(self.manifest["segments"])
+        key = tuple((n, id(self._segments[n])) for n in names)
+        cached = getattr(self, "_id_table_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ids = [self._segments[n].ids for n in names]
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        seg_of = np.concatenate([np.full(len(a), k, np.int32) for k, a in enumerate(ids)]) if ids else \
+            np.zeros(0, np.int32)
+        row_of = np.concatenate([np.arange(len(a), dtype=np.int64) for a in ids]) if ids else np.zeros(0, np.int64)
+        order = np.argsort(all_ids, kind="stable")
+        table = (names, all_ids[order], seg_of[order], row_of[order])
+        self._id_table_cache = (key, table)
+        return table
+
     def feature_maps(self, image_ids, sparse: bool = False) -> list:
         """Stored conv maps of several images, reading each segment's map file once (for a short list):
         dense (C, H, W) float32 arrays, or with ``sparse`` their non-zero cells
         (:class:`~instance_search.ops.integral.SparseMap`, what AML re-ranking works from, without the dense map)."""
         removed = set(self.manifest["removed"])
         want = [int(i) for i in image_ids]
-        where: dict[int, tuple[str, int]] = {}
-        for name in self.manifest["segments"]:
-            seg = self._segments[name]
-            for j, id_ in enumerate(seg.ids.tolist()):
-                where[id_] = (name, j)
+        names, sorted_ids, seg_of, row_of = self._id_table()
         by_seg: dict[str, list[tuple[int, int]]] = {}
         for k, i in enumerate(want):
-            if i not in where or i in removed:
+            p = int(np.searchsorted(sorted_ids, i))
+            if p >= len(sorted_ids) or sorted_ids[p] != i or i in removed:
                 raise KeyError(f"image id {i} is not in the index {self.root}")
-            name, j = where[i]
+            name, j = names[seg_of[p]], int(row_of[p])
             if not self._segments[name].has_maps:
                 raise IndexError_(f"{self.root}: image {i} ({self._segments[name].paths[j]}) was indexed without "
                                   f"conv maps (--no-maps); re-index it with maps to re-rank")
