@@ -323,14 +323,34 @@ def _sizes(values: List[str]):
     return out
 
 
+def _items(values: Optional[List[str]]) -> list[str]:
+    """Repeated options and comma-separated lists alike: ``--layer a --layer b`` = ``--layers a,b``."""
+    return [x.strip() for v in values or [] for x in str(v).split(",") if x.strip()]
+
+
+def _scales(values: List[str]) -> list[float]:
+    out = []
+    for x in _items(values):
+        try:
+            out.append(float(x))
+        except ValueError:
+            _fail(f"--scales: {x!r} is not a number (e.g. --scales 1,2)")
+        if not out[-1] > 0:
+            _fail(f"--scales: {x!r} must be positive")
+    return out
+
+
 @app.command()
 def sweep(
-    benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark", help="Benchmarks (repeat)."),
+    benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark", "--benchmarks",
+                                         help="Benchmarks (repeat, or comma-separated)."),
     backbone: str = typer.Option("vgg16", help="vgg16 | resnet50 | googlenet (weights: `isearch weights fetch`)."),
     weights: Optional[str] = typer.Option(None, help="Weights source or state-dict file (default: the cache)."),
-    layers: Optional[List[str]] = typer.Option(None, "--layer", help="Layers (repeat; default: all conv / all "
-                                                                     "inception modules)."),
-    scales: List[float] = typer.Option([1.0, 2.0], "--scale", help="Scales (repeat): 1 and 2 as in Ng et al."),
+    layers: Optional[List[str]] = typer.Option(None, "--layer", "--layers",
+                                               help="Layers (repeat, or comma-separated: --layers conv4_3,conv5_3; "
+                                                    "default: all conv / all inception modules)."),
+    scales: List[str] = typer.Option(["1", "2"], "--scale", "--scales",
+                                     help="Scales (repeat, or comma-separated: --scales 1,2 as in Ng et al.)."),
     k: int = typer.Option(100, help="k-means codebook size."),
     out_dim: int = typer.Option(128, "--out-dim", help="PCA-whitening output dimension."),
     limit: List[str] = typer.Option([], help="NAME=N: use the first N images of a benchmark."),
@@ -343,7 +363,8 @@ def sweep(
     from .sweep import layer_scale_sweep, plot_sweep, sweep_table
 
     try:
-        res = layer_scale_sweep(benchmarks, backbone=backbone, layers=layers or None, scales=scales, k=k,
+        res = layer_scale_sweep(_items(benchmarks), backbone=backbone, layers=_items(layers) or None,
+                                scales=_scales(scales), k=k,
                                 out_dim=out_dim, limit=_sizes(limit), max_size=_sizes(max_size), threads=threads,
                                 weights=weights)
     except _errors() as exc:
@@ -359,7 +380,8 @@ def sweep(
 
 @app.command("selective-grid")
 def selective_grid_cmd(
-    benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark"),
+    benchmarks: List[str] = typer.Option(["holidays", "ukbench"], "--benchmark", "--benchmarks",
+                                         help="Benchmarks (repeat, or comma-separated)."),
     evaluate: Optional[List[str]] = typer.Option(None, help="Benchmarks to score (default: all given)."),
     config: str = typer.Option("table2", help="table2 (D=4224) or an output size 512..8064 (Table 4)."),
     layer: str = typer.Option("conv5_3"),
@@ -372,7 +394,7 @@ def selective_grid_cmd(
     from .sweep import grid_table, selective_grid
 
     try:
-        res = selective_grid(benchmarks, evaluate=evaluate or None, config=config if config == "table2" else
+        res = selective_grid(_items(benchmarks), evaluate=_items(evaluate) or None, config=config if config == "table2" else
                              int(config), layer=layer, limit=_sizes(limit), max_size=_sizes(max_size),
                              threads=threads)
     except _errors() as exc:
