@@ -186,3 +186,16 @@ def test_sum_mean_power_law():
     np.testing.assert_allclose(agg.aggregate(E, "mean"), [2.0, -2.0])
     with pytest.raises(ValueError, match="unknown aggregation"):
         agg.aggregate(E, "median")
+
+
+def test_nearest_centroid_matches_a_loop(data):
+    """Nearest centroid of each row against a per-row argmin; numpy in, numpy out; torch in, torch out; a tie
+    goes to the lower index."""
+    X, C, _, _ = data
+    want = np.array([int(np.argmin([np.sum((x - c) ** 2) for c in C])) for x in X])
+    got = emb.nearest_centroid(X, C)
+    assert isinstance(got, np.ndarray) and np.array_equal(got, want)
+    got_t = emb.nearest_centroid(torch.from_numpy(X), torch.from_numpy(C))
+    assert isinstance(got_t, torch.Tensor) and np.array_equal(got_t.numpy(), want)
+    tie = emb.nearest_centroid(np.zeros((1, 5)), np.stack([C[0], C[0]]))
+    assert tie.tolist() == [0]

@@ -113,3 +113,19 @@ def test_list_images(tmp_path, photo):
     assert [p.name for p in list_images(tmp_path)] == ["x.JPG"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "nope")
+
+
+def test_scale_box_and_box_size(paris):
+    """A real Paris query box (classic ground truth, original pixels) scaled to the 1024-px copy here."""
+    import pickle
+
+    from instance_search.images import Box, scale_box
+
+    g = pickle.load(open(paris.parents[1] / "gnd" / "paris6k" / "gnd_rparis6k.pkl", "rb"))  # trusted folder
+    i = g["qimlist"].index("paris_defense_000056")
+    x1, y1, x2, y2 = g["gnd"][i]["bbx"]
+    box = Box(x1, y1, x2, y2)
+    assert (box.width, box.height) == (x2 - x1, y2 - y1)
+    half = scale_box(box, 0.5, 0.25)
+    assert (half.x1, half.y1, half.x2, half.y2) == (x1 * 0.5, y1 * 0.25, x2 * 0.5, y2 * 0.25)
+    assert (half.width, half.height) == pytest.approx((box.width * 0.5, box.height * 0.25))

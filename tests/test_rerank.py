@@ -274,3 +274,30 @@ def test_mac_components_match_loop_and_picture(vgg_conv5, tmp_path, data_dir):
     assert out.stat().st_size > 20_000
     with pytest.raises(ValueError, match="same C"):
         mac_components(A, B[:3])
+
+
+def test_cosine_scores_against_a_loop():
+    """cos(L2(W(L2 f_R)), L2(W(L2 q))) per region (Tolias et al. Sec. 3), with and without a whitening, checked
+    region by region; a whitening with the wrong output shape is refused."""
+    from instance_search.rerank.aml import cosine_scores
+
+    rng = np.random.default_rng(3)
+    X = scene(rng, 12, 16, box=(3, 2, 6, 5), obj=40.0)
+    regions = np.stack([X[:, y:y + 4, x:x + 5].max(axis=(1, 2)) for y in range(0, 8, 3) for x in range(0, 11, 4)])
+    q = X[:, 2:7, 3:9].max(axis=(1, 2))
+    P = rng.standard_normal((16, C))
+    mu = regions.mean(0)
+
+    def white(M):
+        return (np.asarray(M, np.float64) - mu) @ P.T
+
+    def l2(v):
+        return v / np.linalg.norm(v)
+
+    for w, f in ((None, lambda v: l2(v)), (white, lambda v: l2(white(l2(v)[None])[0]))):
+        want = np.array([float(f(r.astype(np.float64)) @ f(q.astype(np.float64))) for r in regions])
+        got = cosine_scores(regions, q, whitening=w)
+        assert got.dtype == torch.float64 and got.shape == (len(regions),)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="whitening must map"):
+        cosine_scores(regions, q, whitening=lambda M: np.zeros(5))

@@ -25,7 +25,8 @@ def _cache_key(recipes: Sequence[Recipe], items: Sequence[tuple[Path, Any]]) -> 
     h = hashlib.sha256()
     h.update(json.dumps([r.to_dict() for r in recipes], sort_keys=True).encode())
     for path, box in items:
-        h.update(f"{Path(path).name}|{None if box is None else tuple(box)}".encode())
+        b = None if box is None else box.as_tuple() if isinstance(box, Box) else tuple(box)
+        h.update(f"{Path(path).name}|{b}".encode())
     return h.hexdigest()[:20]
 
 
