@@ -163,3 +163,31 @@ def test_use_engine_rejects_unknown(vgg16):
     with pytest.raises(ValueError):
         fast.use_engine(vgg16, "turbo")
     assert fast.engine_of(vgg16) == "exact"
+
+
+def test_trunk_strip_workers_match_sequential_and_release():
+    """The default parallel path (strips shared out to worker threads) is taken only with more than one torch
+    thread; some test modules set one thread at import, so this test sets two itself. Its output must equal the
+    sequential network, and ``release`` must free the buffers and the workers, which come back on the next call."""
+    net = _mini_vgg()
+    x = torch.randn(1, 3, 45, 61) * 50
+    with torch.no_grad():
+        ref = net(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trunk = fast.WinogradVGGTrunk(net.named_children())
+        assert trunk.parallel == "strips"
+        out = trunk(x, "relu4_2")["relu4_2"]
+        assert trunk._pool is not None and trunk._pool.workers == 2  # the workers did run
+        assert _rel(out, ref) < 1e-4
+        assert trunk.workspace_bytes() > 0
+        trunk.release()
+        assert trunk._pool is None and trunk.workspace_bytes() == 0
+        assert _rel(trunk(x, "relu4_2")["relu4_2"], ref) < 1e-4  # works again after release
+        omp = fast.WinogradVGGTrunk(net.named_children(), parallel="omp")
+        assert _rel(omp(x, "relu4_2")["relu4_2"], ref) < 1e-4 and omp._pool is None
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="parallel must be"):
+        fast.WinogradVGGTrunk(net.named_children(), parallel="gpu")
