@@ -264,5 +264,13 @@ def test_fetch_all_takes_the_registry_archs_and_skips_user_supplied(cached, tmp_
     for arch in W.registry_archs():
         assert f"{arch}: {tmp_cache / 'weights'}" in res.output
     assert "googlenet: skipped" in res.output
+    import json
+
+    res = CliRunner().invoke(app, ["weights", "list"])  # one JSON line per architecture
+    assert res.exit_code == 0, res.output
+    rows = {r["arch"]: r for r in map(json.loads, res.output.splitlines())}
+    assert set(rows) == set(W.ARCHS)
+    assert all(rows[a]["cached"] and rows[a]["path"].startswith(str(tmp_cache)) for a in W.registry_archs())
+    assert not rows["googlenet"]["cached"] and rows["googlenet"]["sources"] == ["torchvision", "local"]
     res = CliRunner().invoke(app, ["weights", "fetch", "all", "--path", str(tmp_path / "x.pth")])
     assert res.exit_code != 0 and "not 'all'" in res.output
