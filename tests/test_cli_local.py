@@ -83,3 +83,15 @@ def test_selective_speed_tiny(tmp_path):
     assert all(v > 0 for v in out["wall_ms_per_image"].values())
     kept = out["kept_features"]
     assert kept["sum"] < kept["none"] and kept["max"] < kept["none"]
+
+
+def test_grid_and_sweep_cli_refuse_bad_settings_naming_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for bad in ("abc", "777"):
+        res = CliRunner().invoke(app, ["selective-grid", "--config", bad])
+        assert res.exit_code == 2 and f"--config '{bad}'" in res.output and "8064" in res.output, res.output
+    res = CliRunner().invoke(app, ["sweep", "--benchmarks", "holidays,ukbench", "--layers", "conv9_9", "--limit",
+                                   "4", "--max-size", "64"])
+    assert res.exit_code == 2 and "error: vgg16 has no layer 'conv9_9'" in res.output, res.output
+    res = CliRunner().invoke(app, ["sweep", "--benchmarks", "holidays,nope", "--limit", "4"])
+    assert res.exit_code == 2 and "unknown benchmark 'nope'" in res.output, res.output

@@ -22,6 +22,13 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _msg(exc: BaseException) -> str:
+    """The message of an error; a KeyError's without the quotes that ``str`` adds."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
 def _errors():
     """Turn the library's expected errors into one clear line and a non-zero exit."""
     from .images import BoxError, ImageError
@@ -108,7 +115,7 @@ def index(
             report = col.add_folder(photos, batch=batch, progress=not quiet)
         dt = time.perf_counter() - t0
     except (*_errors(), ImportError) as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     for path, reason in report.failed:
         typer.secho(f"skipped {reason}", fg=typer.colors.YELLOW, err=True)
     n = len(report.added) + len(report.updated)
@@ -145,7 +152,7 @@ def search(
         hits = col.search(query, box=b, top=top, rerank=rerank, shortlist=shortlist, qe=qe)
         dt = time.perf_counter() - t0
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     if show is not None:
         from .viz import draw_ranked
 
@@ -173,7 +180,7 @@ def remove(
         col = Collection.open(index_dir, writable=True)
         n = col.remove_paths(paths)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     typer.echo(f"removed {n}; {len(col)} images left in {index_dir}")
 
 
@@ -185,7 +192,7 @@ def info(index_dir: Path = typer.Option(..., "--index")) -> None:
     try:
         col = Collection.open(index_dir)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     typer.echo(json.dumps(col.stats(), indent=1))
 
 
@@ -205,7 +212,7 @@ def whitening_learn(
         w = col.learn_whitening(dim=dim, trained_on=str(Path(index_dir).resolve()), power=power)
         w.save(out)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     typer.echo(f"{out}: PCA-whitening {w.dim}-D learned on {w.n_samples} local vectors of {index_dir}")
 
 
@@ -231,7 +238,7 @@ def weights_fetch(
         try:
             wf = fetch_weights(a, source=source, path=None if path is None else str(path), progress=True)
         except (WeightsError, ValueError, KeyError) as exc:
-            _fail(str(exc))
+            _fail(_msg(exc))
         typer.echo(f"{a}: {wf.path} (source {wf.source}, sha256 {wf.sha256[:16]}…)")
 
 
@@ -259,7 +266,7 @@ def serve(
     try:
         run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
 
 
 @app.command()
@@ -274,7 +281,7 @@ def demo(
     try:
         run_demo(out, n_images=images, backbone=backbone)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
 
 
 @app.command("eval")
@@ -300,7 +307,7 @@ def eval_cmd(
         res = evaluate_recipe(bench, Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size),
                               whitening=None if whitening == "none" else Path(whitening), progress=not quiet)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     typer.echo(json.dumps(res, indent=1))
     if out is not None:
         from .index.store import atomic_write_bytes
@@ -368,7 +375,7 @@ def sweep(
                                 out_dim=out_dim, limit=_sizes(limit), max_size=_sizes(max_size), threads=threads,
                                 weights=weights)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     typer.echo(sweep_table(res))
     if json_out:
         from .index.store import atomic_write_bytes
@@ -391,14 +398,18 @@ def selective_grid_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Hoang et al. 2017 Table 3: mask x (embedding, aggregation) grid; learned on the other benchmark."""
+    from .local_recipes import TABLE4
     from .sweep import grid_table, selective_grid
 
+    if config != "table2" and (not config.isdigit() or int(config) not in TABLE4):
+        _fail(f"--config {config!r}: choose table2 (D = 4224 for every embedding) or a Table-4 size, one of "
+              f"{', '.join(map(str, sorted(TABLE4)))}")
     try:
         res = selective_grid(_items(benchmarks), evaluate=_items(evaluate) or None, config=config if config == "table2" else
                              int(config), layer=layer, limit=_sizes(limit), max_size=_sizes(max_size),
                              threads=threads)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     typer.echo(grid_table(res))
     if json_out:
         from .index.store import atomic_write_bytes
@@ -437,7 +448,7 @@ def clean_cmd(
         res = clean_and_box(ts, root=root, params=params, cache_dir=cache, progress=not quiet)
         save_boxes(res, out)
     except _errors() as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     st = res.stats
     for msg in st["failed"]:
         typer.secho(f"skipped {msg}", fg=typer.colors.YELLOW, err=True)
@@ -484,7 +495,7 @@ def train_rmac(
                                                 data_dir=data, cache_dir=cache_dir, engine=engine, resume=resume,
                                                 progress=not quiet)
     except _errors() + (CheckpointError,) as exc:
-        _fail(str(exc))
+        _fail(_msg(exc))
     for e in history["epochs"]:
         typer.echo(f"epoch {e['epoch'] + 1}: {e['seconds']:.0f} s ({e['updates']} updates, mining "
                    f"{e['mine_seconds']:.0f} s), mean batch loss {e['mean_batch_loss']:.4f}, mean mined loss "
