@@ -251,11 +251,10 @@ class IndexStore:
         cached = getattr(self, "_id_table_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        ids = [self._segments[n].ids for n in names]
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        seg_of = np.concatenate([np.full(len(a), k, np.int32) for k, a in enumerate(ids)]) if ids else \
-            np.zeros(0, np.int32)
-        row_of = np.concatenate([np.arange(len(a), dtype=np.int64) for a in ids]) if ids else np.zeros(0, np.int64)
+        lens = np.asarray([len(self._segments[n].ids) for n in names], np.int64)
+        all_ids = np.concatenate([self._segments[n].ids for n in names] + [np.zeros(0, np.int64)])
+        seg_of = np.repeat(np.arange(len(names)), lens)
+        row_of = np.arange(len(all_ids)) - np.repeat(np.cumsum(lens) - lens, lens)
         order = np.argsort(all_ids, kind="stable")
         table = (names, all_ids[order], seg_of[order], row_of[order])
         self._id_table_cache = (key, table)
