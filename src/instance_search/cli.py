@@ -405,8 +405,8 @@ def selective_grid_cmd(
         _fail(f"--config {config!r}: choose table2 (D = 4224 for every embedding) or a Table-4 size, one of "
               f"{', '.join(map(str, sorted(TABLE4)))}")
     try:
-        res = selective_grid(_items(benchmarks), evaluate=_items(evaluate) or None, config=config if config == "table2" else
-                             int(config), layer=layer, limit=_sizes(limit), max_size=_sizes(max_size),
+        res = selective_grid(_items(benchmarks), evaluate=_items(evaluate) or None,
+                             config=config if config == "table2" else int(config), layer=layer, limit=_sizes(limit), max_size=_sizes(max_size),
                              threads=threads)
     except _errors() as exc:
         _fail(_msg(exc))
