@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from instance_search.benchmarking import benchmark_items, extract_maps
+from instance_search.eval.runner import benchmark_items, extract_maps
 from instance_search.collection import Describer, fit_whitening
-from instance_search.datasets.benchmarks import load_benchmark
-from instance_search.evaluation import compute_map, iou
+from instance_search.eval.datasets.benchmarks import load_benchmark
+from instance_search.eval.metrics import compute_map, iou
 from instance_search.index.compact import decode_map, decode_sparse, encode_map
 from instance_search.ops import integral as I
-from instance_search.recipes import Recipe
+from instance_search.recipes.base import Recipe
 from instance_search.rerank.aml import cells_to_pixels, pixels_to_cells, rerank_aml
 
 HERE = Path(__file__).resolve().parent

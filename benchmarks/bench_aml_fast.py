@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instance_search.benchmarking import benchmark_items, extract_maps
-from instance_search.datasets.benchmarks import load_benchmark
-from instance_search.evaluation import compute_map
+from instance_search.eval.runner import benchmark_items, extract_maps
+from instance_search.eval.datasets.benchmarks import load_benchmark
+from instance_search.eval.metrics import compute_map
 from instance_search.index.compact import decode_sparse, encode_map
-from instance_search.recipes import Recipe
+from instance_search.recipes.base import Recipe
 from instance_search.rerank.aml import rerank_aml
 from instance_search.rerank.aml_fast import AMLInvertedMaps, rerank_aml_fast
 

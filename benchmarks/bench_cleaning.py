@@ -31,11 +31,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from instance_search.datasets.benchmarks import find_shared_data, load_benchmark  # noqa: E402
-from instance_search.datasets.splits import TrainingSet, assert_disjoint, evaluation_paths, training_set  # noqa: E402
-from instance_search.evaluation import iou  # noqa: E402
-from instance_search.fileio import atomic_write_bytes  # noqa: E402
-from instance_search.learn.cleaning import (CleaningParams, SiftCache, clean_and_box, load_boxes,  # noqa: E402
+from instance_search.eval.datasets.benchmarks import find_shared_data, load_benchmark  # noqa: E402
+from instance_search.eval.datasets.splits import TrainingSet, assert_disjoint, evaluation_paths, training_set  # noqa: E402
+from instance_search.eval.metrics import iou  # noqa: E402
+from instance_search.io import atomic_write_bytes  # noqa: E402
+from instance_search.train.cleaning import (CleaningParams, SiftCache, clean_and_box, load_boxes,  # noqa: E402
                                             match_pair, save_boxes)
 
 HERE = Path(__file__).resolve().parent

@@ -41,13 +41,13 @@ sys.path.insert(0, str(HERE))
 
 from bench_aml import CACHE, RESULTS, _finalizer, first_stage, rerank_map, rerank_ranks  # noqa: E402
 
-from instance_search.benchmarking import benchmark_items, extract_maps  # noqa: E402
-from instance_search.datasets.benchmarks import load_benchmark  # noqa: E402
-from instance_search.evaluation import compute_map  # noqa: E402
+from instance_search.eval.runner import benchmark_items, extract_maps  # noqa: E402
+from instance_search.eval.datasets.benchmarks import load_benchmark  # noqa: E402
+from instance_search.eval.metrics import compute_map  # noqa: E402
 from instance_search.index.compact import decode_sparse, encode_map  # noqa: E402
 from instance_search.ops.integral import sparse_batch  # noqa: E402
 from instance_search.ops.pooling import rmac_regions  # noqa: E402
-from instance_search.recipes import Recipe  # noqa: E402
+from instance_search.recipes.base import Recipe  # noqa: E402
 
 
 def parse_setting(s: str) -> dict:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from instance_search import evaluation as ev
-from instance_search.fileio import atomic_write_bytes
-from instance_search.sweep import BenchSpec, _make_selective, conv_maps
+from instance_search.eval import metrics as ev
+from instance_search.io import atomic_write_bytes
+from instance_search.eval.sweeps import BenchSpec, _make_selective, conv_maps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -137,7 +137,7 @@ def compare(a: Path, b: Path) -> dict:
 def whitening_diff(a: Path, wa: dict | None, b: Path, wb: dict | None) -> float | None:
     """Largest difference between the two learned whitenings' arrays (their files differ anyway: they record
     the index folder they were learned on and when); 0.0 when neither index is whitened, None if one is."""
-    from instance_search.learn.pca_whitening import PCAWhitening
+    from instance_search.fitted.whitening import PCAWhitening
 
     if wa is None or wb is None:
         return 0.0 if wa is wb else None

@@ -32,10 +32,10 @@ import torch
 
 from instance_search.backbones import load_backbone
 from instance_search.backbones.fast import use_engine
-from instance_search.datasets import splits
-from instance_search.fileio import atomic_write_bytes
-from instance_search.learn.rmac_net import RMACNet, fit_head_whitening, learned_rmac, load_model
-from instance_search.learn.triplet import InputCache, TrainConfig, TripletTrainer, plot_loss_curve
+from instance_search.eval.datasets import splits
+from instance_search.io import atomic_write_bytes
+from instance_search.nets.rmac_head import RMACNet, fit_head_whitening, learned_rmac, load_model
+from instance_search.train.triplet import InputCache, TrainConfig, TripletTrainer, plot_loss_curve
 
 HERE = Path(__file__).resolve().parent
 

@@ -29,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from instance_search.index.store import atomic_write_bytes  # noqa: E402
-from instance_search.sweep import (BenchSpec, grid_table, layer_scale_sweep, plot_sweep,  # noqa: E402
+from instance_search.eval.sweeps import (BenchSpec, grid_table, layer_scale_sweep, plot_sweep,  # noqa: E402
                                    selective_grid, selective_speed, sweep_table)
 
 HERE = Path(__file__).resolve().parent

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from instance_search.benchmarking import benchmark_items, extract_maps
+from instance_search.eval.runner import benchmark_items, extract_maps
 from instance_search.collection import Collection, Describer, fit_whitening
-from instance_search.datasets.benchmarks import load_benchmark
+from instance_search.eval.datasets.benchmarks import load_benchmark
 from instance_search.index.store import Entry
-from instance_search.recipes import Recipe
+from instance_search.recipes.base import Recipe
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("R-MAC", None, 0), ("+ AML", "aml", 0), ("+ AML + QE", "aml", 5), ("+ CA-SR", "casr", 0),

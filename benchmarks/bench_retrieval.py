@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from instance_search.benchmarking import describe_benchmark, score
+from instance_search.eval.runner import describe_benchmark, score
 import numpy as np
 
 from instance_search.collection import Describer, fit_whitening
-from instance_search.datasets import load_benchmark
+from instance_search.eval.datasets import load_benchmark
 from instance_search.index.store import atomic_write_bytes
-from instance_search.recipes import Recipe
+from instance_search.recipes.base import Recipe
 
 HERE = Path(__file__).resolve().parent
 

@@ -38,11 +38,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from instance_search.datasets import splits  # noqa: E402
-from instance_search.datasets.benchmarks import find_shared_data, load_gnd_pickle  # noqa: E402
-from instance_search.fileio import atomic_write_bytes  # noqa: E402
-from instance_search.learn import rpn as R  # noqa: E402
-from instance_search.learn.triplet import InputCache  # noqa: E402
+from instance_search.eval.datasets import splits  # noqa: E402
+from instance_search.eval.datasets.benchmarks import find_shared_data, load_gnd_pickle  # noqa: E402
+from instance_search.io import atomic_write_bytes  # noqa: E402
+from instance_search.nets import rpn as R  # noqa: E402
+from instance_search.train.triplet import InputCache  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -106,7 +106,7 @@ class Features:
     def __init__(self, size: int, engine: str = "winograd"):
         from instance_search.backbones import load_backbone
         from instance_search.backbones.fast import use_engine
-        from instance_search.learn.finetune import conv5_block
+        from instance_search.train.detector import conv5_block
 
         self.size = int(size)
         self.bb = load_backbone("vgg16")
@@ -123,7 +123,7 @@ class Features:
 def training_samples(feat: Features, boxes_file: Path, val_groups: float, seed: int = 0):
     """(train samples, validation samples, summary) from the boxes file: kept images of the training split, boxes
     mapped to the map frame; ``val_groups`` of the groups (by a hash of the label) held out."""
-    from instance_search.learn.cleaning import load_boxes
+    from instance_search.train.cleaning import load_boxes
 
     data = find_shared_data()
     ts = splits.training_set(data)
@@ -217,7 +217,7 @@ def plot_recall(tables: dict, path: Path) -> None:
 def rmac_vectors(maps, regions_fn, whitening) -> np.ndarray:
     """R-MAC ``L2(sum_r L2(W(L2 f_r)))`` of each map over the regions ``regions_fn(i, map)`` (cells)."""
     from instance_search.ops.pooling import region_macs
-    from instance_search.recipes import Recipe
+    from instance_search.recipes.base import Recipe
 
     rec = Recipe("rmac")
     local = []
@@ -307,7 +307,7 @@ def main() -> None:
     maps_results = []
     if not args.no_map:
         from instance_search.collection import fit_whitening
-        from instance_search.learn.rmac_net import boxes_to_cells, load_model
+        from instance_search.nets.rmac_head import boxes_to_cells, load_model
         from instance_search.ops.pooling import region_macs, rmac_regions
 
         data = find_shared_data()

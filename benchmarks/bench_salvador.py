@@ -64,11 +64,11 @@ sys.path.insert(0, str(HERE))
 from bench_rpn import CACHE as RPN_CACHE, Features, log, original_size  # noqa: E402
 
 from instance_search import evaluation as ev  # noqa: E402
-from instance_search.datasets import splits  # noqa: E402
-from instance_search.datasets.benchmarks import find_shared_data  # noqa: E402
-from instance_search.fileio import atomic_write_bytes  # noqa: E402
-from instance_search.learn import finetune as FT  # noqa: E402
-from instance_search.learn import rpn as R  # noqa: E402
+from instance_search.eval.datasets import splits  # noqa: E402
+from instance_search.eval.datasets.benchmarks import find_shared_data  # noqa: E402
+from instance_search.io import atomic_write_bytes  # noqa: E402
+from instance_search.train import detector as FT  # noqa: E402
+from instance_search.nets import rpn as R  # noqa: E402
 from instance_search.ops.pooling import region_macs, rmac_regions  # noqa: E402
 from instance_search.rerank import cs_sr as CS  # noqa: E402
 from instance_search.rerank.aml import region_vectors  # noqa: E402
@@ -113,7 +113,7 @@ def flipped_maps(feat: Features, paths, desc: str):
 
 def box_cells(box_px, image_wh, map_hw) -> np.ndarray:
     """Cells (x, y, w, h) covering a box given in original-image pixels."""
-    from instance_search.learn.rmac_net import boxes_to_cells
+    from instance_search.nets.rmac_head import boxes_to_cells
 
     fb = R.to_map_frame(box_px, image_wh, map_hw, 16)
     return boxes_to_cells(fb, 16, *map_hw)
@@ -314,7 +314,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- RPN proposals and region vectors of the databases
     t0 = time.perf_counter()
-    from instance_search.learn.rmac_net import boxes_to_cells
+    from instance_search.nets.rmac_head import boxes_to_cells
 
     def regions_of(c5s, desc):
         """(boxes, cells, region MACs) of the top proposals of every map; the boxes are cached on disk."""
@@ -366,7 +366,7 @@ def main() -> None:
     timings["ca_sr_s"] = round(time.perf_counter() - t0, 1)
 
     # ---------------------------------------------------------------- base detector on the training split
-    from instance_search.learn.cleaning import load_boxes
+    from instance_search.train.cleaning import load_boxes
 
     _, recs = load_boxes(args.boxes, root=data, kept_only=True)
     base_items = []

@@ -66,10 +66,10 @@ def rss_mb() -> float:
 
 def real_vectors(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """(UKBench-1000, Holidays-811) global R-MAC vectors, VGG16, whitening learned on Holidays' regions."""
-    from instance_search.benchmarking import describe_benchmark
+    from instance_search.eval.runner import describe_benchmark
     from instance_search.collection import fit_whitening
-    from instance_search.datasets import load_benchmark
-    from instance_search.recipes import Recipe
+    from instance_search.eval.datasets import load_benchmark
+    from instance_search.recipes.base import Recipe
 
     out = {}
     for name, size in (("ukbench", 384), ("holidays", 512)):

@@ -83,7 +83,7 @@ def free_port() -> int:
 
 def build_index(root: Path, n: int, max_size: int) -> None:
     from instance_search.collection import Collection
-    from instance_search.recipes import Recipe
+    from instance_search.recipes.base import Recipe
 
     col = Collection.create(root, Recipe("rmac", backbone="vgg16", max_size=max_size), whitening="none")
     rep = col.add_folder([DATA / "ukbench1000" / f"ukbench{i:05d}.jpg" for i in range(n)], progress=True)

@@ -39,7 +39,7 @@ def build_server_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
     """(photos, index) of 12 UKBench photos (+ 2 views of a 4th object, not indexed), built once per session
     and shared with test_browser.py (which only reads it). No whitening: learned on 12 images it is degenerate."""
     from instance_search.collection import Collection
-    from instance_search.recipes import Recipe
+    from instance_search.recipes.base import Recipe
 
     base = tmp_path_factory.getbasetemp()
     photos, root = base / "isearch-server-photos", base / "isearch-server-index"

@@ -181,7 +181,7 @@ def test_collection_and_cli_aml_fast(ukbench, tmp_path_factory):
     from typer.testing import CliRunner
 
     from conftest import build_server_index
-    from instance_search.cli import app
+    from instance_search.cli.main import app
     from instance_search.collection import Collection
 
     photos, root = build_server_index(ukbench, tmp_path_factory)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from instance_search import benchmarking
-from instance_search.benchmarking import extract_maps
+from instance_search.eval import runner as benchmarking
+from instance_search.eval.runner import extract_maps
 from instance_search.collection import Describer
 from instance_search.images import Box, load_image
-from instance_search.recipes import Recipe
+from instance_search.recipes.base import Recipe
 
 
 def test_extract_maps_equals_one_forward_per_crop_and_is_cached(ukbench, tmp_path, monkeypatch):

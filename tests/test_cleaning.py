@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instance_search.datasets.splits import TrainingSet
-from instance_search.learn import cleaning as cl
+from instance_search.eval.datasets.splits import TrainingSet
+from instance_search.train import cleaning as cl
 
 RNG = np.random.default_rng(0)
 
@@ -261,8 +261,8 @@ def test_paris_landmark_group_boxes(paris, data_dir):
     intruder is dropped, every other photo kept, and the boxes of the three ground-truth query images
     overlap their query boxes (rparis6k) by IoU > 0.45 (measured: 0.60, 0.58, 0.60; the whole image: 0.44,
     0.11, 0.46)."""
-    from instance_search.datasets.benchmarks import load_benchmark
-    from instance_search.evaluation import iou
+    from instance_search.eval.datasets.benchmarks import load_benchmark
+    from instance_search.eval.metrics import iou
 
     bench = load_benchmark("rparis6k")
     gt = {p.name: b for p, b in zip(bench.query_paths, bench.query_boxes)}
@@ -330,7 +330,7 @@ def test_boxes_file_roundtrip_and_validation(tmp_path):
 def test_cli_clean_folder_of_groups(ukbench, tmp_path):
     from typer.testing import CliRunner
 
-    from instance_search.cli import app
+    from instance_search.cli.main import app
 
     root = tmp_path / "groups"
     for g, numbers in {"mug": [44, 45, 46, 47], "cd": [48, 49, 50, 51]}.items():

@@ -5,7 +5,7 @@ import json
 
 from typer.testing import CliRunner
 
-from instance_search.cli import app
+from instance_search.cli.main import app
 
 
 def test_sweep_cli_tiny(tmp_path, monkeypatch):
@@ -39,8 +39,8 @@ def test_selective_grid_cli_tiny(tmp_path, monkeypatch):
     between aggregations; that must not change the result)."""
     import numpy as np
 
-    from instance_search.local_recipes import Selective
-    from instance_search.sweep import DEFAULT_PAIRS, MASKS, BenchSpec, _evaluate, conv_maps
+    from instance_search.recipes.hoang import Selective
+    from instance_search.eval.sweeps import DEFAULT_PAIRS, MASKS, BenchSpec, _evaluate, conv_maps
 
     monkeypatch.chdir(tmp_path)  # the cache goes under ./benchmarks/cache
     out = tmp_path / "g.json"
@@ -74,7 +74,7 @@ def test_selective_grid_cli_tiny(tmp_path, monkeypatch):
 def test_selective_speed_tiny(tmp_path):
     """Fig. 6-style timing on cached real maps: every mask, R-MAC and SIFT detection get a positive figure, and
     the masks keep fewer features than no mask."""
-    from instance_search.sweep import MASKS, BenchSpec, selective_speed
+    from instance_search.eval.sweeps import MASKS, BenchSpec, selective_speed
 
     out = selective_speed(BenchSpec("ukbench", limit=24, max_size=96), BenchSpec("holidays", limit=24, max_size=96),
                           dim=512, n_images=6, cache_dir=tmp_path, log=None)

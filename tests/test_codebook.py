@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.learn.codebook import CodebookFileError, GMMCodebook, KMeansCodebook, LocalPCA, TembPostprocess
+from instance_search.fitted.codebook import CodebookFileError, GMMCodebook, KMeansCodebook, LocalPCA, TembPostprocess
 from instance_search.ops.embeddings import temb
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from instance_search.cli import app
+from instance_search.cli.main import app
 from instance_search.collection import Collection
 from instance_search.images import BoxError
 from instance_search.index.store import CorruptIndexError
-from instance_search.recipes import Recipe
-from instance_search.learn.pca_whitening import PCAWhitening
+from instance_search.recipes.base import Recipe
+from instance_search.fitted.whitening import PCAWhitening
 
 N_OBJECTS = 3
 

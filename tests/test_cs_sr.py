@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.learn import finetune as FT
-from instance_search.learn import rpn as R
-from instance_search.learn.rmac_net import boxes_to_cells
+from instance_search.train import detector as FT
+from instance_search.nets import rpn as R
+from instance_search.nets.rmac_head import boxes_to_cells
 from instance_search.rerank import cs_sr as CS
 
 torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def _l2(x):
 
 
 def test_ca_sr_regions_matches_brute_force(maps, rpn):
-    from instance_search.learn.pca_whitening import PCAWhitening
+    from instance_search.fitted.whitening import PCAWhitening
 
     regs, cells = _regions(rpn, maps)
     q = maps[0].amax(dim=(1, 2)).numpy()  # the whole of view 0 as the query box

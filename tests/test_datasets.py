@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instance_search import evaluation as ev
-from instance_search.datasets import (
+from instance_search.eval import metrics as ev
+from instance_search.eval.datasets import (
     Benchmark,
     find_shared_data,
     load_benchmark,

@@ -23,7 +23,7 @@ from instance_search.collection import Collection  # noqa: E402
 from instance_search.index import faiss_backend as fb  # noqa: E402
 from instance_search.index.distributed import RayExtractor, ShardedIndex, add_folder_ray, ray_session  # noqa: E402
 from instance_search.index.store import IndexStore  # noqa: E402
-from instance_search.recipes import Recipe  # noqa: E402
+from instance_search.recipes.base import Recipe  # noqa: E402
 
 SIZE = 128
 N_PHOTOS = 20
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")  # R
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", "from instance_search.cli import app; app()", *args],
+    res = subprocess.run([sys.executable, "-c", "from instance_search.cli.main import app; app()", *args],
                          capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert res.returncode == 0, res.stdout + res.stderr

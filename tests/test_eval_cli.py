@@ -6,7 +6,7 @@ import shutil
 
 from typer.testing import CliRunner
 
-from instance_search.cli import app
+from instance_search.cli.main import app
 
 
 def test_eval_ukbench_subset(ukbench, tmp_path):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from instance_search import evaluation as ev
+from instance_search.eval import metrics as ev
 
 
 # ---------------------------------------------------------------------------------------------- references

@@ -1,4 +1,4 @@
-"""Query-instance detector (learn/finetune.py): RoI sampling and the Fast R-CNN loss against hand computations,
+"""Query-instance detector (train/detector.py): RoI sampling and the Fast R-CNN loss against hand computations,
 and fine-tuning strategies #1 / #2 (Salvador et al. 2016, Sec. 3.2) on real UKBench photos."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from instance_search.learn import finetune as FT
-from instance_search.learn import rpn as R
+from instance_search.train import detector as FT
+from instance_search.nets import rpn as R
 
 torch.set_num_threads(1)
 SIZE = 224

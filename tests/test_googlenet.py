@@ -22,7 +22,7 @@ from instance_search.backbones import load_backbone
 from instance_search.backbones import weights as W
 from instance_search.backbones.googlenet import (GOOGLENET_CHANNELS, GOOGLENET_INCEPTIONS, GOOGLENET_LAYERS,
                                                  GOOGLENET_PARAMS, GoogLeNet)
-from instance_search.cli import app
+from instance_search.cli.main import app
 
 HUB_NAME = "googlenet-1378be20.pth"
 

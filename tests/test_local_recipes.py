@@ -1,4 +1,4 @@
-"""Local-feature pipelines (instance_search.local_recipes) and their runners (instance_search.sweep).
+"""Local-feature pipelines (instance_search.recipes.hoang) and their runners (instance_search.eval.sweeps).
 
 Cheap by design (shared 2-core machine): random non-negative maps for shapes and round trips; real VGG16
 conv5_3 maps of a few small Holidays / UKBench images (max side 160) for the mask shares and the end-to-end
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.local_recipes import (
+from instance_search.recipes.hoang import (
     DIM1024,
     TABLE2,
     TABLE4,
@@ -23,7 +23,7 @@ from instance_search.local_recipes import (
     mask_cells,
     ng_vlad,
 )
-from instance_search.sweep import (_make_selective, _per_image_ms, limit_threads, plot_sweep, subset_benchmark,
+from instance_search.eval.sweeps import (_make_selective, _per_image_ms, limit_threads, plot_sweep, subset_benchmark,
                                    sweep_table)
 
 
@@ -199,7 +199,7 @@ def test_ng_multiscale_concatenation(tmp_path):
 
 
 def test_subset_benchmark_and_table(tmp_path):
-    from instance_search.datasets import find_shared_data, load_benchmark
+    from instance_search.eval.datasets import find_shared_data, load_benchmark
 
     if find_shared_data() is None:
         pytest.skip("no shared data folder")
@@ -225,7 +225,7 @@ def test_subset_benchmark_and_table(tmp_path):
 def real_maps():
     """conv5_3 maps (max side 160) + SIFT keypoints of the first 48 Holidays images: the first 24 are the test
     collection, images 24-47 (other scenes) the held-out training collection."""
-    from instance_search.datasets import find_shared_data, load_benchmark
+    from instance_search.eval.datasets import find_shared_data, load_benchmark
     from instance_search.images import load_image
     from instance_search.ops.masks import sift_keypoints
 
@@ -286,7 +286,7 @@ def test_end_to_end_holidays24_beats_chance(real_maps):
 def test_vlad_pass_resumes_and_serves_limits(tmp_path):
     """A pass stopped after the first images (``limit``) goes on where it stopped and ends with the same VLADs
     as one uninterrupted pass; a limited request never runs more images than asked."""
-    from instance_search.sweep import BenchSpec, _vlad_pass
+    from instance_search.eval.sweeps import BenchSpec, _vlad_pass
 
     calls = []
 

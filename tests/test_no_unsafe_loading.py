@@ -183,7 +183,7 @@ class _Payload:
 
 
 def test_ground_truth_unpickler_refuses_code(tmp_path):
-    from instance_search.datasets.benchmarks import load_gnd_pickle
+    from instance_search.eval.datasets.benchmarks import load_gnd_pickle
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "gnd_evil.pkl"
@@ -209,7 +209,7 @@ def test_user_weights_file_is_read_with_weights_only(tmp_path):
 
 def test_npz_with_pickled_objects_is_refused(tmp_path):
     from instance_search.index.store import CorruptIndexError, load_npz
-    from instance_search.learn.pca_whitening import PCAWhitening
+    from instance_search.fitted.whitening import PCAWhitening
 
     marker = tmp_path / "pwned"
     bad = tmp_path / "whitening.npz"

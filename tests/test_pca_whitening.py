@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.learn import NotFittedError, PCAWhitening, WhiteningFileError
-from instance_search.learn.pca_whitening import _ledoit_wolf
+from instance_search.fitted import NotFittedError, PCAWhitening, WhiteningFileError
+from instance_search.fitted.whitening import _ledoit_wolf
 from instance_search.ops import rmac
 
 

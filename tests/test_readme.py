@@ -36,7 +36,7 @@ def test_readme_python_snippet_runs(ukbench, tmp_path, capsys):
 def test_demo_command_runs(tmp_path):
     from typer.testing import CliRunner
 
-    from instance_search.cli import app
+    from instance_search.cli.main import app
 
     res = CliRunner().invoke(app, ["demo", "--images", "4", "--out", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output

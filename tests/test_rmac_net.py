@@ -7,10 +7,10 @@ import torch
 
 from instance_search.collection import fit_whitening
 from instance_search.images import load_image
-from instance_search.learn import rmac_net as rn
+from instance_search.nets import rmac_head as rn
 from instance_search.ops.pooling import region_macs, rmac, rmac_regions
 from instance_search.ops.normalize import l2n
-from instance_search.recipes import Recipe
+from instance_search.recipes.base import Recipe
 
 SIZE = 256
 
@@ -140,7 +140,7 @@ def test_save_load_and_use_in_a_collection(vgg, maps, whitening, tmp_path, data_
     # the product: isearch index --recipe learned-rmac --model model.pt
     from typer.testing import CliRunner
 
-    from instance_search.cli import app
+    from instance_search.cli.main import app
     from instance_search.collection import Collection
 
     photos = [data_dir / "ukbench1000" / f"ukbench{i:05d}.jpg" for i in (0, 1, 4, 8)]
@@ -179,7 +179,7 @@ def test_save_load_and_use_in_a_collection(vgg, maps, whitening, tmp_path, data_
 def test_recipe_with_rpn_regions_pools_over_the_proposals(vgg, maps, whitening, tmp_path):
     """``learned_rmac_recipe(model, rpn=...)`` (Gordo et al. 2016, Sec. 3.2): the local vectors are the learned
     region vectors of the RPN's top-k boxes of the (trained) conv5_3 map, checked region by region."""
-    from instance_search.learn import rpn as R
+    from instance_search.nets import rpn as R
 
     net = rn.RMACNet("conv5").init_from_backbone(vgg)
     net.head.init_from_whitening(whitening)
@@ -215,9 +215,9 @@ def test_cli_index_with_rpn_regions(vgg, maps, whitening, tmp_path, data_dir):
     the index's vectors are the recipe's, computed on the same photos."""
     from typer.testing import CliRunner
 
-    from instance_search.cli import app
+    from instance_search.cli.main import app
     from instance_search.collection import Collection
-    from instance_search.learn import rpn as R
+    from instance_search.nets import rpn as R
 
     net = rn.RMACNet("conv5").init_from_backbone(vgg)
     net.head.init_from_whitening(whitening)

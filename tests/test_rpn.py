@@ -1,5 +1,5 @@
-"""Region proposal network (learn/rpn.py): box maths and RoI pooling against slow loops, and real training on
-UKBench training images with boxes from the automatic cleaning (learn/cleaning.py)."""
+"""Region proposal network (nets/rpn.py): box maths and RoI pooling against slow loops, and real training on
+UKBench training images with boxes from the automatic cleaning (train/cleaning.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.learn import rpn as R
+from instance_search.nets import rpn as R
 
 torch.set_num_threads(1)
 
@@ -28,9 +28,9 @@ def vgg():
 def real_samples(vgg, ukbench, data_dir):
     """UKBench training objects 0 and 1 (images 0-7): conv5_3 maps at 256 px and the boxes estimated by the
     cleaning (SIFT matching + box diffusion), in map-frame pixels."""
-    from instance_search.datasets.splits import TrainingSet
+    from instance_search.eval.datasets.splits import TrainingSet
     from instance_search.images import load_image
-    from instance_search.learn.cleaning import CleaningParams, clean_and_box
+    from instance_search.train.cleaning import CleaningParams, clean_and_box
 
     paths = [ukbench / f"ukbench{i:05d}.jpg" for i in range(8)]
     ts = TrainingSet(paths, np.array([i // 4 for i in range(8)]), ["ukbench"] * 8)
@@ -309,7 +309,7 @@ def test_save_load_round_trip_and_damage(real_samples, tmp_path):
 
 def test_rpa_recipe_pools_rmac_over_the_proposals(real_samples, tmp_path):
     from instance_search.ops.pooling import region_macs
-    from instance_search.recipes import Recipe
+    from instance_search.recipes.base import Recipe
 
     torch.manual_seed(0)
     rpn = R.RPN(mid_channels=16, max_size=256)

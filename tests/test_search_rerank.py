@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from instance_search.cli import app
+from instance_search.cli.main import app
 from instance_search.collection import Collection
-from instance_search.datasets import load_benchmark
-from instance_search.recipes import Recipe
+from instance_search.eval.datasets import load_benchmark
+from instance_search.recipes.base import Recipe
 
 
 @pytest.fixture(scope="module")

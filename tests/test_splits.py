@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from instance_search.datasets import splits
+from instance_search.eval.datasets import splits
 
 
 def test_split_sizes_and_disjoint(data_dir):

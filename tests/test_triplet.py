@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.datasets import splits
-from instance_search.learn import rmac_net as rn
-from instance_search.learn import triplet as tr
+from instance_search.eval.datasets import splits
+from instance_search.nets import rmac_head as rn
+from instance_search.train import triplet as tr
 
 SIZE = 160  # tiny images: pool4 maps of 10 x 7 cells, so a few epochs take seconds
 
@@ -200,7 +200,7 @@ def test_bad_settings_are_refused(tiny):
 def test_train_rmac_command_refuses_bad_options(tmp_path):
     from typer.testing import CliRunner
 
-    from instance_search.cli import app
+    from instance_search.cli.main import app
 
     for opts, msg in ((["--train-layers", "conv9"], "unknown train_layers"), (["--micro-batch", "0"], "micro_batch"),
                       (["--lr", "-1"], "lr must be")):

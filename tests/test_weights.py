@@ -248,7 +248,7 @@ def test_fetch_all_takes_the_registry_archs_and_skips_user_supplied(cached, tmp_
     GoogLeNet, which only a user can supply: without internet it must succeed (CI once failed here)."""
     from typer.testing import CliRunner
 
-    from instance_search.cli import app
+    from instance_search.cli.main import app
 
     assert W.registry_archs() == ("vgg16", "resnet50", "efficientnet-lite0")
     for wf in cached.values():

@@ -12,7 +12,7 @@ def __getattr__(name):  # lazy: `import instance_search` stays cheap (no torch i
 
         return getattr(collection, name)
     if name == "Recipe":
-        from .recipes import Recipe
+        from .recipes.base import Recipe
 
         return Recipe
     if name == "load_image":

@@ -16,13 +16,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .fileio import file_sha256
+from .io import file_sha256
 from .images import Box, ImageError, list_images, load_image, parse_box
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
 from .index.store import CorruptIndexError, Entry, IndexStore
-from .learn.pca_whitening import PCAWhitening
-from .recipes import Recipe
+from .fitted.whitening import PCAWhitening
+from .recipes.base import Recipe
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Describer:
 
             self._backbone = load_backbone(self.recipe.backbone, weights=self.weights, device=self.device)
             if self.recipe.name == "learned-rmac":  # the trained conv layers (Gordo et al. 2016), before any engine
-                from .learn.rmac_net import prepare_backbone
+                from .nets.rmac_head import prepare_backbone
 
                 prepare_backbone(self._backbone, self.recipe.extra)
             if self.engine != "exact":
@@ -476,7 +476,7 @@ class Collection:
     def _rerank(self, hits: list[Hit], qmap: np.ndarray, method: str, shortlist: int,
                 qglobal: np.ndarray | None = None) -> tuple[list[Hit], dict[int, np.ndarray]]:
         from .rerank.aml import cells_to_pixels, rerank_aml
-        from .rerank.spatial import ca_sr
+        from .rerank.ca_sr import ca_sr
 
         head, tail = hits[:shortlist], hits[shortlist:]
         qvec = np.asarray(qmap, np.float32).max(axis=(1, 2))  # the query's MAC

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from .datasets.benchmarks import find_shared_data
+from .eval.datasets.benchmarks import find_shared_data
 
 
 def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16") -> dict:
     """Index the first ``n_images`` UKBench images with R-MAC, query with each, print the N-S score."""
     from .collection import Collection
-    from .evaluation import ukbench_ns_score
-    from .recipes import Recipe
+    from .eval.metrics import ukbench_ns_score
+    from .recipes.base import Recipe
 
     data = find_shared_data()
     if data is None or not (data / "ukbench1000").is_dir():

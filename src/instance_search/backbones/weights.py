@@ -66,7 +66,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_bytes, file_sha256
+from ..io import atomic_write_bytes, file_sha256
 
 __all__ = [
     "ARCHS",

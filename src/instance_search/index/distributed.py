@@ -131,7 +131,7 @@ def _data_context():
 def _decode(path: Path, max_size: int):
     """``collection._decode`` without importing torch (reader processes stay light): (image or error, stat,
     sha256) with the same calls and the same error messages."""
-    from ..fileio import file_sha256
+    from ..io import file_sha256
     from ..images import load_image
 
     try:
@@ -186,7 +186,7 @@ class _DescribeActor:
         import torch
 
         from ..collection import Describer
-        from ..recipes import Recipe
+        from ..recipes.base import Recipe
 
         torch.set_num_threads(max(1, int(threads)))
         self.describer = Describer(Recipe.from_dict(recipe), weights=weights, engine=engine)
@@ -196,7 +196,7 @@ class _DescribeActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        from ..fileio import atomic_save_npz
+        from ..io import atomic_save_npz
         from . import store
 
         n = len(batch["pos"])

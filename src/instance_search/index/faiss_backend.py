@@ -158,7 +158,7 @@ def save_faiss(index, path: str | os.PathLike) -> Path:
     """Write ``index`` to ``path`` atomically (serialised in memory, then temporary file, fsync, rename)."""
     import faiss
 
-    from ..fileio import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     return atomic_write_bytes(Path(path), faiss.serialize_index(index).tobytes())
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..fileio import atomic_save_npz, atomic_write_bytes  # noqa: F401  (re-exported)
+from ..io import atomic_save_npz, atomic_write_bytes  # noqa: F401  (re-exported)
 from .compact import CompactMapError, decode_map, decode_sparse, encode_map
 
 MANIFEST = "manifest.json"

@@ -1,8 +1,8 @@
 """Embeddings of local convolutional features into a high-dimensional space.
 
 Every function is pure and vectorised (no Python loop over features). Inputs are ``(N, d)`` local
-features (rows are expected to be L2-normalised, e.g. after :class:`instance_search.learn.codebook.LocalPCA`)
-and a codebook learned by :mod:`instance_search.learn.codebook`. Arrays may be numpy or torch; the
+features (rows are expected to be L2-normalised, e.g. after :class:`instance_search.fitted.codebook.LocalPCA`)
+and a codebook learned by :mod:`instance_search.fitted.codebook`. Arrays may be numpy or torch; the
 result has the kind of ``X`` (numpy in, numpy out), float64 when ``X`` is float64, float32 otherwise.
 
 Per-feature functions (``*_embed``, :func:`temb`, :func:`ffaemb`) return ``(N, D)`` so that any
@@ -221,7 +221,7 @@ def temb(X, C):
     ``R(x) = [r_1(x), ..., r_k(x)]`` with ``r_j(x) = (x - c_j) / ||x - c_j||`` (a residual that coincides
     with its anchor is left at zero). The learned centring + whitening ``phi(x) = Sigma^-1/2 (R(x) - R_0)``
     (same section) and the removal of the first components live in
-    :class:`instance_search.learn.codebook.TembPostprocess`.
+    :class:`instance_search.fitted.codebook.TembPostprocess`.
     """
     x = _features(X)
     c = _centroids(C, x)

@@ -210,7 +210,7 @@ def window_max(X, windows):
     ``⌈log2 H⌉·⌈log2 W⌉`` tables are built, only those the windows need.
     """
     t, is_torch = _map(X)
-    if is_torch and X.requires_grad:  # keep the graph (RoI max-pooling, learn/rpn.py): gradient to each arg-max
+    if is_torch and X.requires_grad:  # keep the graph (RoI max-pooling, nets/rpn.py): gradient to each arg-max
         t = X
     c, h, w = t.shape
     wins = _windows(windows, h, w)

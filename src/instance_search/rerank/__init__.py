@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .aml import RerankResult, cells_to_pixels, cosine_scores, pixels_to_cells, region_vectors, rerank_aml
 from .expansion import alpha_qe, average_qe, dba
-from .spatial import ca_sr, region_mac, rmac_boxes, sliding_windows
+from .ca_sr import ca_sr, region_mac, rmac_boxes, sliding_windows
 
 __all__ = [
     "RerankResult",

@@ -4,9 +4,9 @@
 * :func:`ca_sr_regions` -- class-agnostic spatial re-ranking (CA-SR) over *stored* region vectors: every
   short-listed image has the MACs of its RPN proposals (the RPA local vectors), and its new score is the best
   cosine between one of them and the query box's descriptor (optionally after L2 -> PCA-whitening -> L2). (For
-  candidate boxes generated from the map size alone, see :func:`instance_search.rerank.spatial.ca_sr`.)
+  candidate boxes generated from the map size alone, see :func:`instance_search.rerank.ca_sr.ca_sr`.)
 * :func:`cs_sr` -- class-specific spatial re-ranking (CS-SR): a detector fine-tuned on the query instances
-  (:mod:`instance_search.learn.finetune`) scores every proposal of a short-listed image for the query's class;
+  (:mod:`instance_search.train.detector`) scores every proposal of a short-listed image for the query's class;
   the image takes the highest class probability and that proposal's regressed box.
 * :func:`qe_after_rerank` -- average query expansion after re-ranking (Salvador Sec. 4.3; Chum et al. 2007):
   ``q' = L2(q + sum of the top-M re-ranked images' box vectors)``, then CA-SR of the short list with ``q'``.
@@ -28,7 +28,7 @@ __all__ = ["ca_sr_regions", "cs_sr", "cs_sr_scores", "qe_after_rerank", "full_ra
 
 
 def _cells(boxes_px: np.ndarray, stride: int, map_hw: tuple[int, int]) -> np.ndarray:
-    from ..learn.rmac_net import boxes_to_cells
+    from ..nets.rmac_head import boxes_to_cells
 
     return boxes_to_cells(np.asarray(boxes_px, dtype=np.float64).reshape(-1, 4), stride, int(map_hw[0]),
                           int(map_hw[1]))
@@ -93,7 +93,7 @@ def cs_sr_scores(class_scores, class_boxes, shortlist_scores=None, map_hw: Seque
 def cs_sr(detector, class_index: int, maps: Sequence[torch.Tensor], shortlist_scores=None, proposals: int = 300,
           whitening: Callable | None = None) -> RerankResult:
     """CS-SR (Salvador et al. 2016, Sec. 3.3): run the fine-tuned ``detector``
-    (:class:`~instance_search.learn.finetune.Detector`) on the conv5_3 map of every short-listed image; the
+    (:class:`~instance_search.train.detector.Detector`) on the conv5_3 map of every short-listed image; the
     image's score is the highest probability of class ``class_index`` (0-based object class, i.e. detector output
     ``class_index + 1``) over its top ``proposals`` RPN boxes, its box that proposal's class box. The returned
     ``vectors`` are the L2(-whitened) MACs of those boxes (for :func:`qe_after_rerank`)."""

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import evaluation as ev
+from .. import metrics as ev
 
 __all__ = [
     "Benchmark",

@@ -14,7 +14,7 @@
 
 Maps are ``(C, H, W)`` numpy arrays or torch tensors (non-negative, post-ReLU). All heavy work is vectorised
 (no Python loop over local features). Models save to one ``.npz`` (no pickles, written atomically) and refuse
-to encode before they are fitted (:class:`~instance_search.learn.pca_whitening.NotFittedError`).
+to encode before they are fitted (:class:`~instance_search.fitted.whitening.NotFittedError`).
 
 Documented choices where the papers leave room (see each class): the Table-2 / Table-4 ``(d, k)`` values
 (:data:`TABLE2`, :data:`TABLE4`) are derived from the stated output dimensions; the rotation normalisation is
@@ -29,15 +29,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .fileio import atomic_save_npz
+from ..io import atomic_save_npz
 import torch
 
-from .learn.codebook import GMMCodebook, KMeansCodebook, LocalPCA
-from .learn.pca_whitening import NotFittedError
-from .ops import embeddings as _emb
-from .ops.aggregation import aggregate as _aggregate
-from .ops.aggregation import democratic_weights as _democratic_weights
-from .ops.masks import masked_features, max_mask, sift_mask, sum_mask
+from ..fitted.codebook import GMMCodebook, KMeansCodebook, LocalPCA
+from ..fitted.whitening import NotFittedError
+from ..ops import embeddings as _emb
+from ..ops.aggregation import aggregate as _aggregate
+from ..ops.aggregation import democratic_weights as _democratic_weights
+from ..ops.masks import masked_features, max_mask, sift_mask, sum_mask
 
 __all__ = [
     "AGGREGATIONS",

@@ -8,7 +8,7 @@ becomes a chain of layers whose weights can be trained with a ranking loss (see 
                ─▶ sum over regions ─▶ L2                                        (Gordo Sec. 3.1)
 
 The shift ``s`` and the FC weights ``W`` are initialised from a PCA-whitening (``s = -mean``,
-``W = diag(scale) V^T`` of :class:`~instance_search.learn.pca_whitening.PCAWhitening`), so that before training
+``W = diag(scale) V^T`` of :class:`~instance_search.fitted.whitening.PCAWhitening`), so that before training
 the network's output equals :func:`instance_search.ops.pooling.rmac` with that whitening (tests/test_rmac_net.py:
 to 1e-5 on real images). With the default identity initialisation it is the unwhitened R-MAC.
 
@@ -18,7 +18,7 @@ its own regions (e.g. region proposals, converted from image pixels by :func:`bo
 
 Which layers train is a choice (``train_layers``): the part of VGG16 below the trainable layers is frozen and
 not part of this module -- its output (the *input tap*, e.g. pool4 for ``"conv5"``) is computed once by the
-backbone and can be cached (:class:`~instance_search.learn.triplet.InputCache`), so that a training epoch only
+backbone and can be cached (:class:`~instance_search.train.triplet.InputCache`), so that a training epoch only
 runs the trainable layers. A trained model is saved as a plain state dict (``.pt``, read back with
 ``torch.load(weights_only=True)``) plus a JSON config next to it (``.json``).
 """
@@ -37,7 +37,7 @@ from ..backbones.vgg16 import VGG16, VGG16_CHANNELS, VGG16_STRIDES
 from ..ops.pooling import region_macs, rmac_regions
 from .modelfile import read_config as _read_config
 from .modelfile import read_state, save_state
-from .pca_whitening import PCAWhitening
+from ..fitted.whitening import PCAWhitening
 
 __all__ = ["TRAIN_LAYERS", "INPUT_LAYER", "RMACHead", "RMACNet", "roi_max_pool", "learned_rmac_regions",
            "learned_rmac", "boxes_to_cells", "fit_head_whitening", "save_model", "load_model", "ModelFileError",
@@ -383,11 +383,11 @@ _LOADED: dict[tuple[str, str], RMACNet] = {}
 
 def learned_rmac_recipe(model: str | os.PathLike, max_size: int = 1024, rpn: str | os.PathLike | None = None,
                         proposals: int = 256):
-    """A :class:`~instance_search.recipes.Recipe` ``"learned-rmac"`` describing images with a trained model
+    """A :class:`~instance_search.recipes.base.Recipe` ``"learned-rmac"`` describing images with a trained model
     (``isearch index --recipe learned-rmac --model FILE``): the model's path and sha256 travel in the recipe.
-    With ``rpn`` (a model of :func:`instance_search.learn.rpn.save_rpn`), the regions are its top ``proposals``
+    With ``rpn`` (a model of :func:`instance_search.nets.rpn.save_rpn`), the regions are its top ``proposals``
     boxes on the trained conv5_3 map instead of the rigid grid (Gordo et al. 2016, Sec. 3.2)."""
-    from ..recipes import Recipe
+    from ..recipes.base import Recipe
 
     path = Path(model).expanduser().resolve()
     if path.suffix == ".json":

@@ -20,7 +20,7 @@ Sec. 3.2-3.3).
   sampled with up to 25 % foreground (IoU >= 0.5, labelled with the box's class), the rest background
   (IoU in [0, 0.5)). Loss: softmax log loss + smooth L1 (beta 1) on the foreground RoIs' class deltas.
 
-All boxes are map-frame pixels (see :mod:`instance_search.learn.rpn`).
+All boxes are map-frame pixels (see :mod:`instance_search.nets.rpn`).
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fileio import atomic_write_bytes, file_sha256
-from .modelfile import read_state, save_state
-from .rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes,
+from ..io import atomic_write_bytes, file_sha256
+from ..nets.modelfile import read_state, save_state
+from ..nets.rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes,
                   roi_pool, rpn_loss, sample_labels, smooth_l1)
 
 __all__ = ["BBOX_STDS", "DetectorHead", "Detector", "DetectorSample", "DetectorTrainConfig", "sample_rois",
@@ -59,7 +59,7 @@ class DetectorFileError(ValueError):
 # ------------------------------------------------------------------------------------------------ modules
 def conv5_block(backbone=None) -> nn.Sequential:
     """VGG16's conv5_1..relu5_3 (input: pool4 maps), with the ImageNet weights of ``backbone`` when given."""
-    from .rmac_net import RMACNet
+    from ..nets.rmac_head import RMACNet
 
     net = RMACNet("conv5")
     if backbone is not None:
@@ -121,7 +121,7 @@ class DetectorHead(nn.Module):
 
 
 class Detector(nn.Module):
-    """conv5 block + :class:`~instance_search.learn.rpn.RPN` + :class:`DetectorHead` on VGG16 pool4 maps
+    """conv5 block + :class:`~instance_search.nets.rpn.RPN` + :class:`DetectorHead` on VGG16 pool4 maps
     (Salvador et al. 2016, Sec. 3: Faster R-CNN with VGG16). ``classes``: names of the object classes."""
 
     def __init__(self, rpn: RPN, num_classes: int, classes: Sequence[str] | None = None, pool: int = 3,

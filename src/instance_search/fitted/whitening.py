@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_save_npz
+from ..io import atomic_save_npz
 
 __all__ = ["PCAWhitening", "NotFittedError", "WhiteningFileError"]
 

@@ -31,12 +31,12 @@ def _msg(exc: BaseException) -> str:
 
 def _errors():
     """Turn the library's expected errors into one clear line and a non-zero exit."""
-    from .images import BoxError, ImageError
-    from .index.store import CorruptIndexError
+    from ..images import BoxError, ImageError
+    from ..index.store import CorruptIndexError
 
     expected = (ImageError, BoxError, CorruptIndexError, FileNotFoundError, KeyError, ValueError)
     try:
-        from .backbones.weights import WeightsError
+        from ..backbones.weights import WeightsError
 
         expected = expected + (WeightsError,)
     except ImportError:  # pragma: no cover
@@ -72,23 +72,23 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
-    from .collection import Collection
-    from .index.store import IndexStore
-    from .recipes import Recipe
+    from ..collection import Collection
+    from ..index.store import IndexStore
+    from ..recipes.base import Recipe
 
     def make_recipe() -> Recipe:
         if regions not in ("grid", "rpn") or ((regions == "rpn" or recipe == "rpa") and rpn is None):
             raise ValueError(f"--regions must be 'grid' or 'rpn' (got {regions!r}); --regions rpn and --recipe rpa "
                              "need --rpn FILE (a region proposal network, learn.rpn.save_rpn)")
-        if recipe == "learned-rmac":  # Gordo et al. 2016: the trained network (learn/rmac_net.py)
+        if recipe == "learned-rmac":  # Gordo et al. 2016: the trained network (nets/rmac_head.py)
             if model is None:
                 raise ValueError("--recipe learned-rmac needs --model FILE (a model.pt from `isearch train-rmac`)")
-            from .learn.rmac_net import learned_rmac_recipe
+            from ..nets.rmac_head import learned_rmac_recipe
 
             return learned_rmac_recipe(model, max_size=max_size, rpn=rpn if regions == "rpn" else None,
                                        proposals=proposals)
         if recipe == "rpa":  # Salvador et al. 2016, Sec. 3.1: region-wise pooling of RPN proposals
-            from .learn.rpn import rpa_recipe
+            from ..nets.rpn import rpa_recipe
 
             return rpa_recipe(rpn, proposals, max_size=max_size)
         return Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size)
@@ -106,7 +106,7 @@ def index(
             col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights, store_maps=maps)
         t0 = time.perf_counter()
         if engine == "ray":
-            from .index.distributed import add_folder_ray
+            from ..index.distributed import add_folder_ray
 
             report = add_folder_ray(col, photos, address=address, workers=workers, engine=worker_engine,
                                     batch=batch, progress=not quiet)
@@ -141,8 +141,8 @@ def search(
     faiss_kind: str = typer.Option("flat", "--faiss", help="flat (exact) | hnsw | ivfpq (approximate)."),
 ) -> None:
     """Rank the indexed images by similarity to QUERY (optionally re-ranked, with boxes, and expanded)."""
-    from .collection import Collection
-    from .images import parse_box
+    from ..collection import Collection
+    from ..images import parse_box
 
     try:
         b = parse_box(box)
@@ -154,7 +154,7 @@ def search(
     except _errors() as exc:
         _fail(_msg(exc))
     if show is not None:
-        from .viz import draw_ranked
+        from ..viz import draw_ranked
 
         draw_ranked(query, [h.path for h in hits], [h.score for h in hits], show, query_box=b,
                     boxes=[h.box for h in hits])
@@ -174,7 +174,7 @@ def remove(
     index_dir: Path = typer.Option(..., "--index"),
 ) -> None:
     """Remove images from the index (durably)."""
-    from .collection import Collection
+    from ..collection import Collection
 
     try:
         col = Collection.open(index_dir, writable=True)
@@ -187,7 +187,7 @@ def remove(
 @app.command()
 def info(index_dir: Path = typer.Option(..., "--index")) -> None:
     """Print what an index holds."""
-    from .collection import Collection
+    from ..collection import Collection
 
     try:
         col = Collection.open(index_dir)
@@ -205,7 +205,7 @@ def whitening_learn(
                                           "(0 = PCA rotation only)."),
 ) -> None:
     """Learn PCA-whitening on an indexed collection, to use on another one (`isearch index --whitening FILE`)."""
-    from .collection import Collection
+    from ..collection import Collection
 
     try:
         col = Collection.open(index_dir)
@@ -225,7 +225,7 @@ def weights_fetch(
                                                    "file, checked and cached for later loads)."),
 ) -> None:
     """Fetch (and convert) backbone weights into the cache, checking their sha256."""
-    from .backbones.weights import ARCHS, WeightsError, fetch_weights, registry_archs
+    from ..backbones.weights import ARCHS, WeightsError, fetch_weights, registry_archs
 
     if arch == "all" and path is not None:
         _fail("--path names one architecture's file: give the architecture, not 'all'")
@@ -245,7 +245,7 @@ def weights_fetch(
 @weights_app.command("list")
 def weights_list() -> None:
     """List the known weights, their sources and whether they are cached."""
-    from .backbones.weights import list_weights
+    from ..backbones.weights import list_weights
 
     for row in list_weights():
         typer.echo(json.dumps(row))
@@ -261,7 +261,7 @@ def serve(
     read_only: bool = typer.Option(False, "--read-only", help="Refuse uploads."),
 ) -> None:
     """Serve the web page and the HTTP API (OpenAPI at /openapi.json) for an index."""
-    from .server import serve as run_server
+    from ..server import serve as run_server
 
     try:
         run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only)
@@ -276,7 +276,7 @@ def demo(
     backbone: str = typer.Option("vgg16"),
 ) -> None:
     """Index a small real collection (UKBench views from ../shared/data), search it and score it."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     try:
         run_demo(out, n_images=images, backbone=backbone)
@@ -298,9 +298,9 @@ def eval_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate a recipe on a standard benchmark with its official protocol and print the figures."""
-    from .benchmarking import evaluate_recipe
-    from .datasets import load_benchmark
-    from .recipes import Recipe
+    from ..eval.runner import evaluate_recipe
+    from ..eval.datasets import load_benchmark
+    from ..recipes.base import Recipe
 
     try:
         bench = load_benchmark(benchmark, images_dir=images, gnd=gnd)
@@ -310,7 +310,7 @@ def eval_cmd(
         _fail(_msg(exc))
     typer.echo(json.dumps(res, indent=1))
     if out is not None:
-        from .index.store import atomic_write_bytes
+        from ..index.store import atomic_write_bytes
 
         atomic_write_bytes(out, json.dumps(res, indent=1).encode())
 
@@ -367,7 +367,7 @@ def sweep(
     plot: Optional[Path] = typer.Option(None, help="PNG of mAP per layer and scale (Ng et al. Fig. 2)."),
 ) -> None:
     """Ng et al. 2015 Fig. 2: VLAD (k=100, 128-D) mAP per layer and scale; codebooks learned on the other set."""
-    from .sweep import layer_scale_sweep, plot_sweep, sweep_table
+    from ..eval.sweeps import layer_scale_sweep, plot_sweep, sweep_table
 
     try:
         res = layer_scale_sweep(_items(benchmarks), backbone=backbone, layers=_items(layers) or None,
@@ -378,7 +378,7 @@ def sweep(
         _fail(_msg(exc))
     typer.echo(sweep_table(res))
     if json_out:
-        from .index.store import atomic_write_bytes
+        from ..index.store import atomic_write_bytes
 
         atomic_write_bytes(json_out, json.dumps(res, indent=1, default=str).encode())
     if plot:
@@ -398,8 +398,8 @@ def selective_grid_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Hoang et al. 2017 Table 3: mask x (embedding, aggregation) grid; learned on the other benchmark."""
-    from .local_recipes import TABLE4
-    from .sweep import grid_table, selective_grid
+    from ..recipes.hoang import TABLE4
+    from ..eval.sweeps import grid_table, selective_grid
 
     if config != "table2" and (not config.isdigit() or int(config) not in TABLE4):
         _fail(f"--config {config!r}: choose table2 (D = 4224 for every embedding) or a Table-4 size, one of "
@@ -412,7 +412,7 @@ def selective_grid_cmd(
         _fail(_msg(exc))
     typer.echo(grid_table(res))
     if json_out:
-        from .index.store import atomic_write_bytes
+        from ..index.store import atomic_write_bytes
 
         atomic_write_bytes(json_out, json.dumps(res, indent=1, default=str).encode())
 
@@ -433,11 +433,11 @@ def clean_cmd(
 ) -> None:
     """Clean groups and estimate object boxes (Gordo et al. 2016, Sec. 4.1): SIFT + affine RANSAC per pair,
     largest connected component per group, box diffusion. Writes {image: group, kept, box, ...}."""
-    from .learn.cleaning import CleaningParams, clean_and_box, groups_from_folder, save_boxes
+    from ..train.cleaning import CleaningParams, clean_and_box, groups_from_folder, save_boxes
 
     try:
         if folder is None:
-            from .datasets.splits import _data_dir, training_set
+            from ..eval.datasets.splits import _data_dir, training_set
 
             root = _data_dir(data)
             ts = training_set(root)
@@ -485,7 +485,7 @@ def train_rmac(
 ) -> None:
     """Train learned R-MAC (Gordo et al. 2016, Sec. 3.1) with hard triplets on the training split
     (Holidays-811 + UKBench 0-499); use it with `isearch index --recipe learned-rmac --model CHECKPOINT_DIR/model.pt`."""
-    from .learn.triplet import CheckpointError, TrainConfig, train_on_split
+    from ..train.triplet import CheckpointError, TrainConfig, train_on_split
 
     try:
         cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, margin=margin,

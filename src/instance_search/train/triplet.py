@@ -32,8 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_bytes
-from .rmac_net import RMACNet, save_model
+from ..io import atomic_write_bytes
+from ..nets.rmac_head import RMACNet, save_model
 
 __all__ = ["triplet_loss", "hardest_negatives", "choose_positives", "InputCache", "TrainConfig", "TripletTrainer",
            "plot_loss_curve", "CheckpointError", "train_on_split"]
@@ -551,8 +551,8 @@ def train_on_split(checkpoint_dir: str | os.PathLike, config: TrainConfig | None
     training regions, train with hard triplets. Returns ``(net, history, model path)``."""
     from ..backbones import load_backbone
     from ..backbones.fast import use_engine
-    from ..datasets import splits
-    from .rmac_net import INPUT_LAYER, fit_head_whitening
+    from ..eval.datasets import splits
+    from ..nets.rmac_head import INPUT_LAYER, fit_head_whitening
 
     if train_layers not in INPUT_LAYER:  # check the settings before any heavy work
         raise ValueError(f"unknown train_layers {train_layers!r}; choose one of {', '.join(INPUT_LAYER)}")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .local_recipes import MASKS, NgVLAD, Selective, _atomic_save, map_features, mask_cells
+from ..recipes.hoang import MASKS, NgVLAD, Selective, _atomic_save, map_features, mask_cells
 
 __all__ = [
     "BenchSpec",
@@ -127,7 +127,7 @@ def subset_benchmark(bench, limit: int | None):
     restricted to them (UKBench: ``limit`` rounded down to whole groups of 4; Holidays: queries without a
     positive among the kept images are dropped). ``None`` or a limit >= the size returns ``bench``."""
     from .datasets.benchmarks import Benchmark
-    from . import evaluation as ev
+    from . import metrics as ev
 
     if limit is None or limit >= bench.n_images:
         return bench
@@ -233,8 +233,8 @@ class _Progress:
 
 
 def _images(spec: BenchSpec, indices: Sequence[int] | None = None):
-    from .collection import _prefetch
-    from .images import load_image
+    from ..collection import _prefetch
+    from ..images import load_image
 
     paths = spec.images
     idx = range(len(paths)) if indices is None else indices
@@ -244,11 +244,11 @@ def _images(spec: BenchSpec, indices: Sequence[int] | None = None):
 def _load_backbone(backbone, engine: str = "exact", weights=None):
     if not isinstance(backbone, str):
         return backbone
-    from .backbones import load_backbone
+    from ..backbones import load_backbone
 
     bb = load_backbone(backbone, weights=weights, progress=False)
     if engine != "exact":
-        from .backbones.fast import use_engine
+        from ..backbones.fast import use_engine
 
         use_engine(bb, engine)
     return bb
@@ -259,7 +259,7 @@ def _weights_tag(backbone, weights, engine: str) -> tuple[str, Any]:
     ``weights``) are not pinned: the name then carries the sha256 of their tensors, so caches never mix them."""
     if not isinstance(backbone, str):
         return backbone, None
-    from .backbones.weights import SOURCES, _canon_arch
+    from ..backbones.weights import SOURCES, _canon_arch
 
     if weights is None and any(s.kind == "package" for s in SOURCES[_canon_arch(backbone)]):
         return backbone, None
@@ -312,7 +312,7 @@ def conv_maps(spec: BenchSpec | str, layer: str = "conv5_3", scale: float = 1.0,
     """Conv maps (list of fp16 (C, h, w)) of a benchmark's images at one layer and scale, cached in
     ``cache_dir/maps``; with ``keypoints`` also the SIFT keypoints ((N, 2) x, y) and (H, W) of every image as
     it was fed to the network at scale 1. Returns ``(maps, keypoints or None, image_hws or None)``."""
-    from .ops.masks import sift_keypoints
+    from ..ops.masks import sift_keypoints
 
     spec = _spec(spec)
     log = log or (lambda m: None)
@@ -395,8 +395,8 @@ def _vlad_pass(spec: BenchSpec, layers: Sequence[str], scale: float, codebooks: 
     Rows past ``rows`` are zeros: callers read only the first ``limit``."""
     import torch
 
-    from .ops.embeddings import vlad
-    from .ops.masks import sift_keypoints
+    from ..ops.embeddings import vlad
+    from ..ops.masks import sift_keypoints
 
     cb_names = sorted(codebooks)
     key = _hash_arrays(*[codebooks[c][layer] for c in cb_names for layer in layers],
@@ -688,7 +688,7 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
     """Hoang et al. 2017, Table 3: mAP of every mask x (embedding, aggregation) on conv maps of ``layer``
     (scale 1), each configuration learned on the held-out partner (``train_on``, default: swap two benchmarks).
     ``config``: ``"table2"`` (D = 4224 for every embedding), ``1024`` (every embedding at 1024-D, see
-    :data:`~instance_search.local_recipes.DIM1024`) or another Table-4 dimension (512 ... 8064; T-emb's ``d, k``).
+    :data:`~instance_search.recipes.hoang.DIM1024`) or another Table-4 dimension (512 ... 8064; T-emb's ``d, k``).
     ``evaluate``: the benchmarks to score (default all; the others only serve as training sets).
 
     Returns ``{"rows": [{benchmark, train, mask, embedding, aggregation, dim, map[, ns], fit_s, encode_ms}],
@@ -799,10 +799,10 @@ def selective_speed(train: str | BenchSpec = "ukbench", test: str | BenchSpec = 
     and, separately, the SIFT detection itself on the images. Milliseconds per image (mean over ``n_images``)."""
     import torch
 
-    from .collection import fit_whitening
-    from .images import load_image
-    from .ops.masks import sift_keypoints
-    from .ops.pooling import region_macs, rmac, rmac_regions
+    from ..collection import fit_whitening
+    from ..images import load_image
+    from ..ops.masks import sift_keypoints
+    from ..ops.pooling import region_macs, rmac, rmac_regions
 
     log = log or (lambda m: None)
     tr, te = _spec(train, limit, max_size), _spec(test, limit, max_size)

@@ -16,7 +16,7 @@ Inside every group (images labelled as the same object / place):
 
 All boxes are ``[x0, y0, x1, y1]`` in pixels of the ORIGINAL image (SIFT runs on a shrunk copy; keypoints
 and affine transforms are mapped back).  :func:`clean_and_box` runs everything over a
-:class:`~instance_search.datasets.splits.TrainingSet`; :func:`save_boxes` / :func:`load_boxes` write and
+:class:`~instance_search.eval.datasets.splits.TrainingSet`; :func:`save_boxes` / :func:`load_boxes` write and
 read (with validation) the boxes file used to train the region proposal network.
 """
 from __future__ import annotations
@@ -671,7 +671,7 @@ def _relpath(path: Path, root: Path) -> str:
 
 def clean_and_box(training_set, root: str | os.PathLike | None = None, params: CleaningParams | None = None,
                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> CleaningResult:
-    """Clean every group of ``training_set`` (a :class:`~instance_search.datasets.splits.TrainingSet`, or
+    """Clean every group of ``training_set`` (a :class:`~instance_search.eval.datasets.splits.TrainingSet`, or
     anything with ``paths``, ``labels`` and optionally ``source``) and estimate boxes (Gordo et al. 2016,
     Sec. 4.1).  ``root`` (default: the shared data folder) is what the paths in the result are relative to;
     SIFT features are cached per image (in memory, and in ``cache_dir`` when given).  A tqdm bar counts
@@ -687,7 +687,7 @@ def clean_and_box(training_set, root: str | os.PathLike | None = None, params: C
         raise ValueError(f"training set has {len(paths)} paths but {len(labels)} labels")
     source = list(getattr(training_set, "source", None) or ["images"] * len(paths))
     if root is None:
-        from ..datasets.benchmarks import find_shared_data
+        from ..eval.datasets.benchmarks import find_shared_data
 
         root = find_shared_data()
         if root is None:
@@ -768,8 +768,8 @@ def _record(group: int, kept: bool, box, initial, comp: int) -> dict[str, Any]:
 
 def groups_from_folder(folder: str | os.PathLike):
     """A folder of groups: every sub-folder is one group (its images, any depth below it, are one object or
-    place).  Returns a :class:`~instance_search.datasets.splits.TrainingSet` with ``source`` = sub-folder name."""
-    from ..datasets.splits import TrainingSet
+    place).  Returns a :class:`~instance_search.eval.datasets.splits.TrainingSet` with ``source`` = sub-folder name."""
+    from ..eval.datasets.splits import TrainingSet
     from ..images import IMAGE_EXTENSIONS
 
     folder = Path(folder)
@@ -800,7 +800,7 @@ class BoxesFileError(ValueError):
 def save_boxes(result: CleaningResult, path: str | os.PathLike) -> Path:
     """Write the boxes file: ``{"header": {...parameters...}, "images": {relative path: {"group", "kept",
     "box", "initial_box", "component_size"}}}`` (atomically: temporary file, fsync, rename)."""
-    from ..fileio import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     doc = {"header": result.header(), "images": result.images}
     _validate(doc, str(path))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..fileio import atomic_write_bytes, file_sha256
+from ..io import atomic_write_bytes, file_sha256
 
 __all__ = ["save_state", "read_config", "read_state"]
 

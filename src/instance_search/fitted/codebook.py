@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_save_npz
+from ..io import atomic_save_npz
 
 __all__ = ["CodebookFileError", "KMeansCodebook", "GMMCodebook", "LocalPCA", "TembPostprocess"]
 

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .collection import Describer, _prefetch, _progress
-from .images import Box, load_image
-from .index.store import atomic_save_npz, load_npz
-from .learn.pca_whitening import PCAWhitening
-from .recipes import Recipe
+from ..collection import Describer, _prefetch, _progress
+from ..images import Box, load_image
+from ..index.store import atomic_save_npz, load_npz
+from ..fitted.whitening import PCAWhitening
+from ..recipes.base import Recipe
 
 
 def _cache_key(recipes: Sequence[Recipe], items: Sequence[tuple[Path, Any]]) -> str:

@@ -21,10 +21,10 @@ Everything is plain PyTorch (no torchvision): anchors, box coding, IoU, NMS, RoI
   0.7, keep the top ``k``.
 
 :func:`train_rpn` trains a :class:`RPN` on (conv map, ground-truth boxes) samples -- the automatically estimated
-boxes of the training split (:func:`instance_search.learn.cleaning.load_boxes`) -- with SGD, a progress bar and
+boxes of the training split (:func:`instance_search.train.cleaning.load_boxes`) -- with SGD, a progress bar and
 one resumable checkpoint per epoch. :func:`save_rpn` / :func:`load_rpn` write and read a trained model (plain
 state dict + JSON config, read back with ``torch.load(weights_only=True)``). :func:`roi_pool` is Fast R-CNN's RoI
-max-pooling (Girshick 2015, Sec. 2.1), used by :mod:`instance_search.learn.finetune`.
+max-pooling (Girshick 2015, Sec. 2.1), used by :mod:`instance_search.train.detector`.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fileio import atomic_write_bytes, file_sha256
+from ..io import atomic_write_bytes, file_sha256
 from ..ops.integral import window_max
 from .modelfile import read_state, save_state
 
@@ -352,7 +352,7 @@ class RPN(nn.Module):
 
     def proposal_cells(self, fmap: torch.Tensor, top_k: int = 256, **kw) -> np.ndarray:
         """Proposals as feature-map cells ``(x, y, w, h)`` (for :func:`~instance_search.ops.pooling.region_macs`)."""
-        from .rmac_net import boxes_to_cells
+        from .rmac_head import boxes_to_cells
 
         boxes, _ = self.propose(fmap, top_k, **kw)
         return boxes_to_cells(boxes.numpy(), self.stride, int(fmap.shape[-2]), int(fmap.shape[-1]))
@@ -644,10 +644,10 @@ _LOADED: dict[tuple[str, str], RPN] = {}
 
 
 def rpa_recipe(rpn_model: str | os.PathLike, proposals: int = 256, max_size: int = 1024):
-    """A :class:`~instance_search.recipes.Recipe` ``"rpa"``: R-MAC pooled over the top ``proposals`` RPN boxes
+    """A :class:`~instance_search.recipes.base.Recipe` ``"rpa"``: R-MAC pooled over the top ``proposals`` RPN boxes
     instead of the rigid grid (Gordo et al. 2016, Sec. 3.2; Salvador et al. 2016, Sec. 3.1: region-wise pooling
     of the RPN proposals). The model's path and sha256 travel in the recipe."""
-    from ..recipes import Recipe
+    from ..recipes.base import Recipe
 
     path = Path(rpn_model).expanduser().resolve()
     if path.suffix == ".json":

@@ -19,13 +19,13 @@ recipe     local vectors                                                      pa
 =========  =================================================================  ==============
 
 ``learned-rmac`` (Gordo et al. 2016, Sec. 3.1) describes images with a network trained by ``isearch train-rmac``
-(:mod:`instance_search.learn.rmac_net`): its local vectors are the learned region vectors ``L2(W(L2(f_R) + s))``
+(:mod:`instance_search.nets.rmac_head`): its local vectors are the learned region vectors ``L2(W(L2(f_R) + s))``
 of the trained conv5 maps, so the global vector is the learned R-MAC; it needs no further whitening.
 
 ``ipa`` / ``rpa`` (Salvador et al. 2016, "Faster R-CNN features for instance search", Sec. 3.1): image-wise
 pooling of the last conv layer (``extra["pooling"]``: ``"sum"`` -> L2, whitening, L2; ``"max"`` -> MAC, meant
 without whitening) and region-wise pooling: the MACs of the top ``extra["proposals"]`` boxes of a trained region
-proposal network (``extra["rpn"]``, :mod:`instance_search.learn.rpn`), aggregated like R-MAC's regions -- R-MAC
+proposal network (``extra["rpn"]``, :mod:`instance_search.nets.rpn`), aggregated like R-MAC's regions -- R-MAC
 pooled over the proposals instead of the grid (Gordo et al. 2016, Sec. 3.2).
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ops.normalize import l2n
-from .ops.pooling import gem, mac, region_macs, rmac_regions, spoc
+from ..ops.normalize import l2n
+from ..ops.pooling import gem, mac, region_macs, rmac_regions, spoc
 
 RECIPES = ("mac", "rmac", "spoc", "gem", "learned-rmac", "ipa", "rpa")
 BACKBONES = ("vgg16", "resnet50", "efficientnet-lite0", "googlenet")  # googlenet: user-supplied weights
@@ -76,7 +76,7 @@ class Recipe:
         if self.name == "rpa":
             if not self.extra.get("rpn"):
                 raise ValueError("recipe 'rpa' needs a trained region proposal network (extra['rpn'], see "
-                                 "instance_search.learn.rpn.rpa_recipe)")
+                                 "instance_search.nets.rpn.rpa_recipe)")
             if int(self.extra.get("proposals", 256)) < 1:
                 raise ValueError(f"recipe 'rpa': proposals must be >= 1, got {self.extra.get('proposals')!r}")
 
@@ -95,14 +95,14 @@ class Recipe:
             raise ValueError(f"expected a (C, H, W) feature map, got shape {tuple(fmap.shape)}")
         fmap = fmap.float()
         if self.name == "learned-rmac":  # already projected and L2-normalised by the trained head
-            from .learn.rmac_net import recipe_region_vectors
+            from ..nets.rmac_head import recipe_region_vectors
 
             return recipe_region_vectors(self.extra, fmap)
         if self.name == "ipa":  # Salvador et al. 2016, Sec. 3.1: image-wise pooling (sum or max)
             vecs = (spoc(fmap) if self.extra.get("pooling", "sum") == "sum" else mac(fmap))[None]
             return l2n(vecs.detach().cpu().numpy().astype(np.float32))
         if self.name == "rpa":  # Salvador et al. 2016, Sec. 3.1 / Gordo et al. 2016, Sec. 3.2: RPN regions
-            from .learn.rpn import rpa_local_vectors
+            from ..nets.rpn import rpa_local_vectors
 
             return l2n(rpa_local_vectors(self.extra, fmap))
         if self.name == "rmac":

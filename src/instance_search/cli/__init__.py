@@ -1,0 +1,4 @@
+"""The ``isearch`` command line."""
+from .main import app, main
+
+__all__ = ["app", "main"]
