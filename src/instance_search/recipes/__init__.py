@@ -1,4 +1,8 @@
-"""Recipes: one module per paper; :mod:`.base` holds the protocol and the registry."""
-from .base import Recipe
+"""Recipes: one module per paper (tolias, ng, hoang, gordo, salvador); :mod:`.base` holds the protocol and the
+registry. Importing this package registers every recipe."""
+from . import tolias  # noqa: F401,I001  (register the recipes, in the papers' order)
+from . import gordo  # noqa: F401
+from . import salvador  # noqa: F401
+from .base import REGISTRY, Features, Method, Needs, Recipe, RecipeError, recipe_names
 
-__all__ = ["Recipe"]
+__all__ = ["Recipe", "Method", "Features", "Needs", "RecipeError", "REGISTRY", "recipe_names"]
