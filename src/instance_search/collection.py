@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -16,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .io import file_sha256
+from .io import file_sha256, prefetch, progress_bar
 from .images import Box, ImageError, list_images, load_image, parse_box
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
@@ -50,12 +48,6 @@ class IndexReport:
         s = (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
              f"{len(self.failed)} failed")
         return s + (f"; {self.whitening}" if self.whitening else "")
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 class Describer:
@@ -114,24 +106,6 @@ def _decode(path: Path, max_size: int) -> tuple[Path, Any, os.stat_result | None
 def _l2rows(M: np.ndarray) -> np.ndarray:
     M = np.asarray(M, np.float32)
     return M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-12)
-
-
-def _prefetch(fn: Callable, items: Sequence, ahead: int = 4, workers: int = 2) -> Iterator:
-    """``map(fn, items)`` in order, computing up to ``ahead`` results in worker threads (JPEG decoding
-    releases the GIL, so it overlaps with the forward pass)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = []
-        it = iter(items)
-        for x in it:
-            futures.append(pool.submit(fn, x))
-            if len(futures) >= ahead:
-                break
-        while futures:
-            f = futures.pop(0)
-            nxt = next(it, None)
-            if nxt is not None:
-                futures.append(pool.submit(fn, nxt))
-            yield f.result()
 
 
 def fit_whitening(rows: np.ndarray, dim: int | None = None, trained_on: str = "", power: float = 0.5) -> PCAWhitening:
@@ -277,7 +251,7 @@ class Collection:
             todo.append(p)
         pending: list[Entry] = []
         store_maps = self.store.settings.get("store_maps", True)
-        bar = _progress(len(todo), "indexing", progress)
+        bar = progress_bar(len(todo), "indexing", progress)
         try:
             for path, res, st, sha in (extract or self.extract)(todo):
                 if isinstance(res, Exception):
@@ -324,7 +298,7 @@ class Collection:
         """``(path, (local, fmap, (width, height)) or ImageError, stat, sha256)`` per path, in order: JPEG
         decoding in threads, overlapped with this process's forward passes."""
         max_size = self.recipe.max_size
-        for path, img, st, sha in _prefetch(lambda p: _decode(p, max_size), paths):
+        for path, img, st, sha in prefetch(lambda p: _decode(p, max_size), paths):
             if isinstance(img, Exception):
                 yield path, img, st, sha
             else:

@@ -15,17 +15,19 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import InputError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 #: Largest number of pixels we decode (about 16k x 11k); Pillow's own bomb check is tied to it.
 MAX_PIXELS = 180_000_000
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image that cannot be used, with the path in the message."""
 
 
-class BoxError(ValueError):
+class BoxError(InputError):
     """A query box that is malformed, empty or outside its image."""
 
 

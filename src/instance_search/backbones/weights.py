@@ -66,6 +66,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ..errors import ISearchError
 from ..io import atomic_write_bytes, file_sha256
 
 __all__ = [
@@ -95,7 +96,7 @@ _ALIASES = {"inception-v1": "googlenet", "inception_v1": "googlenet", "inception
             "vgg-16": "vgg16", "vgg_16": "vgg16"}
 
 
-class WeightsError(Exception):
+class WeightsError(ISearchError):
     """Weights could not be obtained or failed their checks; the message says which, why and what to do."""
 
 

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..collection import Describer, _prefetch, _progress
+from ..collection import Describer
 from ..images import Box, load_image
-from ..index.store import atomic_save_npz, load_npz
+from ..io import atomic_save_npz, load_npz, prefetch, progress_bar
 from ..fitted.whitening import PCAWhitening
 from ..recipes.base import Recipe
 
@@ -54,9 +54,9 @@ def extract_locals(items: Sequence[tuple[Path, Box | tuple | None]], recipes: Se
             return out
     describer = describer or Describer(first)
     out: dict[str, list[np.ndarray]] = {r.name: [] for r in recipes}
-    bar = _progress(len(items), desc, progress)
+    bar = progress_bar(len(items), desc, progress)
     try:
-        for img in _prefetch(lambda it: load_image(it[0], max_size=first.max_size, box=it[1]), items):
+        for img in prefetch(lambda it: load_image(it[0], max_size=first.max_size, box=it[1]), items):
             fmap = describer.feature_map(img)
             for r in recipes:
                 out[r.name].append(r.local_from_map(fmap))
@@ -148,9 +148,9 @@ def extract_maps(items: Sequence[tuple[Path, Box | tuple | None]], recipe: Recip
             return [z["values"][off[i]:off[i + 1]].reshape(tuple(shapes[i])) for i in range(len(shapes))]
     describer = describer or Describer(recipe)
     out: list[np.ndarray] = []
-    bar = _progress(len(items), desc, progress)
+    bar = progress_bar(len(items), desc, progress)
     try:
-        for img in _prefetch(lambda it: load_image(it[0], max_size=recipe.max_size, box=it[1]), items):
+        for img in prefetch(lambda it: load_image(it[0], max_size=recipe.max_size, box=it[1]), items):
             out.append(describer.feature_map(img).detach().cpu().numpy().astype(np.float16))
             bar.update(1)
     finally:

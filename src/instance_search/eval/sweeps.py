@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..recipes.hoang import MASKS, NgVLAD, Selective, _atomic_save, map_features, mask_cells
+from ..io import atomic_save_npz, load_npz, prefetch
+from ..recipes.hoang import MASKS, NgVLAD, Selective, map_features, mask_cells
 
 __all__ = [
     "BenchSpec",
@@ -233,12 +234,11 @@ class _Progress:
 
 
 def _images(spec: BenchSpec, indices: Sequence[int] | None = None):
-    from ..collection import _prefetch
     from ..images import load_image
 
     paths = spec.images
     idx = range(len(paths)) if indices is None else indices
-    return _prefetch(lambda i: (i, load_image(paths[i], max_size=spec.max_size)), list(idx))
+    return prefetch(lambda i: (i, load_image(paths[i], max_size=spec.max_size)), list(idx))
 
 
 def _load_backbone(backbone, engine: str = "exact", weights=None):
@@ -259,9 +259,9 @@ def _weights_tag(backbone, weights, engine: str) -> tuple[str, Any]:
     ``weights``) are not pinned: the name then carries the sha256 of their tensors, so caches never mix them."""
     if not isinstance(backbone, str):
         return backbone, None
-    from ..backbones.weights import SOURCES, _canon_arch
+    from ..backbones.weights import SOURCES, canon_arch
 
-    if weights is None and any(s.kind == "package" for s in SOURCES[_canon_arch(backbone)]):
+    if weights is None and any(s.kind == "package" for s in SOURCES[canon_arch(backbone)]):
         return backbone, None
     bb = _load_backbone(backbone, engine, weights)
     return f"{backbone}-{(bb.weights.state_sha256 or bb.weights.sha256)[:12]}", bb
@@ -282,12 +282,12 @@ def _kp_path(cache_dir: Path, spec: BenchSpec) -> Path:
 def _save_maps(path: Path, maps: list[np.ndarray], names: list[str]) -> None:
     shapes = np.array([m.shape for m in maps], dtype=np.int32).reshape(-1, 3)
     data = np.concatenate([np.asarray(m, np.float16).reshape(-1) for m in maps]) if maps else np.zeros(0, np.float16)
-    _atomic_save(path, {"data": data, "shapes": shapes, "names": np.array(names), "version": np.array(_VERSION)})
+    atomic_save_npz(path, **{"data": data, "shapes": shapes, "names": np.array(names), "version": np.array(_VERSION)})
 
 
 def _read_maps(path: Path) -> list[np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        data, shapes = z["data"], z["shapes"]
+    z = load_npz(path, what="conv-map cache file")
+    data, shapes = z["data"], z["shapes"]
     sizes = np.prod(shapes, axis=1)
     off = np.concatenate([[0], np.cumsum(sizes)])
     return [data[off[i]:off[i + 1]].reshape(shapes[i]) for i in range(len(shapes))]
@@ -296,12 +296,12 @@ def _read_maps(path: Path) -> list[np.ndarray]:
 def _save_keypoints(path: Path, kps: list[np.ndarray], hws: list[tuple[int, int]]) -> None:
     off = np.concatenate([[0], np.cumsum([len(k) for k in kps])]).astype(np.int64)
     flat = np.concatenate(kps).astype(np.float32) if kps else np.zeros((0, 2), np.float32)
-    _atomic_save(path, {"kp": flat.reshape(-1, 2), "off": off, "hw": np.array(hws, np.int32).reshape(-1, 2)})
+    atomic_save_npz(path, **{"kp": flat.reshape(-1, 2), "off": off, "hw": np.array(hws, np.int32).reshape(-1, 2)})
 
 
 def _read_keypoints(path: Path) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    with np.load(path, allow_pickle=False) as z:
-        kp, off, hw = z["kp"], z["off"], z["hw"]
+    z = load_npz(path, what="keypoint cache file")
+    kp, off, hw = z["kp"], z["off"], z["hw"]
     return [kp[off[i]:off[i + 1]] for i in range(len(off) - 1)], [tuple(map(int, h)) for h in hw]
 
 
@@ -362,8 +362,8 @@ def _codebook_samples(spec: BenchSpec, layers: Sequence[str], scale: float, n_im
                                      spec.key()]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / "ngvlad" / f"cbsample_{backbone}_{spec.tag}_s{scale:g}_{key}.npz"
     if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return {layer: z[layer].astype(np.float32) for layer in layers}
+        z = load_npz(path, what="codebook-sample cache file")
+        return {layer: z[layer].astype(np.float32) for layer in layers}
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     bb = get_bb()
@@ -379,7 +379,7 @@ def _codebook_samples(spec: BenchSpec, layers: Sequence[str], scale: float, n_im
             out[layer].append(x.astype(np.float16))
         prog.step()
     arrays = {layer: np.concatenate(v) for layer, v in out.items()}
-    _atomic_save(path, arrays)
+    atomic_save_npz(path, **arrays)
     return {k: v.astype(np.float32) for k, v in arrays.items()}
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_save_npz
+from ..errors import FileFormatError
+from ..io import atomic_save_npz, load_npz
 
 __all__ = ["CodebookFileError", "KMeansCodebook", "GMMCodebook", "LocalPCA", "TembPostprocess"]
 
 _FORMAT_VERSION = 1
 
 
-class CodebookFileError(ValueError):
+class CodebookFileError(FileFormatError):
     """A saved model file is unreadable, damaged, or holds another kind of model."""
 
 
@@ -75,12 +76,7 @@ class _NpzModel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such {cls.__name__} file")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as exc:  # BadZipFile, ValueError, OSError, EOFError ...
-            raise CodebookFileError(
-                f"{path}: corrupt or unreadable {cls.__name__} file ({type(exc).__name__}: {exc})") from exc
+        data = load_npz(path, CodebookFileError, f"{cls.__name__} file")
         kind = str(data.get("kind", ""))
         if kind != cls.__name__:
             raise CodebookFileError(f"{path}: holds {kind or 'no model kind'!r}, expected {cls.__name__}")

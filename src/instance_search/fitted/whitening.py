@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_save_npz
+from ..errors import FileFormatError, NotFittedError
+from ..io import atomic_save_npz, load_npz
 
 __all__ = ["PCAWhitening", "NotFittedError", "WhiteningFileError"]
 
@@ -34,11 +35,7 @@ _FORMAT_VERSION = 1
 _RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are treated as zero
 
 
-class NotFittedError(RuntimeError):
-    """The whitening was used (transform / save) before :meth:`PCAWhitening.fit` or ``load``."""
-
-
-class WhiteningFileError(ValueError):
+class WhiteningFileError(FileFormatError):
     """A saved whitening file is unreadable, damaged, or not a PCAWhitening file."""
 
 
@@ -260,11 +257,7 @@ class PCAWhitening:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: whitening file not found")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as exc:  # BadZipFile, zlib.error, ValueError (pickled / not npz), EOFError, ...
-            raise WhiteningFileError(f"{path}: not a readable whitening file ({exc})") from exc
+        data = load_npz(path, WhiteningFileError, "whitening file")
 
         def need(key: str) -> np.ndarray:
             if key not in data:

@@ -43,6 +43,7 @@ import heapq
 
 import numpy as np
 
+from ..errors import FileFormatError
 from ..ops.integral import SparseMap
 
 MAGIC_V3 = b"CMP3"
@@ -67,7 +68,7 @@ DEFAULT_CELL_RHO = None
 DEFAULT_FLOOR = None
 
 
-class CompactMapError(ValueError):
+class CompactMapError(FileFormatError):
     """A compact map code is damaged or inconsistent."""
 
 

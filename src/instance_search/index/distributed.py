@@ -272,7 +272,7 @@ class RayExtractor:
                                    "staging": str(staging)})
 
     def __call__(self, paths: Sequence[Path]) -> Iterator:
-        from .store import load_npz
+        from ..io import load_npz
 
         paths = [Path(p) for p in paths]
         if not paths:

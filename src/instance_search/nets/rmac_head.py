@@ -33,10 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import FileFormatError
 from ..backbones.vgg16 import VGG16, VGG16_CHANNELS, VGG16_STRIDES
 from ..ops.pooling import region_macs, rmac_regions
-from .modelfile import read_config as _read_config
-from .modelfile import read_state, save_state
+from ..io import read_config as _read_config
+from ..io import read_state, save_state
 from ..fitted.whitening import PCAWhitening
 
 __all__ = ["TRAIN_LAYERS", "INPUT_LAYER", "RMACHead", "RMACNet", "roi_max_pool", "learned_rmac_regions",
@@ -58,7 +59,7 @@ INPUT_LAYER: dict[str, str] = {
 TRAIN_LAYERS = tuple(INPUT_LAYER)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(FileFormatError):
     """A learned R-MAC model file (``.pt`` + ``.json``) that is missing parts, damaged or inconsistent."""
 
 

@@ -43,9 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import FileFormatError
 from ..io import atomic_write_bytes, file_sha256
 from ..ops.integral import window_max
-from .modelfile import read_state, save_state
+from ..io import read_state, save_state
 
 __all__ = [
     "DEFAULT_SIZES", "DEFAULT_RATIOS", "base_anchors", "grid_anchors", "box_iou", "encode_boxes", "decode_boxes",
@@ -65,7 +66,7 @@ DEFAULT_RATIOS = (0.5, 1.0, 2.0)
 _DELTA_CLAMP = math.log(1000.0 / 16.0)  # largest exp() argument when decoding w/h (as in Faster R-CNN)
 
 
-class RPNFileError(ValueError):
+class RPNFileError(FileFormatError):
     """An RPN model or checkpoint file that is missing parts, damaged or inconsistent."""
 
 

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..io import atomic_save_npz
+from ..errors import FileFormatError
+from ..io import atomic_save_npz, load_npz
 import torch
 
 from ..fitted.codebook import GMMCodebook, KMeansCodebook, LocalPCA
@@ -92,7 +93,7 @@ DIM1024: dict[str, dict[str, int]] = {
 }
 
 
-class LocalModelFileError(ValueError):
+class LocalModelFileError(FileFormatError):
     """A saved NgVLAD / Selective file is unreadable, damaged, or holds another kind of model."""
 
 
@@ -137,9 +138,8 @@ def _load(path, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {kind} file")
+    data = load_npz(path, LocalModelFileError, f"{kind} file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
         found = str(data.get("kind", ""))
         version = int(data.get("format_version", -1))
         settings = json.loads(str(data["settings"]))

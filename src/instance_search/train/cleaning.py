@@ -32,6 +32,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import FileFormatError
+from ..io import load_npz
+
 __all__ = [
     "SiftFeatures", "PairMatch", "Edge", "GroupResult", "CleaningParams", "CleaningResult", "BoxesFileError",
     "sift_features", "ratio_matches", "match_pair", "SiftCache", "matching_graph", "largest_component",
@@ -149,13 +152,13 @@ class SiftCache:
             f = self.folder / f"sift-{self._key(path)}.npz"
             if f.is_file():
                 try:
-                    with np.load(f, allow_pickle=False) as z:
-                        feats = SiftFeatures(z["keypoints"], z["descriptors"], tuple(float(v) for v in z["scale"]),
-                                             tuple(int(v) for v in z["size"]), str(path))
+                    z = load_npz(f, what="SIFT cache file")
+                    feats = SiftFeatures(z["keypoints"], z["descriptors"], tuple(float(v) for v in z["scale"]),
+                                         tuple(int(v) for v in z["size"]), str(path))
                     self._mem[k] = feats
                     self.hits += 1
                     return feats
-                except (OSError, KeyError, ValueError):
+                except (FileFormatError, KeyError, ValueError):
                     pass  # a broken cache file is recomputed and overwritten
         feats = sift_features(path, self.max_side, self.max_keypoints)
         self.computed += 1
@@ -792,7 +795,7 @@ def groups_from_folder(folder: str | os.PathLike):
 # The boxes file
 # ----------------------------------------------------------------------------------------------------------
 
-class BoxesFileError(ValueError):
+class BoxesFileError(FileFormatError):
     """A boxes file that is missing, not JSON, or does not follow the format; the message names the file
     and the entry."""
 

@@ -38,8 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import FileFormatError
 from ..io import atomic_write_bytes, file_sha256
-from ..nets.modelfile import read_state, save_state
+from ..io import read_state, save_state
 from ..nets.rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes,
                   roi_pool, rpn_loss, sample_labels, smooth_l1)
 
@@ -52,7 +53,7 @@ _FORMAT = "instance_search.Detector"
 _CKPT_FORMAT = "instance_search.Detector.checkpoint"
 
 
-class DetectorFileError(ValueError):
+class DetectorFileError(FileFormatError):
     """A detector model or checkpoint file that is missing parts, damaged or inconsistent."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import FileFormatError
 from ..io import atomic_write_bytes
 from ..nets.rmac_head import RMACNet, save_model
 
@@ -42,7 +43,7 @@ _CKPT_FORMAT = "instance_search.TripletTrainer.checkpoint"
 _CKPT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileFormatError):
     """A training checkpoint that cannot be read or does not belong to this run's settings."""
 
 
@@ -158,7 +159,7 @@ class InputCache(Sequence):
         """Compute (or reuse) the ``layer`` maps of ``items`` = [(image path, box or None)], each image loaded
         with its longer side capped at ``max_size`` and cropped to its box first (revisitop's query protocol).
         ``layer == "image"`` stores the preprocessed image itself. Progress bar while computing."""
-        from ..collection import _prefetch, _progress
+        from ..io import prefetch, progress_bar
         from ..images import load_image
 
         items = [(Path(p), b) for p, b in items]
@@ -173,13 +174,13 @@ class InputCache(Sequence):
         todo = [i for i in range(len(items)) if not cache.file(i).exists()]
         if not todo:
             return cache
-        bar = _progress(len(todo), desc, progress)
+        bar = progress_bar(len(todo), desc, progress)
 
         def decode(i):
             return i, load_image(items[i][0], max_size=max_size, box=items[i][1])
 
         try:
-            for i, img in _prefetch(decode, todo):
+            for i, img in prefetch(decode, todo):
                 if layer == "image":
                     arr = backbone.preprocess(img)
                 else:
