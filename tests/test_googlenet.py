@@ -263,7 +263,7 @@ def test_without_weights_the_error_says_how_to_supply_them(tmp_cache, no_network
     assert "isearch weights fetch googlenet --path FILE" in msg and HUB_NAME in msg
     with pytest.raises(W.WeightsError, match="no file was supplied"):
         W.fetch_weights("googlenet", source="local", progress=False)
-    assert W._canon_arch("inception-v1") == "googlenet"
+    assert W.canon_arch("inception-v1") == "googlenet"
 
 
 def test_hub_checkpoint_from_the_hub_cache_without_network(tv_state, tmp_cache, no_network, monkeypatch):

