@@ -40,6 +40,7 @@ non-zeros (no Python loop per cell or channel).
 from __future__ import annotations
 
 import heapq
+import zlib
 
 import numpy as np
 
@@ -504,3 +505,10 @@ def _decode_v12(buf: np.ndarray, C: int, H: int, W: int, levels: int):
         o += (int(ones[-1]) + 8) // 8 if len(ones) else 0
         delta[~first] = (quot << widths[gch]) + rem + 1
     return mx, counts, delta, lev, o
+
+
+def map_checksum(code) -> int:
+    """CRC-32 (zlib) of one stored map code: the index keeps it per image, so that a flipped bit inside a map
+    file is detected before the code is decoded (a damaged code can otherwise decode to a plausible map)."""
+    buf = code if isinstance(code, (bytes, bytearray, memoryview)) else np.ascontiguousarray(code, np.uint8).data
+    return zlib.crc32(buf) & 0xFFFFFFFF

@@ -2,60 +2,96 @@
 
 Layout of an index folder::
 
-    manifest.json            the only source of truth: settings, committed segments, removed ids
-    segments/seg-NNNNNN.npz  one committed batch: ids, metadata, region descriptors, global vectors
-    maps/seg-NNNNNN.cmap     the same batch's conv feature maps in the compact code of index/compact.py
-                             (Tolias et al. 2016 Sec. 7), concatenated; read memory-mapped (optional).
-    whitening.npz            the fitted PCA-whitening (if any)
+    catalog.sqlite           the catalogue (SQLite, WAL): settings, images and their metadata, segments with
+                             their sizes and sha256, removed marks, stored files; the only source of truth
+    segments/<name>.npz      one batch of images: ids, metadata, region descriptors, global vectors (immutable)
+    maps/<name>.cmap         the same batch's conv feature maps in the compact code of index/compact.py
+                             (Tolias et al. 2016 Sec. 7), concatenated; each map has a CRC-32 in the catalogue
+    fitted/<name>            immutable files stored with :meth:`IndexStore.add_file` (sha256 in the catalogue)
+    writer.lock              held (``flock``) by the one process that writes; it names that process
+    catalog-backup.json      settings, removed marks and file checksums, for :func:`repair` if the catalogue
+                             itself is lost
 
-Crash safety: a segment is written to a temporary file, fsynced and renamed into place *before* the
-manifest that names it is atomically replaced (write temp, fsync, ``os.replace``, fsync the folder).
-A kill at any moment therefore leaves either the old or the new manifest, both naming only complete
-files; segment files that no manifest names are leftovers and are deleted on the next open for writing.
-Nothing is reported as stored before the manifest that names it is on disk.
+Concurrency: any number of readers at any time; each reads the catalogue in one SQLite read transaction (a
+consistent version) and then the immutable files it names. Writers (``add``, ``remove``, settings, files,
+whitening refresh, compaction) serialise on ``writer.lock``: a second writer waits (``wait`` seconds, with a
+message naming the holder) and then fails with :class:`WriterBusyError` naming the holder's pid. Segment files
+are written *under* the lock and published by the catalogue transaction that names them, so a kill at any
+moment leaves every acknowledged image in place, and a file no catalogue row names can only be left over by a
+dead writer; the next writer removes it.
+
+Index folders of the earlier ``manifest.json`` format are migrated once, on first open (with a message).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import sqlite3
+import sys
+import threading
 import time
+import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..io import atomic_save_npz, atomic_write_bytes  # noqa: F401  (re-exported)
-from .compact import CompactMapError, decode_map, decode_sparse, encode_map
+from ..io import atomic_save_npz, atomic_write_bytes, fsync_dir  # noqa: F401  (atomic_* re-exported)
+from ..io import load_npz as _load_npz
+from .compact import CompactMapError, decode_map, decode_sparse, encode_map, map_checksum  # noqa: F401
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+from ..errors import CorruptIndexError, ISearchError
+
+CATALOG = "catalog.sqlite"
+LOCK = "writer.lock"
+BACKUP = "catalog-backup.json"
+MANIFEST = "manifest.json"  # the earlier format, migrated on open
+MIGRATED_MANIFEST = "manifest.v1.json"
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+DEFAULT_WAIT_S = 60.0
+#: temp files at the top of the index folder that no lock protects (e.g. a whitening being staged) are only
+#: removed once older than this
+STALE_TEMP_S = 3600.0
+
+IndexError_ = CorruptIndexError  # the earlier name
 
 
-class IndexError_(RuntimeError):
-    """A missing, corrupt or incompatible index folder (the message names the file)."""
+class WriterBusyError(ISearchError, RuntimeError):
+    """Another process holds the index's writer lock for longer than the caller would wait (names its pid)."""
 
 
-# A friendlier public name; ``IndexError`` would shadow the builtin.
-CorruptIndexError = IndexError_
+def _notify(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+#: where the store reports waits and migrations (replace to redirect; the CLI and server keep stderr)
+notify: Callable[[str], None] = _notify
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Load an ``.npz`` without pickles; any damage raises :class:`CorruptIndexError` naming the file."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError as exc:
-        raise CorruptIndexError(f"{path}: missing (the index manifest names it)") from exc
-    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-        raise CorruptIndexError(f"{path}: corrupt or unreadable ({exc.__class__.__name__}: {exc})") from exc
+    """Load an index ``.npz`` without pickles; any damage raises :class:`CorruptIndexError` naming the file."""
+    return _load_npz(path, error=CorruptIndexError, what="index file (the catalogue names it)")
 
 
-# --------------------------------------------------------------------------------------------------
-# compact conv maps
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-# --------------------------------------------------------------------------------------------------
+def _file_sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 22)
+            if not b:
+                return h.hexdigest(), n
+            h.update(b)
+            n += len(b)
 
 
 @dataclass
@@ -88,68 +124,293 @@ class _Segment:
     vectors: np.ndarray  # (n, D) float32
     has_maps: bool
     tag: str  # which whitening the vectors were computed with
-    map_offsets: np.ndarray | None = None  # (n+1,) byte offsets into maps/<name>.cmap (None: old .npz maps)
+    map_offsets: np.ndarray | None = None  # (n+1,) byte offsets into the map file
+    npz_file: str = ""  # file name under segments/
+    map_file: str | None = None  # file name under maps/
+    map_crc: np.ndarray | None = None  # (n,) CRC-32 of each map code (from the catalogue)
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS segments(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL, n INTEGER NOT NULL, tag TEXT NOT NULL,
+    npz_file TEXT NOT NULL, npz_sha256 TEXT NOT NULL, npz_size INTEGER NOT NULL,
+    map_file TEXT, map_sha256 TEXT, map_size INTEGER);
+CREATE TABLE IF NOT EXISTS images(
+    id INTEGER PRIMARY KEY, segment TEXT NOT NULL REFERENCES segments(name), row INTEGER NOT NULL,
+    path TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    mtime REAL NOT NULL, size INTEGER NOT NULL, map_crc INTEGER, removed INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS images_segment ON images(segment, row);
+CREATE TABLE IF NOT EXISTS files(name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL);
+"""
+
+
+def _connect(path: Path, timeout: float) -> sqlite3.Connection:
+    con = sqlite3.connect(str(path), timeout=max(timeout, 1.0), isolation_level=None, check_same_thread=False)
+    con.execute("PRAGMA busy_timeout = %d" % int(max(timeout, 1.0) * 1000))
+    con.execute("PRAGMA synchronous = FULL")
+    return con
+
+
+def _init_catalog(con: sqlite3.Connection, settings: dict[str, Any], next_id: int, whitening, created: str) -> None:
+    con.execute("PRAGMA journal_mode = WAL")
+    con.executescript(SCHEMA)
+    con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [
+        ("format", str(FORMAT_VERSION)), ("settings", json.dumps(settings, sort_keys=True)),
+        ("next_id", str(int(next_id))), ("whitening", json.dumps(whitening)), ("created", created),
+        ("version", "0")])
+
+
+class _WriterLock:
+    """An exclusive ``flock`` on ``writer.lock`` (released by the kernel when its holder dies, even by kill -9);
+    the file names the holder (pid, command) for waiting processes. Re-entrant within one store object."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+        self.depth = 0
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return "another process"
+        return f"pid {info.get('pid', '?')} ({info.get('cmd', '?')}, since {info.get('since', '?')})"
+
+    def acquire(self, wait: float | None) -> None:
+        if self.depth:
+            self.depth += 1
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        start, told = time.monotonic(), False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - start
+                    if wait is not None and waited >= wait:
+                        raise WriterBusyError(
+                            f"{self.path.parent}: another writer holds the index ({self.holder()}); gave up "
+                            f"after waiting {waited:.0f} s (raise --wait, or stop that process)") from None
+                    if not told and waited >= 0.5:
+                        notify(f"waiting for the index {self.path.parent}: another writer holds it "
+                               f"({self.holder()})" + (f"; up to {wait:.0f} s" if wait is not None else ""))
+                        told = True
+                    time.sleep(0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {"pid": os.getpid(), "cmd": " ".join(sys.argv)[:200] or "python",
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd, self.depth = fd, 1
+
+    def release(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 @dataclass
 class IndexStore:
-    """A collection index on disk. Open with :meth:`create` or :meth:`open`."""
+    """A collection index on disk. Open with :meth:`create` or :meth:`open`.
+
+    ``manifest`` is a read-only view of the catalogue version this object holds (``segments``, ``removed``,
+    ``next_id``, ``settings``, ``whitening``, ``version``); :meth:`reload` moves it to the newest version."""
 
     root: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     _segments: dict[str, _Segment] = field(default_factory=dict)
+    wait: float | None = DEFAULT_WAIT_S
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self._con: sqlite3.Connection | None = None
+        self._lock = _WriterLock(self.root / LOCK)
+        self._mutex = threading.RLock()
+        self._records: list[dict[str, Any]] = []
+        self._live_rows: list[tuple[str, int]] = []
+        self._gc_done = False
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def create(cls, root: str | os.PathLike, settings: dict[str, Any]) -> "IndexStore":
+    def create(cls, root: str | os.PathLike, settings: dict[str, Any], *,
+               wait: float | None = DEFAULT_WAIT_S) -> "IndexStore":
         root = Path(root)
-        if (root / MANIFEST).exists():
-            raise IndexError_(f"{root}: an index already exists here")
+        if cls.exists(root):
+            raise CorruptIndexError(f"{root}: an index already exists here")
         root.mkdir(parents=True, exist_ok=True)
-        store = cls(root)
-        store.manifest = {
-            "format": FORMAT_VERSION,
-            "settings": dict(settings),
-            "segments": [],
-            "removed": [],
-            "next_id": 0,
-            "whitening": None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        store._commit()
+        store = cls(root, wait=wait)
+        with store._lock_held():
+            if cls.exists(root):
+                raise CorruptIndexError(f"{root}: an index already exists here")
+            tmp = root / f".{CATALOG}.{os.getpid()}.tmp"
+            tmp.unlink(missing_ok=True)
+            con = _connect(tmp, 5.0)
+            _init_catalog(con, dict(settings), 0, None, time.strftime("%Y-%m-%dT%H:%M:%S"))
+            con.close()
+            os.replace(tmp, root / CATALOG)
+            fsync_dir(root)
+            store._write_backup_from({"settings": dict(settings), "whitening": None, "removed": [], "next_id": 0,
+                                      "files": {}})
+        store._load()
         return store
 
     @classmethod
     def exists(cls, root: str | os.PathLike) -> bool:
-        return (Path(root) / MANIFEST).is_file()
+        return (Path(root) / CATALOG).is_file() or (Path(root) / MANIFEST).is_file()
 
     @classmethod
-    def open(cls, root: str | os.PathLike, *, writable: bool = False) -> "IndexStore":
+    def open(cls, root: str | os.PathLike, *, writable: bool = False,
+             wait: float | None = DEFAULT_WAIT_S) -> "IndexStore":
+        """Open an index (migrating an earlier-format folder once). ``writable`` also removes what dead writers
+        left behind (under the writer lock, waiting up to ``wait`` seconds). Writes take the lock themselves."""
         root = Path(root)
-        mpath = root / MANIFEST
         if not root.exists():
-            raise IndexError_(f"{root}: no index here (folder does not exist); build one with `isearch index`")
-        if not mpath.is_file():
-            raise IndexError_(f"{mpath}: missing; {root} is not an index folder (build one with `isearch index`)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IndexError_(f"{mpath}: corrupt manifest ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-            raise IndexError_(f"{mpath}: not an instance-search index manifest (format {manifest.get('format')!r})"
-                              if isinstance(manifest, dict) else f"{mpath}: corrupt manifest")
-        for key in ("settings", "segments", "removed", "next_id"):
-            if key not in manifest:
-                raise IndexError_(f"{mpath}: corrupt manifest (no '{key}')")
-        store = cls(root, manifest)
-        for name in manifest["segments"]:
-            store._segments[name] = store._read_segment(name)
+            raise CorruptIndexError(f"{root}: no index here (folder does not exist); build one with `isearch index`")
+        store = cls(root, wait=wait)
+        if not (root / CATALOG).is_file():
+            if (root / MANIFEST).is_file():
+                store._migrate()
+            else:
+                raise CorruptIndexError(f"{root / CATALOG}: missing; {root} is not an index folder "
+                                        "(build one with `isearch index`)")
+        store._load()
         if writable:
-            store._remove_leftovers()
+            with store._lock_held():
+                pass  # the first lock of a store object cleans up after dead writers
         return store
 
-    def _read_segment(self, name: str) -> _Segment:
-        path = self.root / "segments" / f"{name}.npz"
+    # ---------------------------------------------------------------- catalogue access
+    def _db(self) -> sqlite3.Connection:
+        if self._con is None:
+            path = self.root / CATALOG
+            if not path.is_file():
+                raise CorruptIndexError(f"{path}: missing (the index catalogue)")
+            try:
+                self._con = _connect(path, self.wait if self.wait is not None else 3600.0)
+                self._con.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+            except sqlite3.DatabaseError as exc:
+                self._con = None
+                raise CorruptIndexError(f"{path}: corrupt catalogue ({exc}); run `isearch repair`") from exc
+        return self._con
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _snapshot(self) -> dict[str, Any]:
+        """One consistent version of the catalogue (a single read transaction)."""
+        con = self._db()
+        path = self.root / CATALOG
+        try:
+            con.execute("BEGIN")
+            try:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                segs = con.execute("SELECT name, n, tag, npz_file, npz_sha256, npz_size, map_file, map_sha256, "
+                                   "map_size FROM segments ORDER BY seq").fetchall()
+                imgs = con.execute("SELECT id, segment, row, path, width, height, sha256, mtime, size, map_crc, "
+                                   "removed FROM images").fetchall()
+                files = con.execute("SELECT name, sha256, size FROM files").fetchall()
+            finally:
+                con.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise CorruptIndexError(f"{path}: corrupt catalogue ({exc}); run `isearch repair`") from exc
+        try:
+            fmt = int(meta["format"])
+            if fmt != FORMAT_VERSION:
+                raise CorruptIndexError(f"{path}: catalogue format {fmt}, this version reads {FORMAT_VERSION}")
+            return {"format": fmt, "settings": json.loads(meta["settings"]), "next_id": int(meta["next_id"]),
+                    "whitening": json.loads(meta["whitening"]), "created": meta.get("created", ""),
+                    "version": int(meta["version"]), "segments": segs, "images": imgs, "files": files}
+        except (KeyError, ValueError) as exc:
+            raise CorruptIndexError(f"{path}: corrupt catalogue (meta {exc}); run `isearch repair`") from exc
+
+    def _version(self) -> int:
+        try:
+            row = self._db().execute("SELECT value FROM meta WHERE key='version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise CorruptIndexError(f"{self.root / CATALOG}: corrupt catalogue ({exc})") from exc
+        return int(row[0]) if row else -1
+
+    def _load(self, retries: int = 5) -> None:
+        """Read the newest catalogue version and the segment files it names (files that vanish because a
+        writer replaced them meanwhile: read the newer version)."""
+        for attempt in range(retries + 1):
+            snap = self._snapshot()
+            try:
+                self._install(snap)
+                return
+            except CorruptIndexError:
+                if attempt < retries and self._version() != snap["version"]:
+                    continue
+                raise
+
+    def _install(self, snap: dict[str, Any]) -> None:
+        by_seg: dict[str, list[tuple]] = {}
+        for row in snap["images"]:
+            by_seg.setdefault(row[1], []).append(row)
+        segments: dict[str, _Segment] = {}
+        for name, n, tag, npz_file, _sha, size, map_file, _msha, _msize in snap["segments"]:
+            old = self._segments.get(name)
+            if old is not None and old.npz_file == npz_file and old.tag == tag:
+                segments[name] = old
+                continue
+            seg = self._read_segment(name, npz_file, map_file, expect_size=size)
+            rows = sorted(by_seg.get(name, []), key=lambda r: r[2])
+            if len(rows) != len(seg.ids) or any(int(seg.ids[r[2]]) != r[0] for r in rows):
+                raise CorruptIndexError(f"{self.root / 'segments' / npz_file}: its ids do not match the catalogue; "
+                                        "run `isearch check`")
+            if rows and rows[0][9] is not None:
+                seg.map_crc = np.asarray([r[9] for r in rows], np.int64)
+            segments[name] = seg
+        removed = sorted(r[0] for r in snap["images"] if r[10])
+        self._segments = segments
+        names = [s[0] for s in snap["segments"]]
+        order = {n: k for k, n in enumerate(names)}
+        live = sorted((r for r in snap["images"] if not r[10]), key=lambda r: (order.get(r[1], 1 << 30), r[2]))
+        self._records = [{"id": int(r[0]), "path": r[3], "width": int(r[4]), "height": int(r[5]), "sha256": r[6],
+                          "mtime": float(r[7]), "size": int(r[8])} for r in live]
+        self._live_rows = [(r[1], int(r[2])) for r in live]
+        self._files = {f[0]: (f[1], int(f[2])) for f in snap["files"]}
+        self._seg_meta = {s[0]: s for s in snap["segments"]}
+        self.manifest = {"format": snap["format"], "settings": snap["settings"], "segments": names,
+                         "removed": removed, "next_id": snap["next_id"], "whitening": snap["whitening"],
+                         "created": snap["created"], "version": snap["version"]}
+
+    def reload(self) -> bool:
+        """Move to the newest catalogue version if another process (or object) changed it; returns whether
+        anything changed. Cheap when nothing did (one small query)."""
+        with self._mutex:
+            if self._version() == self.manifest.get("version"):
+                return False
+            self._load()
+            return True
+
+    def _read_segment(self, name: str, npz_file: str, map_file: str | None,
+                      expect_size: int | None = None) -> _Segment:
+        path = self.root / "segments" / npz_file
+        if expect_size is not None:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError as exc:
+                raise CorruptIndexError(f"{path}: missing (the index catalogue names it)") from exc
+            if size != expect_size:
+                raise CorruptIndexError(f"{path}: {size} bytes, the catalogue records {expect_size} "
+                                        "(truncated or replaced); run `isearch repair`")
         z = load_npz(path)
         try:
             n = len(z["ids"])
@@ -167,6 +428,8 @@ class IndexStore:
                 has_maps=bool(z["has_maps"]),
                 tag=str(z["tag"]),
                 map_offsets=z["map_offsets"].astype(np.int64) if "map_offsets" in z else None,
+                npz_file=npz_file,
+                map_file=map_file,
             )
         except KeyError as exc:
             raise CorruptIndexError(f"{path}: corrupt segment (no {exc})") from exc
@@ -174,23 +437,87 @@ class IndexStore:
             raise CorruptIndexError(f"{path}: corrupt segment (inconsistent lengths)")
         return seg
 
-    def _remove_leftovers(self) -> None:
-        named = set(self.manifest["segments"])
-        for sub in ("segments", "maps"):
-            d = self.root / sub
-            if not d.is_dir():
-                continue
-            for f in d.iterdir():
-                stem = f.name.split(".npz")[0].split(".cmap")[0]
-                if f.name.startswith(".") or stem not in named:
-                    try:
-                        f.unlink()
-                    except OSError:
-                        pass
+    # ---------------------------------------------------------------- writer lock
+    @contextlib.contextmanager
+    def _lock_held(self) -> Iterator[None]:
+        with self._mutex:
+            self._lock.acquire(self.wait)
+            try:
+                if not self._gc_done and (self.root / CATALOG).is_file():
+                    self._gc_done = True
+                    self._remove_leftovers()
+                yield
+            finally:
+                self._lock.release()
 
-    def _commit(self) -> None:
-        data = json.dumps(self.manifest, indent=1, sort_keys=True).encode()
-        atomic_write_bytes(self.root / MANIFEST, data)
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["IndexStore"]:
+        """Hold the writer lock over several writes (each write also takes it on its own); the store moves to
+        the newest version first."""
+        with self._lock_held():
+            self.reload()
+            yield self
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction that bumps the version (call with the writer lock held)."""
+        con = self._db()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+            con.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
+            con.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                con.execute("ROLLBACK")
+            raise
+
+    def _referenced(self) -> tuple[set[str], set[str], set[str]]:
+        con = self._db()
+        segs = con.execute("SELECT npz_file, map_file FROM segments").fetchall()
+        files = {r[0] for r in con.execute("SELECT name FROM files").fetchall()}
+        return {s[0] for s in segs}, {s[1] for s in segs if s[1]}, files
+
+    def leftovers(self) -> list[Path]:
+        """Files that no catalogue row names in segments/, maps/, fitted/ (written under the lock, so left by
+        a dead writer when nobody holds it), temp files of dead writers, and a migrated-away manifest's temps."""
+        npz, maps, files = self._referenced()
+        out: list[Path] = []
+        for sub, named in (("segments", npz), ("maps", maps), ("fitted", files)):
+            d = self.root / sub
+            if d.is_dir():
+                for f in sorted(d.iterdir()):
+                    rel = f.name if sub != "fitted" else f.relative_to(d).as_posix()
+                    if f.is_file() and rel not in named:
+                        out.append(f)
+        now = time.time()
+        for f in sorted(self.root.iterdir()):
+            if f.is_file() and f.name.startswith(".") and f.name.endswith(".tmp"):
+                manifest_tmp = f.name.startswith(f".{MANIFEST}.") or f.name.startswith(f".{CATALOG}.") \
+                    or f.name.startswith(f".{BACKUP}.")
+                with contextlib.suppress(OSError):
+                    if manifest_tmp or now - f.stat().st_mtime > STALE_TEMP_S:
+                        out.append(f)
+        return out
+
+    def _remove_leftovers(self) -> list[Path]:
+        gone = []
+        for f in self.leftovers():
+            with contextlib.suppress(OSError):
+                f.unlink()
+                gone.append(f)
+        return gone
+
+    def _write_backup_from(self, state: dict[str, Any]) -> None:
+        atomic_write_bytes(self.root / BACKUP, json.dumps(state, sort_keys=True, indent=1).encode())
+
+    def _write_backup(self) -> None:
+        con = self._db()
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        removed = [r[0] for r in con.execute("SELECT id FROM images WHERE removed = 1 ORDER BY id")]
+        files = {r[0]: [r[1], r[2]] for r in con.execute("SELECT name, sha256, size FROM files")}
+        self._write_backup_from({"settings": json.loads(meta["settings"]), "whitening": json.loads(meta["whitening"]),
+                                 "removed": removed, "next_id": int(meta["next_id"]), "files": files})
 
     # ---------------------------------------------------------------- properties
     @property
@@ -198,33 +525,18 @@ class IndexStore:
         return self.manifest["settings"]
 
     def _live(self) -> Iterable[tuple[_Segment, int]]:
-        removed = set(self.manifest["removed"])
-        for name in self.manifest["segments"]:
-            seg = self._segments[name]
-            for i, id_ in enumerate(seg.ids):
-                if int(id_) not in removed:
-                    yield seg, i
+        for name, row in self._live_rows:
+            yield self._segments[name], row
 
     def __len__(self) -> int:
-        return sum(1 for _ in self._live())
+        return len(self._live_rows)
 
     def records(self) -> list[dict[str, Any]]:
         """Metadata of every live image, in index order (the order of :meth:`vectors`)."""
-        return [
-            {
-                "id": int(seg.ids[i]),
-                "path": seg.paths[i],
-                "width": int(seg.sizes[i, 0]),
-                "height": int(seg.sizes[i, 1]),
-                "sha256": seg.sha256[i],
-                "mtime": float(seg.mtimes[i]),
-                "size": int(seg.filesizes[i]),
-            }
-            for seg, i in self._live()
-        ]
+        return [dict(r) for r in self._records]
 
     def ids(self) -> np.ndarray:
-        return np.asarray([int(seg.ids[i]) for seg, i in self._live()], np.int64)
+        return np.asarray([r["id"] for r in self._records], np.int64)
 
     def vectors(self) -> np.ndarray:
         rows = [seg.vectors[i] for seg, i in self._live()]
@@ -263,7 +575,17 @@ class IndexStore:
     def feature_maps(self, image_ids, sparse: bool = False) -> list:
         """Stored conv maps of several images, reading each segment's map file once (for a short list):
         dense (C, H, W) float32 arrays, or with ``sparse`` their non-zero cells
-        (:class:`~instance_search.ops.integral.SparseMap`, what AML re-ranking works from, without the dense map)."""
+        (:class:`~instance_search.ops.integral.SparseMap`, what AML re-ranking works from, without the dense map).
+        Each code is checked against its CRC-32 from the catalogue before it is decoded."""
+        try:
+            return self._feature_maps(image_ids, sparse)
+        except _MapFileGone:
+            if self.reload():  # compacted or refreshed by another process since this version was read
+                return self._feature_maps(image_ids, sparse)
+            raise CorruptIndexError(f"{_MapFileGone.last}: missing (the index catalogue names it); "
+                                    "run `isearch repair`") from None
+
+    def _feature_maps(self, image_ids, sparse: bool) -> list:
         removed = set(self.manifest["removed"])
         want = [int(i) for i in image_ids]
         names, sorted_ids, seg_of, row_of = self._id_table()
@@ -274,32 +596,95 @@ class IndexStore:
                 raise KeyError(f"image id {i} is not in the index {self.root}")
             name, j = names[seg_of[p]], int(row_of[p])
             if not self._segments[name].has_maps:
-                raise IndexError_(f"{self.root}: image {i} ({self._segments[name].paths[j]}) was indexed without "
-                                  f"conv maps (--no-maps); re-index it with maps to re-rank")
+                raise CorruptIndexError(f"{self.root}: image {i} ({self._segments[name].paths[j]}) was indexed "
+                                        "without conv maps (--no-maps); re-index it with maps to re-rank")
             by_seg.setdefault(name, []).append((k, j))
         out: list[np.ndarray | None] = [None] * len(want)
         for name, pairs in by_seg.items():
             seg = self._segments[name]
-            if seg.map_offsets is not None:
-                path = self.root / "maps" / f"{name}.cmap"
+            if seg.map_offsets is None or seg.map_file is None:
+                raise CorruptIndexError(f"{self.root / 'segments' / seg.npz_file}: its conv maps use the format of "
+                                        "an older version; re-index these images to re-rank them")
+            path = self.root / "maps" / seg.map_file
+            total = int(seg.map_offsets[-1])
+            try:
+                mm = np.memmap(path, dtype=np.uint8, mode="r") if total > 0 else np.zeros(0, np.uint8)
+            except FileNotFoundError:
+                _MapFileGone.last = path
+                raise _MapFileGone() from None
+            except (OSError, ValueError) as exc:
+                raise CorruptIndexError(f"{path}: missing or unreadable ({exc})") from exc
+            if mm.size != total:
+                raise CorruptIndexError(f"{path}: {mm.size} bytes, the segment expects {total}")
+            for k, j in pairs:
+                code = mm[seg.map_offsets[j]:seg.map_offsets[j + 1]]
+                if seg.map_crc is not None and map_checksum(code) != int(seg.map_crc[j]):
+                    raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt (checksum mismatch); "
+                                            "run `isearch repair`")
                 try:
-                    mm = np.memmap(path, dtype=np.uint8, mode="r") if seg.map_offsets[-1] > 0 else np.zeros(0, np.uint8)
-                except (OSError, ValueError) as exc:
-                    raise CorruptIndexError(f"{path}: missing or unreadable ({exc})") from exc
-                if mm.size != seg.map_offsets[-1]:
-                    raise CorruptIndexError(f"{path}: {mm.size} bytes, the segment expects {seg.map_offsets[-1]}")
-                for k, j in pairs:
-                    try:
-                        code = mm[seg.map_offsets[j]:seg.map_offsets[j + 1]]
-                        out[k] = decode_sparse(code) if sparse else decode_map(code)
-                    except CompactMapError as exc:
-                        raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt ({exc})") from exc
-                continue
-            raise CorruptIndexError(f"{self.root / 'segments' / name}.npz: its conv maps use the format of an older "
-                                    "version; re-index these images to re-rank them")
+                    out[k] = decode_sparse(code) if sparse else decode_map(code)
+                except CompactMapError as exc:
+                    raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt ({exc})") from exc
         return out  # type: ignore[return-value]
 
+    # ---------------------------------------------------------------- stored files
+    def add_file(self, name: str, data: bytes) -> str:
+        """Store ``data`` as the immutable file ``fitted/<name>`` (atomic, under the writer lock) and record its
+        sha256 in the catalogue; returns the sha256. Storing the same bytes again is a no-op; other bytes under
+        an existing name are refused (files are immutable: use a new name)."""
+        rel = _check_file_name(name)
+        sha = _sha256_bytes(bytes(data))
+        with self._lock_held():
+            row = self._db().execute("SELECT sha256 FROM files WHERE name = ?", (rel,)).fetchone()
+            if row is not None:
+                if row[0] != sha:
+                    raise ValueError(f"{self.root / 'fitted' / rel}: already stored with other content "
+                                     "(stored files are immutable; use a new name)")
+                return sha
+            atomic_write_bytes(self.root / "fitted" / rel, bytes(data))
+            with self._transaction() as con:
+                con.execute("INSERT INTO files(name, sha256, size) VALUES (?, ?, ?)", (rel, sha, len(data)))
+            self._write_backup()
+            self._load()
+        return sha
+
+    def read_file(self, name: str) -> bytes:
+        """The bytes of a file stored with :meth:`add_file`, verified against its sha256."""
+        rel = _check_file_name(name)
+        path = self.root / "fitted" / rel
+        rec = self._files.get(rel)
+        if rec is None:
+            self.reload()
+            rec = self._files.get(rel)
+        if rec is None:
+            raise CorruptIndexError(f"{path}: not stored in the index catalogue")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorruptIndexError(f"{path}: missing or unreadable ({exc.__class__.__name__}); "
+                                    "the index catalogue names it") from exc
+        if _sha256_bytes(data) != rec[0]:
+            raise CorruptIndexError(f"{path}: checksum mismatch (damaged; {len(data)} bytes, "
+                                    f"catalogue records {rec[1]})")
+        return data
+
+    def files(self) -> dict[str, str]:
+        """Stored files: name -> sha256."""
+        return {k: v[0] for k, v in self._files.items()}
+
     # ---------------------------------------------------------------- writing
+    def update_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``changes`` into the settings atomically (under the writer lock, on the newest version);
+        returns the new settings."""
+        with self._lock_held():
+            with self._transaction() as con:
+                cur = json.loads(con.execute("SELECT value FROM meta WHERE key='settings'").fetchone()[0])
+                cur.update(dict(changes))
+                con.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (json.dumps(cur, sort_keys=True),))
+            self._write_backup()
+            self._load()
+        return dict(self.settings)
+
     def add(self, entries: list[Entry], tag: str = "none") -> list[int]:
         """Commit ``entries`` as one segment; returns their ids once they are durable.
 
@@ -307,25 +692,30 @@ class IndexStore:
         """
         if not entries:
             return []
-        first = self.manifest["next_id"]
-        ids = np.arange(first, first + len(entries), dtype=np.int64)
         if any(e.vector is None for e in entries):
             raise ValueError("every entry needs its global vector before it is stored")
-        name = f"seg-{first:09d}-{len(self.manifest['segments']):06d}"
-        self._write_segment(name, entries, ids, tag)
-        self.manifest["segments"].append(name)
-        self.manifest["next_id"] = int(first + len(entries))
-        self._commit()
+        with self._lock_held():
+            first = int(self._db().execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
+            ids = np.arange(first, first + len(entries), dtype=np.int64)
+            name = f"seg-{first:09d}-{uuid.uuid4().hex[:12]}"
+            self._write_segment(name, entries, ids, tag, replace=None)
+            self._load()
         return ids.tolist()
 
     def remove(self, ids: Iterable[int]) -> int:
         """Mark ``ids`` removed (durable after return); returns how many live images were removed."""
-        live = set(self.ids().tolist())
-        todo = sorted(set(int(i) for i in ids) & live)
-        if todo:
-            self.manifest["removed"] = sorted(set(self.manifest["removed"]) | set(todo))
-            self._commit()
-        return len(todo)
+        want = sorted(set(int(i) for i in ids))
+        if not want:
+            return 0
+        with self._lock_held():
+            with self._transaction() as con:
+                n = 0
+                for i in want:
+                    n += con.execute("UPDATE images SET removed = 1 WHERE id = ? AND removed = 0", (i,)).rowcount
+            if n:
+                self._write_backup()
+            self._load()
+        return n
 
     def stale_segments(self, tag: str) -> list[str]:
         """Segments whose global vectors were computed with another whitening than ``tag``."""
@@ -334,78 +724,110 @@ class IndexStore:
     def refresh_vectors(self, finalize, tag: str, progress=None) -> int:
         """Recompute the global vectors of every stale segment as ``finalize(list of (R,C) local arrays)``.
 
-        Each segment is rewritten atomically with the new ``tag``; a crash part-way leaves some segments
-        stale, and they are refreshed on the next call. Returns the number of segments rewritten.
+        Each segment is rewritten to a new file and switched in the catalogue in one transaction (the conv
+        maps are kept); a crash part-way leaves some segments stale, and they are refreshed on the next call.
+        Returns the number of segments rewritten.
         """
-        stale = self.stale_segments(tag)
-        for name in stale:
-            path = self.root / "segments" / f"{name}.npz"
-            z = load_npz(path)
-            off = z["offsets"]
-            local = [z["local"][off[i]:off[i + 1]].astype(np.float32) for i in range(len(off) - 1)]
-            z["vectors"] = np.asarray(finalize(local), np.float32).reshape(len(local), -1)
-            z["tag"] = np.asarray(tag)
-            atomic_save_npz(path, **z)
-            self._segments[name] = self._read_segment(name)
-            if progress is not None:
-                progress(1)
-        return len(stale)
+        done = 0
+        with self._lock_held():
+            self._load()
+            for name in self.stale_segments(tag):
+                seg = self._segments[name]
+                path = self.root / "segments" / seg.npz_file
+                z = load_npz(path)
+                off = z["offsets"]
+                local = [z["local"][off[i]:off[i + 1]].astype(np.float32) for i in range(len(off) - 1)]
+                z["vectors"] = np.asarray(finalize(local), np.float32).reshape(len(local), -1)
+                z["tag"] = np.asarray(tag)
+                new_file = f"{name}.{uuid.uuid4().hex[:8]}.npz"
+                new_path = self.root / "segments" / new_file
+                atomic_save_npz(new_path, **z)
+                sha, size = _file_sha256(new_path)
+                with self._transaction() as con:
+                    con.execute("UPDATE segments SET npz_file = ?, npz_sha256 = ?, npz_size = ?, tag = ? "
+                                "WHERE name = ?", (new_file, sha, size, tag, name))
+                if new_file != seg.npz_file:
+                    path.unlink(missing_ok=True)
+                done += 1
+                if progress is not None:
+                    progress(1)
+            self._load()
+        return done
 
     def set_whitening(self, info: dict[str, Any] | None) -> None:
-        """Record the current whitening (``{"file": ..., "tag": ..., ...}``) durably in the manifest."""
-        self.manifest["whitening"] = None if info is None else dict(info)
-        self._commit()
+        """Record the current whitening (``{"file": ..., "tag": ..., ...}``) durably in the catalogue."""
+        with self._lock_held():
+            with self._transaction() as con:
+                con.execute("UPDATE meta SET value = ? WHERE key = 'whitening'",
+                            (json.dumps(None if info is None else dict(info)),))
+            self._write_backup()
+            self._load()
 
     @property
     def whitening_info(self) -> dict[str, Any] | None:
         return self.manifest.get("whitening")
 
     def compact(self) -> None:
-        """Merge all segments into one and drop removed images (atomic: the manifest switches at once)."""
-        live = list(self._live())
-        old = list(self.manifest["segments"])
-        if len(old) <= 1 and not self.manifest["removed"]:
-            return
-        entries = []
-        for seg, i in live:
-            e = Entry(
-                path=seg.paths[i], width=int(seg.sizes[i, 0]), height=int(seg.sizes[i, 1]), sha256=seg.sha256[i],
-                mtime=float(seg.mtimes[i]), size=int(seg.filesizes[i]),
-                local=seg.local[seg.offsets[i]:seg.offsets[i + 1]].astype(np.float32),
-                vector=seg.vectors[i],
-                fmap=self.feature_map(int(seg.ids[i])) if seg.has_maps else None,
-            )
-            e.id = int(seg.ids[i])
-            entries.append(e)
-        if entries and not all(e.fmap is not None for e in entries):
-            for e in entries:
-                e.fmap = None
-        # The new segment keeps the old ids so that references stay valid.
-        name = f"seg-compact-{time.time_ns()}"
-        if entries:
+        """Merge all segments into one and drop removed images (atomic: one catalogue transaction)."""
+        with self._lock_held():
+            self._load()
+            live = list(self._live())
+            old = list(self.manifest["segments"])
+            if len(old) <= 1 and not self.manifest["removed"]:
+                return
+            entries = []
+            for seg, i in live:
+                e = Entry(
+                    path=seg.paths[i], width=int(seg.sizes[i, 0]), height=int(seg.sizes[i, 1]), sha256=seg.sha256[i],
+                    mtime=float(seg.mtimes[i]), size=int(seg.filesizes[i]),
+                    local=seg.local[seg.offsets[i]:seg.offsets[i + 1]].astype(np.float32),
+                    vector=seg.vectors[i],
+                    fmap=self._map_code(seg, i) if seg.has_maps else None,
+                )
+                e.id = int(seg.ids[i])
+                entries.append(e)
+            if entries and not all(e.fmap is not None for e in entries):
+                for e in entries:
+                    e.fmap = None
             tags = {seg.tag for seg, _ in live}
             tag = tags.pop() if len(tags) == 1 else "mixed"
-            self._write_segment(name, entries, np.asarray([e.id for e in entries], np.int64), tag)
-        self.manifest["segments"] = [name] if entries else []
-        self.manifest["removed"] = []
-        self._commit()
-        self._segments = {n: self._segments[n] for n in self.manifest["segments"]}
-        self._remove_leftovers()
+            self._write_segment(f"seg-compact-{uuid.uuid4().hex[:12]}", entries,
+                                np.asarray([e.id for e in entries], np.int64), tag, replace=old)
+            self._write_backup()
+            self._remove_leftovers()
+            self._load()
 
-    def _write_segment(self, name: str, entries: list[Entry], ids: np.ndarray, tag: str) -> None:
-        """Write one complete segment file (and its maps) durably; the manifest is not touched."""
+    def _map_code(self, seg: _Segment, i: int) -> bytes:
+        """The stored (checked) compact code of row ``i`` of ``seg``."""
+        path = self.root / "maps" / str(seg.map_file)
+        data = np.memmap(path, dtype=np.uint8, mode="r") if seg.map_offsets[-1] > 0 else np.zeros(0, np.uint8)
+        code = bytes(data[seg.map_offsets[i]:seg.map_offsets[i + 1]])
+        if seg.map_crc is not None and map_checksum(code) != int(seg.map_crc[i]):
+            raise CorruptIndexError(f"{path}: map of {seg.paths[i]} is corrupt (checksum mismatch); "
+                                    "run `isearch repair`")
+        return code
+
+    def _write_segment(self, name: str, entries: list[Entry], ids: np.ndarray, tag: str,
+                       replace: list[str] | None) -> None:
+        """Write one segment file (and its maps) durably, then publish it in one catalogue transaction that
+        also advances ``next_id`` (``replace``: segment names it supersedes, e.g. by compaction). Lock held."""
         local = [np.asarray(e.local, np.float32) for e in entries]
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in local])]).astype(np.int64)
         has_maps = bool(entries) and all(e.fmap is not None for e in entries)
-        extra = {}
+        extra, crcs, map_file, map_sha, map_size = {}, [None] * len(entries), None, None, None
         if has_maps:
             # fmap may arrive already encoded (bytes from encode_map, e.g. by a distributed worker)
             codes = [bytes(e.fmap) if isinstance(e.fmap, (bytes, bytearray)) else encode_map(e.fmap) for e in entries]
-            (self.root / "maps").mkdir(exist_ok=True)
-            atomic_write_bytes(self.root / "maps" / f"{name}.cmap", b"".join(codes))
+            blob = b"".join(codes)
+            map_file = f"{name}.cmap"
+            atomic_write_bytes(self.root / "maps" / map_file, blob)
+            map_sha, map_size = _sha256_bytes(blob), len(blob)
+            crcs = [map_checksum(c) for c in codes]
             extra["map_offsets"] = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
+        npz_file = f"{name}.npz"
+        npz_path = self.root / "segments" / npz_file
         atomic_save_npz(
-            self.root / "segments" / f"{name}.npz", ids=ids,
+            npz_path, ids=ids,
             paths=np.asarray([e.path for e in entries], dtype=str),
             sizes=np.asarray([[e.width, e.height] for e in entries], np.int32).reshape(-1, 2),
             sha256=np.asarray([e.sha256 for e in entries], dtype=str),
@@ -418,4 +840,110 @@ class IndexStore:
             tag=np.asarray(tag),
             **extra,
         )
-        self._segments[name] = self._read_segment(name)
+        sha, size = _file_sha256(npz_path)
+        with self._transaction() as con:
+            if replace is not None:
+                for old in replace:
+                    con.execute("DELETE FROM images WHERE segment = ?", (old,))
+                    con.execute("DELETE FROM segments WHERE name = ?", (old,))
+            if entries:
+                con.execute("INSERT INTO segments(name, n, tag, npz_file, npz_sha256, npz_size, map_file, map_sha256,"
+                            " map_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (name, len(entries), tag, npz_file, sha, size, map_file, map_sha, map_size))
+                con.executemany(
+                    "INSERT INTO images(id, segment, row, path, width, height, sha256, mtime, size, map_crc) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(int(i), name, r, e.path, int(e.width), int(e.height), e.sha256, float(e.mtime), int(e.size), c)
+                     for r, (i, e, c) in enumerate(zip(ids, entries, crcs))])
+            if len(ids):
+                con.execute("UPDATE meta SET value = CAST(MAX(CAST(value AS INTEGER), ?) AS TEXT) "
+                            "WHERE key = 'next_id'", (int(ids.max()) + 1,))
+        if not entries:
+            npz_path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- migration
+    def _migrate(self) -> None:
+        """Convert an index folder of the earlier ``manifest.json`` format (format 1) to the catalogue, once:
+        the segment files stay where they are; the manifest is kept as ``manifest.v1.json``."""
+        with self._lock_held():
+            if (self.root / CATALOG).is_file():
+                return  # another process migrated it while this one waited
+            mpath = self.root / MANIFEST
+            try:
+                manifest = json.loads(mpath.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CorruptIndexError(f"{mpath}: corrupt manifest ({exc})") from exc
+            if not isinstance(manifest, dict) or manifest.get("format") != LEGACY_FORMAT_VERSION:
+                raise CorruptIndexError(f"{mpath}: not an instance-search index manifest (format "
+                                        f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r})")
+            for key in ("settings", "segments", "removed", "next_id"):
+                if key not in manifest:
+                    raise CorruptIndexError(f"{mpath}: corrupt manifest (no '{key}')")
+            tmp = self.root / f".{CATALOG}.{os.getpid()}.tmp"
+            tmp.unlink(missing_ok=True)
+            con = _connect(tmp, 5.0)
+            try:
+                max_id = -1
+                _init_catalog(con, manifest["settings"], 0, manifest.get("whitening"),
+                              manifest.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")))
+                con.execute("BEGIN")
+                removed = set(int(i) for i in manifest["removed"])
+                for name in manifest["segments"]:
+                    npz_file = f"{name}.npz"
+                    seg = self._read_segment(name, npz_file, None)
+                    sha, size = _file_sha256(self.root / "segments" / npz_file)
+                    map_file = map_sha = map_size = None
+                    crcs: list[int | None] = [None] * len(seg.ids)
+                    if seg.has_maps and seg.map_offsets is not None:
+                        map_file = f"{name}.cmap"
+                        mpath_ = self.root / "maps" / map_file
+                        try:
+                            blob = mpath_.read_bytes()
+                        except OSError as exc:
+                            raise CorruptIndexError(f"{mpath_}: missing or unreadable ({exc})") from exc
+                        map_sha, map_size = _sha256_bytes(blob), len(blob)
+                        mo = seg.map_offsets
+                        crcs = [map_checksum(blob[mo[i]:mo[i + 1]]) for i in range(len(seg.ids))]
+                    con.execute("INSERT INTO segments(name, n, tag, npz_file, npz_sha256, npz_size, map_file, "
+                                "map_sha256, map_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (name, len(seg.ids), seg.tag, npz_file, sha, size, map_file, map_sha, map_size))
+                    con.executemany(
+                        "INSERT INTO images(id, segment, row, path, width, height, sha256, mtime, size, map_crc, "
+                        "removed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(int(seg.ids[r]), name, r, seg.paths[r], int(seg.sizes[r, 0]), int(seg.sizes[r, 1]),
+                          seg.sha256[r], float(seg.mtimes[r]), int(seg.filesizes[r]), crcs[r],
+                          int(int(seg.ids[r]) in removed)) for r in range(len(seg.ids))])
+                    if len(seg.ids):
+                        max_id = max(max_id, int(seg.ids.max()))
+                next_id = max(int(manifest["next_id"]), max_id + 1)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (str(next_id),))
+                con.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                con.close()
+                tmp.unlink(missing_ok=True)
+                raise CorruptIndexError(f"{mpath}: cannot migrate ({exc}: an id is stored twice)") from exc
+            except BaseException:
+                con.close()
+                tmp.unlink(missing_ok=True)
+                raise
+            con.close()
+            os.replace(tmp, self.root / CATALOG)
+            fsync_dir(self.root)
+            self._write_backup()
+            os.replace(mpath, self.root / MIGRATED_MANIFEST)
+            fsync_dir(self.root)
+            notify(f"{self.root}: migrated the index from the earlier manifest.json format to the SQLite catalogue "
+                   f"{CATALOG} (once; the old manifest is kept as {MIGRATED_MANIFEST})")
+
+
+class _MapFileGone(Exception):
+    last: Path | None = None
+
+
+def _check_file_name(name: str) -> str:
+    """A stored file's name: relative, no '..', no hidden parts, printable."""
+    rel = Path(str(name))
+    if (not str(name) or rel.is_absolute() or any(p in ("", ".", "..") or p.startswith(".") for p in rel.parts)
+            or any(not c.isprintable() for c in str(name))):
+        raise ValueError(f"stored file name {name!r}: give a relative name without '..' or hidden parts")
+    return rel.as_posix()
