@@ -129,3 +129,79 @@ def test_scale_box_and_box_size(paris):
     half = scale_box(box, 0.5, 0.25)
     assert (half.x1, half.y1, half.x2, half.y2) == (x1 * 0.5, y1 * 0.25, x2 * 0.5, y2 * 0.25)
     assert (half.width, half.height) == pytest.approx((box.width * 0.5, box.height * 0.25))
+
+
+def _awkward_folder(tmp_path, ukbench, n_good=3):
+    """Good photos beside a FIFO, a link to /dev/zero, a symlink loop, a dangling link and a socket, all with
+    image names."""
+    import os
+    import socket
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(n_good):
+        (d / f"good{i}.jpg").write_bytes((ukbench / f"ukbench{i:05d}.jpg").read_bytes())
+    os.mkfifo(d / "fifo.jpg")
+    os.symlink("/dev/zero", d / "zero.jpg")
+    os.symlink(d / "loop.jpg", d / "loop.jpg")
+    os.symlink(d / "gone.jpg", d / "dangling.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock.png"))
+    return d, sock
+
+
+def test_only_regular_files_are_listed_and_read(tmp_path, ukbench):
+    import threading
+
+    from instance_search.images import regular_file_sha256
+
+    d, sock = _awkward_folder(tmp_path, ukbench)
+    try:
+        skipped = []
+        got = list_images(d, on_skip=lambda p, why: skipped.append((p.name, why)))
+        assert [p.name for p in got] == ["good0.jpg", "good1.jpg", "good2.jpg"]
+        why = dict(skipped)
+        assert sorted(why) == ["dangling.jpg", "fifo.jpg", "loop.jpg", "sock.png", "zero.jpg"]
+        assert "FIFO" in why["fifo.jpg"] and "symlink loop" in why["loop.jpg"] and "socket" in why["sock.png"]
+        assert "symlink to a character device" in why["zero.jpg"] and "dangling symlink" in why["dangling.jpg"]
+        for name, what in (("fifo.jpg", "FIFO"), ("zero.jpg", "character device"), ("loop.jpg", "symlink loop"),
+                           ("sock.png", "socket")):
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("e", pytest.raises(ImageError, load_image, d / name)))
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), f"load_image({name}) hangs"
+            assert what in str(out["e"].value) and name in str(out["e"].value)
+            with pytest.raises(ImageError, match=what):
+                regular_file_sha256(d / name)
+    finally:
+        sock.close()
+
+
+def test_hashing_reads_at_most_the_stat_size(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from instance_search import images
+
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"x" * 1000)
+    real = images.open_regular
+
+    def growing(path):  # the file grows between the stat and the read
+        fh, st = real(path)
+        with open(path, "ab") as w:
+            w.write(b"y" * 5000)
+        return fh, st
+
+    monkeypatch.setattr(images, "open_regular", growing)
+    st, sha = images.regular_file_sha256(f)
+    assert st.st_size == 1000 and sha == hashlib.sha256(b"x" * 1000).hexdigest()
+    assert os.path.getsize(f) == 6000
+
+
+def test_one_pixel_limit_everywhere(tmp_path):
+    """MAX_PIXELS is the one limit: Pillow's bomb check is tied to it (it used to refuse at its own 89.5 Mpx)."""
+    from instance_search import images
+
+    assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS == images.MAX_PIXELS

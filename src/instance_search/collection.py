@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .io import file_sha256, prefetch, progress_bar
-from .images import Box, ImageError, list_images, load_image, parse_box
+from .images import Box, ImageError, list_images, load_image, parse_box, regular_file_sha256
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
 from .index.store import CorruptIndexError, Entry, IndexStore
@@ -93,8 +93,7 @@ class Describer:
 def _decode(path: Path, max_size: int) -> tuple[Path, Any, os.stat_result | None, str]:
     """Read one file for indexing: (path, image or error, stat, sha256). Runs in a worker thread."""
     try:
-        st = path.stat()
-        sha = file_sha256(path)
+        st, sha = regular_file_sha256(path)  # FIFOs, devices, loops: ImageError; reads at most st.st_size bytes
         img = load_image(path, max_size=max_size)
         return path, img, st, sha
     except ImageError as exc:
@@ -226,8 +225,15 @@ class Collection:
         for each path to describe; the default (:meth:`extract`) decodes and runs the network here, and
         ``index.distributed.RayExtractor`` runs it on a Ray cluster (the bookkeeping below is the same).
         """
-        paths = list_images(photos) if isinstance(photos, (str, os.PathLike)) else [Path(p) for p in photos]
         report = IndexReport()
+
+        def skipped(path: Path, why: str) -> None:  # FIFOs, devices, symlink loops ...: named, the batch goes on
+            report.failed.append((str(path), why))
+            if on_error:
+                on_error(str(path), why)
+
+        paths = (list_images(photos, on_skip=skipped) if isinstance(photos, (str, os.PathLike))
+                 else [Path(p) for p in photos])
         known = self.store.path_index()
         todo: list[Path] = []
         replaced: list[int] = []

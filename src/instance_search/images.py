@@ -6,11 +6,15 @@ protocol keeps images at their own size, capped at 1024 px).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import stat
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,8 +23,11 @@ from .errors import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
-#: Largest number of pixels we decode (about 16k x 11k); Pillow's own bomb check is tied to it.
-MAX_PIXELS = 180_000_000
+#: THE pixel limit: the largest image (width x height, before any resize) that is decoded anywhere (indexing,
+#: queries, uploads). Pillow's own decompression-bomb check is set to it too (it warns above this and refuses
+#: above twice this), so no other, lower limit applies by accident.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageError(InputError):
@@ -101,8 +108,75 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """All image files under ``root`` (recursive, sorted, hidden folders skipped)."""
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed) if it is a regular file; else :class:`ImageError` saying what it
+    is: a FIFO, socket or device (reading those can block forever or never end), a folder, a symlink loop, a
+    dangling link, missing. Never reads the file."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(f"{path}: a symlink loop, not a file") from exc
+        if exc.errno == errno.ENOENT:
+            raise ImageError(f"{path}: " + ("a dangling symlink" if os.path.islink(path) else "no such file")) from exc
+        raise ImageError(f"{path}: cannot stat ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        what = _kind(st.st_mode)
+        raise ImageError(f"{path}: {'a symlink to ' if os.path.islink(path) else ''}{what}, not a regular file")
+    return st
+
+
+def open_regular(path: str | os.PathLike):
+    """Open ``path`` for reading only if it is a regular file: opened non-blocking (a FIFO swapped in after a
+    check cannot hang the open) and checked again on the open descriptor. Returns ``(binary file, stat)``."""
+    path = Path(path)
+    regular_file_stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ImageError(f"{path}: {_kind(st.st_mode)}, not a regular file")
+    return os.fdopen(fd, "rb"), st
+
+
+def regular_file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[os.stat_result, str]:
+    """``(stat, sha256)`` of a regular file, reading at most the size it had when stat'ed (a file that grows
+    while hashed, or one that is endless, cannot keep the hash running). Other files: :class:`ImageError`."""
+    f, st = open_regular(path)
+    h, left = hashlib.sha256(), st.st_size
+    with f:
+        while left > 0:
+            b = f.read(min(chunk, left))
+            if not b:
+                break
+            h.update(b)
+            left -= len(b)
+    return st, h.hexdigest()
+
+
+def _print_skip(path: Path, reason: str) -> None:
+    print(f"skipped {reason}", file=sys.stderr, flush=True)
+
+
+def list_images(root: str | os.PathLike, on_skip: Callable[[Path, str], None] | None = _print_skip) -> list[Path]:
+    """All regular image files under ``root`` (recursive, sorted, hidden folders skipped; links followed).
+
+    Entries with an image name that are not regular files -- FIFOs, sockets, devices, links to them, symlink
+    loops, dangling links -- are not listed: each is passed to ``on_skip(path, reason)`` (default: a
+    ``skipped ...`` line on stderr), so one bad entry never stops or hangs a batch."""
     root = Path(root)
     if root.is_file():
         return [root]
@@ -113,7 +187,14 @@ def list_images(root: str | os.PathLike) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and is_image_file(f):
-                out.append(Path(dirpath) / f)
+                p = Path(dirpath) / f
+                try:
+                    regular_file_stat(p)
+                except ImageError as exc:
+                    if on_skip is not None:
+                        on_skip(p, str(exc))
+                    continue
+                out.append(p)
     return out
 
 
@@ -156,16 +237,14 @@ def load_image(
     """
     path = Path(path)
     box = box if isinstance(box, Box) or box is None else parse_box(box)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
+    f, st = open_regular(path)  # ImageError for missing files, folders, FIFOs, devices, links to them, loops
+    if st.st_size == 0:
+        f.close()
         raise ImageError(f"{path}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 w0, h0 = img.size
                 if w0 * h0 > MAX_PIXELS:
                     raise ImageError(
