@@ -6,7 +6,10 @@
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -19,21 +22,10 @@ from .images import Box, ImageError, list_images, load_image, parse_box, regular
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
 from .index.store import CorruptIndexError, Entry, IndexStore
-from .fitted.whitening import PCAWhitening
-from .recipes.base import Recipe
-
-
-@dataclass
-class Hit:
-    rank: int
-    id: int
-    path: str
-    score: float
-    box: tuple[float, float, float, float] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "score": round(float(self.score), 6),
-                "box": self.box}
+from .ops.normalize import l2n
+from .fitted.whitening import NotFittedError, PCAWhitening
+from .recipes.base import Features, Needs, Recipe, RecipeError
+from .search import Hit, SearchState
 
 
 @dataclass
@@ -51,7 +43,8 @@ class IndexReport:
 
 
 class Describer:
-    """Backbone + recipe: image → (local vectors, feature map). Loads the network lazily, once."""
+    """Backbone + recipe: image -> :class:`Features` -> (local vectors, the map kept for re-ranking). Loads the
+    network lazily, once, and lets the recipe prepare it (e.g. learned R-MAC's trained conv layers)."""
 
     def __init__(self, recipe: Recipe, weights: str | None = None, device: str = "cpu", engine: str = "exact"):
         self.recipe = recipe
@@ -66,10 +59,7 @@ class Describer:
             from .backbones import load_backbone
 
             self._backbone = load_backbone(self.recipe.backbone, weights=self.weights, device=self.device)
-            if self.recipe.name == "learned-rmac":  # the trained conv layers (Gordo et al. 2016), before any engine
-                from .nets.rmac_head import prepare_backbone
-
-                prepare_backbone(self._backbone, self.recipe.extra)
+            self.recipe.method.prepare_backbone(self._backbone)  # before any engine takes the weights
             if self.engine != "exact":
                 from .backbones.fast import use_engine
 
@@ -80,14 +70,31 @@ class Describer:
     def layer(self) -> str:
         return self.recipe.layer or self.backbone.default_layer
 
+    @property
+    def needs(self) -> Needs:
+        return self.recipe.needs(self.backbone.default_layer)
+
     def feature_map(self, img: Image.Image):
         """Conv feature map (C, H, W) of ``img`` at the recipe's layer (scale 1)."""
         feats = self.backbone.features(img, layers=[self.layer], scales=(1.0,))
         return feats[(self.layer, 1.0)]
 
+    def features(self, img: Image.Image) -> Features:
+        """Everything the recipe reads of ``img`` (its layers at its scales, SIFT keypoints if asked): one pass."""
+        needs = self.needs
+        maps = self.backbone.features(img, layers=list(needs.layers), scales=needs.scales)
+        keypoints = None
+        if needs.keypoints:
+            from .ops.masks import sift_keypoints
+
+            keypoints = sift_keypoints(img)
+        return Features(maps=maps, image_hw=(img.height, img.width), keypoints=keypoints)
+
     def describe(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        fmap = self.feature_map(img)
-        return self.recipe.local_from_map(fmap), fmap.detach().cpu().numpy()
+        """(local vectors (R, D), the (C, H, W) map kept for re-ranking) of one image."""
+        feats = self.features(img)
+        fmap = self.recipe.method.map_for_rerank(feats, self.backbone.default_layer)
+        return self.recipe.local(feats), fmap.detach().cpu().numpy()
 
 
 def _decode(path: Path, max_size: int) -> tuple[Path, Any, os.stat_result | None, str]:
@@ -102,11 +109,6 @@ def _decode(path: Path, max_size: int) -> tuple[Path, Any, os.stat_result | None
         return path, ImageError(f"{path}: {exc.strerror or exc}"), None, ""
 
 
-def _l2rows(M: np.ndarray) -> np.ndarray:
-    M = np.asarray(M, np.float32)
-    return M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-12)
-
-
 def fit_whitening(rows: np.ndarray, dim: int | None = None, trained_on: str = "", power: float = 0.5) -> PCAWhitening:
     """PCA-whitening (Jégou & Chum 2012) of local vectors; Ledoit-Wolf shrinkage of the covariance when
     there are fewer than two samples per dimension (e.g. MAC on a few hundred images). ``power`` < 0.5 whitens
@@ -114,6 +116,80 @@ def fit_whitening(rows: np.ndarray, dim: int | None = None, trained_on: str = ""
     rows = np.asarray(rows, np.float32)
     shrink = "auto" if len(rows) < 2 * rows.shape[1] else 0.0
     return PCAWhitening().fit(rows, dim=dim, shrinkage=shrink, trained_on=trained_on, power=power)
+
+
+#: prefix of a recipe option that names a file stored inside the index folder (``IndexStore.add_file``)
+INDEX_FILE = "index:"
+
+
+def _stored_recipe(store: IndexStore) -> Recipe:
+    """The index's recipe with its model files resolved to the verified copies inside the index folder and its
+    fitted state loaded from the index; anything missing or damaged raises CorruptIndexError naming it."""
+    try:
+        d = dict(store.settings["recipe"])
+    except (KeyError, TypeError) as exc:
+        raise CorruptIndexError(f"{store.root}: the index settings have no recipe") from exc
+    extra = dict(d.get("extra") or {})
+    for key, value in extra.items():
+        if isinstance(value, str) and value.startswith(INDEX_FILE):
+            name = value[len(INDEX_FILE):]
+            store.read_file(name)  # verifies the sha256 (CorruptIndexError names the file)
+            store.read_file(str(Path(name).with_suffix(".json")))
+            extra[key] = str(store.root / "fitted" / name)
+    d["extra"] = extra
+    try:
+        recipe = Recipe.from_dict(d)
+    except RecipeError as exc:
+        raise CorruptIndexError(f"{store.root}: the index's recipe is not valid here ({exc})") from exc
+    name = store.settings.get("recipe_state")
+    if name:
+        try:
+            with np.load(io.BytesIO(store.read_file(name)), allow_pickle=False) as z:
+                state = {k: z[k] for k in z.files}
+        except CorruptIndexError:
+            raise
+        except Exception as exc:
+            raise CorruptIndexError(f"{store.root / 'fitted' / name}: unreadable fitted state ({exc})") from exc
+        try:
+            recipe.load_state_dict(state)
+        except (RecipeError, ValueError, KeyError) as exc:
+            raise CorruptIndexError(f"{store.root / 'fitted' / name}: not the fitted state of recipe "
+                                    f"{recipe.name!r} ({exc})") from exc
+    elif recipe.needs_fit:
+        raise CorruptIndexError(f"{store.root}: recipe {recipe.name!r} needs its fitted state, which the index "
+                                "does not hold")
+    return recipe
+
+
+def fit_recipe(recipe: Recipe, photos: str | os.PathLike | Sequence[str | os.PathLike], *,
+               weights: str | None = None, device: str = "cpu", engine: str = "exact", progress: bool = True,
+               describer: "Describer | None" = None) -> Recipe:
+    """Fit ``recipe`` on a training collection (a folder or a list of images): one backbone pass per image
+    gives the :class:`Features` the recipe learns from. Unreadable training images are skipped and counted."""
+    paths = list_images(photos) if isinstance(photos, (str, os.PathLike)) else [Path(p) for p in photos]
+    if not paths:
+        raise ImageError(f"{photos}: no training images to fit recipe {recipe.name!r} on")
+    describer = describer or Describer(recipe, weights=weights, device=device, engine=engine)
+    skipped: list[str] = []
+    bar = progress_bar(len(paths), f"fitting {recipe.name}", progress)
+
+    def features() -> Iterator[Features]:
+        try:
+            for path, img, _st, _sha in prefetch(lambda p: _decode(p, recipe.max_size), paths):
+                bar.update(1)
+                if isinstance(img, Exception):
+                    skipped.append(str(img))
+                    continue
+                yield describer.features(img)
+        finally:
+            bar.close()
+
+    where = str(photos) if isinstance(photos, (str, os.PathLike)) else f"{len(paths)} images"
+    recipe.fit(features(), trained_on=where)
+    if skipped:
+        print(f"fitting {recipe.name}: skipped {len(skipped)} unreadable training image(s), e.g. {skipped[0]}",
+              file=sys.stderr)
+    return recipe
 
 
 class Collection:
@@ -132,7 +208,7 @@ class Collection:
                  faiss_kind: str = "flat"):
         self.store = store
         self.faiss_kind = faiss_kind  # "flat" (exact, default), "hnsw" or "ivfpq" (approximate, large collections)
-        self.recipe = Recipe.from_dict(store.settings["recipe"])
+        self.recipe = _stored_recipe(store)
         self.describer = Describer(self.recipe, weights=weights or store.settings.get("weights"), device=device)
         self.whitening: PCAWhitening | None = None
         info = store.whitening_info
@@ -145,28 +221,67 @@ class Collection:
         self._faiss = None
         self._faiss_ids: np.ndarray | None = None
         self._records: list[dict[str, Any]] | None = None
-        #: settings of ``rerank="aml-fast"`` (rerank/aml_fast.py): K query channels, pooling g, window step
-        self.aml_fast_options: dict[str, Any] = {}
-        self._aml_fast: tuple[Any, Any, dict[int, int]] | None = None  # (key, AMLInvertedMaps, id -> row)
+        #: default options of each re-ranking, by name (rerank/base.py), e.g. ``{"aml-fast": {"K": 64}}``
+        self.rerank_options: dict[str, dict[str, Any]] = {}
+        self._search_state = SearchState()  # re-rankers (with their caches) and DBA vectors, see search.py
 
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, root: str | os.PathLike, recipe: Recipe, *, whitening: str | os.PathLike = "self",
-               weights: str | None = None, store_maps: bool = True, device: str = "cpu") -> "Collection":
+               weights: str | None = None, store_maps: bool = True, device: str = "cpu",
+               fit_on: str | os.PathLike | Sequence[str | os.PathLike] | None = None, engine: str = "exact",
+               progress: bool = False) -> "Collection":
         """Create an empty index at ``root``. ``whitening``: ``"self"`` (learn it on this collection after
-        indexing), ``"none"``, or the path of a whitening fitted elsewhere (``isearch whitening learn``)."""
-        if recipe.name == "learned-rmac" and str(whitening) == "self":
-            whitening = "none"  # the trained head already whitens (its shift + FC start from PCA-whitening)
+        indexing), ``"none"``, or the path of a whitening fitted elsewhere (``isearch whitening learn``).
+
+        A recipe that learns something (``recipe.needs_fit``: Ng's codebooks, Hoang's PCA / codebook / rotation)
+        is fitted first on ``fit_on`` (a folder or a list of training images, never the collection itself) unless
+        it is fitted already; its fitted state and the model files its options name are copied INTO the index
+        folder with their sha256, so the folder searches wherever it is moved."""
+        if not recipe.whitened and str(whitening) == "self":
+            whitening = "none"  # the recipe's own projection already whitens (learned R-MAC's head, VLAD's PCA-w)
+        if str(whitening) not in cls.WHITENING_MODES and not Path(whitening).is_file():
+            raise FileNotFoundError(f"{whitening}: whitening file not found")
+        given = PCAWhitening.load(Path(whitening)) if str(whitening) not in cls.WHITENING_MODES else None
+        if recipe.needs_fit and not recipe.fitted:
+            if fit_on is None:
+                raise NotFittedError(f"recipe {recipe.name!r} learns from a training collection: give one with "
+                                     "--fit-on TRAIN_DIR (Collection.create(..., fit_on=...)), not the indexed photos")
+            fit_recipe(recipe, fit_on, weights=weights, device=device, engine=engine, progress=progress)
+        elif fit_on is not None and not recipe.needs_fit:
+            raise RecipeError(f"recipe {recipe.name!r} learns nothing from a training collection: drop --fit-on")
         settings = {"recipe": recipe.to_dict(), "whitening_mode": "self", "store_maps": bool(store_maps),
                     "weights": weights}
-        if str(whitening) not in cls.WHITENING_MODES:
-            settings["whitening_mode"] = "given"
-        else:
-            settings["whitening_mode"] = str(whitening)
+        settings["whitening_mode"] = "given" if given is not None else str(whitening)
+        models = {key: recipe.extra[key] for key in recipe.method.model_files if recipe.extra.get(key)}
+        for key, path in models.items():  # read before anything is written: a missing file creates no index
+            if not Path(path).with_suffix(".pt").is_file() or not Path(path).with_suffix(".json").is_file():
+                raise FileNotFoundError(f"{path}: model file for recipe option {key!r} not found "
+                                        "(a model is a .pt file with its .json beside it)")
         store = IndexStore.create(root, settings)
+        changes: dict[str, Any] = {}
+        stored = dict(settings["recipe"], extra=dict(settings["recipe"]["extra"]))
+        for key, path in models.items():
+            pt, js = Path(path).with_suffix(".pt"), Path(path).with_suffix(".json")
+            tag = file_sha256(pt)[:16]
+            store.add_file(f"{key}-{tag}.pt", pt.read_bytes())
+            store.add_file(f"{key}-{tag}.json", js.read_bytes())
+            stored["extra"][key] = f"{INDEX_FILE}{key}-{tag}.pt"
+        state = recipe.state_dict()
+        if state:
+            buf = io.BytesIO()
+            np.savez(buf, **{k: np.asarray(v) for k, v in state.items()})
+            data = buf.getvalue()
+            name = f"recipe-state-{hashlib.sha256(data).hexdigest()[:16]}.npz"
+            store.add_file(name, data)
+            changes["recipe_state"] = name
+        if models or state:
+            changes["recipe"] = stored
+            store.update_settings(changes)
         col = cls(store, weights=weights, device=device)
-        if settings["whitening_mode"] == "given":
-            col.set_whitening(PCAWhitening.load(Path(whitening)))
+        col.describer.engine = engine
+        if given is not None:
+            col.set_whitening(given)
         return col
 
     @classmethod
@@ -366,150 +481,53 @@ class Collection:
             self._records = self.store.records()
         return self._records
 
+    @property
+    def aml_fast_options(self) -> dict[str, Any]:
+        """Default options of ``rerank="aml-fast"`` (K query channels, pooling g, window step; rerank/base.py)."""
+        return self.rerank_options.setdefault("aml-fast", {})
+
+    @aml_fast_options.setter
+    def aml_fast_options(self, options: dict[str, Any]) -> None:
+        self.rerank_options["aml-fast"] = dict(options)
+
     def search_vector(self, vector: np.ndarray, top: int = 10) -> list[Hit]:
-        index = self._ensure_faiss()
-        if index is None:
-            return []
-        if top < 1:
-            raise ValueError(f"top must be at least 1, got {top}")
-        scores, pos = faiss_search(index, vector[None], top)
-        recs = self._records
-        return [Hit(rank=r + 1, id=recs[p]["id"], path=recs[p]["path"], score=float(s))
-                for r, (s, p) in enumerate(zip(scores[0], pos[0])) if p >= 0]
+        """The ``top`` indexed images by inner product with ``vector`` (:func:`instance_search.search.search_vector`)."""
+        from . import search as S
+
+        return S.search_vector(self, vector, top)
 
     def search(self, image: str | os.PathLike | Image.Image, box=None, top: int = 10, *,
-               rerank: str | None = None, shortlist: int = 1000, qe: int = 0) -> list[Hit]:
-        """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does).
+               rerank: str | None = None, shortlist: int = 1000, qe: int = 0, qe_kind: str = "avg",
+               detector: str | os.PathLike | None = None, rerank_options: dict[str, Any] | None = None,
+               qe_options: dict[str, Any] | None = None) -> list[Hit]:
+        """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does):
+        first stage -> the top ``shortlist`` re-ranked by ``rerank`` (``none``, ``aml``, ``aml-fast``, ``casr``,
+        ``cs-sr`` with its ``detector`` file; options in ``rerank_options`` over :attr:`rerank_options`), with
+        boxes -> query expansion with the top ``qe`` (``qe_kind``: ``avg``, ``alpha``, ``dba``; ``qe_options``).
+        See :func:`instance_search.search.search`."""
+        from . import search as S
 
-        ``rerank``: ``"aml"`` (Tolias et al. 2016 Sec. 6: localise the query's MAC in each short-listed map
-        with AML and score the localised region), ``"aml-fast"`` (the same idea on coarse maps and the query's
-        strongest channels, :mod:`instance_search.rerank.aml_fast`; options in :attr:`aml_fast_options`) or
-        ``"casr"`` (Salvador et al. 2016 Sec. 3.3: best of the candidate boxes); the top ``shortlist`` images
-        are re-ranked and get a box in image pixels.
-        ``qe``: average query expansion with the top ``qe`` results (Chum et al. 2007), after re-ranking;
-        the expanded query is searched again (and the new short list re-ranked).
-        """
-        if rerank not in (None, "none", "aml", "aml-fast", "casr"):
-            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, aml-fast, casr or none")
-        if top < 1:
-            raise ValueError(f"top must be at least 1, got {top}")
-        if shortlist < 1:
-            raise ValueError(f"shortlist must be at least 1, got {shortlist}")
-        vec, _, fmap = self.describe(image, box=box)
-        return self._search_described(vec, fmap, top, rerank, shortlist, qe)
+        return S.search(self, image, box, top, rerank=rerank, shortlist=shortlist, qe=qe, qe_kind=qe_kind,
+                        detector=detector, rerank_options=rerank_options, qe_options=qe_options)
 
     def search_indexed(self, image_id: int, top: int = 10, *, rerank: str | None = None, shortlist: int = 1000,
-                       qe: int = 0) -> list[Hit]:
+                       qe: int = 0, qe_kind: str = "avg", detector: str | os.PathLike | None = None,
+                       rerank_options: dict[str, Any] | None = None,
+                       qe_options: dict[str, Any] | None = None) -> list[Hit]:
         """Like :meth:`search`, with an indexed image as the query ("more like this"): its stored vector and
         stored conv map are used, no network pass. The image itself is among the hits."""
-        if rerank not in (None, "none", "aml", "aml-fast", "casr"):
-            raise ValueError(f"unknown re-ranking {rerank!r}; choose aml, aml-fast, casr or none")
-        if top < 1 or shortlist < 1:
-            raise ValueError(f"top and shortlist must be at least 1, got {top}, {shortlist}")
-        self._ensure_faiss()
-        pos = {r["id"]: k for k, r in enumerate(self._records)}
-        if int(image_id) not in pos:
-            raise KeyError(f"image id {image_id} is not in the index {self.store.root}")
-        vec = self._faiss.reconstruct(int(pos[int(image_id)]))
-        fmap = self.store.feature_map(int(image_id)) if rerank not in (None, "none") else None
-        return self._search_described(vec, fmap, top, rerank, shortlist, qe)
+        from . import search as S
 
-    def _search_described(self, vec, fmap, top: int, rerank, shortlist: int, qe: int) -> list[Hit]:
-        """Search with a described query; re-rank; average QE (Chum et al. 2007) with the top ``qe``.
-
-        After AML with a MAC/R-MAC recipe, QE averages the query with the vectors of the *localised windows* of
-        the top ``qe`` re-ranked images and re-scores the short list with them (Tolias et al. 2016 Sec. 6);
-        otherwise (no re-ranking, CA-SR, other recipes) it averages the stored global vectors of the top
-        ``qe`` (after re-ranking, Salvador et al. 2016 Sec. 4.3) and searches again.
-        """
-        from .rerank.expansion import average_qe
-
-        rerank = None if rerank == "none" else rerank
-        depth = max(top, shortlist if rerank else top, qe)
-        hits = self.search_vector(vec, top=depth)
-        wvecs: dict[int, np.ndarray] = {}
-        if rerank:
-            hits, wvecs = self._rerank(hits, fmap, rerank, shortlist, vec)
-        if qe <= 0 or not hits:
-            return hits[:top]
-        if rerank == "aml" and self.recipe.name in ("mac", "rmac") and wvecs:
-            top_ids = [h.id for h in hits[:qe]]
-            q2 = average_qe(vec, np.stack([wvecs[i] for i in top_ids]), ranks=np.arange(len(top_ids)),
-                            top=len(top_ids)).reshape(-1)
-            head = [h for h in hits if h.id in wvecs]
-            tail = [h for h in hits if h.id not in wvecs]
-            new = np.asarray([float(wvecs[h.id] @ q2) for h in head])
-            order = np.lexsort((np.arange(len(head)), -new))
-            out = [Hit(rank=r + 1, id=head[k].id, path=head[k].path, score=float(new[k]), box=head[k].box)
-                   for r, k in enumerate(order)]
-            out += [Hit(rank=len(out) + j + 1, id=h.id, path=h.path, score=h.score) for j, h in enumerate(tail)]
-            return out[:top]
-        vecs = self._vectors_of([h.id for h in hits[:qe]])
-        q2 = average_qe(vec, vecs, ranks=np.arange(len(vecs)), top=len(vecs))
-        return self.search_vector(np.asarray(q2, np.float32).reshape(-1), top=top)
-
-    def _vectors_of(self, ids: Sequence[int]) -> np.ndarray:
-        self._ensure_faiss()
-        pos = {r["id"]: k for k, r in enumerate(self._records)}
-        return np.stack([self._faiss.reconstruct(int(pos[i])) for i in ids])
+        return S.search_indexed(self, image_id, top, rerank=rerank, shortlist=shortlist, qe=qe, qe_kind=qe_kind,
+                                detector=detector, rerank_options=rerank_options, qe_options=qe_options)
 
     def _rerank(self, hits: list[Hit], qmap: np.ndarray, method: str, shortlist: int,
                 qglobal: np.ndarray | None = None) -> tuple[list[Hit], dict[int, np.ndarray]]:
-        from .rerank.aml import cells_to_pixels, rerank_aml
-        from .rerank.ca_sr import ca_sr
+        """Re-rank the first ``shortlist`` hits with the re-ranking named ``method``
+        (:func:`instance_search.search.rerank_hits`): (hits, vector each re-ranked image was scored with)."""
+        from . import search as S
 
-        head, tail = hits[:shortlist], hits[shortlist:]
-        qvec = np.asarray(qmap, np.float32).max(axis=(1, 2))  # the query's MAC
-        old = np.asarray([h.score for h in head])
-        if method == "aml-fast":
-            res, shapes = self._rerank_fast(head, qvec, qmap.shape[2] / qmap.shape[1], old)
-        else:
-            # AML works from the maps' non-zero cells (decoded without building dense maps); CA-SR pools dense maps
-            maps = self.store.feature_maps([h.id for h in head], sparse=method == "aml")
-            shapes = [tuple(m.shape[1:]) for m in maps]
-            if method == "aml":
-                window_rmac = {}
-                if self.recipe.name == "rmac" and qglobal is not None:  # score the window's R-MAC (Tolias Sec. 6)
-                    window_rmac = dict(finalize=lambda locs: self.recipe.finalize([_l2rows(L) for L in locs],
-                                                                                  self.whitening),
-                                       finalize_batch=True, query_global=qglobal, levels=self.recipe.levels)
-                res = rerank_aml(qvec, maps, shortlist_scores=old, query_aspect=qmap.shape[2] / qmap.shape[1],
-                                 whitening=self.whitening, **window_rmac)
-            else:
-                res = ca_sr(qvec, maps, shortlist_scores=old, whitening=self.whitening)
-        recs = {r["id"]: r for r in self.records()}
-        out = []
-        for rank, k in enumerate(res.order):
-            h = head[int(k)]
-            rec = recs[h.id]
-            box = cells_to_pixels(res.boxes[int(k)], shapes[int(k)], (rec["width"], rec["height"]))
-            out.append(Hit(rank=rank + 1, id=h.id, path=h.path, score=float(res.scores[int(k)]),
-                           box=tuple(round(float(v), 1) for v in box)))
-        for j, h in enumerate(tail):
-            out.append(Hit(rank=len(out) + 1, id=h.id, path=h.path, score=h.score))
-        wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)}
-        return out, wvecs
-
-    def _rerank_fast(self, head: list[Hit], qvec: np.ndarray, query_aspect: float, old: np.ndarray):
-        """``rerank="aml-fast"``: ``(RerankResult, map (H, W) of each head image)``. The coarse maps of all images
-        are built once (on first use, again after the index changes; streamed a chunk of decoded maps at a time)
-        and kept in RAM; boxes are at the coarse resolution."""
-        from .rerank.aml_fast import DEFAULT_G, AMLInvertedMaps, rerank_aml_fast
-
-        opts = dict(self.aml_fast_options)
-        g = int(opts.pop("g", DEFAULT_G))
-        key = (g, tuple(self.store.manifest["segments"]), tuple(self.store.manifest["removed"]))
-        if self._aml_fast is None or self._aml_fast[0] != key:
-            ids = [int(i) for i in self.store.ids()]
-            step = 4096
-            maps = (m for i in range(0, len(ids), step) for m in self.store.feature_maps(ids[i:i + step], sparse=True))
-            inv = AMLInvertedMaps.build(maps, g=g, progress=len(ids) > 1000, total=len(ids))
-            self._aml_fast = (key, inv, {i: r for r, i in enumerate(ids)})
-        _, inv, row_of = self._aml_fast
-        rows = np.asarray([row_of[h.id] for h in head], np.int64)
-        res = rerank_aml_fast(qvec, inv, rows, shortlist_scores=old, query_aspect=query_aspect,
-                              whitening=self.whitening, **opts)
-        return res, [tuple(int(v) for v in inv.shapes[r]) for r in rows]
+        return S.rerank_hits(self, hits, qmap, S.reranker_for(self, method), shortlist, qglobal)
 
     def __len__(self) -> int:
         return len(self.store)

@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from . import recipe_options as ro
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Instance-level image retrieval with CNN features (MAC, R-MAC, ...).")
 weights_app = typer.Typer(no_args_is_help=True, help="Fetch and list backbone weights.")
@@ -30,35 +32,36 @@ def _msg(exc: BaseException) -> str:
 
 
 def _errors():
-    """Turn the library's expected errors into one clear line and a non-zero exit."""
-    from ..images import BoxError, ImageError
-    from ..index.store import CorruptIndexError
+    """The errors turned into one clear line and a non-zero exit: every package error (:class:`ISearchError`)
+    and the builtins the library still raises for a user's input (a missing file, an unknown name, a bad
+    value)."""
+    from ..errors import ISearchError
 
-    expected = (ImageError, BoxError, CorruptIndexError, FileNotFoundError, KeyError, ValueError)
-    try:
-        from ..backbones.weights import WeightsError
-
-        expected = expected + (WeightsError,)
-    except ImportError:  # pragma: no cover
-        pass
-    return expected
+    return (ISearchError, FileNotFoundError, KeyError, ValueError)
 
 
 @app.command()
 def index(
     photos: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     index_dir: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
-    recipe: str = typer.Option("rmac", help="mac | rmac | spoc | gem | ipa | learned-rmac (needs --model) | rpa "
-                                            "(needs --rpn)"),
-    backbone: str = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0"),
-    layer: Optional[str] = typer.Option(None, help="Backbone layer (default: the last conv layer)."),
-    max_size: int = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024)."),
+    recipe: str = ro.RECIPE,
+    backbone: str = ro.BACKBONE,
+    layer: Optional[str] = ro.LAYER,
+    max_size: int = ro.MAX_SIZE,
+    scales: Optional[str] = ro.SCALES,
+    k: Optional[int] = ro.K,
+    dim: Optional[int] = ro.DIM,
+    mask: Optional[str] = ro.MASK,
+    embedding: Optional[str] = ro.EMBEDDING,
+    aggregation: Optional[str] = ro.AGGREGATION,
+    pooling: Optional[str] = ro.POOLING,
+    model: Optional[Path] = ro.MODEL,
+    regions: Optional[str] = ro.REGIONS,
+    rpn: Optional[Path] = ro.RPN,
+    proposals: Optional[int] = ro.PROPOSALS,
+    fit_on: Optional[str] = ro.FIT_ON,
     whitening: str = typer.Option("self", help="'self' (learn on this collection), 'none', or a file from "
                                               "`isearch whitening learn`."),
-    model: Optional[Path] = typer.Option(None, "--model", help="learned-rmac: a model.pt from `isearch train-rmac`."),
-    regions: str = typer.Option("grid", help="learned-rmac: R-MAC regions, 'grid' or 'rpn' (needs --rpn)."),
-    rpn: Optional[Path] = typer.Option(None, "--rpn", help="rpa / --regions rpn: an RPN model (learn.rpn.save_rpn)."),
-    proposals: int = typer.Option(256, help="rpa / --regions rpn: the top-k proposals used as regions."),
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Store compact conv maps for re-ranking."),
     weights: Optional[str] = typer.Option(None, help="Weights source or local .pt file."),
     batch: int = typer.Option(32, help="Images per durable commit."),
@@ -77,33 +80,24 @@ def index(
     from ..recipes.base import Recipe
 
     def make_recipe() -> Recipe:
-        if regions not in ("grid", "rpn") or ((regions == "rpn" or recipe == "rpa") and rpn is None):
-            raise ValueError(f"--regions must be 'grid' or 'rpn' (got {regions!r}); --regions rpn and --recipe rpa "
-                             "need --rpn FILE (a region proposal network, learn.rpn.save_rpn)")
-        if recipe == "learned-rmac":  # Gordo et al. 2016: the trained network (nets/rmac_head.py)
-            if model is None:
-                raise ValueError("--recipe learned-rmac needs --model FILE (a model.pt from `isearch train-rmac`)")
-            from ..nets.rmac_head import learned_rmac_recipe
-
-            return learned_rmac_recipe(model, max_size=max_size, rpn=rpn if regions == "rpn" else None,
-                                       proposals=proposals)
-        if recipe == "rpa":  # Salvador et al. 2016, Sec. 3.1: region-wise pooling of RPN proposals
-            from ..nets.rpn import rpa_recipe
-
-            return rpa_recipe(rpn, proposals, max_size=max_size)
-        return Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size)
+        return ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
+                               embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
+                               regions=regions, rpn=rpn, proposals=proposals)
 
     try:
         if IndexStore.exists(index_dir):
             col = Collection.open(index_dir, writable=True, weights=weights)
-            asked = make_recipe()
+            asked = make_recipe() if fit_on is None else None
             have = col.recipe
-            if (have.name, have.backbone, have.layer, have.max_size) != (asked.name, asked.backbone, asked.layer,
-                                                                        asked.max_size):
+            if asked is None or (have.name, have.backbone, have.layer, have.max_size, have.extra) != (
+                    asked.name, asked.backbone, asked.layer, asked.max_size, asked.extra):
                 typer.secho(f"note: {index_dir} was built with recipe={have.name} backbone={have.backbone} "
-                            f"max-size={have.max_size}; adding with those settings", err=True)
+                            f"max-size={have.max_size}{' (fitted)' if have.needs_fit else ''}; adding with those "
+                            "settings", err=True)
         else:
-            col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights, store_maps=maps)
+            col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights, store_maps=maps,
+                                    fit_on=fit_on, engine="exact" if engine == "ray" else engine,
+                                    progress=not quiet)
         t0 = time.perf_counter()
         if engine == "ray":
             from ..index.distributed import add_folder_ray
@@ -284,15 +278,43 @@ def demo(
         _fail(_msg(exc))
 
 
+@app.command("recipes")
+def recipes_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON lines.")) -> None:
+    """List the recipes: name, paper, module, options (with defaults) and whether it is fitted on a training set."""
+    from ..recipes.base import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        row = {"recipe": name, "paper": cls.paper, "module": cls.__module__, "options": cls.options,
+               "fit_on": cls.needs_fit, "whitened_by_collection": cls.whitened}
+        if as_json:
+            typer.echo(json.dumps(row, default=str))
+        else:
+            opts = ", ".join(f"{k}={v}" for k, v in cls.options.items() if k not in ("sha256", "rpn_sha256"))
+            typer.echo(f"{name:13s} {cls.paper:40s} {cls.__module__.rsplit('.', 1)[-1]}.py"
+                       + ("  [--fit-on]" if cls.needs_fit else "") + (f"  options: {opts}" if opts else ""))
+
+
 @app.command("eval")
 def eval_cmd(
     benchmark: str = typer.Argument(..., help="ukbench | holidays | oxford5k | paris6k | roxford5k | rparis6k"),
     images: Optional[Path] = typer.Option(None, help="Image folder (default: ../shared/data's copy)."),
     gnd: Optional[Path] = typer.Option(None, help="Ground-truth pickle (Oxford/Paris)."),
-    recipe: str = typer.Option("rmac"),
-    backbone: str = typer.Option("vgg16"),
-    layer: Optional[str] = typer.Option(None),
-    max_size: int = typer.Option(1024, "--max-size"),
+    recipe: str = ro.RECIPE,
+    backbone: str = ro.BACKBONE,
+    layer: Optional[str] = ro.LAYER,
+    max_size: int = ro.MAX_SIZE,
+    scales: Optional[str] = ro.SCALES,
+    k: Optional[int] = ro.K,
+    dim: Optional[int] = ro.DIM,
+    mask: Optional[str] = ro.MASK,
+    embedding: Optional[str] = ro.EMBEDDING,
+    aggregation: Optional[str] = ro.AGGREGATION,
+    pooling: Optional[str] = ro.POOLING,
+    model: Optional[Path] = ro.MODEL,
+    regions: Optional[str] = ro.REGIONS,
+    rpn: Optional[Path] = ro.RPN,
+    proposals: Optional[int] = ro.PROPOSALS,
+    fit_on: Optional[str] = ro.FIT_ON,
     whitening: str = typer.Option("none", help="'none', or a whitening file learned on ANOTHER collection."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -300,12 +322,18 @@ def eval_cmd(
     """Evaluate a recipe on a standard benchmark with its official protocol and print the figures."""
     from ..eval.runner import evaluate_recipe
     from ..eval.datasets import load_benchmark
-    from ..recipes.base import Recipe
+    from ..fitted.whitening import NotFittedError
 
     try:
         bench = load_benchmark(benchmark, images_dir=images, gnd=gnd)
-        res = evaluate_recipe(bench, Recipe(name=recipe, backbone=backbone, layer=layer, max_size=max_size),
-                              whitening=None if whitening == "none" else Path(whitening), progress=not quiet)
+        spec = ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
+                               embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
+                               regions=regions, rpn=rpn, proposals=proposals)
+        if spec.needs_fit and fit_on is None:
+            raise NotFittedError(f"recipe {recipe!r} learns from a training collection: give --fit-on (a folder, or "
+                                 "a benchmark name such as ukbench)")
+        res = evaluate_recipe(bench, spec, whitening=None if whitening == "none" else Path(whitening),
+                              progress=not quiet, fit_on=fit_on)
     except _errors() as exc:
         _fail(_msg(exc))
     typer.echo(json.dumps(res, indent=1))
@@ -485,7 +513,7 @@ def train_rmac(
 ) -> None:
     """Train learned R-MAC (Gordo et al. 2016, Sec. 3.1) with hard triplets on the training split
     (Holidays-811 + UKBench 0-499); use it with `isearch index --recipe learned-rmac --model CHECKPOINT_DIR/model.pt`."""
-    from ..train.triplet import CheckpointError, TrainConfig, train_on_split
+    from ..train.triplet import TrainConfig, train_on_split
 
     try:
         cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, margin=margin,
@@ -494,7 +522,7 @@ def train_rmac(
         _, history, model_path = train_on_split(checkpoint_dir, cfg, train_layers=train_layers, max_size=max_size,
                                                 data_dir=data, cache_dir=cache_dir, engine=engine, resume=resume,
                                                 progress=not quiet)
-    except _errors() + (CheckpointError,) as exc:
+    except _errors() as exc:
         _fail(_msg(exc))
     for e in history["epochs"]:
         typer.echo(f"epoch {e['epoch'] + 1}: {e['seconds']:.0f} s ({e['updates']} updates, mining "

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..collection import Describer
-from ..images import Box, load_image
+from ..collection import Describer, fit_recipe
+from ..images import Box, list_images, load_image
 from ..io import atomic_save_npz, load_npz, prefetch, progress_bar
 from ..fitted.whitening import PCAWhitening
 from ..recipes.base import Recipe
@@ -24,6 +24,10 @@ from ..recipes.base import Recipe
 def _cache_key(recipes: Sequence[Recipe], items: Sequence[tuple[Path, Any]]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([r.to_dict() for r in recipes], sort_keys=True).encode())
+    for r in recipes:  # a fitted recipe's vectors depend on what it learned
+        for k, v in sorted(r.state_dict().items()):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v).tobytes())
     for path, box in items:
         b = None if box is None else box.as_tuple() if isinstance(box, Box) else tuple(box)
         h.update(f"{Path(path).name}|{b}".encode())
@@ -35,13 +39,15 @@ def extract_locals(items: Sequence[tuple[Path, Box | tuple | None]], recipes: Se
                    desc: str = "describing") -> dict[str, list[np.ndarray]]:
     """Local (R, C) vectors of every (image, box) for each recipe, from ONE forward pass per image.
 
-    All recipes must share backbone, layer and max_size. Returns ``{recipe.name: [array per image]}``.
+    All recipes must share backbone, max_size and what they read (:meth:`Recipe.needs`); fitted recipes must
+    be fitted. Returns ``{recipe.name: [array per image]}``.
     """
     recipes = list(recipes)
     first = recipes[0]
     for r in recipes[1:]:
-        if (r.backbone, r.layer, r.max_size) != (first.backbone, first.layer, first.max_size):
-            raise ValueError("extract_locals: recipes must share backbone, layer and max_size")
+        if (r.backbone, r.layer, r.max_size) != (first.backbone, first.layer, first.max_size) or \
+                r.needs("?") != first.needs("?"):
+            raise ValueError("extract_locals: recipes must share backbone, layers, scales and max_size")
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"locals-{_cache_key(recipes, items)}.npz"
@@ -57,9 +63,9 @@ def extract_locals(items: Sequence[tuple[Path, Box | tuple | None]], recipes: Se
     bar = progress_bar(len(items), desc, progress)
     try:
         for img in prefetch(lambda it: load_image(it[0], max_size=first.max_size, box=it[1]), items):
-            fmap = describer.feature_map(img)
+            feats = describer.features(img)
             for r in recipes:
-                out[r.name].append(r.local_from_map(fmap))
+                out[r.name].append(r.local(feats))
             bar.update(1)
     finally:
         bar.close()
@@ -109,14 +115,39 @@ def score(recipe: Recipe, db_local: list[np.ndarray], q_local: list[np.ndarray],
     return q @ d.T
 
 
+def training_images(fit_on) -> list[Path]:
+    """The images a recipe is fitted on: a benchmark's database images (a benchmark object or its name, e.g.
+    ``"ukbench"`` -- the papers fit on another benchmark than they test on), a folder, or a list of paths."""
+    if isinstance(fit_on, (list, tuple)):
+        return [Path(p) for p in fit_on]
+    if hasattr(fit_on, "images"):
+        return [Path(p) for p in fit_on.images]
+    if isinstance(fit_on, str) and not Path(fit_on).exists():
+        from .datasets import load_benchmark
+
+        return [Path(p) for p in load_benchmark(fit_on).images]
+    return list_images(fit_on)
+
+
 def evaluate_recipe(bench, recipe: Recipe, whitening: PCAWhitening | str | os.PathLike | None = None, *,
-                    progress: bool = True, cache_dir: Path | None = None) -> dict[str, Any]:
+                    progress: bool = True, cache_dir: Path | None = None, fit_on=None,
+                    describer: Describer | None = None) -> dict[str, Any]:
     """Describe ``bench`` with ``recipe``, optionally whiten (a whitening learned on ANOTHER collection),
-    and return the benchmark's standard figures plus timing and provenance."""
+    and return the benchmark's standard figures plus timing and provenance. A recipe that learns (Ng's VLAD,
+    Hoang's selective features) is first fitted on ``fit_on`` (see :func:`training_images`)."""
     if whitening is not None and not isinstance(whitening, PCAWhitening):
         whitening = PCAWhitening.load(Path(whitening))
+    describer = describer or Describer(recipe)
     t0 = time.perf_counter()
-    (db_local, q_local), = describe_benchmark(bench, [recipe], progress=progress, cache_dir=cache_dir).values()
+    trained_on = None
+    if fit_on is not None:
+        train = training_images(fit_on)
+        fit_recipe(recipe, train, describer=describer, progress=progress)
+        trained_on = getattr(fit_on, "name", None) or (str(fit_on) if not isinstance(fit_on, (list, tuple))
+                                                       else f"{len(train)} images")
+    t_fit = time.perf_counter()
+    (db_local, q_local), = describe_benchmark(bench, [recipe], progress=progress, cache_dir=cache_dir,
+                                              describer=describer).values()
     t1 = time.perf_counter()
     scores = score(recipe, db_local, q_local, whitening)
     res = dict(bench.evaluate(scores))
@@ -124,9 +155,11 @@ def evaluate_recipe(bench, recipe: Recipe, whitening: PCAWhitening | str | os.Pa
         "benchmark": bench.name,
         "recipe": recipe.to_dict(),
         "whitening": None if whitening is None else getattr(whitening, "trained_on", "given"),
+        "fitted_on": trained_on,
         "database_images": len(db_local),
         "queries": len(q_local),
-        "describe_seconds": round(t1 - t0, 2),
+        "fit_seconds": round(t_fit - t0, 2),
+        "describe_seconds": round(t1 - t_fit, 2),
     })
     return res
 

@@ -92,6 +92,12 @@ class Method:
     def __init__(self, spec: "Recipe"):
         self.spec = spec
 
+    @classmethod
+    def from_cli(cls, *, backbone: str, layer: str | None, max_size: int, extra: dict[str, Any]) -> "Recipe":
+        """The recipe the command line's flags describe (recipes whose settings live in a model file override
+        this to read it)."""
+        return Recipe(cls.name, backbone=backbone, layer=layer, max_size=max_size, extra=extra)
+
     # -------------------------------------------------------------- what the recipe reads
     def option(self, key: str) -> Any:
         return self.spec.extra.get(key, self.options[key])

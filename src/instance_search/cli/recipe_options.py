@@ -1,0 +1,70 @@
+"""The recipe flags shared by `isearch index` and `isearch eval`: each flag is an option of the recipes that
+take it (``Method.options``); a flag given to a recipe that does not take it is refused, naming the flag."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..recipes.base import REGISTRY, Recipe, RecipeError, method_class
+
+RECIPE = typer.Option("rmac", "--recipe", help="Recipe name: " + " | ".join(REGISTRY)
+                      + " (see `isearch recipes`).")
+BACKBONE = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0 | googlenet (user-supplied weights)")
+LAYER = typer.Option(None, help="Backbone layer (default: the last conv layer); ng-vlad: one or more, comma "
+                                "separated (e.g. conv4_3,conv5_1).")
+MAX_SIZE = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024).")
+SCALES = typer.Option(None, help="ng-vlad: image scales, comma separated (1 | 2 | 1,2).")
+K = typer.Option(None, "--k", help="ng-vlad: VLAD codebook size (paper: 100).")
+DIM = typer.Option(None, "--dim", help="ng-vlad: PCA-whitening dimension (paper: 128); selective: the "
+                                       "final dimension (Table 2 / Table 4: 512 ... 8064).")
+MASK = typer.Option(None, help="selective: none | sift | sum | max (Hoang et al. 2017, Sec. 3).")
+EMBEDDING = typer.Option(None, help="selective: fv | vlad | temb | ffaemb.")
+AGGREGATION = typer.Option(None, help="selective: sum | mean | democratic.")
+POOLING = typer.Option(None, help="ipa: sum | max (Salvador et al. 2016, Sec. 3.1).")
+MODEL = typer.Option(None, "--model", help="learned-rmac: a model.pt from `isearch train-rmac`.")
+REGIONS = typer.Option(None, help="learned-rmac: R-MAC regions, 'grid' (default) or 'rpn' (needs --rpn).")
+RPN = typer.Option(None, "--rpn", help="rpa, learned-rmac --regions rpn: an RPN model from `isearch train-rpn`.")
+PROPOSALS = typer.Option(None, help="rpa, learned-rmac --regions rpn: top-k proposals used as regions (256).")
+FIT_ON = typer.Option(None, "--fit-on", help="ng-vlad, selective: the TRAINING collection the recipe learns its "
+                                             "codebook / PCA / rotation from (a folder, or a benchmark name).")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(f"{flag} {text!r}: expected numbers separated by commas, e.g. 1,2") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise RecipeError(f"{flag} {text!r}: scales must be positive numbers")
+    return vals
+
+
+def build_recipe(name: str, backbone: str, layer: Optional[str], max_size: int, *, scales: Optional[str] = None,
+                 k: Optional[int] = None, dim: Optional[int] = None, mask: Optional[str] = None,
+                 embedding: Optional[str] = None, aggregation: Optional[str] = None, pooling: Optional[str] = None,
+                 model: Optional[Path] = None, regions: Optional[str] = None, rpn: Optional[Path] = None,
+                 proposals: Optional[int] = None) -> Recipe:
+    """A :class:`Recipe` from the command line's flags; a flag that does not belong to ``name`` is refused."""
+    cls = method_class(name)
+    layers = [x.strip() for x in layer.split(",") if x.strip()] if layer else []
+    flags: dict[str, tuple[str, Any]] = {  # option key -> (flag, value)
+        "scales": ("--scales", None if scales is None else _floats(scales, "--scales")),
+        "k": ("--k", k), "dim": ("--dim", dim), "mask": ("--mask", mask), "embedding": ("--embedding", embedding),
+        "aggregation": ("--aggregation", aggregation), "pooling": ("--pooling", pooling),
+        "model": ("--model", None if model is None else str(model)), "regions": ("--regions", regions),
+        "rpn": ("--rpn", None if rpn is None else str(rpn)), "proposals": ("--proposals", proposals),
+    }
+    if len(layers) > 1 or "layers" in cls.options:
+        flags["layers"] = ("--layer", layers or None)
+    extra: dict[str, Any] = {}
+    for key, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if key not in cls.options:
+            owners = [n for n, c in REGISTRY.items() if key in c.options]
+            raise RecipeError(f"{flag} does not apply to recipe {name!r}"
+                              + (f" (it is an option of {', '.join(owners)})" if owners else ""))
+        extra[key] = value
+    return cls.from_cli(backbone=backbone, layer=layers[0] if layers else None, max_size=max_size, extra=extra)
