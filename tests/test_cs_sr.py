@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.train import detector as FT
-from instance_search.nets import rpn as R
-from instance_search.nets.rmac_head import boxes_to_cells
+from instance_search.nets import detector as ND
+from instance_search.nets import rpn as NR
+from instance_search.ops.boxes import boxes_to_cells
+from instance_search.rerank.ca_sr import ca_sr_regions
 from instance_search.rerank import cs_sr as CS
 
 torch.set_num_threads(1)
@@ -29,7 +30,7 @@ def maps(ukbench):
 @pytest.fixture(scope="module")
 def rpn():
     torch.manual_seed(0)
-    return R.RPN(mid_channels=16, sizes=(48, 96, 192), max_size=224).eval()
+    return NR.RPN(mid_channels=16, sizes=(48, 96, 192), max_size=224).eval()
 
 
 def _regions(rpn, maps, k=20):
@@ -49,7 +50,7 @@ def test_ca_sr_regions_matches_brute_force(maps, rpn):
 
     regs, cells = _regions(rpn, maps)
     q = maps[0].amax(dim=(1, 2)).numpy()  # the whole of view 0 as the query box
-    res = CS.ca_sr_regions(q, regs[1:], cells=cells[1:])
+    res = ca_sr_regions(q, regs[1:], cells=cells[1:])
     for i, Rg in enumerate(regs[1:]):
         cs = _l2(Rg) @ _l2(q)
         assert res.scores[i] == pytest.approx(cs.max(), abs=1e-9)
@@ -57,19 +58,19 @@ def test_ca_sr_regions_matches_brute_force(maps, rpn):
     assert list(res.order) == sorted(range(5), key=lambda i: -res.scores[i])
     assert res.order[0] == 0, "the other view of the same object should win"
     w = PCAWhitening().fit(np.concatenate(regs), dim=64, shrinkage="auto")
-    resw = CS.ca_sr_regions(q, regs[1:], whitening=w)
+    resw = ca_sr_regions(q, regs[1:], whitening=w)
     qw = _l2(w.transform(_l2(q)[None].astype(np.float32)))[0]
     for i, Rg in enumerate(regs[1:]):
         rw = _l2(w.transform(_l2(Rg).astype(np.float32)))
         assert resw.scores[i] == pytest.approx(float((rw @ qw).max()), abs=1e-5)
     with pytest.raises(ValueError, match="no region vectors"):
-        CS.ca_sr_regions(q, [np.zeros((0, 512))])
+        ca_sr_regions(q, [np.zeros((0, 512))])
 
 
 def test_qe_after_rerank_by_hand(maps, rpn):
     regs, _ = _regions(rpn, maps)
     q = maps[0].amax(dim=(1, 2)).numpy()
-    first = CS.ca_sr_regions(q, regs[1:])
+    first = ca_sr_regions(q, regs[1:])
     qe = CS.qe_after_rerank(q, first, regs[1:], top=2)
     v = _l2(q) + first.vectors[first.order[0]] + first.vectors[first.order[1]]
     v = v / np.linalg.norm(v)
@@ -81,7 +82,7 @@ def test_qe_after_rerank_by_hand(maps, rpn):
 
 def test_cs_sr_takes_the_best_proposal_of_the_query_class(maps, rpn):
     torch.manual_seed(1)
-    det = FT.Detector(rpn, 3, ["a", "b", "c"], pool=2, hidden=32).eval()
+    det = ND.Detector(rpn, 3, ["a", "b", "c"], pool=2, hidden=32).eval()
     res = CS.cs_sr(det, 1, maps, proposals=40)
     for i, m in enumerate(maps):
         props, probs, boxes = det.detect(m, 40)
@@ -91,7 +92,7 @@ def test_cs_sr_takes_the_best_proposal_of_the_query_class(maps, rpn):
     assert list(res.order) == list(np.argsort(-res.scores, kind="stable"))
     assert res.vectors.shape == (len(maps), 512)
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, rtol=1e-6)
-    sc, bx = FT.class_detections(det, maps[0], 40)
+    sc, bx = ND.class_detections(det, maps[0], 40)
     assert sc[1] == pytest.approx(res.scores[0], rel=1e-6)
     with pytest.raises(ValueError, match="class_index 3"):
         CS.cs_sr(det, 3, maps[:1])

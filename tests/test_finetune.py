@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from instance_search.nets import detector as ND
+from instance_search.nets import rpn as NR
+from instance_search.ops import boxes as B
 from instance_search.train import detector as FT
-from instance_search.nets import rpn as R
 
 torch.set_num_threads(1)
 SIZE = 224
@@ -22,7 +24,7 @@ def maps(ukbench):
     from instance_search.images import load_image
 
     bb = use_engine(load_backbone("vgg16"), "winograd")
-    trunk = FT.conv5_block(bb).eval()
+    trunk = ND.conv5_block(bb).eval()
     out = {}
     for i in range(8):
         img = load_image(ukbench / f"ukbench{i:05d}.jpg", max_size=SIZE)
@@ -36,7 +38,7 @@ def maps(ukbench):
 
 def _rpn():
     torch.manual_seed(0)
-    return R.RPN(mid_channels=32, sizes=(48, 96, 192), max_size=SIZE)
+    return NR.RPN(mid_channels=32, sizes=(48, 96, 192), max_size=SIZE)
 
 
 def _queries(maps):
@@ -53,7 +55,7 @@ def _queries(maps):
 
 
 def test_flip_boxes_and_query_samples(maps):
-    np.testing.assert_array_equal(FT.flip_boxes([[10, 5, 50, 40]], 100), [[50, 5, 90, 40]])
+    np.testing.assert_array_equal(B.flip_boxes([[10, 5, 50, 40]], 100), [[50, 5, 90, 40]])
     samples = _queries(maps)
     assert [s.name for s in samples] == ["ukbench00000", "ukbench00000 (flipped)", "ukbench00004",
                                          "ukbench00004 (flipped)"]
@@ -63,7 +65,7 @@ def test_flip_boxes_and_query_samples(maps):
 
 
 def _slow_sample_check(rois, labels, matched, gt, gt_labels, fg_iou):
-    iou = R.box_iou(rois, gt).numpy()
+    iou = B.box_iou(rois, gt).numpy()
     for r in range(len(rois)):
         if labels[r] > 0:
             assert iou[r].max() >= fg_iou and labels[r] == gt_labels[iou[r].argmax()] and matched[r] == iou[r].argmax()
@@ -97,7 +99,7 @@ def test_detector_loss_by_hand():
     ref_cls = -sum(torch.log_softmax(logits[i], 0)[labels[i]] for i in range(4)) / 4
     ref_reg = 0.0
     for i in (0, 1):
-        t = R.encode_boxes(rois[i:i + 1], gt[matched[i]:matched[i] + 1])[0] / torch.tensor(FT.BBOX_STDS)
+        t = B.encode_boxes(rois[i:i + 1], gt[matched[i]:matched[i] + 1])[0] / torch.tensor(ND.BBOX_STDS)
         d = deltas[i, labels[i]] - t
         ref_reg += sum(float(0.5 * x * x if abs(x) < 1 else abs(x) - 0.5) for x in d)
     assert float(cls) == pytest.approx(float(ref_cls), rel=1e-6)
@@ -110,7 +112,7 @@ def _state(mod):
 
 def test_strategy_1_trains_only_the_fc_layers_and_recognises_other_views(maps, tmp_path):
     bb, trunk, m = maps
-    det = FT.Detector(_rpn(), 2, ["object 0", "object 1"], pool=3, hidden=256, trunk=FT.conv5_block(bb))
+    det = ND.Detector(_rpn(), 2, ["object 0", "object 1"], pool=3, hidden=256, trunk=ND.conv5_block(bb))
     t0, r0, h0 = _state(det.trunk), _state(det.rpn), _state(det.head)
     samples = _queries(maps)
     cfg = FT.DetectorTrainConfig(trainable="fc", iterations=40, lr=2e-3, images_per_batch=2, rois_per_image=32)
@@ -125,12 +127,12 @@ def test_strategy_1_trains_only_the_fc_layers_and_recognises_other_views(maps, t
     right = 0
     for obj in (0, 1):
         for v in (1, 2, 3):
-            scores, boxes = FT.class_detections(det, m[f"{4 * obj + v}"][1], proposals=100)
+            scores, boxes = ND.class_detections(det, m[f"{4 * obj + v}"][1], proposals=100)
             assert scores.shape == (2,) and boxes.shape == (2, 4)
             right += int(np.argmax(scores) == obj)
     assert right >= 5, right
     # same settings and starting weights: the saved result is reused, not trained again
-    det2 = FT.Detector(_rpn(), 2, ["object 0", "object 1"], pool=3, hidden=256, trunk=FT.conv5_block(bb))
+    det2 = ND.Detector(_rpn(), 2, ["object 0", "object 1"], pool=3, hidden=256, trunk=ND.conv5_block(bb))
     det2.head.load_state_dict(h0)
     hist2 = FT.train_detector(det2, samples, cfg, tmp_path, progress=False, desc="s1", fixed_proposals=props)
     assert hist2 == hist
@@ -139,7 +141,7 @@ def test_strategy_1_trains_only_the_fc_layers_and_recognises_other_views(maps, t
 
 def test_strategy_2_also_trains_conv5_and_the_rpn(maps):
     bb, trunk, m = maps
-    det = FT.Detector(_rpn(), 2, ["a", "b"], pool=2, hidden=64, trunk=FT.conv5_block(bb))
+    det = ND.Detector(_rpn(), 2, ["a", "b"], pool=2, hidden=64, trunk=ND.conv5_block(bb))
     t0, r0 = _state(det.trunk), _state(det.rpn)
     cfg = FT.DetectorTrainConfig(trainable="conv5+rpn+fc", iterations=3, lr=1e-3, images_per_batch=2,
                                  rois_per_image=16, train_proposals=50)
@@ -156,7 +158,7 @@ def test_strategy_2_also_trains_conv5_and_the_rpn(maps):
 
 def test_bad_labels_and_files(maps, tmp_path):
     bb, _, m = maps
-    det = FT.Detector(_rpn(), 2, ["a", "b"], pool=2, hidden=32)
+    det = ND.Detector(_rpn(), 2, ["a", "b"], pool=2, hidden=32)
     s = _queries(maps)[0]
     bad = FT.DetectorSample(s.boxes, np.array([3]), s.pool4, s.conv5, "third-class.jpg")
     with pytest.raises(ValueError, match="third-class.jpg"):
@@ -165,15 +167,15 @@ def test_bad_labels_and_files(maps, tmp_path):
         FT.DetectorTrainConfig(trainable="everything").validate()
     with pytest.raises(ValueError, match="new_layer_lr_mult"):
         FT.DetectorTrainConfig(new_layer_lr_mult=0).validate()
-    path = FT.save_detector(det, tmp_path / "det.pt", note="x")
-    back, cfg = FT.load_detector(path)
+    path = ND.save_detector(det, tmp_path / "det.pt", note="x")
+    back, cfg = ND.load_detector(path)
     assert cfg["classes"] == ["a", "b"] and cfg["note"] == "x"
     c5 = m["1"][1]
-    a, b = FT.class_detections(det, c5, 30), FT.class_detections(back, c5, 30)
+    a, b = ND.class_detections(det, c5, 30), ND.class_detections(back, c5, 30)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(FT.DetectorFileError, match="det.pt"):
-        FT.load_detector(path)
+    with pytest.raises(ND.DetectorFileError, match="det.pt"):
+        ND.load_detector(path)
 
 
 def test_detect_and_class_detections_match_a_slow_forward(maps):
@@ -183,7 +185,7 @@ def test_detect_and_class_detections_match_a_slow_forward(maps):
 
     bb, _, m = maps
     torch.manual_seed(3)
-    det = FT.Detector(_rpn(), 3, ["a", "b", "c"], pool=2, hidden=48).eval()
+    det = ND.Detector(_rpn(), 3, ["a", "b", "c"], pool=2, hidden=48).eval()
     with torch.no_grad():
         torch.nn.init.normal_(det.head.bbox_pred.weight, std=0.05)
         torch.nn.init.normal_(det.head.cls_score.weight, std=0.2)
@@ -194,7 +196,7 @@ def test_detect_and_class_detections_match_a_slow_forward(maps):
     h = det.head
     with torch.no_grad():
         for r, b in enumerate(props.tolist()):
-            x = R.roi_pool(c5, [b], 2).flatten()
+            x = B.roi_pool(c5, [b], 2).flatten()
             x = x / x.norm() * math.sqrt(x.numel())
             z = torch.relu(h.fc7.weight @ torch.relu(h.fc6.weight @ x + h.fc6.bias) + h.fc7.bias)
             p = torch.softmax(h.cls_score.weight @ z + h.cls_score.bias, 0)
@@ -207,7 +209,7 @@ def test_detect_and_class_detections_match_a_slow_forward(maps):
                 ref = [min(max(v, 0), lim) for v, lim in ((cx - w / 2, W * 16), (cy - hh / 2, H * 16),
                                                            (cx + w / 2, W * 16), (cy + hh / 2, H * 16))]
                 np.testing.assert_allclose(boxes[r, k].numpy(), ref, rtol=1e-4, atol=1e-3)
-    scores, cboxes = FT.class_detections(det, c5, 40)
+    scores, cboxes = ND.class_detections(det, c5, 40)
     for k in range(3):
         j = int(torch.argmax(probs[:, k + 1]))
         assert scores[k] == pytest.approx(float(probs[j, k + 1]), rel=1e-6)

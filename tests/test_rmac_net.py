@@ -8,6 +8,9 @@ import torch
 from instance_search.collection import fit_whitening
 from instance_search.images import load_image
 from instance_search.nets import rmac_head as rn
+from instance_search.nets import rpn as NR
+from instance_search.ops import boxes as B
+from instance_search.recipes import gordo as GO
 from instance_search.ops.pooling import region_macs, rmac, rmac_regions
 from instance_search.ops.normalize import l2n
 from instance_search.recipes.base import Recipe
@@ -97,10 +100,10 @@ def test_regions_are_an_argument(maps, whitening):
         mac_w = l2n(torch.as_tensor(whitening.transform(l2n(c5.amax(dim=(1, 2)))[None].numpy())[0]))
         assert torch.allclose(both[1], mac_w.float(), atol=1e-5)
     # pixel boxes -> cells (stride 16): covered cells, clipped, at least one cell
-    cells = rn.boxes_to_cells([[0, 0, 32, 16], [17, 5, 40, 60], [250, 180, 400, 300]], 16, 12, 16)
+    cells = B.boxes_to_cells([[0, 0, 32, 16], [17, 5, 40, 60], [250, 180, 400, 300]], 16, 12, 16)
     assert cells.tolist() == [[0, 0, 2, 1], [1, 0, 2, 4], [15, 11, 1, 1]]
     with pytest.raises(ValueError, match="inverted"):
-        rn.boxes_to_cells([[10, 10, 5, 20]], 16, 12, 16)
+        B.boxes_to_cells([[10, 10, 5, 20]], 16, 12, 16)
     with pytest.raises(ValueError, match="outside"):
         head(c5, np.array([[0, 0, 100, 2]]))
 
@@ -179,15 +182,14 @@ def test_save_load_and_use_in_a_collection(vgg, maps, whitening, tmp_path, data_
 def test_recipe_with_rpn_regions_pools_over_the_proposals(vgg, maps, whitening, tmp_path):
     """``learned_rmac_recipe(model, rpn=...)`` (Gordo et al. 2016, Sec. 3.2): the local vectors are the learned
     region vectors of the RPN's top-k boxes of the (trained) conv5_3 map, checked region by region."""
-    from instance_search.nets import rpn as R
 
     net = rn.RMACNet("conv5").init_from_backbone(vgg)
     net.head.init_from_whitening(whitening)
     model = rn.save_model(net, tmp_path / "model.pt")
     torch.manual_seed(0)
-    rpn = R.RPN(mid_channels=16, max_size=SIZE)
-    rpath = R.save_rpn(rpn, tmp_path / "rpn.pt")
-    rec = rn.learned_rmac_recipe(model, max_size=SIZE, rpn=rpath, proposals=10)
+    rpn = NR.RPN(mid_channels=16, max_size=SIZE)
+    rpath = NR.save_rpn(rpn, tmp_path / "rpn.pt")
+    rec = GO.learned_rmac_recipe(model, max_size=SIZE, rpn=rpath, proposals=10)
     assert rec.extra["regions"] == "rpn" and rec.extra["proposals"] == 10
     assert Recipe.from_dict(rec.to_dict()) == rec
     c5 = maps[4][1]
@@ -202,10 +204,10 @@ def test_recipe_with_rpn_regions_pools_over_the_proposals(vgg, maps, whitening, 
         f = f / f.norm()
         v = (net.head.fc.weight.double() @ (f + net.head.shift.double())).detach()
         np.testing.assert_allclose(local[r], (v / v.norm()).numpy(), rtol=1e-4, atol=1e-5)
-    grid = rn.learned_rmac_recipe(model, max_size=SIZE)
+    grid = GO.learned_rmac_recipe(model, max_size=SIZE)
     assert "regions" not in grid.extra and grid.local_from_map(c5).shape[0] == len(rmac_regions(*c5.shape[-2:]))
     with pytest.raises(ValueError, match="proposals"):
-        rn.learned_rmac_recipe(model, rpn=rpath, proposals=0)
+        GO.learned_rmac_recipe(model, rpn=rpath, proposals=0)
     with pytest.raises(ValueError, match="regions must be"):
         Recipe("learned-rmac", extra={**rec.extra, "regions": "selective-search"}).local_from_map(c5)
 
@@ -217,13 +219,12 @@ def test_cli_index_with_rpn_regions(vgg, maps, whitening, tmp_path, data_dir):
 
     from instance_search.cli.main import app
     from instance_search.collection import Collection
-    from instance_search.nets import rpn as R
 
     net = rn.RMACNet("conv5").init_from_backbone(vgg)
     net.head.init_from_whitening(whitening)
     model = rn.save_model(net, tmp_path / "model.pt")
     torch.manual_seed(0)
-    rpath = R.save_rpn(R.RPN(mid_channels=16, max_size=SIZE), tmp_path / "rpn.pt")
+    rpath = NR.save_rpn(NR.RPN(mid_channels=16, max_size=SIZE), tmp_path / "rpn.pt")
     folder = tmp_path / "photos"
     folder.mkdir()
     photos = [data_dir / "ukbench1000" / f"ukbench{i:05d}.jpg" for i in (0, 1, 4, 8)]

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from instance_search.nets import rpn as R
+from instance_search.nets import rpn as NR
+from instance_search.ops import boxes as B
+from instance_search.recipes import salvador as SV
+from instance_search.train import rpn as TR
 
 torch.set_num_threads(1)
 
@@ -43,8 +46,8 @@ def real_samples(vgg, ukbench, data_dir):
         img = load_image(p, max_size=256)
         fmap = vgg.features(img, layers=["conv5_3"], scales=(1.0,))[("conv5_3", 1.0)]
         assert fmap.ndim == 3
-        box = R.to_map_frame(rec["box"], img.info["original_size"], tuple(fmap.shape[-2:]), 16)
-        out.append(R.RPNSample(fmap.float(), box, p.name))
+        box = B.to_map_frame(rec["box"], img.info["original_size"], tuple(fmap.shape[-2:]), 16)
+        out.append(TR.RPNSample(fmap.float(), box, p.name))
     assert len(out) >= 6, "the cleaning should keep most of these UKBench views"
     return out
 
@@ -67,7 +70,7 @@ def _random_boxes(rng, n, size=300.0):
 def test_box_iou_matches_slow_loop():
     rng = np.random.default_rng(0)
     a, b = _random_boxes(rng, 40), _random_boxes(rng, 30)
-    got = R.box_iou(a, b).numpy()
+    got = B.box_iou(a, b).numpy()
     ref = np.array([[_slow_iou(x, y) for y in b] for x in a])
     np.testing.assert_allclose(got, ref, atol=1e-12)
     assert got.max() > 0.1 and (got == 0).any()
@@ -77,25 +80,25 @@ def test_encode_decode_round_trip_and_formula():
     rng = np.random.default_rng(1)
     anc = torch.from_numpy(_random_boxes(rng, 50))
     box = torch.from_numpy(_random_boxes(rng, 50))
-    d = R.encode_boxes(anc, box)
-    np.testing.assert_allclose(R.decode_boxes(anc, d).numpy(), box.numpy(), rtol=1e-9, atol=1e-9)
+    d = B.encode_boxes(anc, box)
+    np.testing.assert_allclose(B.decode_boxes(anc, d).numpy(), box.numpy(), rtol=1e-9, atol=1e-9)
     a, b = anc[0].tolist(), box[0].tolist()  # Ren et al. 2015, Eq. 2, by hand
     wa, ha, wb, hb = a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]
     ref = [((b[0] + wb / 2) - (a[0] + wa / 2)) / wa, ((b[1] + hb / 2) - (a[1] + ha / 2)) / ha, math.log(wb / wa),
            math.log(hb / ha)]
     np.testing.assert_allclose(d[0].numpy(), ref, rtol=1e-12)
     with pytest.raises(ValueError, match="positive width"):
-        R.encode_boxes(anc[:1], torch.tensor([[5.0, 5.0, 5.0, 9.0]], dtype=torch.float64))
+        B.encode_boxes(anc[:1], torch.tensor([[5.0, 5.0, 5.0, 9.0]], dtype=torch.float64))
 
 
 def test_anchors_layout():
-    base = R.base_anchors((32, 64), (0.5, 1.0, 2.0))
+    base = B.base_anchors((32, 64), (0.5, 1.0, 2.0))
     assert base.shape == (6, 4)
     w = base[:, 2] - base[:, 0]
     h = base[:, 3] - base[:, 1]
     np.testing.assert_allclose((w * h).numpy(), [32 ** 2, 64 ** 2] * 3, rtol=1e-5)
     np.testing.assert_allclose((h / w).numpy(), [0.5, 0.5, 1, 1, 2, 2], rtol=1e-5)
-    A = R.grid_anchors(3, 5, 16, base)
+    A = B.grid_anchors(3, 5, 16, base)
     assert A.shape == (3 * 5 * 6, 4)
     # anchor of cell (row 2, column 4), anchor index 3, centred on ((4 + .5) 16, (2 + .5) 16)
     a = A[(2 * 5 + 4) * 6 + 3]
@@ -116,18 +119,18 @@ def test_nms_matches_slow_greedy_loop():
     boxes = _random_boxes(rng, 300, 200.0)
     scores = rng.uniform(size=300).round(2)  # ties on purpose
     for thr in (0.3, 0.5, 0.7):
-        got = R.nms(boxes, scores, thr).tolist()
+        got = B.nms(boxes, scores, thr).tolist()
         assert got == _slow_nms(boxes.tolist(), scores.tolist(), thr)
-        assert R.nms(boxes, scores, thr, max_keep=7).tolist() == got[:7]
+        assert B.nms(boxes, scores, thr, max_keep=7).tolist() == got[:7]
     with pytest.raises(ValueError, match="3 scores"):
-        R.nms(boxes, scores[:3])
+        B.nms(boxes, scores[:3])
 
 
 def test_assign_anchors_follows_ren_rules():
-    anchors = R.grid_anchors(6, 8, 16, R.base_anchors((32, 64), (0.5, 1, 2)))
+    anchors = B.grid_anchors(6, 8, 16, B.base_anchors((32, 64), (0.5, 1, 2)))
     gt = torch.tensor([[10.0, 12.0, 70.0, 60.0], [60.0, 30.0, 120.0, 95.0]])
-    labels, matched = R.assign_anchors(anchors, gt, 0.7, 0.3)
-    iou = R.box_iou(anchors, gt).numpy()
+    labels, matched = B.assign_anchors(anchors, gt, 0.7, 0.3)
+    iou = B.box_iou(anchors, gt).numpy()
     for i in range(len(anchors)):
         best = iou[i].max()
         is_argmax = any(iou[i, g] == iou[:, g].max() for g in range(2))
@@ -135,7 +138,7 @@ def test_assign_anchors_follows_ren_rules():
         assert labels[i] == want, i
         if want == 1 and not is_argmax:
             assert matched[i] == iou[i].argmax()
-    s = R.sample_labels(labels, 20, 0.5, torch.Generator().manual_seed(0))
+    s = TR.sample_labels(labels, 20, 0.5, torch.Generator().manual_seed(0))
     assert int((s >= 0).sum()) == 20 and int((s == 1).sum()) <= 10
     assert set(torch.nonzero(s == 1)[:, 0].tolist()) <= set(torch.nonzero(labels == 1)[:, 0].tolist())
 
@@ -164,17 +167,17 @@ def test_roi_pool_matches_slow_loop_on_a_real_map(real_samples):
     boxes = _random_boxes(rng, 25, 16.0 * min(H, W))
     boxes = np.concatenate([boxes, [[0, 0, W * 16, H * 16], [3, 3, 9, 9], [-20, -5, 400, 500]]])
     for p in (1, 3, 7):
-        got = R.roi_pool(X, boxes, p)
+        got = B.roi_pool(X, boxes, p)
         ref = torch.stack([_slow_roi_pool(X, b, p, 16) for b in boxes.tolist()])
         assert torch.equal(got, ref), p
     # 1x1 RoI pooling of a box is the MAC of the cells it covers (Gordo et al. 2016, Sec. 3.1)
-    assert torch.equal(R.roi_pool(X, [[0, 0, W * 16, H * 16]], 1)[0, :, 0, 0], X.amax(dim=(1, 2)))
+    assert torch.equal(B.roi_pool(X, [[0, 0, W * 16, H * 16]], 1)[0, :, 0, 0], X.amax(dim=(1, 2)))
 
 
 def test_roi_pool_gradient_goes_to_the_argmax(real_samples):
     X = real_samples[1].map()[:16].clone().requires_grad_(True)
     box = [[20.0, 8.0, 150.0, 120.0]]
-    out = R.roi_pool(X, box, 2)
+    out = B.roi_pool(X, box, 2)
     out.sum().backward()
     ref = torch.zeros_like(X)
     Xd = X.detach()
@@ -196,17 +199,17 @@ def test_roi_pool_gradient_goes_to_the_argmax(real_samples):
 def test_bad_boxes_are_refused():
     X = torch.rand(4, 5, 6)
     with pytest.raises(ValueError, match=r"\(N, 4\)"):
-        R.roi_pool(X, [[1, 2, 3]])
+        B.roi_pool(X, [[1, 2, 3]])
     with pytest.raises(ValueError, match="finite"):
-        R.roi_pool(X, [[0, 0, float("nan"), 5]])
+        B.roi_pool(X, [[0, 0, float("nan"), 5]])
     with pytest.raises(ValueError, match="one \\(C, H, W\\) map"):
-        R.roi_pool(torch.rand(1, 4, 5, 6), [[0, 0, 5, 5]])
+        B.roi_pool(torch.rand(1, 4, 5, 6), [[0, 0, 5, 5]])
 
 
 def test_detection_recall_by_hand():
     gt = [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [20, 20, 30, 40]])]
     props = [np.array([[50, 50, 60, 60], [0, 0, 10, 12]]), np.array([[0, 0, 10, 10], [20, 20, 30, 30]])]
-    rec = R.detection_recall(props, gt, (0.5, 0.7), ks=(1, 2))
+    rec = TR.detection_recall(props, gt, (0.5, 0.7), ks=(1, 2))
     assert rec["1"] == {"0.5": 1 / 3, "0.7": 1 / 3}  # only image 2's first proposal matches
     assert rec["2"] == {"0.5": 1.0, "0.7": 2 / 3}  # IoU 10/12 and 0.5 for the half-height box
 
@@ -214,17 +217,17 @@ def test_detection_recall_by_hand():
 # ------------------------------------------------------------------------------------------------ training
 def _recall(rpn, samples, k=16, t=0.7):
     props = [rpn.propose(s.map(), k)[0] for s in samples]
-    return R.detection_recall(props, [s.boxes for s in samples], (t,))["all"][str(t)]
+    return TR.detection_recall(props, [s.boxes for s in samples], (t,))["all"][str(t)]
 
 
 def test_training_on_real_boxes_lowers_the_loss_and_raises_recall(real_samples, tmp_path):
     torch.manual_seed(0)
-    rpn = R.RPN(mid_channels=64, sizes=(32, 64, 128, 256), max_size=256)
-    cfg = R.RPNTrainConfig(epochs=10, lr=3e-3, images_per_batch=1, seed=0)
-    before = R.evaluate_loss(rpn, real_samples, cfg)
+    rpn = NR.RPN(mid_channels=64, sizes=(32, 64, 128, 256), max_size=256)
+    cfg = TR.RPNTrainConfig(epochs=10, lr=3e-3, images_per_batch=1, seed=0)
+    before = TR.evaluate_loss(rpn, real_samples, cfg)
     r_before = _recall(rpn, real_samples)
-    hist = R.train_rpn(rpn, real_samples, cfg, tmp_path / "ck", progress=False)
-    after = R.evaluate_loss(rpn, real_samples, cfg)
+    hist = TR.train_rpn(rpn, real_samples, cfg, tmp_path / "ck", progress=False)
+    after = TR.evaluate_loss(rpn, real_samples, cfg)
     r_after = _recall(rpn, real_samples)
     assert len(hist["epochs"]) == 10 and all(e["seconds"] > 0 for e in hist["epochs"])
     assert after["val_cls"] < 0.5 * before["val_cls"], (before, after)
@@ -233,14 +236,14 @@ def test_training_on_real_boxes_lowers_the_loss_and_raises_recall(real_samples, 
 
 
 def test_resume_from_checkpoint_gives_the_same_weights(real_samples, tmp_path):
-    cfg = R.RPNTrainConfig(epochs=2, lr=1e-3, images_per_batch=2, seed=3)
+    cfg = TR.RPNTrainConfig(epochs=2, lr=1e-3, images_per_batch=2, seed=3)
 
     def fresh():
         torch.manual_seed(1)
-        return R.RPN(mid_channels=32, sizes=(64, 128), max_size=256)
+        return NR.RPN(mid_channels=32, sizes=(64, 128), max_size=256)
 
     straight = fresh()
-    R.train_rpn(straight, real_samples, cfg, tmp_path / "a", progress=False)
+    TR.train_rpn(straight, real_samples, cfg, tmp_path / "a", progress=False)
 
     class Stop(Exception):
         pass
@@ -249,37 +252,37 @@ def test_resume_from_checkpoint_gives_the_same_weights(real_samples, tmp_path):
         raise Stop
 
     with pytest.raises(Stop):  # interrupted after the first epoch's checkpoint
-        R.train_rpn(fresh(), real_samples, cfg, tmp_path / "b", progress=False, on_epoch=stop)
-    resumed = R.RPN(mid_channels=32, sizes=(64, 128), max_size=256)  # other random weights: the checkpoint wins
-    hist = R.train_rpn(resumed, real_samples, cfg, tmp_path / "b", progress=False)
+        TR.train_rpn(fresh(), real_samples, cfg, tmp_path / "b", progress=False, on_epoch=stop)
+    resumed = NR.RPN(mid_channels=32, sizes=(64, 128), max_size=256)  # other random weights: the checkpoint wins
+    hist = TR.train_rpn(resumed, real_samples, cfg, tmp_path / "b", progress=False)
     assert [e["epoch"] for e in hist["epochs"]] == [1, 2]
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-5, atol=1e-7)
-    other = R.RPNTrainConfig(**{**vars(cfg), "lr": 2e-3})  # other settings: the checkpoint is not used
-    h2 = R.train_rpn(fresh(), real_samples, R.RPNTrainConfig(**{**vars(other), "epochs": 1}), tmp_path / "b",
+    other = TR.RPNTrainConfig(**{**vars(cfg), "lr": 2e-3})  # other settings: the checkpoint is not used
+    h2 = TR.train_rpn(fresh(), real_samples, TR.RPNTrainConfig(**{**vars(other), "epochs": 1}), tmp_path / "b",
                      progress=False)
     assert len(h2["epochs"]) == 1 and h2["epochs"][0]["lr"] == 2e-3
 
 
 def test_training_refuses_bad_samples(real_samples):
-    bad = [R.RPNSample(real_samples[0].fmap, np.array([[10.0, 10.0, 5.0, 20.0]]), "upside-down.jpg")]
+    bad = [TR.RPNSample(real_samples[0].fmap, np.array([[10.0, 10.0, 5.0, 20.0]]), "upside-down.jpg")]
     with pytest.raises(ValueError, match="upside-down.jpg"):
-        R.train_rpn(R.RPN(mid_channels=8), bad, R.RPNTrainConfig(epochs=1), progress=False)
+        TR.train_rpn(NR.RPN(mid_channels=8), bad, TR.RPNTrainConfig(epochs=1), progress=False)
     with pytest.raises(ValueError, match="no training samples"):
-        R.train_rpn(R.RPN(mid_channels=8), [], progress=False)
+        TR.train_rpn(NR.RPN(mid_channels=8), [], progress=False)
     with pytest.raises(ValueError, match="epochs"):
-        R.RPNTrainConfig(epochs=0).validate()
+        TR.RPNTrainConfig(epochs=0).validate()
 
 
 def test_proposals_are_sorted_clipped_and_suppressed(real_samples):
     torch.manual_seed(0)
-    rpn = R.RPN(mid_channels=16)
+    rpn = NR.RPN(mid_channels=16)
     m = real_samples[0].map()
     H, W = m.shape[-2:]
     boxes, scores = rpn.propose(m, 50)
     assert len(boxes) == 50 and torch.all(scores[:-1] >= scores[1:])
     assert boxes.min() >= 0 and float(boxes[:, 2].max()) <= W * 16 and float(boxes[:, 3].max()) <= H * 16
-    iou = R.box_iou(boxes, boxes) - torch.eye(50, dtype=torch.float64)
+    iou = B.box_iou(boxes, boxes) - torch.eye(50, dtype=torch.float64)
     assert float(iou.max()) <= 0.7 + 1e-6
     cells = rpn.proposal_cells(m, 50)
     assert cells.shape == (50, 4) and (cells[:, 0] + cells[:, 2] <= W).all() and (cells[:, 1] + cells[:, 3] <= H).all()
@@ -288,23 +291,23 @@ def test_proposals_are_sorted_clipped_and_suppressed(real_samples):
 # ------------------------------------------------------------------------------------------------ files, recipe
 def test_save_load_round_trip_and_damage(real_samples, tmp_path):
     torch.manual_seed(0)
-    rpn = R.RPN(mid_channels=16, sizes=(40, 80), ratios=(1.0,), max_size=256)
-    path = R.save_rpn(rpn, tmp_path / "m.pt", note="test")
-    back, cfg = R.load_rpn(path)
+    rpn = NR.RPN(mid_channels=16, sizes=(40, 80), ratios=(1.0,), max_size=256)
+    path = NR.save_rpn(rpn, tmp_path / "m.pt", note="test")
+    back, cfg = NR.load_rpn(path)
     assert cfg["note"] == "test" and back.sizes == (40.0, 80.0) and back.max_size == 256
     m = real_samples[0].map()
     assert torch.equal(back.propose(m, 20)[0], rpn.propose(m, 20)[0])
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(R.RPNFileError, match="m.pt"):
-        R.load_rpn(path)
+    with pytest.raises(NR.RPNFileError, match="m.pt"):
+        NR.load_rpn(path)
     (tmp_path / "x.json").write_text(json.dumps({"format": "other"}))
     (tmp_path / "x.pt").write_bytes(b"junk")
-    with pytest.raises(R.RPNFileError, match="x.json"):
-        R.load_rpn(tmp_path / "x.pt")
+    with pytest.raises(NR.RPNFileError, match="x.json"):
+        NR.load_rpn(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="nothing.json"):
-        R.load_rpn(tmp_path / "nothing.pt")
+        NR.load_rpn(tmp_path / "nothing.pt")
 
 
 def test_rpa_recipe_pools_rmac_over_the_proposals(real_samples, tmp_path):
@@ -312,9 +315,9 @@ def test_rpa_recipe_pools_rmac_over_the_proposals(real_samples, tmp_path):
     from instance_search.recipes.base import Recipe
 
     torch.manual_seed(0)
-    rpn = R.RPN(mid_channels=16, max_size=256)
-    path = R.save_rpn(rpn, tmp_path / "rpn.pt")
-    rec = R.rpa_recipe(path, proposals=12, max_size=256)
+    rpn = NR.RPN(mid_channels=16, max_size=256)
+    path = NR.save_rpn(rpn, tmp_path / "rpn.pt")
+    rec = SV.rpa_recipe(path, proposals=12, max_size=256)
     assert rec.name == "rpa" and rec.extra["proposals"] == 12
     m = real_samples[0].map()
     local = rec.local_from_map(m)
@@ -337,8 +340,8 @@ def test_rpa_recipe_indexes_and_searches_a_collection(tmp_path, ukbench):
     from instance_search.collection import Collection
 
     torch.manual_seed(0)
-    path = R.save_rpn(R.RPN(mid_channels=16, max_size=224), tmp_path / "rpn.pt")
-    col = Collection.create(tmp_path / "index", R.rpa_recipe(path, proposals=32, max_size=224), whitening="none")
+    path = NR.save_rpn(NR.RPN(mid_channels=16, max_size=224), tmp_path / "rpn.pt")
+    col = Collection.create(tmp_path / "index", SV.rpa_recipe(path, proposals=32, max_size=224), whitening="none")
     photos = [ukbench / f"ukbench{i:05d}.jpg" for i in (0, 1, 4, 5, 8, 9, 12, 13)]
     report = col.add_folder(photos, progress=False)
     assert len(report.added) == 8 and not report.failed
@@ -349,28 +352,28 @@ def test_rpa_recipe_indexes_and_searches_a_collection(tmp_path, ukbench):
 # ------------------------------------------------------------------------------------------------ slow references
 def test_map_frame_round_trip_and_grid_boxes():
     b = np.array([[12.0, 30.0, 410.0, 250.0]])
-    f = R.to_map_frame(b, (500, 333), (20, 31), 16)  # a 500 x 333 photo described as a 31 x 20 map
+    f = B.to_map_frame(b, (500, 333), (20, 31), 16)  # a 500 x 333 photo described as a 31 x 20 map
     np.testing.assert_allclose(f, [[12 * 496 / 500, 30 * 320 / 333, 410 * 496 / 500, 250 * 320 / 333]])
-    np.testing.assert_allclose(R.from_map_frame(f, (500, 333), (20, 31), 16), b)
+    np.testing.assert_allclose(B.from_map_frame(f, (500, 333), (20, 31), 16), b)
     from instance_search.ops.pooling import rmac_regions
 
-    g = R.grid_boxes(20, 31, 3)
+    g = B.grid_boxes(20, 31, 3)
     for (x, y, w, h), box in zip(rmac_regions(20, 31, 3).tolist(), g.tolist()):
         assert box == [16 * x, 16 * y, 16 * (x + w), 16 * (y + h)]
 
 
 def test_rpn_loss_matches_slow_loop_on_a_real_map(real_samples):
     torch.manual_seed(5)
-    rpn = R.RPN(mid_channels=16, sizes=(32, 64, 128, 256), max_size=256)
+    rpn = NR.RPN(mid_channels=16, sizes=(32, 64, 128, 256), max_size=256)
     s = real_samples[0]
     m = s.map()
     anchors = rpn.anchors(*m.shape[-2:])
     gt = torch.as_tensor(np.asarray(s.boxes, dtype=np.float32))
     with torch.no_grad():
         logits, deltas = rpn(m)
-    labels, matched = R.assign_anchors(anchors, gt)
-    labels = R.sample_labels(labels, 64, 0.5, torch.Generator().manual_seed(0))
-    cls, reg = R.rpn_loss(logits, deltas, anchors, gt, labels, matched, 1 / 9)
+    labels, matched = B.assign_anchors(anchors, gt)
+    labels = TR.sample_labels(labels, 64, 0.5, torch.Generator().manual_seed(0))
+    cls, reg = TR.rpn_loss(logits, deltas, anchors, gt, labels, matched, 1 / 9)
     n, c_ref, r_ref = 0, 0.0, 0.0
     for i in range(len(anchors)):  # Ren et al. 2015, Eq. 1, one anchor at a time
         if labels[i] < 0:
@@ -393,7 +396,7 @@ def test_rpn_loss_matches_slow_loop_on_a_real_map(real_samples):
 
 def test_propose_matches_a_slow_pipeline(real_samples):
     torch.manual_seed(6)
-    rpn = R.RPN(mid_channels=16, sizes=(32, 64, 128), max_size=256).eval()
+    rpn = NR.RPN(mid_channels=16, sizes=(32, 64, 128), max_size=256).eval()
     with torch.no_grad():
         torch.nn.init.normal_(rpn.head.reg.weight, std=0.02)  # non-trivial deltas
     m = real_samples[2].map()

@@ -2,7 +2,7 @@
 "Deep Image Retrieval: Learning global representations for image search", ECCV, Sec. 3.1, Fig. 2).
 
 The non-learned R-MAC of Tolias et al. (2016, Sec. 3) -- regional MACs, L2, PCA-whitening, L2, sum, L2 --
-becomes a chain of layers whose weights can be trained with a ranking loss (see :mod:`.triplet`):
+becomes a chain of layers whose weights can be trained with a ranking loss (see :mod:`instance_search.train.triplet`):
 
     conv layers ─▶ RoI max-pooling of each region R ─▶ L2 ─▶ shift + fully connected (W (x + s)) ─▶ L2
                ─▶ sum over regions ─▶ L2                                        (Gordo Sec. 3.1)
@@ -14,7 +14,8 @@ to 1e-5 on real images). With the default identity initialisation it is the unwh
 
 Regions are an argument: ``None`` gives the rigid R-MAC grid (:func:`~instance_search.ops.pooling.rmac_regions`)
 of each map; an (R, 4) array of ``(x, y, w, h)`` feature-map cells is shared by a batch; a list gives each image
-its own regions (e.g. region proposals, converted from image pixels by :func:`boxes_to_cells`).
+its own regions (e.g. region proposals, converted from image pixels by
+:func:`~instance_search.ops.boxes.boxes_to_cells`).
 
 Which layers train is a choice (``train_layers``): the part of VGG16 below the trainable layers is frozen and
 not part of this module -- its output (the *input tap*, e.g. pool4 for ``"conv5"``) is computed once by the
@@ -40,10 +41,8 @@ from ..io import read_config as _read_config
 from ..io import read_state, save_state
 from ..fitted.whitening import PCAWhitening
 
-__all__ = ["TRAIN_LAYERS", "INPUT_LAYER", "RMACHead", "RMACNet", "roi_max_pool", "learned_rmac_regions",
-           "learned_rmac", "boxes_to_cells", "fit_head_whitening", "save_model", "load_model", "ModelFileError",
-           "apply_to_backbone", "learned_rmac_recipe", "model_for_recipe", "recipe_region_vectors",
-           "prepare_backbone"]
+__all__ = ["TRAIN_LAYERS", "INPUT_LAYER", "RMACHead", "RMACNet", "learned_rmac_regions", "learned_rmac",
+           "fit_head_whitening", "save_model", "load_model", "read_config", "ModelFileError", "apply_to_backbone"]
 
 _FORMAT = "instance_search.LearnedRMAC"
 _FORMAT_VERSION = 1
@@ -64,14 +63,6 @@ class ModelFileError(FileFormatError):
 
 
 # ------------------------------------------------------------------------------------------------ functional core
-def roi_max_pool(X: torch.Tensor, regions) -> torch.Tensor:
-    """RoI max-pooling with a 1x1 output (Gordo et al. 2016, Sec. 3.1): the MAC of each region.
-
-    ``X``: (C, H, W) or (B, C, H, W); ``regions``: (R, 4) integer ``(x, y, w, h)`` cells. Returns (R, C) or
-    (B, R, C). Differentiable (the gradient goes to the arg-max position of each region and channel)."""
-    return region_macs(X, regions)
-
-
 def _l2(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm(p=2, dim=-1, keepdim=True).clamp_min(eps)
 
@@ -82,7 +73,7 @@ def learned_rmac_regions(X: torch.Tensor, regions, shift: torch.Tensor | None = 
 
     ``X``: (B, C, H, W) or (C, H, W); ``regions``: (R, 4) cells shared by the batch; ``shift``: (C,) or None
     (no shift); ``weight``: (D, C) or None (identity). Returns (B, R, D) or (R, D)."""
-    v = _l2(roi_max_pool(X, regions), eps)
+    v = _l2(region_macs(X, regions), eps)  # RoI max-pooling with a 1x1 output: the MAC of each region
     if shift is not None:
         v = v + shift
     if weight is not None:
@@ -114,25 +105,6 @@ def learned_rmac(X: torch.Tensor, regions=None, shift: torch.Tensor | None = Non
             regions = rmac_regions(X.shape[-2], X.shape[-1], levels=levels)
         out = _l2(learned_rmac_regions(X, regions, shift, weight, eps).sum(dim=1), eps)
     return out[0] if single else out
-
-
-def boxes_to_cells(boxes, stride: int, height: int, width: int) -> np.ndarray:
-    """Image-pixel boxes ``(x1, y1, x2, y2)`` (e.g. region proposals) -> feature-map cells ``(x, y, w, h)``.
-
-    A box covers the cells its extent touches: ``floor(x1 / stride)`` .. ``ceil(x2 / stride)`` (end-exclusive),
-    clipped to the ``height`` x ``width`` map and at least one cell wide and high (as RoI pooling projects
-    boxes onto the conv map, Girshick 2015, Sec. 2.1)."""
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.ndim != 2 or b.shape[1] != 4 or len(b) == 0:
-        raise ValueError(f"boxes must be a non-empty (R, 4) array of x1, y1, x2, y2 pixels, got shape {b.shape}")
-    if not np.all(np.isfinite(b)) or np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1]):
-        bad = b[np.argmax(~np.isfinite(b).all(1) | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))]
-        raise ValueError(f"box {bad.tolist()} is empty, inverted or not finite (need x1 < x2, y1 < y2)")
-    x0 = np.clip(np.floor(b[:, 0] / stride), 0, width - 1)
-    y0 = np.clip(np.floor(b[:, 1] / stride), 0, height - 1)
-    x1 = np.clip(np.ceil(b[:, 2] / stride), x0 + 1, width)
-    y1 = np.clip(np.ceil(b[:, 3] / stride), y0 + 1, height)
-    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -306,17 +278,17 @@ def fit_head_whitening(net: RMACNet, inputs: Sequence[torch.Tensor], trained_on:
     initialised from PCA-whitening). Returns the whitening."""
     from tqdm.auto import tqdm
 
-    from ..collection import fit_whitening
-
     rows: list = [None] * len(inputs)
     bar = tqdm(total=len(inputs), desc="regional MACs for PCA", disable=not progress, unit="img", dynamic_ncols=True)
     for i, fmap in net.conv_maps(inputs, batch=batch):
         regs = rmac_regions(fmap.shape[-2], fmap.shape[-1], levels=net.head.levels)
-        rows[i] = _l2(roi_max_pool(fmap, regs), net.head.eps).cpu().numpy()
+        rows[i] = _l2(region_macs(fmap, regs), net.head.eps).cpu().numpy()
         bar.update(1)
     bar.close()
     X = np.concatenate(rows)
-    w = fit_whitening(X, dim=net.head.out_dim, trained_on=trained_on or f"{len(inputs)} images, {len(X)} regions")
+    shrink = "auto" if len(X) < 2 * X.shape[1] else 0.0  # Ledoit-Wolf when the regions are few for the dimension
+    w = PCAWhitening().fit(X.astype(np.float32), dim=net.head.out_dim, shrinkage=shrink,
+                           trained_on=trained_on or f"{len(inputs)} images, {len(X)} regions")
     net.head.init_from_whitening(w)
     return w
 
@@ -376,72 +348,3 @@ def apply_to_backbone(net: RMACNet, backbone) -> None:
     for name in net.conv_names:
         dst[name].weight.copy_(getattr(net.trunk, name).weight.to(dst[name].weight.device))
         dst[name].bias.copy_(getattr(net.trunk, name).bias.to(dst[name].bias.device))
-
-
-# ------------------------------------------------------------------------------------------------ the product
-_LOADED: dict[tuple[str, str], RMACNet] = {}
-
-
-def learned_rmac_recipe(model: str | os.PathLike, max_size: int = 1024, rpn: str | os.PathLike | None = None,
-                        proposals: int = 256):
-    """A :class:`~instance_search.recipes.base.Recipe` ``"learned-rmac"`` describing images with a trained model
-    (``isearch index --recipe learned-rmac --model FILE``): the model's path and sha256 travel in the recipe.
-    With ``rpn`` (a model of :func:`instance_search.nets.rpn.save_rpn`), the regions are its top ``proposals``
-    boxes on the trained conv5_3 map instead of the rigid grid (Gordo et al. 2016, Sec. 3.2)."""
-    from ..recipes.base import Recipe
-
-    path = Path(model).expanduser().resolve()
-    if path.suffix == ".json":
-        path = path.with_suffix(".pt")
-    cfg = read_config(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: learned R-MAC model file not found")
-    extra: dict[str, Any] = {"model": str(path), "sha256": cfg["state_sha256"]}
-    if rpn is not None:
-        from .rpn import rpa_recipe
-
-        if int(proposals) < 1:
-            raise ValueError(f"proposals must be >= 1, got {proposals}")
-        r = rpa_recipe(rpn, proposals).extra  # loads and checks the RPN file
-        extra.update(regions="rpn", rpn=r["rpn"], rpn_sha256=r["sha256"], proposals=int(proposals))
-    return Recipe("learned-rmac", backbone=cfg.get("backbone", "vgg16"), layer="conv5_3", levels=int(cfg["levels"]),
-                  max_size=max_size, extra=extra)
-
-
-def model_for_recipe(extra: dict[str, Any]) -> RMACNet:
-    """The trained network a ``learned-rmac`` recipe names (loaded once per process); refuses a model file that
-    changed since the index was built with it."""
-    path = extra.get("model") if isinstance(extra, dict) else None
-    if not path:
-        raise ValueError("recipe 'learned-rmac' needs a trained model (--model FILE from `isearch train-rmac`)")
-    key = (str(path), str(extra.get("sha256", "")))
-    net = _LOADED.get(key)
-    if net is None:
-        net, cfg = load_model(path)
-        if extra.get("sha256") and cfg["state_sha256"] != extra["sha256"]:
-            raise ModelFileError(f"{path}: this model file changed since the index was built with it "
-                                 f"(sha256 {cfg['state_sha256'][:16]}… instead of {str(extra['sha256'])[:16]}…)")
-        _LOADED[key] = net
-    return net
-
-
-def prepare_backbone(backbone, extra: dict[str, Any]) -> None:
-    """Install the trained conv layers of a ``learned-rmac`` recipe's model in ``backbone``."""
-    apply_to_backbone(model_for_recipe(extra), backbone)
-
-
-@torch.no_grad()
-def recipe_region_vectors(extra: dict[str, Any], fmap: torch.Tensor) -> np.ndarray:
-    """(R, D) learned region vectors ``L2(W(L2(f_R) + s))`` of one conv5_3 map (from a backbone prepared with
-    :func:`prepare_backbone`): the index's local vectors; their L2-normalised sum is the learned R-MAC."""
-    net = model_for_recipe(extra)
-    fmap = fmap.float().to(net.head.shift.device)
-    regions = None  # the rigid grid
-    if extra.get("regions") == "rpn":  # Gordo et al. 2016, Sec. 3.2: the RPN's top proposals instead
-        from .rpn import rpn_for_recipe
-
-        rpn = rpn_for_recipe({"rpn": extra.get("rpn"), "sha256": extra.get("rpn_sha256", "")})
-        regions = rpn.proposal_cells(fmap, int(extra.get("proposals", 256)))
-    elif extra.get("regions", "grid") != "grid":
-        raise ValueError(f"recipe 'learned-rmac': regions must be 'grid' or 'rpn', got {extra.get('regions')!r}")
-    return net.head.region_vectors(fmap, regions).cpu().numpy().astype(np.float32)

@@ -1,10 +1,8 @@
 """Spatial re-ranking with a detector's region proposals (Salvador, Giró-i-Nieto, Marqués & Satoh 2016,
 "Faster R-CNN features for instance search", Sec. 3.3), and query expansion after it.
 
-* :func:`ca_sr_regions` -- class-agnostic spatial re-ranking (CA-SR) over *stored* region vectors: every
-  short-listed image has the MACs of its RPN proposals (the RPA local vectors), and its new score is the best
-  cosine between one of them and the query box's descriptor (optionally after L2 -> PCA-whitening -> L2). (For
-  candidate boxes generated from the map size alone, see :func:`instance_search.rerank.ca_sr.ca_sr`.)
+(Class-agnostic spatial re-ranking, CA-SR, is :mod:`instance_search.rerank.ca_sr`: :func:`~.ca_sr.ca_sr` and
+:func:`~.ca_sr.ca_sr_regions`; query expansion below re-scores with its :func:`~.ca_sr.best_regions`.)
 * :func:`cs_sr` -- class-specific spatial re-ranking (CS-SR): a detector fine-tuned on the query instances
   (:mod:`instance_search.train.detector`) scores every proposal of a short-listed image for the query's class;
   the image takes the highest class probability and that proposal's regressed box.
@@ -22,51 +20,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .aml import RerankResult, _order, region_vectors
+from ..ops.boxes import boxes_to_cells
+from ..ops.normalize import l2n
+from .aml import RerankResult, order_by_score, region_vectors
+from .ca_sr import best_regions
 
-__all__ = ["ca_sr_regions", "cs_sr", "cs_sr_scores", "qe_after_rerank", "full_ranking"]
+__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "full_ranking"]
 
 
 def _cells(boxes_px: np.ndarray, stride: int, map_hw: tuple[int, int]) -> np.ndarray:
-    from ..nets.rmac_head import boxes_to_cells
-
     return boxes_to_cells(np.asarray(boxes_px, dtype=np.float64).reshape(-1, 4), stride, int(map_hw[0]),
                           int(map_hw[1]))
-
-
-def ca_sr_regions(query_vec, regions: Sequence, shortlist_scores=None, whitening: Callable | None = None,
-                  cells: Sequence | None = None) -> RerankResult:
-    """CA-SR (Salvador et al. 2016, Sec. 3.3) over stored region descriptors: ``score_i = max_r cos(f_{i,r}, q)``.
-
-    ``query_vec``: (C,) MAC of the query box; ``regions``: per short-listed image an (R_i, C) array of region MACs
-    (e.g. of its RPN proposals); ``cells``: optional per image (R_i, 4) cell boxes of those regions (returned as
-    the images' boxes; zeros otherwise); ``whitening``: callable or object with ``.transform``."""
-    return _best_regions(region_vectors(query_vec, whitening)[0], regions, whitening, cells, shortlist_scores)
-
-
-def _best_regions(qv: torch.Tensor, regions: Sequence, whitening, cells, shortlist_scores) -> RerankResult:
-    """Each image's best cosine between the (already normalised / whitened) query vector ``qv`` and its region
-    vectors ``L2(W(L2 f))``; the winning region's cell box and vector come with it."""
-    n = len(regions)
-    if cells is not None and len(cells) != n:
-        raise ValueError(f"{len(cells)} cell arrays for {n} images")
-    scores = np.zeros(n)
-    boxes = np.zeros((n, 4), dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int64)
-    vectors = []
-    for i, R in enumerate(regions):
-        R = np.asarray(R)
-        if R.ndim != 2 or R.shape[0] == 0:
-            raise ValueError(f"image {i} of the short list has no region vectors (shape {R.shape})")
-        RV = region_vectors(R, whitening)
-        cs = RV @ qv
-        b = int(torch.argmax(cs))
-        scores[i], counts[i] = float(cs[b]), R.shape[0]
-        if cells is not None:
-            boxes[i] = np.asarray(cells[i])[b]
-        vectors.append(RV[b].numpy())
-    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts,
-                        np.stack(vectors) if vectors else None)
 
 
 def cs_sr_scores(class_scores, class_boxes, shortlist_scores=None, map_hw: Sequence | None = None,
@@ -87,7 +51,7 @@ def cs_sr_scores(class_scores, class_boxes, shortlist_scores=None, map_hw: Seque
     else:
         cells = np.zeros((len(s), 4), dtype=np.int64)
     vec = None if box_vectors is None else np.asarray(box_vectors)
-    return RerankResult(s, cells, _order(s, shortlist_scores), np.ones(len(s), dtype=np.int64), vec)
+    return RerankResult(s, cells, order_by_score(s, shortlist_scores), np.ones(len(s), dtype=np.int64), vec)
 
 
 def cs_sr(detector, class_index: int, maps: Sequence[torch.Tensor], shortlist_scores=None, proposals: int = 300,
@@ -125,7 +89,7 @@ def qe_after_rerank(query_vec, result: RerankResult, regions: Sequence, top: int
                     cells: Sequence | None = None) -> RerankResult:
     """Average query expansion after spatial re-ranking (Chum et al. 2007; Salvador et al. 2016, Sec. 4.3): the
     query box's vector ``L2(W(L2 q))`` plus the ``result.vectors`` (the boxes that decided the scores) of the ``top``
-    best re-ranked images, L2-normalised, then CA-SR of the short list (``regions`` as for :func:`ca_sr_regions`)
+    best re-ranked images, L2-normalised, then CA-SR of the short list (``regions`` as for :func:`~instance_search.rerank.ca_sr.ca_sr_regions`)
     with the expanded query."""
     if result.vectors is None:
         raise ValueError("qe_after_rerank: the re-ranking result carries no box vectors")
@@ -134,9 +98,12 @@ def qe_after_rerank(query_vec, result: RerankResult, regions: Sequence, top: int
     q = region_vectors(query_vec, whitening)[0].numpy()
     best = result.order[: int(top)]
     v = q + np.asarray(result.vectors, dtype=np.float64)[best].sum(axis=0)
-    v = v / max(np.linalg.norm(v), 1e-12)
+    v = l2n(v)
     # the expanded vector is already whitened: score it against the whitened regions directly
-    return _best_regions(torch.from_numpy(v), regions, whitening, cells, shortlist_scores)
+    if cells is not None and len(cells) != len(regions):
+        raise ValueError(f"{len(cells)} cell arrays for {len(regions)} images")
+    pairs = ((np.asarray(R), None if cells is None else cells[i]) for i, R in enumerate(regions))
+    return best_regions(torch.from_numpy(v), pairs, len(regions), whitening, shortlist_scores)
 
 
 def full_ranking(first_stage_order: np.ndarray, shortlist: int, rerank_order: np.ndarray) -> np.ndarray:

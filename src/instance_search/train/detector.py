@@ -2,7 +2,7 @@
 re-ranking (Salvador, Giró-i-Nieto, Marqués & Satoh 2016, "Faster R-CNN features for instance search", CVPRW,
 Sec. 3.2-3.3).
 
-    pool4 ─▶ conv5_1..conv5_3 ─▶ RPN (learn.rpn) ─▶ proposals
+    pool4 ─▶ conv5_1..conv5_3 ─▶ RPN (nets.rpn) ─▶ proposals
                               └─▶ RoI max-pooling (p x p) ─▶ fc6 ─▶ fc7 ─▶ class scores (K+1), class boxes 4(K+1)
 
 * :class:`DetectorHead` -- the Fast R-CNN head (Girshick 2015, Sec. 2): RoI pooling, two FC layers with ReLU and
@@ -20,7 +20,8 @@ Sec. 3.2-3.3).
   sampled with up to 25 % foreground (IoU >= 0.5, labelled with the box's class), the rest background
   (IoU in [0, 0.5)). Loss: softmax log loss + smooth L1 (beta 1) on the foreground RoIs' class deltas.
 
-All boxes are map-frame pixels (see :mod:`instance_search.nets.rpn`).
+The networks are in :mod:`instance_search.nets.detector`; :func:`finetune_on_queries` is ``isearch finetune``.
+All boxes are map-frame pixels (see :mod:`instance_search.ops.boxes`).
 """
 from __future__ import annotations
 
@@ -38,148 +39,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import FileFormatError
 from ..io import atomic_write_bytes, file_sha256
-from ..io import read_state, save_state
-from ..nets.rpn import (RPN, RPNTrainConfig, assign_anchors, box_iou, clip_boxes, decode_boxes, encode_boxes,
-                  roi_pool, rpn_loss, sample_labels, smooth_l1)
+from ..nets.detector import BBOX_STDS, Detector
+from ..ops.boxes import assign_anchors, box_iou, encode_boxes, flip_boxes
+from .rpn import RPNTrainConfig, rpn_loss, sample_labels, smooth_l1
 
-__all__ = ["BBOX_STDS", "DetectorHead", "Detector", "DetectorSample", "DetectorTrainConfig", "sample_rois",
-           "detector_loss", "train_detector", "flip_boxes", "query_samples", "class_detections", "save_detector",
-           "load_detector", "DetectorFileError", "conv5_block"]
+__all__ = ["DetectorSample", "DetectorTrainConfig", "sample_rois", "detector_loss", "train_detector",
+           "query_samples", "STRATEGIES", "FinetuneConfig", "read_queries", "query_maps", "train_base_detector",
+           "finetune_detector", "finetune_on_queries"]
 
-BBOX_STDS = (0.1, 0.1, 0.2, 0.2)  # Faster R-CNN's normalisation of the RoI box-regression targets
-_FORMAT = "instance_search.Detector"
 _CKPT_FORMAT = "instance_search.Detector.checkpoint"
-
-
-class DetectorFileError(FileFormatError):
-    """A detector model or checkpoint file that is missing parts, damaged or inconsistent."""
-
-
-# ------------------------------------------------------------------------------------------------ modules
-def conv5_block(backbone=None) -> nn.Sequential:
-    """VGG16's conv5_1..relu5_3 (input: pool4 maps), with the ImageNet weights of ``backbone`` when given."""
-    from ..nets.rmac_head import RMACNet
-
-    net = RMACNet("conv5")
-    if backbone is not None:
-        net.init_from_backbone(backbone)
-    return net.trunk
-
-
-class DetectorHead(nn.Module):
-    """Fast R-CNN head (Girshick 2015, Sec. 2): RoI max-pooling to ``pool x pool`` -> fc6 -> fc7 (ReLU, dropout)
-    -> ``num_classes + 1`` class logits and ``4 (num_classes + 1)`` box deltas (class 0 = background).
-
-    The pooled RoI vector is L2-normalised (times sqrt of its dimension, i.e. unit mean square) before fc6: here the FC layers start from random weights, and VGG16's
-    raw conv5_3 activations (hundreds) would saturate them (Faster R-CNN starts from pre-trained fc6/fc7)."""
-
-    def __init__(self, num_classes: int, in_channels: int = 512, pool: int = 3, hidden: int = 1024,
-                 dropout: float = 0.5, stride: int = 16):
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"DetectorHead needs at least one object class, got {num_classes}")
-        if pool < 1 or hidden < 1 or not 0 <= dropout < 1:
-            raise ValueError(f"DetectorHead: bad pool={pool}, hidden={hidden} or dropout={dropout}")
-        self.in_channels, self.pool, self.hidden, self.stride = int(in_channels), int(pool), int(hidden), int(stride)
-        self.dropout = float(dropout)
-        self.fc6 = nn.Linear(in_channels * pool * pool, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
-        for m in (self.fc6, self.fc7):
-            nn.init.normal_(m.weight, std=(2.0 / m.in_features) ** 0.5)  # He init for the ReLU layers
-            nn.init.zeros_(m.bias)
-        self.reset_classes(num_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return self.cls_score.out_features - 1
-
-    def reset_classes(self, num_classes: int) -> "DetectorHead":
-        """New classifier and box-regression layers for ``num_classes`` (+ background), fc6/fc7 kept
-        (Salvador et al. 2016, Sec. 3.2: the output layers are replaced for the query classes)."""
-        if num_classes < 1:
-            raise ValueError(f"need at least one object class, got {num_classes}")
-        dev = self.fc7.weight.device
-        self.cls_score = nn.Linear(self.hidden, num_classes + 1).to(dev)
-        self.bbox_pred = nn.Linear(self.hidden, 4 * (num_classes + 1)).to(dev)
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
-        return self
-
-    def features(self, fmap: torch.Tensor, boxes) -> torch.Tensor:
-        """fc7 activations (R, hidden) of the boxes (map-frame pixels) of one (C, H, W) map."""
-        x = F.normalize(roi_pool(fmap, boxes, self.pool, self.stride).flatten(1), dim=1) * self.fc6.in_features ** 0.5
-        x = F.dropout(F.relu(self.fc6(x)), self.dropout, self.training)
-        return F.dropout(F.relu(self.fc7(x)), self.dropout, self.training)
-
-    def forward(self, fmap: torch.Tensor, boxes) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class logits (R, K+1), box deltas (R, K+1, 4)) of the boxes of one map."""
-        h = self.features(fmap, boxes)
-        return self.cls_score(h), self.bbox_pred(h).reshape(h.shape[0], -1, 4)
-
-
-class Detector(nn.Module):
-    """conv5 block + :class:`~instance_search.nets.rpn.RPN` + :class:`DetectorHead` on VGG16 pool4 maps
-    (Salvador et al. 2016, Sec. 3: Faster R-CNN with VGG16). ``classes``: names of the object classes."""
-
-    def __init__(self, rpn: RPN, num_classes: int, classes: Sequence[str] | None = None, pool: int = 3,
-                 hidden: int = 1024, dropout: float = 0.5, trunk: nn.Sequential | None = None):
-        super().__init__()
-        self.trunk = trunk if trunk is not None else conv5_block()
-        self.rpn = rpn
-        self.head = DetectorHead(num_classes, rpn.in_channels, pool, hidden, dropout, rpn.stride)
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
-        if len(self.classes) != num_classes:
-            raise ValueError(f"{len(self.classes)} class names for {num_classes} classes")
-        self.backbone_weights_sha256 = ""
-
-    def set_classes(self, classes: Sequence[str]) -> "Detector":
-        """Replace the output layers for new classes (fc6/fc7, conv5 and the RPN are kept)."""
-        self.classes = list(classes)
-        self.head.reset_classes(len(self.classes))
-        return self
-
-    def config(self) -> dict[str, Any]:
-        h = self.head
-        return {"format": _FORMAT, "format_version": 1, "rpn": self.rpn.config(), "classes": self.classes,
-                "pool": h.pool, "hidden": h.hidden, "dropout": h.dropout,
-                "backbone_weights_sha256": self.backbone_weights_sha256}
-
-    def conv_map(self, pool4: torch.Tensor) -> torch.Tensor:
-        """conv5_3 map (C, H, W) of one pool4 map (C, H, W)."""
-        if pool4.ndim != 3:
-            raise ValueError(f"expected one (512, H, W) pool4 map, got shape {tuple(pool4.shape)}")
-        return self.trunk(pool4[None].float())[0]
-
-    @torch.no_grad()
-    def detect(self, fmap: torch.Tensor, proposals: int = 300) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Detections on one conv5_3 map: (proposals (R, 4), class probabilities (R, K+1), class-specific boxes
-        (R, K+1, 4), regressed and clipped), map-frame pixels."""
-        was = self.training
-        self.eval()
-        props, _ = self.rpn.propose(fmap, proposals)
-        logits, deltas = self.head(fmap.float(), props)
-        probs = torch.softmax(logits, dim=1)
-        R, K1 = probs.shape
-        stds = torch.tensor(BBOX_STDS)
-        boxes = decode_boxes(props[:, None, :].expand(R, K1, 4).reshape(-1, 4), (deltas * stds).reshape(-1, 4))
-        H, W = int(fmap.shape[-2]), int(fmap.shape[-1])
-        boxes = clip_boxes(boxes, (W * self.rpn.stride, H * self.rpn.stride)).reshape(R, K1, 4)
-        self.train(was)
-        return props, probs, boxes
-
-
-def class_detections(detector: Detector, fmap: torch.Tensor, proposals: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """For every object class k: the highest class probability over the proposals of one map and that
-    proposal's class-k box (Salvador et al. 2016, Sec. 3.3). Returns (scores (K,), boxes (K, 4) map-frame px)."""
-    props, probs, boxes = detector.detect(fmap, proposals)
-    p = probs[:, 1:]
-    best = p.argmax(dim=0)  # (K,)
-    k = torch.arange(p.shape[1])
-    return p[best, k].numpy().astype(np.float64), boxes[best, k + 1].numpy().astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ training data
@@ -200,12 +69,6 @@ class DetectorSample:
             return None
         x = x() if callable(x) else x
         return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).float()
-
-
-def flip_boxes(boxes, width: float) -> np.ndarray:
-    """Boxes of the horizontally flipped image (``width`` = map-frame width): ``x1' = width - x2``."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
 
 
 def query_samples(maps: Sequence[dict], stride: int = 16) -> list[DetectorSample]:
@@ -454,21 +317,220 @@ def train_detector(det: Detector, samples: Sequence[DetectorSample], config: Det
     return history
 
 
-# ------------------------------------------------------------------------------------------------ files
-def save_detector(det: Detector, path: str | os.PathLike, **info: Any) -> Path:
-    """Save a detector as a plain state dict (``.pt``) + JSON config (``.json``, with the sha256 and ``info``)."""
-    return save_state(det, path, det.config(), **info)
+# ------------------------------------------------------------------------------------------------ the command
+#: Salvador et al. 2016, Sec. 3.2: what the second fine-tuning phase trains
+STRATEGIES = {1: "fc", 2: "conv5+rpn+fc"}
 
 
-def load_detector(path: str | os.PathLike) -> tuple[Detector, dict[str, Any]]:
-    """Read a detector written by :func:`save_detector` (``torch.load(weights_only=True)``). Errors name the file."""
-    path, cfg, state = read_state(path, _FORMAT, DetectorFileError, "detector")
+@dataclass
+class FinetuneConfig:
+    """Schedule of :func:`finetune_detector` (the same budget for both strategies): phase 1, shared, ``epochs``
+    passes training the new output layers and fc6/fc7 at ``lr``; phase 2, ``epochs_2`` more passes training the
+    FC layers only (strategy #1) or also conv5_1-3 and the RPN (#2) at ``lr_2``. ``base_*``: the base detector on
+    a boxes file (its groups as classes), trained first when no base detector is given."""
+
+    strategy: int = 1
+    epochs: int = 20
+    lr: float = 3e-3
+    epochs_2: int = 4
+    lr_2: float = 1e-3
+    base_epochs: int = 2
+    base_lr: float = 1e-2
+    pool: int = 3
+    hidden: int = 1024
+    rois_per_image: int = 64
+    proposals: int = 300
+    seed: int = 0
+
+    def validate(self) -> "FinetuneConfig":
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be 1 (FC layers) or 2 (conv5 + RPN + FC layers), got {self.strategy}")
+        for name in ("epochs", "base_epochs", "pool", "hidden", "rois_per_image", "proposals"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs_2 < 0:
+            raise ValueError(f"epochs_2 must be >= 0, got {self.epochs_2}")
+        if min(self.lr, self.lr_2, self.base_lr) <= 0:
+            raise ValueError("learning rates must be > 0")
+        return self
+
+
+def read_queries(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A queries file for ``isearch finetune``: JSON ``{"queries": [{"image": PATH, "box": [x1, y1, x2, y2],
+    "class": NAME}, ...]}``, image paths relative to the file's folder (or absolute), boxes in original-image
+    pixels (EXIF-rotated). Queries of the same class are views of one instance. Errors name the file and entry."""
+    path = Path(path)
     try:
-        det = Detector(RPN.from_config(cfg["rpn"]), len(cfg["classes"]), cfg["classes"], int(cfg["pool"]),
-                       int(cfg["hidden"]), float(cfg["dropout"]))
-        det.load_state_dict(state, strict=True)
-    except Exception as exc:
-        raise DetectorFileError(f"{path}: not a readable detector ({type(exc).__name__}: {str(exc)[:300]})") from exc
-    det.backbone_weights_sha256 = str(cfg.get("backbone_weights_sha256", ""))
-    det.eval()
-    return det, cfg
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"queries file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON queries file ({exc})") from exc
+    qs = doc.get("queries") if isinstance(doc, dict) else None
+    if not isinstance(qs, list) or not qs:
+        raise ValueError(f"{path}: needs a non-empty list 'queries' of {{image, box, class}}")
+    out = []
+    for k, q in enumerate(qs):
+        where = f"{path}: query {k}"
+        if not isinstance(q, dict) or not {"image", "box", "class"} <= set(q):
+            raise ValueError(f"{where}: needs 'image', 'box' and 'class', got {q!r}"[:300])
+        img = Path(q["image"])
+        img = img if img.is_absolute() else path.parent / img
+        if not img.is_file():
+            raise FileNotFoundError(f"{where}: image {img} not found")
+        try:
+            box = np.asarray(q["box"], dtype=np.float64).reshape(4)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: box must be 4 numbers x1, y1, x2, y2, got {q['box']!r}") from None
+        if not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"{where}: box {box.tolist()} is empty or inverted (need x1 < x2, y1 < y2)")
+        out.append({"image": img, "box": box, "class": str(q["class"])})
+    return out
+
+
+def _maps(backbone, trunk: nn.Module, img) -> tuple[torch.Tensor, torch.Tensor]:
+    p4 = backbone.features(img, layers=["pool4"])[("pool4", 1.0)].detach().cpu().float()
+    with torch.no_grad():
+        c5 = trunk(p4[None])[0]
+    return p4, c5
+
+
+def query_maps(queries: Sequence[dict[str, Any]], backbone, trunk: nn.Module, classes: Sequence[str],
+               max_size: int, stride: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+    """The input of :func:`query_samples` for :func:`read_queries`' queries: pool4 and conv5_3 maps of each query
+    image and of its horizontal flip (Salvador et al. 2016, Sec. 3.2), its box in the map frame, its label."""
+    from PIL import Image
+
+    from ..images import load_image
+    from ..io import progress_bar
+    from .rpn import original_size
+    from ..ops.boxes import to_map_frame
+
+    bar = progress_bar(len(queries), "query images (+ flips) -> pool4, conv5_3", progress)
+    out = []
+    try:
+        for q in queries:
+            img = load_image(q["image"], max_size=max_size)
+            p4, c5 = _maps(backbone, trunk, img)
+            p4f, c5f = _maps(backbone, trunk, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+            box = to_map_frame(q["box"], original_size(q["image"]), tuple(c5.shape[-2:]), stride)[0]
+            out.append({"name": Path(q["image"]).name, "label": list(classes).index(q["class"]) + 1, "box": box,
+                        "pool4": p4, "conv5": c5, "pool4_flip": p4f, "conv5_flip": c5f})
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+def _proposals(det: Detector, samples: Sequence[DetectorSample], k: int) -> list[torch.Tensor]:
+    return [det.rpn.propose(DetectorSample._get(s.conv5) if s.conv5 is not None else
+                            det.conv_map(DetectorSample._get(s.pool4)), k)[0] for s in samples]
+
+
+def train_base_detector(det: Detector, samples: Sequence[DetectorSample], config: FinetuneConfig,
+                        checkpoint_dir=None, progress: bool = True) -> dict[str, Any]:
+    """The base detector (Salvador et al. 2016 start from a detector trained on PASCAL; here the FC layers start
+    random, so a detector is first trained on a boxes file's groups with the RPN and conv layers frozen)."""
+    cfg = DetectorTrainConfig(trainable="fc", epochs=config.base_epochs, lr=config.base_lr, images_per_batch=2,
+                              rois_per_image=config.rois_per_image, train_proposals=config.proposals,
+                              seed=config.seed)
+    with torch.no_grad():
+        props = _proposals(det, samples, config.proposals)
+    return train_detector(det, samples, cfg, checkpoint_dir, desc="base detector", fixed_proposals=props,
+                          progress=progress)
+
+
+def finetune_detector(base: Detector, samples: Sequence[DetectorSample], classes: Sequence[str],
+                      config: FinetuneConfig, checkpoint_dir=None, progress: bool = True) -> tuple[Detector, dict]:
+    """Fine-tune a copy of ``base`` on the query instances (Salvador et al. 2016, Sec. 3.2): new output layers
+    for ``classes`` (+ background); phase 1 trains the FC layers (``epochs`` at ``lr``, proposals fixed), phase 2
+    the FC layers (strategy #1) or also conv5 and the RPN (#2, approximate joint training with the RPN loss)
+    for ``epochs_2`` at ``lr_2``. Returns ``(detector, {"phase1": history, "phase2": history})``."""
+    import copy
+
+    cfg = config.validate()
+    torch.manual_seed(cfg.seed)
+    det = copy.deepcopy(base).set_classes(classes)
+    with torch.no_grad():
+        props = _proposals(det, samples, cfg.proposals)
+    h1 = train_detector(det, samples, DetectorTrainConfig(
+        trainable="fc", epochs=cfg.epochs, lr=cfg.lr, rois_per_image=cfg.rois_per_image,
+        train_proposals=cfg.proposals, seed=cfg.seed), checkpoint_dir, desc="fine-tune phase 1 (FC)",
+        fixed_proposals=props, progress=progress)
+    h2: dict[str, Any] = {"epochs": []}
+    if cfg.epochs_2:
+        trainable = STRATEGIES[cfg.strategy]
+        h2 = train_detector(det, samples, DetectorTrainConfig(
+            trainable=trainable, epochs=cfg.epochs_2, lr=cfg.lr_2, rois_per_image=cfg.rois_per_image,
+            train_proposals=cfg.proposals, seed=cfg.seed + cfg.strategy), checkpoint_dir,
+            desc=f"fine-tune phase 2 (strategy #{cfg.strategy}: {trainable})",
+            fixed_proposals=props if trainable == "fc" else None, progress=progress)
+    return det, {"phase1": h1, "phase2": h2}
+
+
+def finetune_on_queries(queries_file: str | os.PathLike, out: str | os.PathLike, *,
+                        config: FinetuneConfig | None = None, base: str | os.PathLike | None = None,
+                        rpn_file: str | os.PathLike | None = None,
+                        boxes_file: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
+                        max_size: int = 384, checkpoint_dir: str | os.PathLike | None = None,
+                        weights: str | None = None, engine: str = "exact", progress: bool = True):
+    """``isearch finetune``: the CS-SR detector (Salvador et al. 2016, Sec. 3.2) for the queries of
+    ``queries_file`` (:func:`read_queries`), written to ``out`` (``.pt`` + ``.json``). The detector starts from
+    ``base`` (a detector file) or, without one, from a base detector trained on ``boxes_file`` (``isearch
+    clean``; images under ``root``) with the RPN of ``rpn_file`` (``isearch train-rpn``); that base detector is
+    saved too (``<out stem>-base.pt``) for re-use. Returns ``(detector, info, model path)``."""
+    from ..backbones import load_backbone
+    from ..backbones.fast import use_engine
+    from ..nets.detector import conv5_block, load_detector, save_detector
+    from ..nets.rpn import load_rpn
+
+    cfg = (config or FinetuneConfig()).validate()
+    out = Path(out)
+    if out.suffix != ".pt":
+        raise ValueError(f"{out}: the model file must end in .pt (its config goes next to it as .json)")
+    if (base is None) == (boxes_file is None) or (boxes_file is not None) != (rpn_file is not None):
+        raise ValueError("finetune starts from a base detector (--base FILE from an earlier run) or trains one on "
+                         "a boxes file with an RPN (--boxes FILE from `isearch clean` and --rpn FILE from "
+                         "`isearch train-rpn`), not both")
+    queries = read_queries(queries_file)
+    classes = list(dict.fromkeys(q["class"] for q in queries))
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.stem}-run"
+    bb = load_backbone("vgg16", weights=weights, progress=progress)
+    use_engine(bb, engine)
+    bb_sha = str(getattr(bb.weights, "sha256", "") or "")
+    info: dict[str, Any] = {"queries_file": str(Path(queries_file).resolve()), "queries": len(queries),
+                            "classes": classes, "strategy": cfg.strategy, "config": asdict(cfg),
+                            "max_size": int(max_size)}
+    if base is not None:
+        det0, bcfg = load_detector(base)
+        if det0.backbone_weights_sha256 and bb_sha and det0.backbone_weights_sha256 != bb_sha:
+            raise ValueError(f"{base}: base detector trained on other VGG16 weights "
+                             f"({det0.backbone_weights_sha256[:16]}…, the backbone has {bb_sha[:16]}…)")
+        info["base"] = {"file": str(Path(base).resolve()), "sha256": bcfg.get("state_sha256", "")}
+    else:
+        from .rpn import boxes_file_samples
+
+        from .cleaning import load_boxes
+
+        rpn, rcfg = load_rpn(rpn_file)
+        train, _, summary = boxes_file_samples(boxes_file, root, bb, max_size=max_size, cache_dir=ck / "maps",
+                                               progress=progress)
+        _, recs = load_boxes(boxes_file, root=summary["root"], kept_only=True)
+        groups = sorted({int(recs[s.name]["group"]) for s in train})
+        samples = [DetectorSample(s.boxes, np.array([groups.index(int(recs[s.name]["group"])) + 1]), None, s.fmap,
+                                  s.name) for s in train]
+        det0 = Detector(rpn, len(groups), [str(g) for g in groups], pool=cfg.pool, hidden=cfg.hidden,
+                        trunk=conv5_block(bb))
+        det0.backbone_weights_sha256 = bb_sha
+        hist0 = train_base_detector(det0, samples, cfg, ck, progress=progress)
+        base_path = save_detector(det0, out.with_name(f"{out.stem}-base.pt"), trained_on=summary, history=hist0,
+                                  rpn_file=str(Path(rpn_file).resolve()), rpn_sha256=rcfg.get("state_sha256", ""))
+        info["base"] = {"file": str(base_path), "trained_on": summary, "history": hist0["epochs"]}
+    det0.eval()
+    qmaps = query_maps(queries, bb, det0.trunk, classes, max_size, det0.rpn.stride, progress)
+    samples = query_samples(qmaps, det0.rpn.stride)
+    det, hist = finetune_detector(det0, samples, classes, cfg, ck, progress=progress)
+    det.backbone_weights_sha256 = bb_sha
+    info["history"] = {k: v["epochs"] for k, v in hist.items()}
+    path = save_detector(det, out, **info)
+    return det, info, path
