@@ -1,4 +1,5 @@
 """The ``isearch`` command line."""
 from .main import app, main
+from . import train  # noqa: F401,E402  (registers clean, train-rmac, train-rpn, finetune on app)
 
 __all__ = ["app", "main"]
