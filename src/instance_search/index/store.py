@@ -370,6 +370,8 @@ class IndexStore:
                 segments[name] = old
                 continue
             seg = self._read_segment(name, npz_file, map_file, expect_size=size)
+            if map_file is None and seg.map_offsets is not None:
+                seg.has_maps = False  # the catalogue rules (repair keeps images whose maps were lost, without)
             rows = sorted(by_seg.get(name, []), key=lambda r: r[2])
             if len(rows) != len(seg.ids) or any(int(seg.ids[r[2]]) != r[0] for r in rows):
                 raise CorruptIndexError(f"{self.root / 'segments' / npz_file}: its ids do not match the catalogue; "
@@ -904,15 +906,7 @@ class IndexStore:
                         map_sha, map_size = _sha256_bytes(blob), len(blob)
                         mo = seg.map_offsets
                         crcs = [map_checksum(blob[mo[i]:mo[i + 1]]) for i in range(len(seg.ids))]
-                    con.execute("INSERT INTO segments(name, n, tag, npz_file, npz_sha256, npz_size, map_file, "
-                                "map_sha256, map_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (name, len(seg.ids), seg.tag, npz_file, sha, size, map_file, map_sha, map_size))
-                    con.executemany(
-                        "INSERT INTO images(id, segment, row, path, width, height, sha256, mtime, size, map_crc, "
-                        "removed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(int(seg.ids[r]), name, r, seg.paths[r], int(seg.sizes[r, 0]), int(seg.sizes[r, 1]),
-                          seg.sha256[r], float(seg.mtimes[r]), int(seg.filesizes[r]), crcs[r],
-                          int(int(seg.ids[r]) in removed)) for r in range(len(seg.ids))])
+                    _register_segment(con, seg, sha, size, map_file, map_sha, map_size, crcs, removed)
                     if len(seg.ids):
                         max_id = max(max_id, int(seg.ids.max()))
                 next_id = max(int(manifest["next_id"]), max_id + 1)
@@ -934,6 +928,20 @@ class IndexStore:
             fsync_dir(self.root)
             notify(f"{self.root}: migrated the index from the earlier manifest.json format to the SQLite catalogue "
                    f"{CATALOG} (once; the old manifest is kept as {MIGRATED_MANIFEST})")
+
+
+def _register_segment(con: sqlite3.Connection, seg: _Segment, sha: str, size: int, map_file: str | None,
+                      map_sha: str | None, map_size: int | None, crcs: list, removed: set[int]) -> None:
+    """Catalogue rows for an existing segment file (migration, repair); inside the caller's transaction."""
+    con.execute("INSERT INTO segments(name, n, tag, npz_file, npz_sha256, npz_size, map_file, map_sha256, map_size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seg.name, len(seg.ids), seg.tag, seg.npz_file, sha, size, map_file, map_sha, map_size))
+    con.executemany(
+        "INSERT INTO images(id, segment, row, path, width, height, sha256, mtime, size, map_crc, removed) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(int(seg.ids[r]), seg.name, r, seg.paths[r], int(seg.sizes[r, 0]), int(seg.sizes[r, 1]), seg.sha256[r],
+          float(seg.mtimes[r]), int(seg.filesizes[r]), crcs[r], int(int(seg.ids[r]) in removed))
+         for r in range(len(seg.ids))])
 
 
 class _MapFileGone(Exception):
