@@ -23,6 +23,7 @@ from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
 from .index.store import CorruptIndexError, Entry, IndexStore
 from .ops.normalize import l2n
+from .ops.normalize import l2n
 from .fitted.whitening import NotFittedError, PCAWhitening
 from .recipes.base import Features, Needs, Recipe, RecipeError
 from .search import Hit, SearchState

@@ -63,12 +63,14 @@ def mac_components(map_a, map_b, k: int = 5):
     """
     import numpy as np
 
+    from .ops.normalize import l2n
+
     A, B = np.asarray(map_a, np.float32), np.asarray(map_b, np.float32)
     if A.ndim != 3 or B.ndim != 3 or A.shape[0] != B.shape[0]:
         raise ValueError(f"need two (C, H, W) maps with the same C, got {A.shape} and {B.shape}")
     a, b = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
     ma, mb = a.max(1), b.max(1)
-    contrib = (ma / max(np.linalg.norm(ma), 1e-12)) * (mb / max(np.linalg.norm(mb), 1e-12))
+    contrib = l2n(ma) * l2n(mb)
     top = np.argsort(-contrib, kind="stable")[:k]
     rows = []
     for c in top:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..io import atomic_save_npz, load_npz, prefetch
+from ..ops.normalize import l2n
 from ..recipes.hoang import MASKS, NgVLAD, Selective, map_features, mask_cells
 
 __all__ = [
@@ -827,7 +828,7 @@ def selective_speed(train: str | BenchSpec = "ukbench", test: str | BenchSpec = 
     # R-MAC on the same maps, whitening learned on the training maps' regions
     regs = [region_macs(torch.from_numpy(np.asarray(m, np.float32)),
                         rmac_regions(m.shape[1], m.shape[2])).numpy() for m in tmaps]
-    rows = np.concatenate([r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12) for r in regs])
+    rows = np.concatenate([l2n(r) for r in regs])
     w = fit_whitening(rows, dim=min(512, rows.shape[1]), trained_on=tr.describe())
     rmac(torch.from_numpy(qm[0]), whitening=w)
     cpu, wall = _per_image_ms(lambda i, m: rmac(torch.from_numpy(m), whitening=w), qm, repeats)

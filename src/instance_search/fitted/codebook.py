@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from ..io import atomic_save_npz, load_npz
+from ..ops.normalize import l2n
 
 __all__ = ["CodebookFileError", "KMeansCodebook", "GMMCodebook", "LocalPCA", "TembPostprocess"]
 
@@ -228,7 +229,7 @@ class LocalPCA(_NpzModel):
         y = (x - self.mean) @ self.components.T
         if self.whiten:
             y = y / np.sqrt(self.eigvals + self.eps)
-        y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        y = l2n(y)
         y = y.astype(np.float32)
         if is_torch:
             import torch

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import FileFormatError, NotFittedError
 from ..io import atomic_save_npz, load_npz
+from ..ops.normalize import l2n
 
 __all__ = ["PCAWhitening", "NotFittedError", "WhiteningFileError"]
 
@@ -208,7 +209,7 @@ class PCAWhitening:
         out_dtype = A2.dtype if np.issubdtype(A2.dtype, np.floating) else np.float32
         Y = (A2.astype(np.float64) - self.mean) @ self.projection.T
         if normalize:
-            Y = Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
+            Y = l2n(Y)
         Y = Y.astype(out_dtype, copy=False)
         return Y[0] if single else Y
 
@@ -225,7 +226,7 @@ class PCAWhitening:
         P = torch.as_tensor(self.projection, dtype=torch.float64, device=T.device)
         Y = (T.to(torch.float64) - mu) @ P.T
         if normalize:
-            Y = Y / Y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            Y = l2n(Y)
         Y = Y.to(out_dtype)
         return Y[0] if single else Y
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import normalize as _normalize
+from .normalize import l2n
 
 __all__ = ["sum_pool", "mean_pool", "democratic", "democratic_weights", "power_law", "l2n", "aggregate"]
 
@@ -31,11 +32,6 @@ def _embeddings(E) -> torch.Tensor:
 
 def _like(t: torch.Tensor, ref):
     return t if isinstance(ref, torch.Tensor) else t.numpy()
-
-
-def l2n(v, eps: float = _EPS):
-    """L2-normalise along the last axis (zero vectors stay zero); :func:`ops.normalize.l2n` with eps 1e-12."""
-    return _normalize.l2n(v, dim=-1, eps=eps)
 
 
 def power_law(v, alpha: float = 0.5, l2: bool = True):

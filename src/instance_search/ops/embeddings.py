@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from .normalize import l2n
+
 __all__ = [
     "vlad",
     "vlad_embed",
@@ -30,8 +32,6 @@ __all__ = [
     "ffaemb",
     "ffaemb_dim",
 ]
-
-_EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,10 +64,6 @@ def _centroids(C, x: torch.Tensor, name: str = "centroids") -> torch.Tensor:
 
 def _like(t: torch.Tensor, ref):
     return t if isinstance(ref, torch.Tensor) else t.numpy()
-
-
-def _l2n(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return v / v.norm(dim=dim, keepdim=True).clamp_min(_EPS)
 
 
 def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -117,8 +113,8 @@ def vlad(X, C, intra_norm: bool = True):
     onehot[torch.arange(x.shape[0]), a] = 1.0
     v = onehot.T @ x - onehot.sum(0)[:, None] * c  # (k, d): sum of x minus count * c_k
     if intra_norm:
-        v = _l2n(v, dim=1)
-    return _like(_l2n(v.reshape(k * d), dim=0), X)
+        v = l2n(v, dim=1)
+    return _like(l2n(v.reshape(k * d), dim=0), X)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +159,7 @@ def gmm_posteriors(X, means, variances, weights=None):
 
 
 def _power_l2(v: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    return _l2n(torch.sign(v) * v.abs().pow(alpha), dim=-1)
+    return l2n(torch.sign(v) * v.abs().pow(alpha), dim=-1)
 
 
 def fv_embed(X, gmm_means, gmm_vars, gmm_weights, second_order: bool = True):
@@ -226,7 +222,7 @@ def temb(X, C):
     x = _features(X)
     c = _centroids(C, x)
     r = x[:, None, :] - c[None]  # (N, k, d)
-    r = r / r.norm(dim=2, keepdim=True).clamp_min(_EPS)
+    r = l2n(r, dim=2)
     return _like(r.reshape(x.shape[0], -1), X)
 
 

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .normalize import l2n
+
 __all__ = [
     "PowerIntegral",
     "power_integral",
@@ -316,7 +318,7 @@ def _query(q, c: int) -> torch.Tensor:
     qt = qt.to(torch.float64).reshape(-1)
     if qt.shape[0] != c:
         raise ValueError(f"query has {qt.shape[0]} dimensions, the map has {c} channels")
-    return qt / qt.norm().clamp_min(1e-300)
+    return l2n(qt)
 
 
 def _scores(pi: PowerIntegral, wins: torch.Tensor, qn: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -761,7 +763,7 @@ def aml_search_batch(
     qt = torch.as_tensor(np.asarray(q, dtype=np.float64)).reshape(-1)
     if qt.shape[0] != C:
         raise ValueError(f"query has {qt.shape[0]} dimensions, the maps have {C} channels")
-    qn = qt / qt.norm().clamp_min(1e-300)
+    qn = l2n(qt)
     qn32 = qn.to(torch.float32)
     wins_np = sample_windows(H, W, t, query_aspect, s)
     wins = torch.from_numpy(wins_np)

@@ -16,7 +16,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["l2n", "power_law"]
+__all__ = ["EPS", "l2n", "power_law"]
+
+
+#: The one floor of every L2 normalisation in the package: a vector whose norm is below it is divided by it.
+EPS = 1e-12
+
+_LOW_NP = (np.float16,)
+_LOW_T = (torch.float16, torch.bfloat16)
 
 
 def _float_np(x) -> np.ndarray:
@@ -28,19 +35,25 @@ def _float_t(x: torch.Tensor) -> torch.Tensor:
     return x if torch.is_floating_point(x) else x.to(torch.float32)
 
 
-def l2n(x, dim: int = -1, eps: float = 1e-6):
-    """L2-normalise ``x`` along ``dim``: ``x / max(||x||_2, eps)``.
+def l2n(x, dim: int = -1):
+    """L2-normalise ``x`` along ``dim``: ``x / max(||x||_2, EPS)`` with the package's one :data:`EPS` (1e-12).
 
     Shapes: any; the norm is taken over axis ``dim`` (default: last, i.e. rows of an (N, D) matrix).
-    Vectors whose norm is below ``eps`` are divided by ``eps`` instead (a zero vector stays zero, so
-    no NaN is ever produced). Returns the same type as the input (torch or numpy).
+    Vectors whose norm is below ``EPS`` are divided by ``EPS`` instead (a zero vector stays zero, so no NaN is
+    ever produced). Returns the same type as the input (torch or numpy) and, for floating inputs, the same dtype
+    and device; half-precision inputs are normalised in float32 (``EPS`` underflows in float16) and cast back.
+    Differentiable (torch autograd) like the formula it computes.
     """
     if isinstance(x, torch.Tensor):
         t = _float_t(x)
-        return t / t.norm(p=2, dim=dim, keepdim=True).clamp_min(eps)
+        if t.dtype in _LOW_T:
+            return l2n(t.to(torch.float32), dim).to(t.dtype)
+        return t / t.norm(p=2, dim=dim, keepdim=True).clamp_min(EPS)
     a = _float_np(x)
+    if a.dtype in _LOW_NP:
+        return l2n(a.astype(np.float32), dim).astype(a.dtype)
     n = np.sqrt(np.sum(a * a, axis=dim, keepdims=True))
-    return (a / np.maximum(n, eps)).astype(a.dtype, copy=False)
+    return (a / np.maximum(n, EPS)).astype(a.dtype, copy=False)
 
 
 def power_law(x, alpha: float = 0.5):

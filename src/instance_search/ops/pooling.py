@@ -196,7 +196,7 @@ def _apply_whitening(whitening, M: torch.Tensor) -> torch.Tensor:
 
 
 def rmac(X: torch.Tensor, regions=None, levels: int = 3,
-         whitening: Callable[[torch.Tensor], torch.Tensor] | None = None, eps: float = 1e-6) -> torch.Tensor:
+         whitening: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """R-MAC vector (Tolias et al. 2016, Sec. 3):
     ``v = L2( sum_R L2( W( L2( f_R ) ) ) )`` with ``f_R`` the MAC of region R (:func:`region_macs`)
     and ``W`` an optional PCA-whitening (identity when ``None``).
@@ -217,9 +217,9 @@ def rmac(X: torch.Tensor, regions=None, levels: int = 3,
         macs = macs[None]
     out = []
     for M in macs:  # M: (R, C) of one image
-        M = l2n(M, dim=-1, eps=eps)
+        M = l2n(M, dim=-1)
         if whitening is not None:
-            M = l2n(_apply_whitening(whitening, M), dim=-1, eps=eps)
-        out.append(l2n(M.sum(dim=0), dim=-1, eps=eps))
+            M = l2n(_apply_whitening(whitening, M), dim=-1)
+        out.append(l2n(M.sum(dim=0), dim=-1))
     v = torch.stack(out)
     return v if batched else v[0]

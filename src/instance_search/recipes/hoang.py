@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from ..io import atomic_save_npz, load_npz
+from ..ops.normalize import l2n
 import torch
 
 from ..fitted.codebook import GMMCodebook, KMeansCodebook, LocalPCA
@@ -124,10 +125,6 @@ def _sample_rows(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if n <= 0 or x.shape[0] <= n:
         return x
     return x[np.sort(rng.choice(x.shape[0], n, replace=False))]
-
-
-def _l2(v: np.ndarray, axis: int = -1) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=axis, keepdims=True), 1e-12)
 
 
 def _atomic_save(path, arrays: dict[str, np.ndarray]) -> Path:
@@ -368,7 +365,7 @@ class NgVLAD:
         r2 = r[None] if one else r
         if r2.ndim != 2 or r2.shape[1] != self.mean.shape[0]:
             raise ValueError(f"raw vectors must have {self.mean.shape[0]} dimensions, got shape {r.shape}")
-        y = _l2((r2 - self.mean) @ self.projection.T)
+        y = l2n((r2 - self.mean) @ self.projection.T)
         return y[0] if one else y
 
     def encode(self, item) -> np.ndarray:
@@ -734,7 +731,7 @@ class Selective:
         psi = np.asarray(_np(psi), np.float32)
         if self.drop:
             psi = _complement_coords(*self._drop_qr, psi[None])[0]
-        return _l2(psi)
+        return l2n(psi)
 
     def raw(self, fmap, keypoints=None, image_hw=None) -> np.ndarray:
         """Aggregated vector (dim,) of one map, before rotation normalisation."""
@@ -745,7 +742,7 @@ class Selective:
         self._need()
         r = np.asarray(_np(raw), np.float32)
         y = self.rot.transform(r) if self.rot is not None else r
-        return _l2(np.sign(y) * np.abs(y) ** self.alpha).astype(np.float32)
+        return l2n(np.sign(y) * np.abs(y) ** self.alpha).astype(np.float32)
 
     def encode(self, fmap, keypoints=None, image_hw=None) -> np.ndarray:
         """Global descriptor (dim,) float32, L2-normalised, of one conv map."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..ops.integral import SparseMap, aml_search_batch, map_shape
+from ..ops.normalize import l2n
 from ..ops.pooling import rmac_regions
 
 __all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores", "region_vectors"]
@@ -34,13 +35,10 @@ class RerankResult(NamedTuple):
     vectors: np.ndarray | None = None  #: (N, D) the L2-normalised vector each image was scored with (for QE)
 
 
-def _vec(v) -> torch.Tensor:
+def as_float_tensor(v) -> torch.Tensor:
+    """``v`` (numpy or torch) as a CPU tensor; integer and float16 inputs become float32."""
     t = v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
     return t.to(torch.float32) if not t.is_floating_point() or t.dtype == torch.float16 else t
-
-
-def _l2n(M: torch.Tensor) -> torch.Tensor:
-    return M / M.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _whiten(whitening, M: torch.Tensor) -> torch.Tensor:
@@ -56,10 +54,10 @@ def _whiten(whitening, M: torch.Tensor) -> torch.Tensor:
 
 def region_vectors(region_vecs, whitening: Callable | None = None) -> torch.Tensor:
     """``L2(W(L2 f))`` of each row of ``region_vecs`` (R, C), or ``L2 f`` without whitening: ``(R, D)`` float64."""
-    R = _vec(region_vecs).to(torch.float64)
+    R = as_float_tensor(region_vecs).to(torch.float64)
     R = R[None] if R.ndim == 1 else R
-    R = _l2n(R)
-    return _l2n(_whiten(whitening, R)) if whitening is not None else R
+    R = l2n(R)
+    return l2n(_whiten(whitening, R)) if whitening is not None else R
 
 
 def cosine_scores(region_vecs, query_vec, whitening: Callable | None = None) -> torch.Tensor:
@@ -70,7 +68,8 @@ def cosine_scores(region_vecs, query_vec, whitening: Callable | None = None) -> 
     return region_vectors(region_vecs, whitening) @ region_vectors(query_vec, whitening)[0]
 
 
-def _order(scores: np.ndarray, old) -> np.ndarray:
+def order_by_score(scores: np.ndarray, old) -> np.ndarray:
+    """Short-list indices by decreasing new ``scores``; ties by decreasing ``old`` score, then by index."""
     n = scores.shape[0]
     old = np.zeros(n) if old is None else np.asarray(old, dtype=np.float64).reshape(-1)
     if old.shape[0] != n:
@@ -89,7 +88,7 @@ def _window_mac(X, box) -> torch.Tensor:
         out = np.zeros(C, np.float32)
         np.maximum.at(out, np.asarray(X.channel)[inside], np.asarray(X.value, np.float32)[inside])
         return torch.from_numpy(out)
-    return _vec(X)[:, y:y + h, x:x + w].amax(dim=(1, 2))
+    return as_float_tensor(X)[:, y:y + h, x:x + w].amax(dim=(1, 2))
 
 
 def rerank_aml(
@@ -131,7 +130,7 @@ def rerank_aml(
     * otherwise the window's MAC (exact by default, ``exact=False``: its approximation ``f̃_R``) against the
       query MAC, after ``whitening`` (callable or object with ``.transform``, (R, C) → (R, D)) when given.
     """
-    q = _vec(query_vec).reshape(-1)
+    q = as_float_tensor(query_vec).reshape(-1)
     n = len(maps)
     scores = np.zeros(n)
     boxes = np.zeros((n, 4), dtype=np.int64)
@@ -139,7 +138,7 @@ def rerank_aml(
     vectors: list[np.ndarray | None] = [None] * n
     if (finalize is None) != (query_global is None):
         raise ValueError("give both finalize and query_global (R-MAC of the window) or neither")
-    maps = [m if isinstance(m, SparseMap) else _vec(m) for m in maps]
+    maps = [m if isinstance(m, SparseMap) else as_float_tensor(m) for m in maps]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, X in enumerate(maps):
         shape = map_shape(X)
@@ -182,7 +181,7 @@ def rerank_aml(
         else:
             scores[idx] = sc
     vecs = np.stack(vectors) if n and all(v is not None for v in vectors) else None
-    return RerankResult(scores, boxes, _order(scores, shortlist_scores), counts, vecs)
+    return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)
 
 
 def cells_to_pixels(box, map_hw: tuple[int, int], image_wh: tuple[float, float]) -> np.ndarray:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..ops.integral import SparseMap, map_shape, sample_windows
-from .aml import RerankResult, _order, region_vectors
+from ..ops.normalize import l2n
+from .aml import RerankResult, order_by_score, region_vectors
 
 __all__ = ["AMLInvertedMaps", "aml_fast_search", "rerank_aml_fast", "window_macs", "DEFAULT_K", "DEFAULT_G",
            "DEFAULT_STEP"]
@@ -321,7 +322,7 @@ def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_a
     K = _check_k(K, C)
     ks = np.sort(np.argsort(-qv, kind="stable")[:K])
     chunk = max(16, 4096 // K) if chunk is None else int(chunk)
-    qk = qv[ks] / max(float(np.linalg.norm(qv[ks])), 1e-300)
+    qk = l2n(qv[ks])
     B = len(rows)
     boxes = np.zeros((B, 4), np.int64)
     best = np.full(B, -np.inf)
@@ -408,5 +409,5 @@ def rerank_aml_fast(query_vec, store: AMLInvertedMaps, rows, shortlist_scores=No
         rv = region_vectors(V, whitening).numpy()
         vectors = rv
         sc = rv @ region_vectors(np.asarray(query_vec, np.float32).reshape(-1), whitening)[0].numpy()
-    return RerankResult(np.asarray(sc, np.float64), boxes, _order(np.asarray(sc, np.float64), shortlist_scores),
+    return RerankResult(np.asarray(sc, np.float64), boxes, order_by_score(np.asarray(sc, np.float64), shortlist_scores),
                         n_win, vectors)

@@ -22,6 +22,7 @@ import torch
 
 from ..ops.boxes import boxes_to_cells
 from ..ops.normalize import l2n
+from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, region_vectors
 from .ca_sr import best_regions
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops.normalize import l2n
+
 __all__ = ["average_qe", "alpha_qe", "dba"]
 
 
 def _f(a) -> np.ndarray:
     a = np.asarray(a)
     return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
-
-
-def _l2n(M: np.ndarray) -> np.ndarray:
-    return M / np.maximum(np.linalg.norm(M, axis=-1, keepdims=True), 1e-12)
 
 
 def _top(q: np.ndarray, db: np.ndarray, ranks, top: int) -> np.ndarray:
@@ -63,7 +61,7 @@ def _expand(q, db, ranks, top: int, alpha: float | None) -> np.ndarray:
         w = np.ones(idx.shape, dtype=q2.dtype)
     else:
         w = np.maximum(np.einsum("qd,qmd->qm", q2, nb), 0) ** alpha
-    out = _l2n(q2 + np.einsum("qm,qmd->qd", w, nb)).astype(q2.dtype, copy=False)
+    out = l2n(q2 + np.einsum("qm,qmd->qd", w, nb)).astype(q2.dtype, copy=False)
     return out[0] if single else out
 
 
@@ -110,5 +108,5 @@ def dba(db, k: int = 10, alpha: float = 3.0, neighbours=None, chunk: int = 256) 
         vecs = db[idx]  # (B, k, D)
         w = np.maximum(np.einsum("bd,bkd->bk", db[rows], vecs), 0) ** alpha
         w[idx == rows[:, None]] = 1.0
-        out[rows] = _l2n(np.einsum("bk,bkd->bd", w, vecs))
+        out[rows] = l2n(np.einsum("bk,bkd->bd", w, vecs))
     return out
