@@ -435,6 +435,12 @@ class SearchService:
                 raise ValueError(f"options: unknown option {k!r} (known: {known})")
             if not (v is None or isinstance(v, (bool, int, float, str))):
                 raise ValueError(f"options: {k} must be a number, string, boolean or null")
+        if opts.get("detector") is not None:  # cs-sr: the name of a detector file in <index>/detectors/, no path
+            name = str(opts["detector"])
+            det = self.index_dir / "detectors" / name
+            if Path(name).name != name or name in (".", "..") or not det.is_file():
+                raise ValueError(f"options: detector {name!r} is not a file in the index's detectors/ folder")
+            opts["detector"] = str(det)
         return opts
 
     # ----------------------------------------------------------------- search
