@@ -72,11 +72,13 @@ def index(
     worker_engine: str = typer.Option("exact", "--worker-engine", help="--engine ray: the workers' engine, "
                                                                        "exact | winograd."),
     workers: int = typer.Option(2, help="--engine ray: number of model actors."),
+    wait: float = typer.Option(60.0, "--wait", help="Seconds to wait while another process writes to the index "
+                                                    "(then fail, naming it)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
     from ..collection import Collection
-    from ..index.store import IndexStore
+    from ..index.store import IndexStore, set_default_wait
     from ..recipes.base import Recipe
 
     def make_recipe() -> Recipe:
@@ -85,6 +87,7 @@ def index(
                                regions=regions, rpn=rpn, proposals=proposals)
 
     try:
+        set_default_wait(wait)
         if IndexStore.exists(index_dir):
             col = Collection.open(index_dir, writable=True, weights=weights)
             asked = make_recipe() if fit_on is None else None
@@ -121,11 +124,15 @@ def index(
 def remove(
     paths: List[Path] = typer.Argument(..., help="Indexed image paths to remove."),
     index_dir: Path = typer.Option(..., "--index"),
+    wait: float = typer.Option(60.0, "--wait", help="Seconds to wait while another process writes to the index "
+                                                    "(then fail, naming it)."),
 ) -> None:
     """Remove images from the index (durably)."""
     from ..collection import Collection
+    from ..index.store import set_default_wait
 
     try:
+        set_default_wait(wait)
         col = Collection.open(index_dir, writable=True)
         n = col.remove_paths(paths)
     except _errors() as exc:

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..errors import CorruptIndexError
 from .compact import CompactMapError, decode_sparse, map_checksum
-from .store import (BACKUP, CATALOG, MANIFEST, MIGRATED_MANIFEST, Entry, IndexStore, _connect, _file_sha256,
+from .store import (_DEFAULT, BACKUP, CATALOG, MANIFEST, MIGRATED_MANIFEST, Entry, IndexStore, _connect,
+                    _file_sha256,
                     _init_catalog, _register_segment, _sha256_bytes)
 
 
@@ -176,22 +177,24 @@ def check_index(root: str | os.PathLike, *, faiss_sample: int = 2000) -> CheckRe
 
 
 def _check_faiss(rep: CheckReport, vecs: np.ndarray, sample: int) -> None:
-    """The FAISS index the search builds from these vectors holds one row per live image, and a sample of
-    images (every one up to ``sample``) is found first (score = its own norm) for its own vector."""
+    """The FAISS index the search builds from these vectors holds one row per live image, equal to the stored
+    vector, and for a sample of images (every one up to ``sample``) its best score equals the exact one."""
     from .faiss_backend import build_faiss, search
 
     index = build_faiss(vecs, "flat")
     if index.ntotal != len(vecs):
         rep.problems.append(f"{rep.root}: FAISS holds {index.ntotal} vectors for {len(vecs)} live images")
         return
+    if not np.array_equal(index.reconstruct_n(0, index.ntotal), vecs):
+        rep.problems.append(f"{rep.root}: FAISS out of sync: its rows differ from the stored vectors")
+        return
     rows = np.arange(len(vecs)) if len(vecs) <= sample else \
         np.random.default_rng(0).choice(len(vecs), sample, replace=False)
-    scores, pos = search(index, vecs[rows], 1)
-    self_score = np.einsum("ij,ij->i", vecs[rows], vecs[rows])
-    wrong = [int(r) for r, p, s, t in zip(rows, pos[:, 0], scores[:, 0], self_score) if p != r and s > t + 1e-4]
+    scores, _ = search(index, vecs[rows], 1)
+    exact = np.concatenate([(vecs[rows[i:i + 256]] @ vecs.T).max(1) for i in range(0, len(rows), 256)])
+    wrong = int((np.abs(scores[:, 0] - exact) > 1e-4 * np.maximum(1, np.abs(exact))).sum())
     if wrong:
-        rep.problems.append(f"{rep.root}: FAISS out of sync: {len(wrong)} images are not found first for their own "
-                            f"vector")
+        rep.problems.append(f"{rep.root}: FAISS out of sync: {wrong} of {len(rows)} searches differ from exact search")
 
 
 def _settings_source(root: Path) -> dict:
@@ -235,7 +238,7 @@ def _readable_maps(root: Path, seg) -> tuple[list[bytes | None], bytes | None]:
     return out, blob
 
 
-def repair_index(root: str | os.PathLike, *, wait: float | None = 60.0) -> RepairReport:
+def repair_index(root: str | os.PathLike, *, wait: float | None = _DEFAULT) -> RepairReport:
     """Bring the index at ``root`` back to a consistent state (see the module docstring); returns what was done
     and which images were dropped or lost their maps."""
     root = Path(root)
@@ -243,6 +246,7 @@ def repair_index(root: str | os.PathLike, *, wait: float | None = 60.0) -> Repai
     if not root.is_dir():
         raise CorruptIndexError(f"{root}: no such folder")
     store = IndexStore(root, wait=wait)
+    wait = store.wait
     store._lock.acquire(wait)  # held throughout: no other writer runs while the catalogue is fixed
     try:
         try:

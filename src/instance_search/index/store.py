@@ -55,6 +55,17 @@ MIGRATED_MANIFEST = "manifest.v1.json"
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
 DEFAULT_WAIT_S = 60.0
+_DEFAULT = -1.0  # ``wait`` left out: the process default (``set_default_wait``, e.g. from ``--wait``)
+_default_wait: float | None = DEFAULT_WAIT_S
+
+
+def set_default_wait(seconds: float | None) -> None:
+    """How long writers of this process wait for another writer's lock when their store was opened without
+    ``wait`` (``None``: forever). The CLI's ``--wait SECONDS`` sets it."""
+    global _default_wait
+    if seconds is not None and not seconds >= 0:
+        raise ValueError(f"--wait must be 0 or more seconds, got {seconds}")
+    _default_wait = seconds
 #: temp files at the top of the index folder that no lock protects (e.g. a whitening being staged) are only
 #: removed once older than this
 STALE_TEMP_S = 3600.0
@@ -228,10 +239,12 @@ class IndexStore:
     root: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     _segments: dict[str, _Segment] = field(default_factory=dict)
-    wait: float | None = DEFAULT_WAIT_S
+    wait: float | None = _DEFAULT
 
     def __post_init__(self):
         self.root = Path(self.root)
+        if self.wait == _DEFAULT:
+            self.wait = _default_wait
         self._con: sqlite3.Connection | None = None
         self._lock = _WriterLock(self.root / LOCK)
         self._mutex = threading.RLock()
@@ -242,7 +255,7 @@ class IndexStore:
     # ---------------------------------------------------------------- opening
     @classmethod
     def create(cls, root: str | os.PathLike, settings: dict[str, Any], *,
-               wait: float | None = DEFAULT_WAIT_S) -> "IndexStore":
+               wait: float | None = _DEFAULT) -> "IndexStore":
         root = Path(root)
         if cls.exists(root):
             raise CorruptIndexError(f"{root}: an index already exists here")
@@ -269,7 +282,7 @@ class IndexStore:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, writable: bool = False,
-             wait: float | None = DEFAULT_WAIT_S) -> "IndexStore":
+             wait: float | None = _DEFAULT) -> "IndexStore":
         """Open an index (migrating an earlier-format folder once). ``writable`` also removes what dead writers
         left behind (under the writer lock, waiting up to ``wait`` seconds). Writes take the lock themselves."""
         root = Path(root)
