@@ -23,7 +23,6 @@ from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
 from .index.store import CorruptIndexError, Entry, IndexStore
 from .ops.normalize import l2n
-from .ops.normalize import l2n
 from .fitted.whitening import NotFittedError, PCAWhitening
 from .recipes.base import Features, Needs, Recipe, RecipeError
 from .search import Hit, SearchState
@@ -162,34 +161,58 @@ def _stored_recipe(store: IndexStore) -> Recipe:
     return recipe
 
 
+class TrainingFeatures(Sequence):
+    """The :class:`Features` of a training collection, computed when asked (one backbone pass per image and
+    per walk): a recipe that walks its training set twice (codebook, then projection) gets a re-iterable
+    sequence without holding every conv map in memory. Iteration decodes ahead in threads."""
+
+    def __init__(self, paths: Sequence[Path], describer: "Describer", max_size: int, bar=None):
+        self.paths = list(paths)
+        self.describer = describer
+        self.max_size = max_size
+        self.bar = bar
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _features(self, img) -> Features:
+        if self.bar is not None:
+            self.bar.update(1)
+        return self.describer.features(img)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TrainingFeatures(self.paths[i], self.describer, self.max_size, self.bar)
+        return self._features(load_image(self.paths[i], max_size=self.max_size))
+
+    def __iter__(self) -> Iterator[Features]:
+        for _path, img, _st, _sha in prefetch(lambda p: _decode(p, self.max_size), self.paths):
+            if isinstance(img, Exception):
+                raise img
+            yield self._features(img)
+
+
 def fit_recipe(recipe: Recipe, photos: str | os.PathLike | Sequence[str | os.PathLike], *,
                weights: str | None = None, device: str = "cpu", engine: str = "exact", progress: bool = True,
                describer: "Describer | None" = None) -> Recipe:
-    """Fit ``recipe`` on a training collection (a folder or a list of images): one backbone pass per image
-    gives the :class:`Features` the recipe learns from. Unreadable training images are skipped and counted."""
+    """Fit ``recipe`` on a training collection (a folder or a list of images) through
+    :class:`TrainingFeatures`. Unreadable training images are left out first, and counted."""
     paths = list_images(photos) if isinstance(photos, (str, os.PathLike)) else [Path(p) for p in photos]
-    if not paths:
-        raise ImageError(f"{photos}: no training images to fit recipe {recipe.name!r} on")
-    describer = describer or Describer(recipe, weights=weights, device=device, engine=engine)
-    skipped: list[str] = []
-    bar = progress_bar(len(paths), f"fitting {recipe.name}", progress)
-
-    def features() -> Iterator[Features]:
-        try:
-            for path, img, _st, _sha in prefetch(lambda p: _decode(p, recipe.max_size), paths):
-                bar.update(1)
-                if isinstance(img, Exception):
-                    skipped.append(str(img))
-                    continue
-                yield describer.features(img)
-        finally:
-            bar.close()
-
-    where = str(photos) if isinstance(photos, (str, os.PathLike)) else f"{len(paths)} images"
-    recipe.fit(features(), trained_on=where)
+    good, skipped = [], []
+    for path, img, _st, _sha in prefetch(lambda p: _decode(p, recipe.max_size), paths):
+        (skipped if isinstance(img, Exception) else good).append(str(img) if isinstance(img, Exception) else path)
     if skipped:
-        print(f"fitting {recipe.name}: skipped {len(skipped)} unreadable training image(s), e.g. {skipped[0]}",
+        print(f"fitting {recipe.name}: left out {len(skipped)} unreadable training image(s), e.g. {skipped[0]}",
               file=sys.stderr)
+    if not good:
+        raise ImageError(f"{photos}: no readable training images to fit recipe {recipe.name!r} on")
+    describer = describer or Describer(recipe, weights=weights, device=device, engine=engine)
+    bar = progress_bar(None, f"fitting {recipe.name} (images described)", progress)
+    where = str(photos) if isinstance(photos, (str, os.PathLike)) else f"{len(good)} images"
+    try:
+        recipe.fit(TrainingFeatures(good, describer, recipe.max_size, bar), trained_on=where)
+    finally:
+        bar.close()
     return recipe
 
 

@@ -11,8 +11,11 @@ import typer
 from .eval.datasets.benchmarks import find_shared_data
 
 
-def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16") -> dict:
-    """Index the first ``n_images`` UKBench images with R-MAC, query with each, print the N-S score."""
+def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16", recipe=None, fit_on=None,
+             n_train: int = 40) -> dict:
+    """Index the first ``n_images`` UKBench images with ``recipe`` (default: R-MAC on ``backbone`` at max side
+    512), query with each, print the N-S score. A recipe that learns (Ng's VLAD, Hoang's selective features) is
+    fitted on ``fit_on``, by default the next ``n_train`` UKBench images (other objects than the indexed ones)."""
     from .collection import Collection
     from .eval.metrics import ukbench_ns_score
     from .recipes.base import Recipe
@@ -25,9 +28,14 @@ def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16") -> dict:
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
+    recipe = recipe or Recipe("rmac", backbone=backbone, max_size=512)
+    if recipe.needs_fit and not recipe.fitted and fit_on is None:
+        fit_on = sorted((data / "ukbench1000").glob("ukbench*.jpg"))[n_images:n_images + n_train]
+        typer.echo(f"demo: recipe {recipe.name} learns from a training collection: fitting it on the next "
+                   f"{len(fit_on)} UKBench photos (other objects than the indexed ones)")
     typer.echo(f"demo: indexing {len(paths)} UKBench photos ({len(paths) // 4} objects x 4 views) into {out} "
-               f"with R-MAC on {backbone} conv features (max side 512)")
-    col = Collection.create(out, Recipe("rmac", backbone=backbone, max_size=512), whitening="self")
+               f"with recipe {recipe.name} on {recipe.backbone} conv features (max side {recipe.max_size})")
+    col = Collection.create(out, recipe, whitening="self", fit_on=fit_on, progress=True)
     t0 = time.perf_counter()
     report = col.add_folder(paths, progress=True)
     typer.echo(f"indexed: {report.summary()} in {time.perf_counter() - t0:.1f} s")
@@ -52,4 +60,4 @@ def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16") -> dict:
                           relevant=[int(Path(h.path).stem[-5:]) // 4 == 0 for h in hits])
     typer.echo(f"picture of the ranked list: {picture}")
     typer.echo(f"next: isearch search {paths[min(5, len(paths) - 1)]} --index {out} --top 4 --rerank aml --show ranked.png")
-    return {"ns_score": float(ns), "images": len(paths)}
+    return {"ns_score": float(ns), "images": len(paths), "recipe": recipe.name}

@@ -229,13 +229,32 @@ def serve(
 def demo(
     out: Path = typer.Option(Path("demo-index"), help="Where to build the demo index."),
     images: int = typer.Option(40, help="Number of UKBench images (4 views per object)."),
-    backbone: str = typer.Option("vgg16"),
+    recipe: str = ro.RECIPE,
+    backbone: str = ro.BACKBONE,
+    layer: Optional[str] = ro.LAYER,
+    max_size: int = typer.Option(512, "--max-size", help="Longer image side in pixels."),
+    scales: Optional[str] = ro.SCALES,
+    k: Optional[int] = ro.K,
+    dim: Optional[int] = ro.DIM,
+    mask: Optional[str] = ro.MASK,
+    embedding: Optional[str] = ro.EMBEDDING,
+    aggregation: Optional[str] = ro.AGGREGATION,
+    pooling: Optional[str] = ro.POOLING,
+    model: Optional[Path] = ro.MODEL,
+    regions: Optional[str] = ro.REGIONS,
+    rpn: Optional[Path] = ro.RPN,
+    proposals: Optional[int] = ro.PROPOSALS,
+    fit_on: Optional[str] = typer.Option(None, "--fit-on", help="ng-vlad, selective: training images (default: "
+                                                                "the next 40 UKBench photos)."),
 ) -> None:
-    """Index a small real collection (UKBench views from ../shared/data), search it and score it."""
+    """Index a small real collection (UKBench views from ../shared/data) with any recipe, search it, score it."""
     from ..demo import run_demo
 
     try:
-        run_demo(out, n_images=images, backbone=backbone)
+        spec = ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
+                               embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
+                               regions=regions, rpn=rpn, proposals=proposals)
+        run_demo(out, n_images=images, recipe=spec, fit_on=fit_on)
     except _errors() as exc:
         _fail(_msg(exc))
 
