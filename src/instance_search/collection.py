@@ -274,6 +274,14 @@ class Collection:
             fit_recipe(recipe, fit_on, weights=weights, device=device, engine=engine, progress=progress)
         elif fit_on is not None and not recipe.needs_fit:
             raise RecipeError(f"recipe {recipe.name!r} learns nothing from a training collection: drop --fit-on")
+        describer = None
+        if given is not None:  # a whitening for other vectors (another backbone / layer / recipe) is refused now
+            describer = Describer(recipe, weights=weights, device=device, engine=engine)
+            probe = describer.describe(Image.new("RGB", (256, 256), (128, 128, 128)))[0]
+            if given.in_dim != probe.shape[1]:
+                raise ValueError(f"{whitening}: this whitening takes {given.in_dim}-D vectors, but recipe "
+                                 f"{recipe.name!r} on {recipe.backbone} gives {probe.shape[1]}-D local vectors "
+                                 "(learned for another backbone, layer or recipe?)")
         settings = {"recipe": recipe.to_dict(), "whitening_mode": "self", "store_maps": bool(store_maps),
                     "weights": weights}
         settings["whitening_mode"] = "given" if given is not None else str(whitening)
@@ -304,6 +312,8 @@ class Collection:
             store.update_settings(changes)
         col = cls(store, weights=weights, device=device)
         col.describer.engine = engine
+        if describer is not None and not models and not state:  # reuse the loaded network
+            col.describer = describer
         if given is not None:
             col.set_whitening(given)
         return col
