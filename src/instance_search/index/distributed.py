@@ -182,14 +182,17 @@ class _DescribeActor:
     file ``shard-<first position>.npz`` (float32 local vectors, compact conv-map codes)."""
 
     def __init__(self, recipe: dict, weights: str | None, engine: str, threads: int, store_maps: bool,
-                 staging: str):
+                 staging: str, state: dict | None = None):
         import torch
 
         from ..collection import Describer
         from ..recipes.base import Recipe
 
         torch.set_num_threads(max(1, int(threads)))
-        self.describer = Describer(Recipe.from_dict(recipe), weights=weights, engine=engine)
+        spec = Recipe.from_dict(recipe)
+        if state:  # a fitted recipe (Ng's VLAD, Hoang's selective features) travels with what it learned
+            spec.load_state_dict(state)
+        self.describer = Describer(spec, weights=weights, engine=engine)
         self.store_maps = store_maps
         self.staging = Path(staging)
 
@@ -269,7 +272,7 @@ class RayExtractor:
             compute=ActorPoolStrategy(size=self.workers),
             fn_constructor_kwargs={"recipe": self.recipe.to_dict(), "weights": self.weights, "engine": self.engine,
                                    "threads": self.threads, "store_maps": self.store_maps,
-                                   "staging": str(staging)})
+                                   "staging": str(staging), "state": self.recipe.state_dict()})
 
     def __call__(self, paths: Sequence[Path]) -> Iterator:
         from ..io import load_npz
