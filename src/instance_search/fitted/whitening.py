@@ -29,7 +29,7 @@ from ..errors import FileFormatError, NotFittedError
 from ..io import atomic_save_npz, load_npz
 from ..ops.normalize import l2n
 
-__all__ = ["PCAWhitening", "NotFittedError", "WhiteningFileError"]
+__all__ = ["PCAWhitening", "NotFittedError", "WhiteningFileError", "eigh_desc", "pca_basis"]
 
 _FORMAT = "instance_search.PCAWhitening"
 _FORMAT_VERSION = 1
@@ -38,6 +38,74 @@ _RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are treated 
 
 class WhiteningFileError(FileFormatError):
     """A saved whitening file is unreadable, damaged, or not a PCAWhitening file."""
+
+
+def eigh_desc(sym) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of a symmetric PSD matrix (D, D): eigenvalues (D,) decreasing, clipped at 0, and the
+    eigenvectors as COLUMNS (D, D), each signed so that its largest-magnitude coefficient is positive
+    (reproducible signs). The one eigen-solver of every PCA in the package (whitening, local PCA-whitening of
+    embeddings, rotation normalisation)."""
+    a = np.asarray(sym, np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"expected a square symmetric matrix, got shape {a.shape}")
+    lam, V = np.linalg.eigh(a)  # ascending
+    order = np.argsort(lam)[::-1]
+    lam, V = np.clip(lam[order], 0.0, None), V[:, order]
+    return lam, _fix_signs(V)
+
+
+def _fix_signs(V: np.ndarray) -> np.ndarray:
+    """Columns of V signed so that each one's largest-magnitude coefficient is positive."""
+    if V.shape[1] == 0:
+        return V
+    signs = np.sign(V[np.argmax(np.abs(V), axis=0), np.arange(V.shape[1])])
+    return V * np.where(signs == 0, 1.0, signs)
+
+
+def pca_basis(X, dim: int | None = None, rel_tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of the rows of ``X`` (M, D) without whitening: ``(mean (D,), components (r, D) orthonormal rows,
+    eigenvalues (r,))`` of the maximum-likelihood covariance ``Xc^T Xc / M``, eigenvalues decreasing,
+    ``r = min(dim, numerical rank)`` (directions below ``rel_tol`` of the largest eigenvalue are dropped).
+
+    Uses the (M, M) Gram matrix when ``M <= D`` (e.g. VLADs or aggregated embeddings of 4-50k dimensions
+    from a few hundred images), so no (D, D) covariance is formed: with ``G = Xc Xc^T = U diag(w) U^T`` the
+    components are ``U^T Xc / sqrt(w)`` and the eigenvalues ``w / M``. Float64, except for matrices of more
+    than 2e7 entries (float32, and ``rel_tol >= 1e-6``). Signs as :func:`eigh_desc`. Used by
+    :class:`PCAWhitening`'s callers that need only the basis (Ng et al.'s VLAD PCA-whitening, the rotation
+    normalisation of :mod:`instance_search.fitted.rotation`).
+    """
+    if hasattr(X, "detach"):
+        X = X.detach().cpu().numpy()
+    x = np.asarray(X)
+    dt = np.float64 if x.size <= 2e7 else np.float32
+    x = np.asarray(x, dtype=dt)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"PCA needs an (M >= 2, D) matrix, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("PCA: the vectors contain NaN or infinite values")
+    if dt == np.float32:
+        rel_tol = max(rel_tol, 1e-6)
+    m, d = x.shape
+    mean = x.mean(0, dtype=np.float64)
+    xc = (x - mean.astype(dt)).astype(dt, copy=False)
+    if m <= d:
+        w, u = eigh_desc((xc @ xc.T).astype(np.float64))
+        keep = w > rel_tol * max(w[0], 1e-300)
+        w, u = w[keep], u[:, keep]
+        if dim is not None:
+            w, u = w[:dim], u[:, :dim]
+        comps = _fix_signs(((u.T.astype(dt) @ xc).astype(np.float64) / np.sqrt(w)[:, None]).T).T
+        lam = w / m
+    else:
+        w, v = eigh_desc((xc.T @ xc).astype(np.float64) / m)
+        keep = w > rel_tol * max(w[0], 1e-300)
+        w, v = w[keep], v[:, keep]
+        if dim is not None:
+            w, v = w[:dim], v[:, :dim]
+        comps, lam = v.T, w
+    if comps.shape[0] == 0:
+        raise ValueError("PCA: the training vectors are all identical")
+    return mean, np.ascontiguousarray(comps), lam
 
 
 def _ledoit_wolf(Xc: np.ndarray, cov: np.ndarray) -> float:
@@ -154,10 +222,7 @@ class PCAWhitening:
             cov = (1.0 - s) * cov
             cov[np.diag_indices(d)] += s * m
 
-        lam, V = np.linalg.eigh(cov)  # ascending
-        order = np.argsort(lam)[::-1]
-        lam = np.clip(lam[order], 0.0, None)
-        V = V[:, order]
+        lam, V = eigh_desc(cov)
         if lam[0] <= 0:
             raise ValueError("training vectors are all identical: their covariance is zero")
         rank = int(np.sum(lam > _RANK_TOL * lam[0]))
@@ -176,9 +241,6 @@ class PCAWhitening:
                           stacklevel=2)
 
         lam, V = lam[:dim], V[:, :dim]
-        # Fix the sign of each eigenvector (largest |coefficient| positive) so results are reproducible.
-        signs = np.sign(V[np.argmax(np.abs(V), axis=0), np.arange(dim)])
-        V = V * np.where(signs == 0, 1.0, signs)
         self.mean = mean
         self.components = np.ascontiguousarray(V.T)
         self.eigenvalues = lam

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["max_mask", "sum_mask", "sift_mask", "sift_keypoints", "masked_features"]
+__all__ = ["max_mask", "sum_mask", "sift_mask", "sift_keypoints", "masked_features", "VLSIFT_LIKE"]
 
 
 def _map(X) -> tuple[torch.Tensor, bool]:
@@ -30,23 +30,26 @@ def _out(mask: torch.Tensor, is_torch: bool):
 def max_mask(X):
     """MAX-mask (Hoang et al. 2017, Eq. 2): True at the arg-max location of each channel (union over channels).
 
-    Ties go to the first cell in row-major order. Channels whose maximum is ``<= 0`` (dead after ReLU:
-    every cell ties) are ignored, since their arg-max carries no information.
+    Conventions of the authors' ``apply_mask.m`` (the paper is silent on them): ties go to the first cell in
+    COLUMN-major order (smallest column, then smallest row: MATLAB's ``max`` over an (H, W) map), and a channel
+    that is zero everywhere (dead after ReLU) marks its first cell, ``(0, 0)``, like any other tie.
     """
     t, is_torch = _map(X)
     c, h, w = t.shape
-    mask = torch.zeros(h * w, dtype=torch.bool, device=t.device)
-    flat = t.reshape(c, h * w)
-    if h * w:
-        vals, idx = flat.max(dim=1)
-        mask[idx[vals > 0]] = True
-    return _out(mask.reshape(h, w), is_torch)
+    mask = np.zeros(h * w, dtype=bool)
+    if h * w and c:
+        colmajor = t.detach().cpu().transpose(1, 2).reshape(c, w * h).numpy()  # index = col * H + row
+        first = np.argmax(colmajor, axis=1)  # numpy: the first maximal index
+        rows, cols = first % h, first // h
+        mask[rows * w + cols] = True
+    out = torch.from_numpy(mask.reshape(h, w))
+    return _out(out.to(t.device), is_torch)
 
 
 def sum_mask(X):
     """SUM-mask (Hoang et al. 2017, Eq. 3): True where the channel sum ``S(x, y) = sum_c X_c(x, y)`` is at
     least the median of all channel sums (median as in ``numpy.median``: mean of the two middle values
-    for an even count)."""
+    for an even count; MATLAB's ``prctile(S, 50)`` of the authors' code is the same number)."""
     t, is_torch = _map(X)
     s = t.sum(0)
     if s.numel() == 0:
@@ -55,39 +58,68 @@ def sum_mask(X):
     return _out(s.to(torch.float64) >= med, is_torch)
 
 
-def sift_mask(keypoints_xy, image_hw: tuple[int, int], map_hw: tuple[int, int]) -> np.ndarray:
-    """SIFT-mask (Hoang et al. 2017, Eq. 1): True at the feature-map cells that hold a SIFT keypoint.
+def sift_mask(keypoints_xy, image_hw: tuple[int, int], map_hw: tuple[int, int], radius: int = 1) -> np.ndarray:
+    """SIFT-mask (Hoang et al. 2017, Eq. 1): True at the feature-map cells around SIFT keypoints.
 
-    ``keypoints_xy`` is (N, 2) as (x, y) image pixels; a keypoint maps to cell
-    ``(round(y * H_map / H_img), round(x * W_map / W_img))``, clipped into the map. With no keypoint
-    (flat or tiny image) the mask falls back to all-True, i.e. no selection, rather than an empty set.
+    ``keypoints_xy`` is (N, 2) as 0-based (x, y) image pixels (OpenCV's convention). As in the authors'
+    ``apply_mask.m``: the 1-based position ``x + 1`` maps to the 1-based cell column ``round((x + 1) W_map /
+    W_img)`` (rounding half away from zero), likewise the row, and the ``(2 radius + 1)^2`` block of cells
+    around it (radius 1: 3x3), cut at the map's border, is kept. With no keypoint (flat or tiny image) the
+    mask is all-True, i.e. no selection, rather than an empty set (where the authors' code gives a zero vector).
     """
     hi, wi = int(image_hw[0]), int(image_hw[1])
     hm, wm = int(map_hw[0]), int(map_hw[1])
     if hi <= 0 or wi <= 0:
         raise ValueError(f"image_hw must be positive, got {image_hw}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
     kp = np.asarray(keypoints_xy, dtype=np.float64).reshape(-1, 2)
     if kp.shape[0] == 0:
         return np.ones((hm, wm), dtype=bool)
-    cols = np.clip(np.rint(kp[:, 0] * wm / wi), 0, wm - 1).astype(np.int64)
-    rows = np.clip(np.rint(kp[:, 1] * hm / hi), 0, hm - 1).astype(np.int64)
+    col1 = np.floor((kp[:, 0] + 1.0) * wm / wi + 0.5).astype(np.int64)  # 1-based, half away from zero (>= 0)
+    row1 = np.floor((kp[:, 1] + 1.0) * hm / hi + 0.5).astype(np.int64)
     mask = np.zeros((hm, wm), dtype=bool)
-    mask[rows, cols] = True
+    # a block [max(1, c - r), min(W, c + r)] (1-based) marked through a 2-D difference array + cumulative sums
+    r0, r1 = np.maximum(row1 - radius, 1) - 1, np.minimum(row1 + radius, hm)  # 0-based half-open
+    c0, c1 = np.maximum(col1 - radius, 1) - 1, np.minimum(col1 + radius, wm)
+    ok = (r0 < r1) & (c0 < c1)
+    diff = np.zeros((hm + 1, wm + 1), dtype=np.int64)
+    np.add.at(diff, (r0[ok], c0[ok]), 1)
+    np.add.at(diff, (r0[ok], c1[ok]), -1)
+    np.add.at(diff, (r1[ok], c0[ok]), -1)
+    np.add.at(diff, (r1[ok], c1[ok]), 1)
+    mask[:] = diff.cumsum(0).cumsum(1)[:hm, :wm] > 0
     return mask
 
 
-def sift_keypoints(img, max_keypoints: int = 0) -> np.ndarray:
-    """SIFT keypoint locations (N, 2) float32 as (x, y) pixels of a PIL image (OpenCV ``cv2.SIFT_create``).
+#: OpenCV settings that approximate the authors' ``vl_sift(I, 'PeakThresh', 4, 'edgethresh', 10)`` on a 0-255
+#: grey image: VLFeat starts at octave 0 (no upsampling), so keypoints of OpenCV's upsampled octave -1 are
+#: dropped; VLFeat's peak threshold 4 (grey levels) is OpenCV's contrastThreshold 4 * 3 / 255 (OpenCV divides
+#: contrastThreshold by nOctaveLayers = 3 and works on a 0-1 image); edge threshold 10 in both.
+VLSIFT_LIKE = {"contrast_threshold": 4 * 3 / 255.0, "edge_threshold": 10.0, "first_octave": 0}
 
-    ``max_keypoints = 0`` keeps all (OpenCV's ``nfeatures``). Needs ``opencv-python-headless``.
+
+def sift_keypoints(img, max_keypoints: int = 0, *, contrast_threshold: float = VLSIFT_LIKE["contrast_threshold"],
+                   edge_threshold: float = VLSIFT_LIKE["edge_threshold"],
+                   first_octave: int = VLSIFT_LIKE["first_octave"]) -> np.ndarray:
+    """SIFT keypoint locations (N, 2) float32 as 0-based (x, y) pixels of a PIL image (OpenCV ``cv2.SIFT_create``).
+
+    Defaults follow the authors' detector setting (:data:`VLSIFT_LIKE`); ``first_octave=-1``,
+    ``contrast_threshold=0.04`` are OpenCV's own defaults. ``max_keypoints = 0`` keeps all (OpenCV's
+    ``nfeatures``). Needs ``opencv-python-headless``.
     """
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("sift_keypoints needs OpenCV: pip install opencv-python-headless") from exc
+    if first_octave not in (-1, 0):
+        raise ValueError(f"first_octave must be -1 (OpenCV's upsampled octave) or 0, got {first_octave}")
     gray = np.asarray(img.convert("L"), dtype=np.uint8)
-    sift = cv2.SIFT_create(nfeatures=int(max_keypoints))
+    sift = cv2.SIFT_create(nfeatures=int(max_keypoints), contrastThreshold=float(contrast_threshold),
+                           edgeThreshold=float(edge_threshold))
     kps = sift.detect(gray, None)
+    if first_octave == 0:
+        kps = [kp for kp in kps if (kp.octave & 255) != 255]  # octave byte 255 = -1, the upsampled image
     if not kps:
         return np.zeros((0, 2), dtype=np.float32)
     return np.array([kp.pt for kp in kps], dtype=np.float32)
