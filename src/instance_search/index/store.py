@@ -70,8 +70,6 @@ def set_default_wait(seconds: float | None) -> None:
 #: removed once older than this
 STALE_TEMP_S = 3600.0
 
-IndexError_ = CorruptIndexError  # the earlier name
-
 
 class WriterBusyError(ISearchError, RuntimeError):
     """Another process holds the index's writer lock for longer than the caller would wait (names its pid)."""
