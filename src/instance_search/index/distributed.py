@@ -410,7 +410,7 @@ class ShardedIndex:
         file that each actor memory-maps and reads its own slice from (nothing large crosses the object store)."""
         import faiss
 
-        from .faiss_backend import _as_matrix, trained_faiss
+        from .faiss_backend import as_matrix, trained_faiss
 
         ray = _require_ray()
         path = None
@@ -423,7 +423,7 @@ class ShardedIndex:
             if vectors.ndim != 2 or vectors.dtype != np.float32:
                 raise ValueError(f"{path}: expected an (N, D) float32 array, got {vectors.dtype} {vectors.shape}")
         else:
-            vectors = _as_matrix(vectors)
+            vectors = as_matrix(vectors)
         n, d = vectors.shape
         if not 1 <= shards <= max(1, n):
             raise ValueError(f"shards must be between 1 and the number of vectors ({n}), got {shards}")

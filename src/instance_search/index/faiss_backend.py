@@ -17,7 +17,8 @@ import numpy as np
 KINDS = ("flat", "hnsw", "ivfpq")
 
 
-def _as_matrix(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
+def as_matrix(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
+    """``vectors`` as a C-contiguous float32 (N, D) matrix (what FAISS takes); other shapes refused naming ``name``."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"{name} must be (N, D), got shape {vectors.shape}")
@@ -71,7 +72,7 @@ def _ivf(index):
 def trained_faiss(train: np.ndarray, kind: str = "flat", *, n: int | None = None, **kw):
     """An empty index of ``kind`` trained on the rows of ``train`` (for ``n`` vectors to come, default
     ``len(train)``): train once on a sample, then :meth:`add` the collection, possibly in shards."""
-    train = _as_matrix(train, "training vectors")
+    train = as_matrix(train, "training vectors")
     index = empty_faiss(train.shape[1], kind, n=n if n is not None else len(train), **kw)
     if not index.is_trained:
         ivf = _ivf(index)
@@ -91,7 +92,7 @@ def build_faiss(vectors: np.ndarray, kind: str = "flat", *, hnsw_m: int = 32, nl
     ``train_sample``: train an IVF-PQ index on that many rows drawn at random (``seed``) instead of all of
     them — k-means on a sample of ~64 points per list gives the same lists at a fraction of the cost.
     """
-    vectors = _as_matrix(vectors)
+    vectors = as_matrix(vectors)
     n, d = vectors.shape
     if kind == "ivfpq":
         train = vectors
