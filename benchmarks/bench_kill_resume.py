@@ -103,14 +103,8 @@ def check(index: Path) -> tuple[dict[int, str], list[str]]:
 
 
 def stray_files(index: Path) -> list[str]:
-    manifest = json.loads((index / "manifest.json").read_text())
-    named = set(manifest["segments"])
-    out = []
-    for sub in ("segments", "maps"):
-        d = index / sub
-        if d.is_dir():
-            out += [f.name for f in d.iterdir() if re.sub(r"\.(npz|cmap)$", "", f.name) not in named]
-    return out
+    """Files in segments/ and maps/ that the catalogue does not name, and stale temp files."""
+    return [f.name for f in IndexStore.open(index).leftovers()]
 
 
 def compare(a: Path, b: Path) -> dict:

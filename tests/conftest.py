@@ -43,7 +43,7 @@ def build_server_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
 
     base = tmp_path_factory.getbasetemp()
     photos, root = base / "isearch-server-photos", base / "isearch-server-index"
-    if (root / "manifest.json").is_file():
+    if (root / "catalog.sqlite").is_file():
         return photos, root
     photos.mkdir(exist_ok=True)
     for i in range(4 * SERVER_OBJECTS + 2):
@@ -55,7 +55,7 @@ def build_server_index(ukbench: Path, tmp_path_factory) -> tuple[Path, Path]:
     try:
         tmp.rename(root)
     except OSError:
-        assert (root / "manifest.json").is_file()
+        assert (root / "catalog.sqlite").is_file()
     return photos, root
 
 

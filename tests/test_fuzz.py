@@ -230,7 +230,7 @@ def test_parse_box_round_trips_valid_boxes(v):
                       st.lists(st.sampled_from(["..", ".", "/", "\\", "etc", "passwd", "C:", "\x00", "é", " ",
                                                 "~", "%2e", ".jpg"]), max_size=12).map("".join)))
 def test_upload_names_are_sanitised(name):
-    from instance_search.server.app import sanitize_stem
+    from instance_search.server.guard import sanitize_stem
 
     stem = sanitize_stem(name)
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", stem), stem

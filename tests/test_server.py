@@ -17,7 +17,7 @@ from PIL import Image
 from instance_search.collection import Collection
 from conftest import build_server_index as build_index
 from instance_search.server import create_app
-from instance_search.server.app import sanitize_stem
+from instance_search.server.guard import sanitize_stem
 
 
 

@@ -215,12 +215,18 @@ def serve(
     ground_truth: Optional[str] = typer.Option(None, "--ground-truth",
                                                help="JSON {'groups': {name: group}} or 'ukbench'."),
     read_only: bool = typer.Option(False, "--read-only", help="Refuse uploads."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="ISEARCH_TOKEN",
+                                        help="Require this token on every API request (Authorization: Bearer, or "
+                                             "open /?token=... once in the browser)."),
+    uploads_per_minute: int = typer.Option(120, "--uploads-per-minute", help="Uploaded images per minute (0: no "
+                                                                             "limit)."),
 ) -> None:
     """Serve the web page and the HTTP API (OpenAPI at /openapi.json) for an index."""
     from ..server import serve as run_server
 
     try:
-        run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only)
+        run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only,
+                   token=token, uploads_per_minute=uploads_per_minute)
     except _errors() as exc:
         _fail(_msg(exc))
 

@@ -33,7 +33,6 @@ import sqlite3
 import sys
 import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -710,7 +709,7 @@ class IndexStore:
         with self._lock_held():
             first = int(self._db().execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
             ids = np.arange(first, first + len(entries), dtype=np.int64)
-            name = f"seg-{first:09d}-{uuid.uuid4().hex[:12]}"
+            name = f"seg-{first:09d}-{len(entries):06d}"  # unique: ids are never reused (next_id only grows)
             self._write_segment(name, entries, ids, tag, replace=None)
             self._load()
         return ids.tolist()
@@ -752,7 +751,7 @@ class IndexStore:
                 local = [z["local"][off[i]:off[i + 1]].astype(np.float32) for i in range(len(off) - 1)]
                 z["vectors"] = np.asarray(finalize(local), np.float32).reshape(len(local), -1)
                 z["tag"] = np.asarray(tag)
-                new_file = f"{name}.{uuid.uuid4().hex[:8]}.npz"
+                new_file = f"{name}.v{self._version() + 1}.npz"  # unique: the version only grows
                 new_path = self.root / "segments" / new_file
                 atomic_save_npz(new_path, **z)
                 sha, size = _file_sha256(new_path)
@@ -804,7 +803,7 @@ class IndexStore:
                     e.fmap = None
             tags = {seg.tag for seg, _ in live}
             tag = tags.pop() if len(tags) == 1 else "mixed"
-            self._write_segment(f"seg-compact-{uuid.uuid4().hex[:12]}", entries,
+            self._write_segment(f"seg-compact-{self._version() + 1:09d}", entries,
                                 np.asarray([e.id for e in entries], np.int64), tag, replace=old)
             self._write_backup()
             self._remove_leftovers()

@@ -1,0 +1,201 @@
+"""FastAPI app over one index folder: search by uploaded image (+ box) or by an indexed image, add images,
+thumbnails, stats, and the single search page.
+
+Endpoints (all JSON except ``/`` and thumbnails; errors are ``{"detail": "..."}``):
+
+* ``POST /api/search``  multipart: ``image`` (file) *or* ``query_id`` (an indexed id); optional ``box``
+  ``"x1,y1,x2,y2"`` in pixels of the query image (or of a scaled copy of size ``box_frame`` ``"W,H"``), ``top``
+  (1..max_top) and ``options`` (a JSON object of extra keyword arguments that ``Collection.search`` accepts).
+* ``POST /api/images``  multipart: one or more ``files``; each is checked to be a decodable image, stored
+  under ``<index>/uploads/`` with a sanitised name and indexed (all-or-nothing validation); at most
+  ``max_files`` per request, ``uploads_per_minute`` per minute (429).
+* ``GET /api/images``   a page of indexed images (id, name, group, thumbnail URL) to pick queries from.
+* ``GET /api/stats``    what the index holds and the server's limits.
+* ``GET /api/thumbnail/{id}?size=256``  JPEG thumbnail of an *indexed* image, looked up by id only (at most
+  512 px; made once from the original and stored in ``<index>/thumbs/``).
+* ``GET /``             the page; ``GET /openapi.json`` the OpenAPI description.
+
+Nothing here unpickles, evals or opens a client-supplied path. Searches and additions share one lock (the
+backbone and FAISS index are not meant for concurrent mutation); every decode runs under the decode gate
+(server/guard.py). Images added by other processes (``isearch index``) are picked up on the next request.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, Response
+
+from ..images import BoxError, ImageError, parse_box
+from ..index.store import WriterBusyError
+from .guard import (DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PIXEL_BUDGET, DEFAULT_UPLOADS_PER_MINUTE,
+                    BadRequest, Guard, _copy_limited, _parse_frame, client_name, probe_image)
+from .service import SearchService
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads: bool = True,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_files: int = 32, max_top: int = 100,
+               show_paths: bool = False, allowed_hosts: list[str] | None = None, weights: str | None = None,
+               device: str = "cpu", token: str | None = None, max_decodes: int = DEFAULT_MAX_DECODES,
+               pixel_budget: int = DEFAULT_PIXEL_BUDGET, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE):
+    """A FastAPI app serving the index at ``index_dir``.
+
+    ``ground_truth``: ``None``, ``"ukbench"``, a dict or a JSON file ``{"groups": {path_or_name: group}}``;
+    with it every hit says whether it shows the query's object and the response carries precision@k.
+    ``allow_uploads=False`` opens the index read-only and refuses ``POST /api/images`` (403).
+    ``max_upload_bytes`` caps every request body (413). ``show_paths`` adds server file paths to responses
+    (off by default: clients see ids and file names). ``allowed_hosts``: Host header allow-list (``serve``
+    sets it for loopback addresses against DNS rebinding). ``token``: every API request must carry it
+    (``Authorization: Bearer``, or the cookie ``/?token=...`` sets). ``max_decodes`` / ``pixel_budget``: how many
+    images, and how many pixels in all, are decoded at once (bounded memory); ``uploads_per_minute``: 429 beyond.
+    """
+    from .. import __version__
+
+    svc = SearchService(index_dir, ground_truth=ground_truth, allow_uploads=allow_uploads,
+                        max_upload_bytes=max_upload_bytes, max_files=max_files, max_top=max_top,
+                        show_paths=show_paths, weights=weights, device=device, max_decodes=max_decodes,
+                        pixel_budget=pixel_budget, uploads_per_minute=uploads_per_minute)
+    page = (STATIC / "index.html").read_bytes()
+
+    app = FastAPI(title="instance-search", version=__version__, docs_url=None, redoc_url=None,
+                  description="Instance-level image search over one index folder: query by image and box, "
+                              "add images, thumbnails. The page is at /.")
+    app.state.service = svc
+    app.add_middleware(Guard, max_body=svc.max_upload_bytes, allowed_hosts=allowed_hosts,
+                       token=token if token else None)
+
+    def fail(status: int, msg: str):
+        raise HTTPException(status_code=status, detail=msg)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page():
+        return HTMLResponse(page, headers={"cache-control": "no-cache"})
+
+    @app.get("/api/stats", summary="What the index holds and the server's limits")
+    def stats() -> dict:
+        return svc.stats()
+
+    @app.get("/api/images", summary="A page of indexed images (to pick a query from)")
+    def list_images(offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=500)) -> dict:
+        svc.refresh()
+        order, by_id = svc.order, svc.by_id
+        return {"total": len(order), "offset": offset,
+                "images": [svc.image_json(by_id[i]) for i in order[offset:offset + limit]]}
+
+    @app.get("/api/thumbnail/{image_id}", summary="JPEG thumbnail of an indexed image",
+             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no such indexed id"}})
+    def thumbnail(image_id: str, size: int = Query(256, ge=16, le=1024)):
+        if not re.fullmatch(r"[0-9]{1,18}", image_id):
+            fail(404, "no such image id")
+        try:
+            data = svc.thumbnail(int(image_id), size)
+        except BadRequest as exc:
+            fail(exc.status, str(exc))
+        except ImageError:
+            fail(404, f"image {image_id}: its file is missing or no longer readable")
+        if data is None:
+            fail(404, f"no image with id {image_id} in this index")
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=300"})
+
+    @app.post("/api/search", summary="Rank the indexed images by similarity to a query image (+ box)")
+    def search(image: UploadFile | None = File(None, description="query image (or give query_id)"),
+               query_id: int | None = Form(None, description="search with an indexed image instead"),
+               box: str | None = Form(None, description="x1,y1,x2,y2 in pixels of the query (or of box_frame)"),
+               box_frame: str | None = Form(None, description="W,H of the scaled copy the box was drawn on"),
+               top: int = Form(10, description="number of results"),
+               options: str | None = Form(None, description="JSON object of extra Collection.search options")):
+        t0 = time.perf_counter()
+        if not 1 <= top <= svc.max_top:
+            fail(422, f"top must be between 1 and {svc.max_top}, got {top}")
+        try:
+            b = parse_box(box) if box not in (None, "") else None
+            frame = _parse_frame(box_frame)
+        except BoxError as exc:
+            fail(422, str(exc))
+        try:
+            opts = svc.parse_options(options)
+        except ValueError as exc:
+            fail(422, str(exc))
+        if (image is None) == (query_id is None):
+            fail(422, "give exactly one of 'image' (a file) or 'query_id' (an indexed image id)")
+        with tempfile.TemporaryDirectory(prefix="isearch-query-") as tmpdir:
+            try:
+                if image is not None:
+                    name = client_name(image.filename)
+                    qpath = Path(tmpdir) / "query"
+                    _, sha = _copy_limited(image.file, qpath, svc.max_upload_bytes, name)
+                    probe_image(qpath, name)
+                    group = svc.gt.group_of(name) if svc.gt is not None else None
+                else:
+                    rec = svc.record(int(query_id))
+                    if rec is None:
+                        fail(404, f"no image with id {query_id} in this index")
+                    qpath, name, sha = Path(rec["path"]), Path(rec["path"]).name, rec["sha256"]
+                    group = svc.groups.get(int(query_id))
+                    try:
+                        probe_image(qpath, name)
+                    except BadRequest:
+                        fail(404, f"image {query_id}: its file is missing or no longer readable")
+                t1 = time.perf_counter()
+                return svc.search(qpath, name, sha, group, b, frame, top, opts,
+                                  {"upload_ms": (t1 - t0) * 1e3})
+            except BadRequest as exc:
+                fail(exc.status, str(exc))
+            except BoxError as exc:
+                fail(422, str(exc).replace(str(qpath), name))
+            except ImageError as exc:
+                msg = str(exc).replace(str(qpath), name)
+                if image is None:
+                    fail(404, f"image {query_id}: its file is missing or no longer readable")
+                fail(413 if "decompression bomb" in msg else 415, msg)
+            except (TypeError, ValueError) as exc:
+                if opts:
+                    fail(422, f"options: {exc}")
+                raise
+
+    @app.post("/api/images", summary="Upload images and add them to the index", status_code=200)
+    def add_images(files: list[UploadFile] = File(..., description="image files")):
+        if not svc.allow_uploads:
+            fail(403, "this server was started read-only (uploads are off)")
+        try:
+            return svc.add_uploads([(f.file, f.filename) for f in files])
+        except BadRequest as exc:
+            fail(exc.status, str(exc))
+        except WriterBusyError as exc:
+            fail(503, str(exc).replace(str(svc.index_dir), "<index>"))
+
+    return app
+
+
+def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, ground_truth=None,
+          allow_uploads: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, show_paths: bool = False,
+          log_level: str = "info", token: str | None = None, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE,
+          max_decodes: int = DEFAULT_MAX_DECODES, pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> None:
+    """Serve the index with uvicorn (one process; the app holds the model and the FAISS index in memory).
+
+    Without ``token`` there is no authentication: keep the default ``host="127.0.0.1"`` unless you trust the
+    network, or set a token.
+    """
+    import uvicorn
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    allowed = ["127.0.0.1", "localhost", "::1", host.strip("[]")] if loopback else None
+    app = create_app(index_dir, ground_truth=ground_truth, allow_uploads=allow_uploads,
+                     max_upload_bytes=max_upload_bytes, show_paths=show_paths, allowed_hosts=allowed, token=token,
+                     uploads_per_minute=uploads_per_minute, max_decodes=max_decodes, pixel_budget=pixel_budget)
+    if not loopback and not token:
+        print(f"warning: serving {index_dir} on {host}:{port} without authentication; anyone who can reach it "
+              f"can search{' and add images' if allow_uploads else ''}", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, server_header=False,
+                timeout_keep_alive=5, limit_concurrency=64)
