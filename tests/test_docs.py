@@ -3,9 +3,10 @@ they cite exists.
 
 Convention (one line directly above each ```bash / ```sh / ```console / ```python block):
     <!-- run -->                   run by this test, in a fresh folder per page holding `photos/` (8 UKBench
-                                   photos, 2 objects), `query.jpg` (another view of object 1) and `demo-index/`
-                                   (those photos indexed with R-MAC, VGG16, 256 px); a page's blocks run in order
-                                   in that folder, so a later block sees what an earlier one made;
+                                   photos, 2 objects; shared by all pages: do not change it), `query.jpg` (a copy of
+                                   a view of object 1) and `demo-index/` (those photos indexed with R-MAC, VGG16,
+                                   256 px; a fresh copy per page); a page's blocks run in order in that folder, so
+                                   a later block sees what an earlier one made;
     <!-- not run: REASON -->       not run, REASON says why (e.g. "takes hours", "needs the full Oxford set").
 A run bash block holds `isearch ...` lines only (comments allowed, `\\` continues a line); each runs in this
 process through typer's test runner and must exit 0. A run python block is exec'd with PHOTOS, QUERY and
@@ -157,7 +158,12 @@ def test_run_blocks(page, sandbox_template, tmp_path, monkeypatch, capsys):
     from instance_search.cli.main import app
 
     work = tmp_path / "work"
-    shutil.copytree(sandbox_template, work)
+    work.mkdir()
+    # photos/ is shared (a link: the index records resolved paths, so `isearch remove photos/x.jpg` finds them);
+    # demo-index/ is copied, since a page may change it.
+    (work / "photos").symlink_to(sandbox_template / "photos", target_is_directory=True)
+    shutil.copy(sandbox_template / "query.jpg", work / "query.jpg")
+    shutil.copytree(sandbox_template / "demo-index", work / "demo-index")
     monkeypatch.chdir(work)
     runner = CliRunner()
     for b in parse_blocks(page.read_text(), page):
