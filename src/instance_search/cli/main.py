@@ -10,6 +10,9 @@ from typing import List, Optional
 import typer
 
 from . import recipe_options as ro
+from .common import expected_errors as _errors
+from .common import fail as _fail
+from .common import message as _msg
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Instance-level image retrieval with CNN features (MAC, R-MAC, ...).")
@@ -19,25 +22,6 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(whitening_app, name="whitening")
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _msg(exc: BaseException) -> str:
-    """The message of an error; a KeyError's without the quotes that ``str`` adds."""
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        return exc.args[0]
-    return str(exc)
-
-
-def _errors():
-    """The errors turned into one clear line and a non-zero exit: every package error (:class:`ISearchError`)
-    and the builtins the library still raises for a user's input (a missing file, an unknown name, a bad
-    value)."""
-    from ..errors import ISearchError
-
-    return (ISearchError, FileNotFoundError, KeyError, ValueError)
 
 
 @app.command()

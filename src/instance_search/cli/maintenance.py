@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
-from .main import _errors, _fail, _msg, app
+from .common import expected_errors as _errors
+from .common import fail as _fail
+from .common import message as _msg
+from .main import app
 
 
 def _line(text: str) -> str:

@@ -8,18 +8,13 @@ from typing import Optional
 
 import typer
 
-from ..errors import ISearchError
+from .common import EXPECTED_ERRORS as _EXPECTED
+from .common import fail, message
 from .main import app
-
-#: a user's input errors: one clear line and exit code 2 (as the other commands)
-_EXPECTED = (ISearchError, FileNotFoundError, KeyError, ValueError)
 
 
 def _fail(exc: BaseException) -> None:
-    msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str) \
-        else str(exc)
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    fail(message(exc))
 
 
 @app.command()

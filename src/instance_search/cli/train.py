@@ -19,25 +19,10 @@ from typing import Optional
 
 import typer
 
+from .common import expected_errors as _expected
+from .common import fail as _fail
+from .common import message as _msg
 from .main import app
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _msg(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        return exc.args[0]
-    return str(exc)
-
-
-def _expected():
-    """The errors a command turns into one line and exit code 2: the package's own and a user's bad input."""
-    from ..errors import ISearchError
-
-    return (ISearchError, FileNotFoundError, KeyError, ValueError)
 
 
 def _floats(text: str, what: str) -> list[float]:
