@@ -125,7 +125,7 @@ def test_sift_keypoints_on_synthetic_image():
     from PIL import ImageFilter
 
     tex = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 200), dtype=np.uint8))
-    tex = tex.filter(ImageFilter.GaussianBlur(2))
+    tex = tex.filter(ImageFilter.GaussianBlur(1))
     ours = sift_keypoints(tex)
     dense = sift_keypoints(tex, contrast_threshold=0.04, first_octave=-1)
     assert 0 < len(ours) < len(dense)
