@@ -51,6 +51,12 @@ def test_load_npz_errors_name_the_file_and_never_unpickle(tmp_path):
     assert not marker.exists()
     with pytest.raises(CorruptIndexError, match="truncated.npz"):  # a caller's own package error
         load_npz(tmp_path / "truncated.npz", CorruptIndexError)
+    data = (tmp_path / "good.npz").read_bytes()  # bytes (e.g. read from an index's fitted files)
+    assert np.array_equal(load_npz(data, name="fitted/x.npz")["a"], np.zeros(1000))
+    with pytest.raises(FileFormatError, match="fitted/x.npz: state corrupt"):
+        load_npz(data[:300], what="state", name="fitted/x.npz")
+    with pytest.raises(TypeError, match="name the file"):
+        load_npz(data)
     with pytest.raises(TypeError, match="ISearchError"):
         load_npz(tmp_path / "good.npz", ValueError)
 

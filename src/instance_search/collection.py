@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .io import file_sha256, prefetch, progress_bar
+from .io import file_sha256, load_npz, prefetch, progress_bar
 from .images import Box, ImageError, list_images, load_image, parse_box, regular_file_sha256
 from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
@@ -143,13 +143,7 @@ def _stored_recipe(store: IndexStore) -> Recipe:
         raise CorruptIndexError(f"{store.root}: the index's recipe is not valid here ({exc})") from exc
     name = store.settings.get("recipe_state")
     if name:
-        try:
-            with np.load(io.BytesIO(store.read_file(name)), allow_pickle=False) as z:
-                state = {k: z[k] for k in z.files}
-        except CorruptIndexError:
-            raise
-        except Exception as exc:
-            raise CorruptIndexError(f"{store.root / 'fitted' / name}: unreadable fitted state ({exc})") from exc
+        state = load_npz(store.read_file(name), CorruptIndexError, "fitted state", name=store.root / "fitted" / name)
         try:
             recipe.load_state_dict(state)
         except (RecipeError, ValueError, KeyError) as exc:

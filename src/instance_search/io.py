@@ -77,23 +77,31 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_npz(path: str | os.PathLike, error: type[ISearchError] = FileFormatError,
-             what: str = "file") -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` at ``path``, read with ``allow_pickle=False`` (an object array is refused, never
-    unpickled). A missing, truncated or damaged file, or one holding pickles, raises ``error`` (a package error;
-    default :class:`~.errors.FileFormatError`) whose message names the file and ``what`` it should be."""
+def load_npz(source: str | os.PathLike | bytes, error: type[ISearchError] = FileFormatError, what: str = "file",
+             name: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (``source``: its path, or its bytes), read with ``allow_pickle=False`` (an object
+    array is refused, never unpickled). A missing, truncated or damaged file, or one holding pickles, raises
+    ``error`` (a package error; default :class:`~.errors.FileFormatError`) whose message names the file (``name``,
+    default the path) and ``what`` it should be."""
     if not (isinstance(error, type) and issubclass(error, ISearchError)):
         raise TypeError(f"load_npz: error must be a subclass of ISearchError, got {error!r}")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if name is None:
+            raise TypeError("load_npz: name the file whose bytes are given (name=...)")
+        src = io.BytesIO(bytes(source))
+    else:
+        src = source
+    label = source if name is None else name
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(src, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz archive")
         with z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError as exc:
-        raise error(f"{path}: {what} missing") from exc
+        raise error(f"{label}: {what} missing") from exc
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickles, bad header), OSError, EOFError ...
-        raise error(f"{path}: {what} corrupt or unreadable ({exc.__class__.__name__}: {exc})") from exc
+        raise error(f"{label}: {what} corrupt or unreadable ({exc.__class__.__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------- model state files
