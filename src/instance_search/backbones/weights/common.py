@@ -114,6 +114,8 @@ class Source:
 
 
 def canon_arch(arch: str) -> str:
+    """The canonical name of an architecture (``'lite0'``, ``'inception-v1'``, ... accepted); an unknown one
+    raises :class:`WeightsError` listing the known ones."""
     a = str(arch).strip().lower()
     a = _ALIASES.get(a, a)
     if a not in ARCHS:
