@@ -96,6 +96,10 @@ def test_parser_reads_markers_and_rejects_shell_in_run_blocks():
     assert isearch_commands("isearch a \\\n  --b c\n") == [["a", "--b", "c"]]
     with pytest.raises(AssertionError, match="only hold isearch"):
         isearch_commands("isearch info\nrm -rf x\n")
+    assert anchors("# A\n```bash\n# not a heading\n```\n### Fast AML (`--rerank aml-fast`)\n## Sec. 7: maps\n") == {
+        "a", "fast-aml---rerank-aml-fast", "sec-7-maps"}
+    assert PATH_RE.findall("see `src/a/b.py`, benchmarks/results/*.json and docs/x.md.") == [
+        "src/a/b.py", "benchmarks/results/*.json", "docs/x.md"]
 
 
 # --- every block is marked, every run block runs --------------------------------------------------------------
@@ -115,6 +119,8 @@ def test_every_command_block_is_run_or_says_why_not():
             if b.marker == "not run" and len(b.reason) < 8]
     bad += [f"{b.where()}: a run block must be bash or python, not {b.lang!r}" for b in all_blocks()
             if b.marker == "run" and b.lang not in {"bash", "python"}]
+    bad += [f"{b.where()}: a block of commands needs a language (```bash) and a marker" for b in all_blocks()
+            if b.lang not in CHECKED_LANGS and re.search(r"^\s*(isearch|python|\.venv/|curl|pip) ", b.code, re.M)]
     assert not bad, "\n".join(bad)
 
 
