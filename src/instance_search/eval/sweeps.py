@@ -33,7 +33,9 @@ import numpy as np
 
 from ..io import atomic_save_npz, load_npz, prefetch
 from ..ops.normalize import l2n
-from ..recipes.hoang import MASKS, NgVLAD, Selective, map_features, mask_cells
+from ..recipes.hoang import MASKS, Selective, mask_cells
+from ..recipes.base import Recipe
+from ..recipes.ng import cells, codebook_image_indices, fit_codebook, raw_vlad, sample_cells
 
 __all__ = [
     "BenchSpec",
@@ -353,12 +355,12 @@ def _hash_arrays(*arrays) -> str:
 
 
 def _codebook_samples(spec: BenchSpec, layers: Sequence[str], scale: float, n_images: int, per_image: int,
-                      seed: int, get_bb, cache_dir: Path, backbone: str, log,
-                      keep: dict[int, dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
-    """Random cells of evenly spaced images for the codebooks; their fp16 maps go to ``keep`` (when given and
-    the sample is computed, not read from the cache) so that the VLAD pass does not run them again."""
+                      seed: int, get_bb, cache_dir: Path, backbone: str, log) -> dict[str, np.ndarray]:
+    """Random cells of evenly spaced images for the codebooks, drawn as the ``ng-vlad`` recipe's ``fit`` draws
+    them (:func:`~instance_search.recipes.ng.sample_cells`: one stream per scale, image by image, layer by
+    layer), so that a recipe fitted on the same images with the same ``layers`` learns the same codebooks."""
     n = len(spec.images)
-    idx = np.unique(np.linspace(0, n - 1, min(n_images, n)).round().astype(int))
+    idx = codebook_image_indices(n, n_images)
     key = hashlib.sha256(json.dumps([backbone, list(layers), scale, idx.tolist(), per_image, seed,
                                      spec.key()]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / "ngvlad" / f"cbsample_{backbone}_{spec.tag}_s{scale:g}_{key}.npz"
@@ -371,13 +373,8 @@ def _codebook_samples(spec: BenchSpec, layers: Sequence[str], scale: float, n_im
     prog = _Progress(len(idx), f"{spec.tag} s{scale:g} codebook sample", log)
     for i, img in _images(spec, idx.tolist()):
         feats = bb.features(img, list(layers), (scale,))
-        if keep is not None:
-            keep[i] = {layer: feats[(layer, scale)].numpy().astype(np.float16) for layer in layers}
-        for layer in layers:
-            x = map_features(feats[(layer, scale)])
-            if x.shape[0] > per_image:
-                x = x[np.sort(rng.choice(x.shape[0], per_image, replace=False))]
-            out[layer].append(x.astype(np.float16))
+        for layer, x in zip(layers, sample_cells([feats[(layer, scale)] for layer in layers], per_image, rng)):
+            out[layer].append(x)
         prog.step()
     arrays = {layer: np.concatenate(v) for layer, v in out.items()}
     atomic_save_npz(path, **arrays)
@@ -386,17 +383,14 @@ def _codebook_samples(spec: BenchSpec, layers: Sequence[str], scale: float, n_im
 
 def _vlad_pass(spec: BenchSpec, layers: Sequence[str], scale: float, codebooks: Mapping[str, Mapping[str, np.ndarray]],
                get_bb, cache_dir: Path, backbone: str, save_maps: Sequence[str], keypoints: bool, log,
-               known: Mapping[int, Mapping[str, np.ndarray]] | None = None,
                limit: int | None = None) -> dict[tuple[str, str], np.ndarray]:
     """VLADs (n, k*C) fp16 of the images of ``spec`` for each (layer, codebook name), from one forward pass
-    per image; memory-mapped .npy files in a folder keyed by everything that determines them.
+    per image (:func:`~instance_search.recipes.ng.raw_vlad`, the ``ng-vlad`` recipe's raw VLAD); memory-mapped
+    .npy files in a folder keyed by everything that determines them.
 
     Resumable: ``done.json`` records how many leading images (``rows``) are done, checkpointed every minute,
     so a killed pass goes on where it stopped and ``limit`` (the first N images) is served by a partial one.
     Rows past ``rows`` are zeros: callers read only the first ``limit``."""
-    import torch
-
-    from ..ops.embeddings import vlad
     from ..ops.masks import sift_keypoints
 
     cb_names = sorted(codebooks)
@@ -427,11 +421,8 @@ def _vlad_pass(spec: BenchSpec, layers: Sequence[str], scale: float, codebooks: 
         kept: dict[str, list[np.ndarray]] = {layer: [] for layer in keep_maps}
         want_kp = keypoints and scale == 1.0 and whole and not _kp_path(cache_dir, spec).exists()
         kps, hws = [], []
-        cbt = {(layer, c): torch.from_numpy(np.asarray(codebooks[c][layer], np.float32))
-               for layer in layers for c in cb_names}
         prog = _Progress(n - r0, f"{spec.tag} s{scale:g} VLADs ({len(layers)} layers x {len(cb_names)} codebooks)",
                          log)
-        known = known or {}
 
         def checkpoint(rows: int) -> None:
             for a in mm.values():
@@ -440,15 +431,12 @@ def _vlad_pass(spec: BenchSpec, layers: Sequence[str], scale: float, codebooks: 
 
         last = time.perf_counter()
         for i, img in _images(spec, range(r0, n)):
-            if i in known:  # maps already computed for the codebook sample
-                feats = {(layer, scale): torch.from_numpy(known[i][layer].astype(np.float32)) for layer in layers}
-            else:
-                feats = bb.features(img, list(layers), (scale,))
+            feats = bb.features(img, list(layers), (scale,))
             for layer in layers:
                 fmap = feats[(layer, scale)]
-                x = torch.from_numpy(map_features(fmap))
-                for c in cb_names:  # = ng_vlad(fmap, codebook), features flattened once
-                    mm[(layer, c)][i] = vlad(x, cbt[(layer, c)], intra_norm=True).numpy().astype(np.float16)
+                x = cells(fmap)  # flattened once for every codebook
+                for c in cb_names:
+                    mm[(layer, c)][i] = raw_vlad(x, codebooks[c][layer])
                 if layer in kept:
                     kept[layer].append(fmap.numpy().astype(np.float16))
             if want_kp:
@@ -487,7 +475,8 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
     """Ng, Yang & Davis 2015, Fig. 2: mAP of VLAD (k-means ``k``, intra-norm, L2, PCA-whitening to ``out_dim``)
     of every ``layer`` at every ``scale`` (and, with ``multiscale``, of the scales' VLADs concatenated), for
     every benchmark, with everything learned on its held-out partner (``train_on``; default: the two
-    benchmarks swap). ``limit`` / ``max_size`` may be per benchmark (``{"ukbench": 400}``).
+    benchmarks swap; a benchmark that is not a key of ``train_on`` is only trained on, not scored).
+    ``limit`` / ``max_size`` may be per benchmark (``{"ukbench": 400}``).
     ``scale_limits`` (``{2.0: {"ukbench": 300}}``) runs a benchmark's pass at that scale on its first N images
     only (codebooks still sampled from all of it): every PCA-whitening of its partner is then learned on those N
     (the same training set for every scale, so that scales compare), and the benchmark itself is also scored on
@@ -521,6 +510,12 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
             bb_holder["bb"] = _load_backbone(backbone, engine)
         return bb_holder["bb"]
 
+    def recipe(layer: str, sc: Sequence[float]):
+        """The ``ng-vlad`` recipe of one cell (its codebooks and whitening are set from the sweep's caches)."""
+        return Recipe("ng-vlad", backbone=backbone, layer=layer,
+                      extra={"layers": [layer], "scales": list(sc), "k": k, "dim": out_dim, "seed": seed,
+                             "codebook_images": codebook_images, "features_per_image": features_per_image})
+
     by_name = {s.name: s for s in specs}
     trainers = sorted(set(pairing.values()))
     timing: dict[str, float] = {}
@@ -539,21 +534,16 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
     t_vlad = 0.0
     for scale in scales:
         cbs[scale] = {}
-        kept: dict[str, dict[int, dict[str, np.ndarray]]] = {name: {} for name in trainers}
         for name in trainers:
             samples = _codebook_samples(by_name[name], layers, scale, codebook_images, features_per_image, seed,
-                                        get_bb, cache_dir, tag, log, keep=kept[name])
-            cbs[scale][name] = {}
-            for layer in layers:
-                ng = NgVLAD(layer, (scale,), k, out_dim, backbone=backbone, seed=seed)
-                cbs[scale][name][layer] = ng.fit_codebooks(samples[layer]).codebooks[scale]
+                                        get_bb, cache_dir, tag, log)
+            cbs[scale][name] = {layer: fit_codebook(samples[layer], k, recipe(layer, (scale,)).method.niter, seed)
+                                for layer in layers}
         # (2) VLADs of every image under every codebook, one forward pass per image and scale
         t1 = time.perf_counter()
         for s in specs:
             vlads[(s.name, scale)] = _vlad_pass(s, layers, scale, cbs[scale], get_bb, cache_dir, tag,
-                                                save_maps, keypoints, log, known=kept.get(s.name),
-                                                limit=avail(s.name, scale))
-            kept.pop(s.name, None)
+                                                save_maps, keypoints, log, limit=avail(s.name, scale))
         t_vlad += time.perf_counter() - t1
     timing["codebook_sample_and_kmeans"] = time.perf_counter() - t0 - t_vlad
     timing["forward_and_vlad"] = t_vlad
@@ -564,6 +554,8 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
     if multiscale and len(scales) > 1:
         variants.append((scales, "+".join(f"{sc:g}" for sc in scales)))
     for s in specs:
+        if s.name not in pairing:  # a training collection only
+            continue
         x, y = s.name, pairing[s.name]
         n_train = min(avail(y, q) for q in scales)  # the same training images at every scale
         sizes = sorted({len(s.images)} | {avail(x, q) for q in scales}, reverse=True)
@@ -575,8 +567,8 @@ def layer_scale_sweep(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbe
                 for sc, slabel in variants:
                     if min(avail(x, q) for q in sc) < cap:
                         continue
-                    ng = NgVLAD(layer, sc, k, out_dim, backbone=backbone, seed=seed)
-                    ng.set_codebooks({q: cbs[q][y][layer] for q in sc})
+                    ng = recipe(layer, sc).method  # the cell is the ng-vlad recipe fitted on y
+                    ng.set_codebooks({(layer, q): cbs[q][y][layer] for q in sc})
                     train = np.concatenate([np.asarray(vlads[(y, q)][(layer, y)][:n_train], np.float32)
                                             for q in sc], axis=1)
                     ng.fit_whitening(train, trained_on=f"{by_name[y].describe()}, first {n_train}")

@@ -1,11 +1,6 @@
-"""Local-feature pipelines of two papers, as fitted objects (fit on a TRAINING collection, then encode).
+"""Hoang et al.'s local-feature pipeline as a fitted object (fit on a TRAINING collection, then encode);
+Ng et al. 2015's VLAD is in :mod:`.ng`.
 
-* :class:`NgVLAD` -- Ng, Yang & Davis 2015, "Exploiting local features from deep networks for image retrieval"
-  (CVPR workshops), Sec. 3: every cell of a conv map of any layer is a local feature; VLAD with a k-means
-  codebook (k = 100) learned on a held-out collection, residual sums, intra-normalisation, L2; PCA + whitening
-  to 128-D. Scale 2 = the input enlarged 2x (one forward pass per scale); multi-scale = the scales' VLADs
-  concatenated before the PCA. Works on the maps of any backbone (VGG16 ``conv1_1``..``pool5``, ResNet-50
-  ``res2``..``res5``); GoogLeNet (``inception_3a``..``inception_5b``) with weights the user supplies (none reach this machine).
 * :class:`Selective` -- Hoang, Do, Le Tan & Cheung 2017, "Selective deep convolutional features for image
   retrieval" (ACM MM): a mask (SIFT / SUM / MAX, Sec. 3.1) selects cells of a conv map; the kept features are
   PCA-reduced to ``d`` and L2-normalised, embedded one by one (FV, VLAD, T-emb, F-FAemb), aggregated (sum /
@@ -49,14 +44,12 @@ __all__ = [
     "TABLE4",
     "DIM1024",
     "LocalModelFileError",
-    "NgVLAD",
     "NotFittedError",
     "RotationNormalisation",
     "Selective",
     "embedding_dim",
     "default_drop",
     "map_features",
-    "ng_vlad",
     "mask_cells",
     "pca_basis",
 ]
@@ -95,7 +88,7 @@ DIM1024: dict[str, dict[str, int]] = {
 
 
 class LocalModelFileError(FileFormatError):
-    """A saved NgVLAD / Selective file is unreadable, damaged, or holds another kind of model."""
+    """A saved Selective file is unreadable, damaged, or holds another kind of model."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,223 +188,6 @@ def pca_basis(X, dim: int | None = None, rel_tol: float = 1e-9) -> tuple[np.ndar
     signs = np.sign(comps[np.arange(comps.shape[0]), idx])
     comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
     return mean, comps, lam
-
-
-# --------------------------------------------------------------------------------------------------
-# Ng, Yang & Davis 2015
-
-
-def ng_vlad(fmap, centroids, intra_norm: bool = True) -> np.ndarray:
-    """VLAD (k*C,) float32 of all cells of one conv map (Ng, Yang & Davis 2015, Sec. 3.2): residuals to the
-    nearest of ``centroids`` (k, C) summed per centroid, each block L2-normalised (intra-normalisation),
-    then the whole vector L2-normalised."""
-    x = torch.from_numpy(map_features(fmap))
-    return _emb.vlad(x, torch.as_tensor(np.asarray(centroids, np.float32)), intra_norm=intra_norm).numpy()
-
-
-def _scale_key(s) -> float:
-    return float(s)
-
-
-class NgVLAD:
-    """VLAD of conv-layer local features with PCA-whitening (Ng, Yang & Davis 2015).
-
-    ``NgVLAD(layer, scales=(1,), k=100, out_dim=128)``: ``fit(train)`` learns one k-means codebook per scale
-    (on up to ``features_per_image`` random cells per training image) and the PCA-whitening of the training
-    images' (concatenated) VLADs; ``encode(maps_by_scale) -> (out_dim,)`` L2-normalised.
-
-    An item (one image) is either ``{scale: (C, H, W)}``, the dict returned by ``Backbone.features`` (keys
-    ``(layer, scale)``; other layers are ignored), or a single map when there is one scale. ``fit`` walks
-    ``train`` twice (codebooks, then VLADs), so pass a sequence (it may load maps lazily in ``__getitem__``).
-    """
-
-    KIND = "NgVLAD"
-
-    def __init__(self, layer: str = "conv5_1", scales: Sequence[float] = (1.0,), k: int = 100, out_dim: int = 128,
-                 *, backbone: str = "vgg16", intra_norm: bool = True, whiten_reg: float = 0.0,
-                 features_per_image: int = 200, niter: int = 20, seed: int = 1234):
-        scales = tuple(_scale_key(s) for s in (scales if isinstance(scales, (list, tuple)) else (scales,)))
-        if not scales or len(set(scales)) != len(scales) or any(not (s > 0 and math.isfinite(s)) for s in scales):
-            raise ValueError(f"scales must be distinct positive numbers, got {scales}")
-        if k < 1 or out_dim < 1:
-            raise ValueError(f"k and out_dim must be >= 1, got k={k}, out_dim={out_dim}")
-        self.layer, self.scales, self.k, self.out_dim = str(layer), scales, int(k), int(out_dim)
-        if whiten_reg < 0:
-            raise ValueError(f"whiten_reg must be >= 0, got {whiten_reg}")
-        self.backbone, self.intra_norm, self.whiten_reg = str(backbone), bool(intra_norm), float(whiten_reg)
-        self.features_per_image, self.niter, self.seed = int(features_per_image), int(niter), int(seed)
-        self.codebooks: dict[float, np.ndarray] | None = None
-        self.mean: np.ndarray | None = None  # (D,)
-        self.projection: np.ndarray | None = None  # (out_dim, D), whitening folded in
-        self.eigvals: np.ndarray | None = None  # (out_dim,)
-        self.trained_on = ""
-
-    def __repr__(self) -> str:
-        state = "fitted" if self.fitted else "unfitted"
-        return (f"NgVLAD(layer={self.layer!r}, scales={self.scales}, k={self.k}, out_dim={self.out_dim}, "
-                f"backbone={self.backbone!r}, {state})")
-
-    # ---------------------------------------------------------------- state
-    @property
-    def fitted(self) -> bool:
-        return self.codebooks is not None and self.projection is not None
-
-    @property
-    def raw_dim(self) -> int:
-        """Dimension of the concatenated VLADs before PCA (``k * C * len(scales)``)."""
-        self._need_codebooks()
-        return sum(self.codebooks[s].size for s in self.scales)
-
-    def _need_codebooks(self) -> None:
-        if self.codebooks is None:
-            raise NotFittedError(f"{self!r}: no codebooks; call fit() / fit_codebooks() or NgVLAD.load() first")
-
-    def _need_fitted(self) -> None:
-        self._need_codebooks()
-        if self.projection is None:
-            raise NotFittedError(f"{self!r}: no PCA-whitening; call fit() / fit_whitening() or NgVLAD.load() first")
-
-    def maps_by_scale(self, item) -> dict[float, Any]:
-        """Normalise one image's input to ``{scale: map}`` for this model's scales."""
-        if isinstance(item, Mapping):
-            out = {}
-            for key, m in item.items():
-                if isinstance(key, tuple):
-                    layer, s = key
-                    if layer != self.layer:
-                        continue
-                else:
-                    s = key
-                out[_scale_key(s)] = m
-            missing = [s for s in self.scales if s not in out]
-            if missing:
-                raise ValueError(f"NgVLAD({self.layer}): no map for scale(s) {missing} (got {sorted(out)})")
-            return {s: out[s] for s in self.scales}
-        if len(self.scales) != 1:
-            raise ValueError(f"NgVLAD with scales {self.scales} needs a {{scale: map}} dict per image")
-        return {self.scales[0]: item}
-
-    # ---------------------------------------------------------------- learning
-    def fit(self, train: Sequence, trained_on: str = "") -> "NgVLAD":
-        """Learn the codebook(s), then the PCA-whitening, from ``train`` (a sequence of items, see class doc)."""
-        if len(train) < 2:
-            raise ValueError("NgVLAD.fit needs at least 2 training images")
-        rng = np.random.default_rng(self.seed)
-        samples: dict[float, list[np.ndarray]] = {s: [] for s in self.scales}
-        for item in train:
-            for s, m in self.maps_by_scale(item).items():
-                samples[s].append(_sample_rows(map_features(m), self.features_per_image, rng))
-        self.fit_codebooks({s: np.concatenate(v) for s, v in samples.items()})
-        self.fit_whitening(np.stack([self.raw(item) for item in train]), trained_on=trained_on)
-        return self
-
-    def fit_codebooks(self, samples: Mapping[float, np.ndarray] | np.ndarray) -> "NgVLAD":
-        """k-means codebook per scale from sampled local features ``{scale: (N, C)}`` (an array = all scales)."""
-        if not isinstance(samples, Mapping):
-            samples = {s: samples for s in self.scales}
-        cbs = {}
-        for s in self.scales:
-            x = np.asarray(_np(samples[_scale_key(s)]), np.float32)
-            cbs[s] = KMeansCodebook(self.k, niter=self.niter, seed=self.seed).fit(x).centroids
-        self.codebooks = cbs
-        self.projection = self.mean = self.eigvals = None
-        return self
-
-    def set_codebooks(self, codebooks: Mapping[float, np.ndarray]) -> "NgVLAD":
-        """Use codebooks learned elsewhere (``{scale: (k, C)}``); the whitening must be (re)fitted."""
-        cbs = {}
-        for s in self.scales:
-            c = np.asarray(codebooks[_scale_key(s)], np.float32)
-            if c.ndim != 2 or c.shape[0] != self.k:
-                raise ValueError(f"codebook for scale {s} must be ({self.k}, C), got {c.shape}")
-            cbs[s] = c
-        self.codebooks = cbs
-        self.projection = self.mean = self.eigvals = None
-        return self
-
-    def fit_whitening(self, raw, trained_on: str = "", eps: float = 1e-9) -> "NgVLAD":
-        """PCA + whitening to ``out_dim`` (Ng et al. Sec. 3.2; Jégou & Chum 2012) of training raw vectors
-        (M, raw_dim), as returned by :meth:`raw`. Needs more than ``out_dim`` linearly independent vectors.
-        Component i is scaled by ``(lambda_i + whiten_reg * mean(lambda))^-1/2``: ``whiten_reg = 0`` is the
-        paper's plain whitening; a positive value damps the small, poorly estimated eigenvalues, which
-        matters when the held-out collection has only a few hundred images."""
-        self._need_codebooks()
-        raw = np.asarray(_np(raw), np.float32)
-        if raw.ndim != 2 or raw.shape[1] != self.raw_dim:
-            raise ValueError(f"training vectors must be (M, {self.raw_dim}), got {raw.shape}")
-        mean, comps, lam = pca_basis(raw, self.out_dim)
-        if comps.shape[0] < self.out_dim:
-            raise ValueError(f"cannot whiten to {self.out_dim} dimensions: {raw.shape[0]} training vectors span "
-                             f"only {comps.shape[0]} directions; use more training images or a smaller out_dim")
-        self.mean = mean.astype(np.float32)
-        floor = eps * lam[0] + self.whiten_reg * float(lam.mean())
-        self.projection = (comps / np.sqrt(lam + floor)[:, None]).astype(np.float32)
-        self.eigvals = lam.astype(np.float32)
-        self.trained_on = str(trained_on)
-        return self
-
-    # ---------------------------------------------------------------- encoding
-    def raw(self, item) -> np.ndarray:
-        """Concatenated per-scale VLADs (raw_dim,) of one image, before PCA (each scale's VLAD has norm 1)."""
-        self._need_codebooks()
-        maps = self.maps_by_scale(item)
-        return np.concatenate([ng_vlad(maps[s], self.codebooks[s], self.intra_norm) for s in self.scales])
-
-    def project(self, raw) -> np.ndarray:
-        """PCA-whitening + L2 of raw vectors: (raw_dim,) -> (out_dim,), (M, raw_dim) -> (M, out_dim)."""
-        self._need_fitted()
-        r = np.asarray(_np(raw), np.float32)
-        one = r.ndim == 1
-        r2 = r[None] if one else r
-        if r2.ndim != 2 or r2.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"raw vectors must have {self.mean.shape[0]} dimensions, got shape {r.shape}")
-        y = l2n((r2 - self.mean) @ self.projection.T)
-        return y[0] if one else y
-
-    def encode(self, item) -> np.ndarray:
-        """Global descriptor (out_dim,) float32, L2-normalised, of one image."""
-        self._need_fitted()
-        return self.project(self.raw(item))
-
-    def encode_many(self, items: Iterable) -> np.ndarray:
-        """Descriptors (n, out_dim) of several images (same input forms as :meth:`encode`)."""
-        self._need_fitted()
-        vecs = [self.encode(it) for it in items]
-        return np.stack(vecs) if vecs else np.zeros((0, self.out_dim), np.float32)
-
-    # ---------------------------------------------------------------- persistence
-    def _settings(self) -> dict[str, Any]:
-        return {"layer": self.layer, "scales": list(self.scales), "k": self.k, "out_dim": self.out_dim,
-                "backbone": self.backbone, "intra_norm": self.intra_norm, "whiten_reg": self.whiten_reg,
-                "features_per_image": self.features_per_image, "niter": self.niter, "seed": self.seed}
-
-    def save(self, path) -> Path:
-        """Write the fitted model to ``path`` (.npz, no pickles, atomic)."""
-        self._need_fitted()
-        arrays = {"kind": np.array(self.KIND), "format_version": np.array(_FORMAT_VERSION),
-                  "settings": np.array(json.dumps(self._settings())), "trained_on": np.array(self.trained_on),
-                  "mean": self.mean, "projection": self.projection, "eigvals": self.eigvals}
-        for i, s in enumerate(self.scales):
-            arrays[f"codebook_{i}"] = self.codebooks[s]
-        return _atomic_save(path, arrays)
-
-    @classmethod
-    def load(cls, path) -> "NgVLAD":
-        data, st = _load(path, cls.KIND)
-        try:
-            obj = cls(st["layer"], tuple(st["scales"]), st["k"], st["out_dim"], backbone=st["backbone"],
-                      intra_norm=st["intra_norm"], whiten_reg=st.get("whiten_reg", 0.0),
-                      features_per_image=st["features_per_image"], niter=st["niter"],
-                      seed=st["seed"])
-            obj.codebooks = {s: data[f"codebook_{i}"].astype(np.float32) for i, s in enumerate(obj.scales)}
-            obj.mean, obj.projection = data["mean"].astype(np.float32), data["projection"].astype(np.float32)
-            obj.eigvals, obj.trained_on = data["eigvals"].astype(np.float32), str(data["trained_on"])
-            if obj.projection.shape != (obj.out_dim, obj.raw_dim) or obj.mean.shape != (obj.raw_dim,):
-                raise ValueError(f"projection {obj.projection.shape} / mean {obj.mean.shape} do not match "
-                                 f"out_dim={obj.out_dim}, raw_dim={obj.raw_dim}")
-        except (KeyError, ValueError, TypeError) as exc:
-            raise LocalModelFileError(f"{path}: inconsistent {cls.KIND} file ({exc})") from exc
-        return obj
 
 
 # --------------------------------------------------------------------------------------------------
