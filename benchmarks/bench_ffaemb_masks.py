@@ -29,7 +29,7 @@ def main() -> None:
     qi = np.asarray(bench.query_indices)
     rows, aps = {}, {}
     for mask in ("none", "sum", "max"):
-        model = _make_selective(1024, mask, "ffaemb", "sum", drop_samples=2000)
+        model = _make_selective(1024, mask, "ffaemb", "sum", emb_samples=5000)
         model.fit_local(umaps)
         model.fit_rn(np.stack([model.raw(m) for m in umaps]))
         raw = np.stack([model.raw(m) for m in hmaps])

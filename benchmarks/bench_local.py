@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         if masks is not None:
             kw["masks"] = masks
         res = selective_grid(specs, evaluate=evaluate or grid_eval, config=config, cache_dir=args.cache_dir,
-                             engine=args.engine, selective_kw={"drop_samples": 2000}, threads=args.threads,
+                             engine=args.engine, selective_kw={"emb_samples": 20000}, threads=args.threads,
                              log=_log, **kw)
         res["table"] = grid_table(res)
         res["paper_kept_percent"] = PAPER_HOANG_KEPT

@@ -62,17 +62,29 @@ def _ref_temb(X, C):
     return np.stack([np.concatenate([(x - c) / np.linalg.norm(x - c) for c in C]) for x in X])
 
 
-def _ref_ffaemb(X, C, var, w):
-    k, d = C.shape
-    rows = []
+def _ref_ffaemb_coefficients(X, B, mu):
+    """The authors' learn_coeff_one_sample.m, literally (V = B^T: anchors as columns)."""
+    V, n = B.T, B.shape[0]
+    out = []
     for x in X:
-        g = _ref_posterior(x, C, var, w)
+        A = np.abs(x[:, None] - V).sum(0) ** 3
+        inv = np.linalg.inv(V.T @ V + A.sum() * mu * np.eye(n))
+        lam = (np.ones(n) @ inv @ V.T @ x - 1) / (np.ones(n) @ inv @ np.ones(n))
+        out.append(inv @ (V.T @ x - lam * np.ones(n)))
+    return np.array(out)
+
+
+def _ref_ffaemb(X, B, g):
+    """compute_faemb_one_sample of the authors' fa_embedding.c: gamma_j * upper triangle of r r^T, r = unit residual."""
+    k, d = B.shape
+    rows = []
+    for i, x in enumerate(X):
         parts = []
         for c in range(k):
-            r = x - C[c]
+            r = (x - B[c]) / np.linalg.norm(x - B[c])
             for a in range(d):
                 for b in range(a, d):
-                    parts.append(g[c] * r[a] * r[b] * (1.0 if a == b else math.sqrt(2)))
+                    parts.append(g[i, c] * r[a] * r[b])
         rows.append(parts)
     return np.array(rows)
 
@@ -142,17 +154,26 @@ def test_temb_matches_reference(data):
 
 
 def test_ffaemb_matches_reference(data):
-    X, C, var, w = data
+    X, C, _, _ = data
     X = X[:8]
-    E = emb.ffaemb(X, C, var, w)
+    g = emb.ffaemb_coefficients(X, C, 1e-2)
+    np.testing.assert_allclose(g, _ref_ffaemb_coefficients(X, C, 1e-2), atol=1e-10)
+    np.testing.assert_allclose(g.sum(1), 1.0, atol=1e-12)  # locality-constrained coding: coefficients sum to 1
+    E = emb.ffaemb(X, C)
     assert E.shape == (8, emb.ffaemb_dim(4, 5))
-    np.testing.assert_allclose(E, _ref_ffaemb(X, C, var, w), atol=1e-12)
-    # the sqrt(2) scaling makes dot products equal Frobenius products of the weighted outer products
-    g = emb.gmm_posteriors(X, C, var, w)
-    r0, r1 = X[0] - C[2], X[1] - C[2]
-    blk = slice(2 * 15, 3 * 15)
-    frob = g[0, 2] * g[1, 2] * np.sum(np.outer(r0, r0) * np.outer(r1, r1))
-    assert E[0, blk] @ E[1, blk] == pytest.approx(frob, abs=1e-12)
+    np.testing.assert_allclose(E, _ref_ffaemb(X, C, g), atol=1e-12)
+    np.testing.assert_allclose(emb.ffaemb(X, C, gamma=g), E, atol=1e-12)
+    # each block's diagonal sums to gamma_j (unit residual), so the whole diagonal sums to 1
+    iu, ju = np.triu_indices(5)
+    diag = E.reshape(8, 4, -1)[:, :, iu == ju].sum((1, 2))
+    np.testing.assert_allclose(diag, 1.0, atol=1e-12)
+    # a feature equal to an anchor: a zero block there and finite numbers (the authors' code gives NaN)
+    E2 = emb.ffaemb(C[:1], C)
+    assert np.isfinite(E2).all() and not E2[0, :15].any()
+    with pytest.raises(ValueError, match="gamma"):
+        emb.ffaemb(X, C, gamma=g[:, :3])
+    with pytest.raises(ValueError, match="mu"):
+        emb.ffaemb_coefficients(X, C, 0.0)
 
 
 # ------------------------------------------------------------------ aggregation

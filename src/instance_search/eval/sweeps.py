@@ -47,6 +47,7 @@ __all__ = [
     "limit_threads",
     "plot_sweep",
     "selective_grid",
+    "selective_recipe",
     "selective_speed",
     "subset_benchmark",
     "sweep_table",
@@ -657,16 +658,18 @@ def plot_sweep(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
 # Hoang et al. 2017: Table-3 grid, online speed
 
 
+def selective_recipe(config: str | int, mask: str, embedding: str, aggregation: str, *, layer: str = "conv5_3",
+                     backbone: str = "vgg16", **options) -> Recipe:
+    """The ``selective`` recipe of one grid cell: ``config`` ``"table2"`` (= 4224) or a named dimension
+    (:func:`~instance_search.recipes.hoang.resolve_config`); ``options``: further ``selective`` options."""
+    dim = 4224 if config == "table2" else int(config)
+    return Recipe("selective", backbone=backbone, layer=layer,
+                  extra={"mask": mask, "embedding": embedding, "aggregation": aggregation, "dim": dim, **options})
+
+
 def _make_selective(config: str | int, mask: str, embedding: str, aggregation: str, **kw) -> Selective:
-    if config == "table2":
-        return Selective.table2(embedding, mask=mask, aggregation=aggregation, **kw)
-    cfg = int(config)
-    if cfg == 1024:  # every embedding at exactly (F-FAemb: by dropping more components) 1024-D
-        return Selective.dim1024(embedding, mask=mask, aggregation=aggregation, **kw)
-    s = Selective.table4(cfg, mask=mask, aggregation=aggregation, **kw)
-    if s.embedding != embedding:  # Table-4 sizes are given for T-emb: keep d, k, change the embedding
-        s = Selective(mask, embedding, aggregation, d=s.d, k=s.k, **kw)
-    return s
+    """The :class:`Selective` model of :func:`selective_recipe` (benchmarks and tests use it directly)."""
+    return selective_recipe(config, mask, embedding, aggregation, **kw).method.model
 
 
 @_threaded
@@ -694,9 +697,7 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
     names = list(by_name)
     evaluate = list(evaluate or names)
     pairing = _default_pairing(names, train_on)
-    kw = dict(selective_kw or {})
-    kw.setdefault("layer", layer)
-    kw.setdefault("backbone", backbone)
+    kw = {a: b for a, b in dict(selective_kw or {}).items() if a not in ("layer", "backbone")}
     data = {}
     for name in set(evaluate) | {pairing[e] for e in evaluate}:
         maps, kps, hws = conv_maps(by_name[name], layer, 1.0, backbone=backbone, cache_dir=cache_dir,
@@ -717,10 +718,15 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
                                       None if qhws is None else qhws[i]).mean()) for i, m in enumerate(qmaps)]
             kept[x][mask] = round(float(np.mean(share)) * 100, 1)
             for emb, aggs in emb_aggs.items():
+                # one recipe per cell; the cells of one embedding share its fitted local models (PCA, codebook,
+                # embedding whitening: they do not depend on the aggregation), each fits its own RN
                 t0 = time.perf_counter()
-                base = _make_selective(config, mask, emb, aggs[0], **kw)
+                recipes = {a: selective_recipe(config, mask, emb, a, layer=layer, backbone=backbone, **kw)
+                           for a in aggs}
+                base = recipes[aggs[0]].method.model
                 base.fit_local(tmaps, tkps, thws)
-                models = {a: base.with_aggregation(a) for a in aggs}
+                for a in aggs[1:]:
+                    recipes[a].method.model = base.with_aggregation(a)
 
                 def raws(maps, kps, hws):
                     out = {a: [] for a in aggs}
@@ -732,17 +738,22 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
 
                 train_raw = raws(tmaps, tkps, thws)
                 for a in aggs:
-                    models[a].fit_rn(train_raw[a])
+                    recipes[a].method.model.fit_rn(train_raw[a])
                 fit_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 test_raw = raws(qmaps, qkps, qhws)
                 enc_ms = (time.perf_counter() - t1) / max(len(qmaps), 1) * 1000
                 for a in aggs:
-                    res = _evaluate(by_name[x].bench, models[a].finalize(test_raw[a]))
+                    model = recipes[a].method.model
+                    vecs = model.finalize(test_raw[a])
+                    res = _evaluate(by_name[x].bench, vecs)
+                    qv = vecs[np.asarray(by_name[x].bench.query_indices, dtype=np.int64)]
+                    exact = float(by_name[x].bench.evaluate((qv @ vecs.T).astype(np.float32))["map"])
                     rows.append({"benchmark": x, "train": y, "mask": mask, "embedding": emb, "aggregation": a,
-                                 "d": base.d, "k": base.k, "dim": models[a].dim, **res,
+                                 "d": model.d, "k": model.k, "drop": model.drop, "dim": model.dim, **res,
+                                 "map_unrounded": exact,
                                  "fit_s": round(fit_s, 1), "encode_ms": round(enc_ms, 1)})
-                    log(f"  {x:9s} {mask:5s} {emb:7s} {a:10s} D={models[a].dim} "
+                    log(f"  {x:9s} {mask:5s} {emb:7s} {a:10s} D={model.dim} "
                         + " ".join(f"{p}={q}" for p, q in res.items()) + f" (fit {fit_s:.0f} s)")
     return {
         "paper": "Hoang et al. 2017, Table 3",
@@ -751,7 +762,7 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
         "settings": {"backbone": backbone, "layer": layer, "scale": 1.0, "config": config, "masks": list(masks),
                      "pairs": [list(p) for p in pairs], "train_on": pairing,
                      "benchmarks": {s.name: s.describe() for s in specs},
-                     "selective": {a: b for a, b in kw.items() if a not in ("layer", "backbone")}},
+                     "selective": kw},
         "timing_s": {"total": round(time.perf_counter() - t_start, 1)},
         "notes": [s.bench.note for s in specs if s.bench.note],
     }

@@ -30,6 +30,7 @@ __all__ = [
     "fv_embed",
     "temb",
     "ffaemb",
+    "ffaemb_coefficients",
     "ffaemb_dim",
 ]
 
@@ -216,8 +217,7 @@ def temb(X, C):
 
     ``R(x) = [r_1(x), ..., r_k(x)]`` with ``r_j(x) = (x - c_j) / ||x - c_j||`` (a residual that coincides
     with its anchor is left at zero). The learned centring + whitening ``phi(x) = Sigma^-1/2 (R(x) - R_0)``
-    (same section) and the removal of the first components live in
-    :class:`instance_search.fitted.codebook.TembPostprocess`.
+    (same section) is applied by the ``selective`` recipe (:mod:`instance_search.recipes.hoang`).
     """
     x = _features(X)
     c = _centroids(C, x)
@@ -235,33 +235,49 @@ def ffaemb_dim(k: int, d: int) -> int:
     return k * d * (d + 1) // 2
 
 
-def ffaemb(X, C, variances, weights=None):
-    """Per-feature F-FAemb (N, k*d(d+1)/2), after Do & Cheung 2017 ("Embedding based on function approximation
-    for large scale image search", Sec. 4, F-FAemb).
+def ffaemb_coefficients(X, B, mu: float = 1e-2):
+    """Locality-constrained coding coefficients ``gamma`` (N, k) of F-FAemb, rows summing to 1: for each x,
+    ``gamma = argmin ||x - B^T gamma||^2 + mu a(x) ||gamma||^2`` s.t. ``1^T gamma = 1``, with
+    ``a(x) = sum_j ||x - b_j||_1^3``, in closed form (Lagrange multiplier ``lambda``):
+    ``gamma = M^-1 (B x - lambda 1)``, ``lambda = (1^T M^-1 B x - 1) / (1^T M^-1 1)``, ``M = B B^T + mu a(x) I``
+    (Do & Cheung 2017, F-FAemb; transcribed from the authors' ``learn_coeff_one_sample.m``, mu = 1e-2 there).
 
-    The non-linear function is approximated around each anchor ``c_k`` by a second-order Taylor term
-    weighted by a soft coefficient, ``f(x) ~ sum_k gamma_k(x) (x - c_k)^T H_k (x - c_k)`` (the constant
-    and first-order terms are dropped as in FAemb), so that ``f(x) = <W, phi(x)>`` with
-    ``phi(x) = [gamma_k(x) vec((x - c_k)(x - c_k)^T)]_k``.
+    ``B`` (k, d) are the anchors (rows). Vectorised over x with one eigen-decomposition of ``B B^T``.
+    """
+    x = _features(X).to(torch.float64)
+    b = _centroids(B, x, "anchors").to(torch.float64)
+    if not mu > 0:
+        raise ValueError(f"mu must be > 0, got {mu}")
+    a = (x[:, None, :] - b[None]).abs().sum(2).pow(3).sum(1)  # (N,)
+    e, q = torch.linalg.eigh(b @ b.T)  # B B^T = Q diag(e) Q^T
+    s = 1.0 / (e.clamp_min(0.0)[None, :] + mu * a[:, None])  # (N, k): eigenvalues of M^-1
+    minv_bx = ((x @ b.T @ q) * s) @ q.T  # (N, k)  M^-1 B x
+    minv_1 = ((q.sum(0)[None, :]) * s) @ q.T  # (N, k)  M^-1 1
+    lam = (minv_bx.sum(1) - 1.0) / minv_1.sum(1)
+    g = minv_bx - lam[:, None] * minv_1
+    dt = torch.float64 if _tensor(X).dtype == torch.float64 else torch.float32
+    return _like(g.to(dt), X)
 
-    Assumptions (documented, not verified against the authors' code):
 
-    * ``gamma_k(x)`` is the posterior of a diagonal GMM with means ``C``, ``variances`` (scalar, (k,) or
-      (k, d)) and ``weights`` (uniform if None) — the "fast" variant replaces FAemb's local coordinate
-      coding by these closed-form GMM coefficients.
-    * Since ``(x - c_k)(x - c_k)^T`` is symmetric only its upper triangle (diagonal included) is kept, the
-      off-diagonal entries scaled by ``sqrt(2)`` so that dot products of embeddings equal the Frobenius
-      products of the full outer products. Entry order is ``torch.triu_indices(d, d)`` (row-major).
+def ffaemb(X, B, gamma=None, mu: float = 1e-2):
+    """Per-feature F-FAemb (N, k*d(d+1)/2), Do & Cheung 2017 ("Embedding based on function approximation for
+    large scale image search", F-FAemb), as the authors of Hoang et al. 2017 compute it (``fa_embedding.c``):
+
+    ``phi(x) = [gamma_j(x) triu(r_j r_j^T)]_j`` with the unit residual ``r_j = (x - b_j) / ||x - b_j||`` (the
+    outer product normalised by ``||x - b_j||^2``), ``triu`` the upper triangle with the diagonal, row by row
+    (``torch.triu_indices`` order), off-diagonal entries NOT scaled by sqrt(2), and ``gamma`` the
+    locality-constrained coefficients of :func:`ffaemb_coefficients` (computed when not given). A feature
+    equal to an anchor has a zero block there (the authors' code gives NaN).
     """
     x = _features(X)
-    mu, var, w = _gmm_params(C, variances, weights, x)
+    b = _centroids(B, x, "anchors")
     n, d = x.shape
-    k = mu.shape[0]
-    g = _log_gauss_post(x, mu, var, w)  # (N, k)
-    r = x[:, None, :] - mu[None]  # (N, k, d)
+    k = b.shape[0]
+    g = _tensor(ffaemb_coefficients(x, b, mu) if gamma is None else gamma, x.dtype)
+    if tuple(g.shape) != (n, k):
+        raise ValueError(f"gamma must be ({n}, {k}), got shape {tuple(g.shape)}")
+    r = x[:, None, :] - b[None]  # (N, k, d)
+    r = l2n(r, dim=2)
     iu, ju = torch.triu_indices(d, d)
-    scale = torch.full(iu.shape, math.sqrt(2.0), dtype=x.dtype)
-    scale[iu == ju] = 1.0
-    e = r[:, :, iu] * r[:, :, ju] * scale  # (N, k, d(d+1)/2)
-    e = e * g[:, :, None]
+    e = r[:, :, iu] * r[:, :, ju] * g[:, :, None]  # (N, k, d(d+1)/2)
     return _like(e.reshape(n, k * iu.shape[0]), X)
