@@ -23,6 +23,7 @@ from ..collection import Collection
 from ..index.store import IndexStore
 from ..io import progress_bar
 from ..recipes.base import Recipe
+from .runner import training_images
 
 __all__ = ["evaluate_search"]
 
@@ -34,7 +35,8 @@ def evaluate_search(bench, recipe: Recipe, whitening: str | os.PathLike | None =
                     fit_on=None, progress: bool = True) -> dict[str, Any]:
     """The figures of ``bench`` when every query goes through ``Collection.search`` with ``rerank`` /
     ``shortlist`` / ``qe`` / ``qe_kind`` (module docstring). ``whitening``: ``None`` or the file of a whitening
-    learned on ANOTHER collection."""
+    learned on ANOTHER collection; ``fit_on``: the training images of a recipe that learns (as
+    :func:`~instance_search.eval.runner.evaluate_recipe`: a benchmark name, a folder or a list of paths)."""
     if index_dir is None:
         with tempfile.TemporaryDirectory(prefix="isearch-eval-") as tmp:
             return evaluate_search(bench, recipe, whitening, rerank=rerank, shortlist=shortlist, qe=qe,
@@ -49,7 +51,7 @@ def evaluate_search(bench, recipe: Recipe, whitening: str | os.PathLike | None =
             raise ValueError(f"{index_dir}: an index of another recipe ({col.recipe.name}); give another --index")
     else:
         col = Collection.create(index_dir, recipe, whitening="none" if whitening is None else whitening,
-                                fit_on=fit_on, progress=progress)
+                                fit_on=None if fit_on is None else training_images(fit_on), progress=progress)
     report = col.add_folder(bench.images, progress=progress)
     if report.failed:
         raise ValueError(f"{bench.name}: {len(report.failed)} database images could not be indexed, e.g. "
