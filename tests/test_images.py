@@ -205,3 +205,12 @@ def test_one_pixel_limit_everywhere(tmp_path):
     from instance_search import images
 
     assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS == images.MAX_PIXELS
+
+
+def test_printable_names():
+    from instance_search.images import printable
+
+    assert printable("a\nb.jpg") == "a\\nb.jpg" and "\n" not in printable("x\r\n3 added, 0 failed")
+    assert printable("x\udcffy.jpg") == "x\\xffy.jpg"  # a non-UTF-8 byte, as Python decodes file names
+    assert printable("x\udcffy.jpg").encode("utf-8")  # valid UTF-8 (no lone surrogate)
+    assert printable("été 日本.jpg") == "été 日本.jpg"

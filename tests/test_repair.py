@@ -176,3 +176,15 @@ def test_repair_of_a_sound_index_changes_nothing(index):
     fixed = repair_index(root)
     assert fixed.lost == [] and fixed.maps_lost == [] and fixed.actions == []
     _searchable(root, entries, ALL)
+
+
+def test_a_lowered_next_id_is_refused_before_any_write(index):
+    root, _ = index
+    con = sqlite3.connect(root / "catalog.sqlite")
+    con.execute("UPDATE meta SET value = '3' WHERE key = 'next_id'")
+    con.commit()
+    con.close()
+    store = IndexStore.open(root)
+    with pytest.raises(Exception, match="next_id 3 is not above the largest stored id 11"):
+        store.add([_entry(30, np.random.default_rng(2))])
+    assert IndexStore.open(root).ids().tolist() == ALL  # nothing was overwritten

@@ -167,8 +167,16 @@ def regular_file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[
     return st, h.hexdigest()
 
 
+def printable(text: str) -> str:
+    """``text`` (a file name, a message naming one) as one printable line of valid UTF-8: line breaks and other
+    control characters escaped (a name cannot fake another output line), undecodable bytes (the surrogates
+    Python gives non-UTF-8 names) as ``\\xNN``."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _print_skip(path: Path, reason: str) -> None:
-    print(f"skipped {reason}", file=sys.stderr, flush=True)
+    print(f"skipped {printable(reason)}", file=sys.stderr, flush=True)
 
 
 def list_images(root: str | os.PathLike, on_skip: Callable[[Path, str], None] | None = _print_skip) -> list[Path]:

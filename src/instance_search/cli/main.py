@@ -63,6 +63,7 @@ def index(
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
     from ..collection import Collection
     from ..index.store import IndexStore, set_default_wait
+    from ..images import printable
     from ..recipes.base import Recipe
 
     def make_recipe() -> Recipe:
@@ -98,7 +99,7 @@ def index(
     except (*_errors(), ImportError) as exc:
         _fail(_msg(exc))
     for path, reason in report.failed:
-        typer.secho(f"skipped {reason}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"skipped {printable(reason)}", fg=typer.colors.YELLOW, err=True)  # one line per file
     n = len(report.added) + len(report.updated)
     rate = f" ({n / dt:.2f} images/s)" if n and dt > 0 else ""
     typer.echo(f"{index_dir}: {report.summary()}; {len(col)} images in the index{rate}")

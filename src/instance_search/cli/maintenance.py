@@ -7,15 +7,11 @@ from typing import Optional
 
 import typer
 
+from ..images import printable as _line  # a file name cannot fake another output line
 from .common import expected_errors as _errors
 from .common import fail as _fail
 from .common import message as _msg
 from .main import app
-
-
-def _line(text: str) -> str:
-    """One printable line (a file name with a newline or a non-UTF-8 byte cannot fake another line)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\r", "\\r").replace("\n", "\\n")
 
 
 @app.command()

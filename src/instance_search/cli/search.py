@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from ..images import printable
+
 from .common import EXPECTED_ERRORS as _EXPECTED
 from .common import fail, message
 from .main import app
@@ -58,10 +60,12 @@ def search(
         draw_ranked(query, [h.path for h in hits], [h.score for h in hits], show, query_box=b,
                     boxes=[h.box for h in hits])
     if as_json:
-        typer.echo(json.dumps({"query": str(query), "box": None if b is None else b.as_tuple(),
-                               "seconds": round(dt, 4), "hits": [h.to_dict() for h in hits]}, indent=1))
+        hits_json = [dict(d, path=printable(d["path"])) if isinstance(d.get("path"), str) else d
+                     for d in (h.to_dict() for h in hits)]  # valid UTF-8 even for non-UTF-8 file names
+        typer.echo(json.dumps({"query": printable(str(query)), "box": None if b is None else b.as_tuple(),
+                               "seconds": round(dt, 4), "hits": hits_json}, indent=1))
     else:
         for h in hits:
             where = "" if h.box is None else "  box " + ",".join(f"{v:.0f}" for v in h.box)
-            typer.echo(f"{h.rank:4d}  {h.score:.4f}  {h.path}{where}")
+            typer.echo(f"{h.rank:4d}  {h.score:.4f}  {printable(h.path)}{where}")
         typer.secho(f"{len(hits)} results in {dt * 1000:.0f} ms", err=True)

@@ -707,7 +707,12 @@ class IndexStore:
         if any(e.vector is None for e in entries):
             raise ValueError("every entry needs its global vector before it is stored")
         with self._lock_held():
-            first = int(self._db().execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
+            con = self._db()
+            first = int(con.execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
+            top = con.execute("SELECT MAX(id) FROM images").fetchone()[0]
+            if top is not None and first <= top:  # e.g. edited by hand: new images would take stored ids
+                raise CorruptIndexError(f"{self.root / CATALOG}: next_id {first} is not above the largest stored id "
+                                        f"{top}; run `isearch repair`")
             ids = np.arange(first, first + len(entries), dtype=np.int64)
             name = f"seg-{first:09d}-{len(entries):06d}"  # unique: ids are never reused (next_id only grows)
             self._write_segment(name, entries, ids, tag, replace=None)
