@@ -30,11 +30,7 @@ from .rerank.aml import cells_to_pixels
 from .rerank.base import Expansion, RerankContext, Reranker, make_expansion, make_reranker
 
 __all__ = ["Hit", "SearchState", "search", "search_indexed", "search_vector", "search_described", "rerank_hits",
-           "reranker_for", "expansion_for", "QE_KINDS_HELP"]
-
-QE_KINDS_HELP = "avg (Chum 2007: average the top QE) | alpha (Radenović 2018, α=3) | dba (database-side " \
-                "augmentation over QE neighbours, Arandjelović & Zisserman 2012)"
-
+           "reranker_for", "expansion_for"]
 
 @dataclass
 class Hit:
