@@ -62,7 +62,7 @@ def index(
 ) -> None:
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
     from ..collection import Collection
-    from ..index.store import IndexStore, set_default_wait
+    from ..index.store import IndexExistsError, IndexStore, set_default_wait
     from ..images import printable
     from ..recipes.base import Recipe
 
@@ -83,9 +83,12 @@ def index(
                             f"max-size={have.max_size}{' (fitted)' if have.needs_fit else ''}; adding with those "
                             "settings", err=True)
         else:
-            col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights, store_maps=maps,
-                                    fit_on=fit_on, engine="exact" if engine == "ray" else engine,
-                                    progress=not quiet)
+            try:
+                col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights,
+                                        store_maps=maps, fit_on=fit_on, engine="exact" if engine == "ray" else engine,
+                                        progress=not quiet)
+            except IndexExistsError:  # another writer created it a moment ago: add to that one
+                col = Collection.open(index_dir, writable=True, weights=weights)
         t0 = time.perf_counter()
         if engine == "ray":
             from ..index.distributed import add_folder_ray

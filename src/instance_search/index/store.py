@@ -70,6 +70,10 @@ def set_default_wait(seconds: float | None) -> None:
 STALE_TEMP_S = 3600.0
 
 
+class IndexExistsError(CorruptIndexError):
+    """:meth:`IndexStore.create` where an index already is (e.g. another writer created it a moment before)."""
+
+
 class WriterBusyError(ISearchError, RuntimeError):
     """Another process holds the index's writer lock for longer than the caller would wait (names its pid)."""
 
@@ -255,12 +259,12 @@ class IndexStore:
                wait: float | None = _DEFAULT) -> "IndexStore":
         root = Path(root)
         if cls.exists(root):
-            raise CorruptIndexError(f"{root}: an index already exists here")
+            raise IndexExistsError(f"{root}: an index already exists here")
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root, wait=wait)
         with store._lock_held():
             if cls.exists(root):
-                raise CorruptIndexError(f"{root}: an index already exists here")
+                raise IndexExistsError(f"{root}: an index already exists here")
             tmp = root / f".{CATALOG}.{os.getpid()}.tmp"
             tmp.unlink(missing_ok=True)
             con = _connect(tmp, 5.0)
