@@ -161,6 +161,12 @@ def test_recipe_fit_state_roundtrip_and_refusals(tmp_path):
     v = r.local(_feats(maps[35]))
     assert v.shape == (1, 36) and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5)
     np.testing.assert_allclose(r.finalize([v])[0], v[0], atol=1e-6)  # the global vector is the local one
+    # a one-shot iterable (walked once, masked features kept) fits the same model as a sequence (walked twice)
+    once = Recipe.from_dict(r.to_dict())
+    once.fit(iter([_feats(m) for m in maps[:30]]))
+    np.testing.assert_array_equal(once.local(_feats(maps[35])), v)
+    with pytest.raises(RecipeError, match="empty"):
+        Recipe.from_dict(r.to_dict()).fit([])
     state = r.state_dict()
     assert all(isinstance(a, np.ndarray) for a in state.values())
     back = Recipe.from_dict(r.to_dict()).load_state_dict(state)

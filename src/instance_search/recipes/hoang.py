@@ -420,8 +420,9 @@ class Selective:
         """Steps 1-3 of the class doc from the training maps."""
         return self.fit_local_selected(self.select_all(maps, keypoints, image_hws))
 
-    def fit_local_selected(self, selected: Sequence[np.ndarray]) -> "Selective":
-        """Steps 1-3 of the class doc, from sampled masked features of the training images."""
+    def fit_local_selected(self, selected: Iterable[np.ndarray]) -> "Selective":
+        """Steps 1-3 of the class doc, from sampled masked features of the training images (walked once, in
+        order: a generator will do)."""
         rng = np.random.default_rng(self.seed)
         rows = [_sample_rows(np.asarray(s, np.float32), self.features_per_image, rng) for s in selected]
         x = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
@@ -665,13 +666,26 @@ class SelectiveMethod(Method):
         return fmap, feats.keypoints, feats.image_hw
 
     def fit(self, train: Iterable[Features], *, trained_on: str = "") -> None:
-        """Fit on a training collection; keeps only each image's masked features (not its maps) in memory."""
-        selected = [self.model.select(*self._inputs(f)) for f in train]
-        if not selected:
-            raise RecipeError("recipe 'selective': the training collection is empty")
+        """Fit on a training collection. A re-iterable sequence (e.g. the collection's lazily computed
+        ``TrainingFeatures``) is walked twice -- local models, then the aggregated vectors of the rotation
+        normalisation -- and nothing but the sampled features is kept; a one-shot iterable is walked once,
+        keeping every image's masked features."""
+        model = self.model
         try:
-            self.model.fit_selected(selected, trained_on=trained_on)
+            if isinstance(train, Sequence):
+                if not len(train):
+                    raise RecipeError("recipe 'selective': the training collection is empty")
+                model.fit_local_selected(model.select(*self._inputs(f)) for f in train)
+                model.fit_rn(np.stack([model.aggregate(model.embed(model.select(*self._inputs(f)))) for f in train]))
+                model.trained_on = str(trained_on)
+            else:
+                selected = [model.select(*self._inputs(f)) for f in train]
+                if not selected:
+                    raise RecipeError("recipe 'selective': the training collection is empty")
+                model.fit_selected(selected, trained_on=trained_on)
         except ValueError as exc:
+            if isinstance(exc, RecipeError):
+                raise
             raise RecipeError(f"recipe 'selective' cannot be fitted on {trained_on or 'this collection'}: {exc}") from None
 
     def state_dict(self) -> dict[str, np.ndarray]:
