@@ -1,8 +1,9 @@
 """eval/rerank_eval.py: a benchmark's figures through Collection.search (re-ranking and query expansion), on a
 12-image UKBench subset: no re-ranking gives evaluate_recipe's figures; with aml + α-QE the N-S score equals the
-one counted by hand from the hits of Collection.search_indexed."""
+one counted by hand from the hits of Collection.search_indexed, and `isearch eval --rerank --qe` prints it."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -38,5 +39,16 @@ def test_evaluate_search_matches_the_runner_and_the_hits(ukbench, tmp_path):
                   for r in col.records()])
     assert res["ns"] == pytest.approx(ns, abs=1e-9)
     assert res["rerank"] == "aml" and res["qe_kind"] == "alpha" and res["queries"] == 12
+    # `isearch eval --rerank --qe` gives the same figures
+    from typer.testing import CliRunner
+
+    from instance_search.cli import app
+
+    out = CliRunner().invoke(app, ["eval", "ukbench", "--images", str(photos), "--recipe", "rmac", "--max-size", "256",
+                                   "--rerank", "aml", "--shortlist", "6", "--qe", "2", "--qe-kind", "alpha", "-q"])
+    assert out.exit_code == 0, out.output
+    cli = json.loads(out.stdout)
+    assert cli["ns"] == pytest.approx(res["ns"], abs=1e-9) and cli["map"] == pytest.approx(res["map"], abs=1e-9)
+    assert cli["rerank"] == "aml" and cli["qe"] == 2
     with pytest.raises(ValueError, match="unknown re-ranking 'x'"):
         evaluate_search(bench, recipe, index_dir=ix, rerank="x", progress=False)
