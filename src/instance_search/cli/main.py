@@ -291,6 +291,12 @@ def eval_cmd(
     proposals: Optional[int] = ro.PROPOSALS,
     fit_on: Optional[str] = ro.FIT_ON,
     whitening: str = typer.Option("none", help="'none', or a whitening file learned on ANOTHER collection."),
+    rerank: str = typer.Option("none", help="Re-rank each query's short list through the search pipeline: none | "
+                               "aml | aml-fast | casr | cs-sr (see `isearch search`; indexes the benchmark first)."),
+    shortlist: int = typer.Option(100, help="With --rerank: how many top results to re-rank."),
+    qe: int = typer.Option(0, help="Query expansion with the top QE results (0: off)."),
+    qe_kind: str = typer.Option("avg", "--qe-kind", help="avg | alpha | dba (see `isearch search`)."),
+    detector: Optional[Path] = typer.Option(None, help="cs-sr: the detector file of `isearch finetune`."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -307,8 +313,15 @@ def eval_cmd(
         if spec.needs_fit and fit_on is None:
             raise NotFittedError(f"recipe {recipe!r} learns from a training collection: give --fit-on (a folder, or "
                                  "a benchmark name such as ukbench)")
-        res = evaluate_recipe(bench, spec, whitening=None if whitening == "none" else Path(whitening),
-                              progress=not quiet, fit_on=fit_on)
+        if rerank != "none" or qe > 0 or detector is not None:  # the product's search pipeline (eval/rerank_eval.py)
+            from ..eval.rerank_eval import evaluate_search
+
+            res = evaluate_search(bench, spec, None if whitening == "none" else Path(whitening), rerank=rerank,
+                                  shortlist=shortlist, qe=qe, qe_kind=qe_kind, detector=detector, fit_on=fit_on,
+                                  progress=not quiet)
+        else:
+            res = evaluate_recipe(bench, spec, whitening=None if whitening == "none" else Path(whitening),
+                                  progress=not quiet, fit_on=fit_on)
     except _errors() as exc:
         _fail(_msg(exc))
     typer.echo(json.dumps(res, indent=1))
