@@ -13,7 +13,8 @@ Order of the steps (Tolias et al. 2016, Sec. 6; Salvador et al. 2016, Sec. 4.3):
 by the global vectors (against the DBA-augmented vectors when ``qe_kind="dba"``); the best ``shortlist`` images are
 re-ranked and get a box; query expansion then uses the best ``qe`` images *after* re-ranking. After AML with a
 MAC / R-MAC recipe the expansion uses the vectors of the localised windows and re-scores the short list with the
-expanded query; otherwise it uses the stored global vectors and searches the index again.
+expanded query; otherwise it uses the stored global vectors and searches the index again (that second ranking
+is not re-ranked again and carries no boxes, as before the registry).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .rerank.base import Expansion, RerankContext, Reranker, make_expansion, mak
 
 __all__ = ["Hit", "SearchState", "search", "search_indexed", "search_vector", "search_described", "rerank_hits",
            "reranker_for", "expansion_for"]
+
 
 @dataclass
 class Hit:
