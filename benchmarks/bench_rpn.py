@@ -7,7 +7,9 @@ ground-truth boxes, and used as R-MAC's regions.
    benchmarks/cache/rpn/.
 2. Training: the kept images of benchmarks/results/train_boxes.json (bench_cleaning.py; Holidays-811 + UKBench
    0-499 only -- the split is asserted disjoint from the evaluation images); ``--val-groups`` of the groups are held
-   out for a validation loss / recall on automatic boxes. Checkpoint per epoch; the final model is written to
+   out for a validation loss / recall on automatic boxes. The samples and the trainer are the product's
+   (``isearch train-rpn BOXES --out rpn.pt``: instance_search.train.rpn); the training maps are cached under
+   benchmarks/cache/rpn/maps/. Checkpoint per epoch; the final model is written to
    benchmarks/cache/rpn/rpn.pt (+ .json), which bench_salvador.py uses.
 3. Detection recall at IoU 0.5 / 0.7 of the top-k proposals vs the rigid R-MAC grid (Gordo Fig. 4 middle) on the
    held-out check: the 12 Paris-250 query images and the 10 Oxford query images with their ground-truth boxes
@@ -41,7 +43,9 @@ import torch  # noqa: E402
 from instance_search.eval.datasets import splits  # noqa: E402
 from instance_search.eval.datasets.benchmarks import find_shared_data, load_gnd_pickle  # noqa: E402
 from instance_search.io import atomic_write_bytes  # noqa: E402
-from instance_search.nets import rpn as R  # noqa: E402
+from instance_search.nets.rpn import RPN, save_rpn  # noqa: E402
+from instance_search.ops import boxes as B  # noqa: E402
+from instance_search.train import rpn as TR  # noqa: E402
 from instance_search.train.triplet import InputCache  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -87,26 +91,13 @@ class MapCache(InputCache):
         return cache
 
 
-def original_size(path) -> tuple[int, int]:
-    """(width, height) of the whole image after EXIF rotation, as :func:`instance_search.images.load_image` sees it."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            o = int(im.getexif().get(0x0112, 1))
-        except Exception:
-            o = 1
-    return (h, w) if o in (5, 6, 7, 8) else (w, h)
-
-
 class Features:
     """Frozen VGG16 maps at one size: ``pool4(items)`` / ``conv5(items)`` for lists of (path, box or None)."""
 
     def __init__(self, size: int, engine: str = "winograd"):
         from instance_search.backbones import load_backbone
         from instance_search.backbones.fast import use_engine
-        from instance_search.train.detector import conv5_block
+        from instance_search.nets.detector import conv5_block
 
         self.size = int(size)
         self.bb = load_backbone("vgg16")
@@ -121,31 +112,16 @@ class Features:
 
 
 def training_samples(feat: Features, boxes_file: Path, val_groups: float, seed: int = 0):
-    """(train samples, validation samples, summary) from the boxes file: kept images of the training split, boxes
-    mapped to the map frame; ``val_groups`` of the groups (by a hash of the label) held out."""
-    from instance_search.train.cleaning import load_boxes
-
+    """(train samples, validation samples, summary) from the boxes file, as ``isearch train-rpn`` builds them
+    (:func:`instance_search.train.rpn.boxes_file_samples`: kept images, boxes mapped to the map frame,
+    ``val_groups`` of the groups held out by a hash of the label); the split is asserted disjoint from the
+    evaluation images first."""
     data = find_shared_data()
     ts = splits.training_set(data)
     splits.assert_disjoint(ts.paths, splits.evaluation_paths(data))
-    header, recs = load_boxes(boxes_file, root=data)
-    conv = feat.conv5([(p, None) for p in ts.paths], "training split")
-    train, val = [], []
-    n_kept = 0
-    for i, p in enumerate(ts.paths):
-        rel = Path(p).resolve().relative_to(data.resolve()).as_posix()
-        r = recs.get(rel)
-        if r is None or not r["kept"]:
-            continue
-        n_kept += 1
-        H, W = np.load(conv.file(i), mmap_mode="r").shape[-2:]
-        box = R.to_map_frame(r["box"], original_size(p), (H, W), 16)
-        s = R.RPNSample(fmap=(lambda i=i: conv[i]), boxes=box, name=rel)
-        h = int(hashlib.sha256(f"{seed}:{int(ts.labels[i])}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (val if h < val_groups else train).append(s)
-    summary = {"boxes_file": str(boxes_file), "boxes_header_params": header.get("params"),
-               "training_split_images": len(ts), "kept_with_box": n_kept, "train_images": len(train),
-               "validation_images": len(val)}
+    train, val, summary = TR.boxes_file_samples(boxes_file, data, feat.bb, max_size=feat.size,
+                                                cache_dir=CACHE / "maps", val_groups=val_groups, seed=seed)
+    summary["training_split_images"] = len(ts)
     return train, val, summary
 
 
@@ -164,15 +140,15 @@ def heldout_check(feat: Features):
     maps = [pc[i] for i in range(len(pc))] + [oc[i] for i, p in enumerate(oxp) if p.stem in ox]
     out = []
     for (p, b), m in zip(items, maps):
-        out.append((p.name, m, R.to_map_frame(b, original_size(p), tuple(m.shape[-2:]), 16)))
+        out.append((p.name, m, B.to_map_frame(b, TR.original_size(p), tuple(m.shape[-2:]), 16)))
     return out
 
 
 def grid_recall(maps_gt, levels=(1, 2, 3, 4, 5)) -> list[dict]:
     rows = []
     for L in levels:
-        props = [R.grid_boxes(m.shape[-2], m.shape[-1], L) for _, m, _ in maps_gt]
-        rec = R.detection_recall(props, [g for _, _, g in maps_gt])["all"]
+        props = [B.grid_boxes(m.shape[-2], m.shape[-1], L) for _, m, _ in maps_gt]
+        rec = TR.detection_recall(props, [g for _, _, g in maps_gt])["all"]
         rows.append({"regions": "grid", "levels": L, "mean_count": float(np.mean([len(p) for p in props])),
                      "recall@0.5": rec["0.5"], "recall@0.7": rec["0.7"]})
     return rows
@@ -180,7 +156,7 @@ def grid_recall(maps_gt, levels=(1, 2, 3, 4, 5)) -> list[dict]:
 
 def rpn_recall(rpn, maps_gt, ks=KS) -> list[dict]:
     props = [rpn.propose(m, max(ks))[0].numpy() for _, m, _ in maps_gt]
-    rec = R.detection_recall(props, [g for _, _, g in maps_gt], ks=ks)
+    rec = TR.detection_recall(props, [g for _, _, g in maps_gt], ks=ks)
     return [{"regions": "rpn", "k": k, "mean_count": float(np.mean([min(k, len(p)) for p in props])),
              "recall@0.5": rec[str(k)]["0.5"], "recall@0.7": rec[str(k)]["0.7"]} for k in ks]
 
@@ -237,7 +213,7 @@ def main() -> None:
     ap.add_argument("--lr-drop-epoch", type=int, default=4)
     ap.add_argument("--mid", type=int, default=256,
                     help="channels of the RPN's 3x3 conv (Ren et al. use 512 with VGG16; 256 halves the CPU time)")
-    ap.add_argument("--sizes", type=float, nargs="+", default=list(R.DEFAULT_SIZES))
+    ap.add_argument("--sizes", type=float, nargs="+", default=list(B.DEFAULT_SIZES))
     ap.add_argument("--val-groups", type=float, default=0.1)
     ap.add_argument("--ks", type=int, nargs="+", default=list(KS))
     ap.add_argument("--learned-model", default="auto",
@@ -261,23 +237,23 @@ def main() -> None:
     log(f"held-out check: {len(held)} images with ground-truth boxes")
 
     # ---------------------------------------------------------------- training
-    rpn = R.RPN(mid_channels=args.mid, sizes=args.sizes, max_size=args.size)
-    untrained = R.RPN(mid_channels=args.mid, sizes=args.sizes, max_size=args.size)
+    rpn = RPN(mid_channels=args.mid, sizes=args.sizes, max_size=args.size)
+    untrained = RPN(mid_channels=args.mid, sizes=args.sizes, max_size=args.size)
     untrained.load_state_dict(rpn.state_dict())
     untrained.eval()
-    cfg = R.RPNTrainConfig(epochs=args.epochs, lr=args.lr, lr_drop_epoch=args.lr_drop_epoch)
+    cfg = TR.RPNTrainConfig(epochs=args.epochs, lr=args.lr, lr_drop_epoch=args.lr_drop_epoch)
     key = hashlib.sha256(json.dumps({"cfg": vars(cfg), "rpn": rpn.config(), "n": len(train),
                                      "boxes": str(args.boxes.stat().st_mtime_ns)}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     ckdir = CACHE / f"run-{key}"
     t0 = time.perf_counter()
-    history = R.train_rpn(rpn, train, cfg, ckdir, val_samples=val, resume=True)
+    history = TR.train_rpn(rpn, train, cfg, ckdir, val_samples=val, resume=True)
     timings["training_s_this_run"] = round(time.perf_counter() - t0, 1)
     for e in history["epochs"]:
         log(f"epoch {e['epoch']}: {e['seconds']:.0f} s wall, {e['cpu_seconds']:.0f} s CPU, train cls "
             f"{e['train_cls']:.4f} reg {e['train_reg']:.4f}; val cls {e.get('val_cls', float('nan')):.4f} "
             f"reg {e.get('val_reg', float('nan')):.4f}")
-    model_path = R.save_rpn(rpn, CACHE / "rpn.pt", trained_on=data_summary, history=history,
+    model_path = save_rpn(rpn, CACHE / "rpn.pt", trained_on=data_summary, history=history,
                             checkpoints=str(ckdir))
 
     # ---------------------------------------------------------------- recall
@@ -298,16 +274,17 @@ def main() -> None:
     per_image = []
     for (name, m, g) in held:
         p = rpn.propose(m, max(args.ks))[0]
-        per_image.append({"image": name, "best_iou_top16": round(float(R.box_iou(g, p[:16]).max()), 3),
-                          "best_iou_top256": round(float(R.box_iou(g, p).max()), 3),
-                          "best_iou_grid_L3": round(float(R.box_iou(g, R.grid_boxes(m.shape[-2], m.shape[-1], 3))
+        per_image.append({"image": name, "best_iou_top16": round(float(B.box_iou(g, p[:16]).max()), 3),
+                          "best_iou_top256": round(float(B.box_iou(g, p).max()), 3),
+                          "best_iou_grid_L3": round(float(B.box_iou(g, B.grid_boxes(m.shape[-2], m.shape[-1], 3))
                                                           .max()), 3)})
 
     # ---------------------------------------------------------------- retrieval with proposals as R-MAC regions
     maps_results = []
     if not args.no_map:
         from instance_search.collection import fit_whitening
-        from instance_search.nets.rmac_head import boxes_to_cells, load_model
+        from instance_search.nets.rmac_head import load_model
+        from instance_search.ops.boxes import boxes_to_cells
         from instance_search.ops.pooling import region_macs, rmac_regions
 
         data = find_shared_data()
@@ -383,7 +360,7 @@ def main() -> None:
                     log(json.dumps(row))
 
                 # proposals of the RPN on the learned conv5_3 maps, as the recipe does
-                # (learned_rmac_recipe(model, rpn=...): the index only has the trained network's maps)
+                # (recipes.gordo.learned_rmac_recipe(model, rpn=...): the index only has the trained network's maps)
                 for k, c in learned.items():
                     props[f"learned-{k}"] = [rpn.propose(c[i], max(args.ks))[0].numpy() for i in range(len(c))]
                 run_learned("learned R-MAC, grid L=3", lambda key: grid_fn)

@@ -47,6 +47,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ISEARC
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -61,16 +62,20 @@ from tqdm.auto import tqdm  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_rpn import CACHE as RPN_CACHE, Features, log, original_size  # noqa: E402
+from bench_rpn import CACHE as RPN_CACHE, Features, log  # noqa: E402
 
-from instance_search import evaluation as ev  # noqa: E402
+from instance_search.eval import metrics as ev  # noqa: E402
 from instance_search.eval.datasets import splits  # noqa: E402
 from instance_search.eval.datasets.benchmarks import find_shared_data  # noqa: E402
 from instance_search.io import atomic_write_bytes  # noqa: E402
+from instance_search.nets import detector as ND  # noqa: E402
+from instance_search.nets.rpn import load_rpn  # noqa: E402
+from instance_search.ops.boxes import boxes_to_cells, to_map_frame  # noqa: E402
 from instance_search.train import detector as FT  # noqa: E402
-from instance_search.nets import rpn as R  # noqa: E402
+from instance_search.train.rpn import original_size  # noqa: E402
 from instance_search.ops.pooling import region_macs, rmac_regions  # noqa: E402
 from instance_search.rerank import cs_sr as CS  # noqa: E402
+from instance_search.rerank.ca_sr import ca_sr_regions  # noqa: E402
 from instance_search.rerank.aml import region_vectors  # noqa: E402
 from instance_search.rerank.expansion import average_qe  # noqa: E402
 
@@ -113,9 +118,7 @@ def flipped_maps(feat: Features, paths, desc: str):
 
 def box_cells(box_px, image_wh, map_hw) -> np.ndarray:
     """Cells (x, y, w, h) covering a box given in original-image pixels."""
-    from instance_search.nets.rmac_head import boxes_to_cells
-
-    fb = R.to_map_frame(box_px, image_wh, map_hw, 16)
+    fb = to_map_frame(box_px, image_wh, map_hw, 16)
     return boxes_to_cells(fb, 16, *map_hw)
 
 
@@ -210,7 +213,7 @@ def main() -> None:
     timings: dict[str, float] = {}
     data = find_shared_data()
 
-    rpn, rpn_cfg = R.load_rpn(args.rpn)
+    rpn, rpn_cfg = load_rpn(args.rpn)
     if rpn.max_size and rpn.max_size != args.size:
         log(f"note: the RPN was trained at {rpn.max_size} px, images here are described at {args.size} px")
     feat = Features(args.size, args.engine)
@@ -238,7 +241,7 @@ def main() -> None:
     pq_boxes, pq_cells = [], []
     for i, (p, b) in enumerate(zip(paris.query_paths, paris.query_boxes)):
         hw = tuple(pq_c5[i].shape[-2:])
-        pq_boxes.append(R.to_map_frame(b, original_size(p), hw, 16)[0])
+        pq_boxes.append(to_map_frame(b, original_size(p), hw, 16)[0])
         pq_cells.append(box_cells(b, original_size(p), hw)[0])
     uq_boxes = [np.array([0.0, 0.0, ukb_c5[i].shape[-1] * 16, ukb_c5[i].shape[-2] * 16]) for i in ukb_train]
     marks = sorted({Path(p).stem.split("_")[1] for p in paris.query_paths})
@@ -314,7 +317,6 @@ def main() -> None:
 
     # ---------------------------------------------------------------- RPN proposals and region vectors of the databases
     t0 = time.perf_counter()
-    from instance_search.nets.rmac_head import boxes_to_cells
 
     def regions_of(c5s, desc):
         """(boxes, cells, region MACs) of the top proposals of every map; the boxes are cached on disk."""
@@ -361,7 +363,7 @@ def main() -> None:
     # ---------------------------------------------------------------- CA-SR (Salvador Sec. 3.3)
     t0 = time.perf_counter()
     for bench in ("paris", "ukb"):
-        rerank_all(bench, lambda j, sl, bench=bench: CS.ca_sr_regions(
+        rerank_all(bench, lambda j, sl, bench=bench: ca_sr_regions(
             wq[bench][j], [wregs[bench][i] for i in sl]), "CA-SR")
     timings["ca_sr_s"] = round(time.perf_counter() - t0, 1)
 
@@ -377,29 +379,19 @@ def main() -> None:
     groups = sorted({g for _, _, g in base_items})
     log(f"base detector: {len(base_items)} training images with boxes, {len(groups)} groups as classes")
     t0 = time.perf_counter()
-    base_samples, base_props = [], []
+    base_samples = []
     for i, rel, g in base_items:
         hw = tuple(np.load(tr_c5.file(i), mmap_mode="r").shape[-2:])
-        box = R.to_map_frame(recs[rel]["box"], original_size(ts.paths[i]), hw, 16)
+        box = to_map_frame(recs[rel]["box"], original_size(ts.paths[i]), hw, 16)
         base_samples.append(FT.DetectorSample(box, np.array([groups.index(g) + 1]), None,
                                               (lambda i=i: tr_c5[i]), rel))
-    pkey = f"{rpn_cfg['state_sha256']}|{len(base_items)}|{args.size}"
-    prop_file = CACHE / f"base-proposals-{hashlib.sha256(pkey.encode()).hexdigest()[:12]}.npz"
-    if prop_file.is_file():
-        z = np.load(prop_file)
-        base_props = [torch.from_numpy(z[f"p{k}"]) for k in range(len(base_samples))]
-    else:
-        for s in tqdm(base_samples, desc="training split: RPN proposals", unit="img", file=sys.stderr):
-            base_props.append(rpn.propose(s.conv5(), 300)[0])
-        CACHE.mkdir(parents=True, exist_ok=True)
-        np.savez(prop_file, **{f"p{k}": p.numpy() for k, p in enumerate(base_props)})
     torch.manual_seed(0)
-    base = FT.Detector(copy.deepcopy(rpn), len(groups), [str(g) for g in groups], pool=args.pool,
-                       hidden=args.hidden, trunk=FT.conv5_block(feat.bb))
+    base = ND.Detector(copy.deepcopy(rpn), len(groups), [str(g) for g in groups], pool=args.pool,
+                       hidden=args.hidden, trunk=ND.conv5_block(feat.bb))
     base.backbone_weights_sha256 = str(getattr(feat.bb.weights, "sha256", ""))
-    bcfg = FT.DetectorTrainConfig(trainable="fc", epochs=args.base_epochs, lr=args.base_lr, images_per_batch=2,
-                                  rois_per_image=64)
-    base_hist = FT.train_detector(base, base_samples, bcfg, CACHE, desc="base detector", fixed_proposals=base_props)
+    fcfg = FT.FinetuneConfig(base_epochs=args.base_epochs, base_lr=args.base_lr, pool=args.pool, hidden=args.hidden,
+                             epochs=args.ft_epochs, lr=args.ft_lr, epochs_2=args.ft_epochs_2, lr_2=args.ft_lr_2)
+    base_hist = FT.train_base_detector(base, base_samples, fcfg, CACHE)  # as `isearch finetune --boxes` does
     timings["base_detector_s_this_run"] = round(time.perf_counter() - t0, 1)
     for e in base_hist["epochs"]:
         log(f"base detector epoch {e['epoch']}: {e['seconds']:.0f} s wall ({e['images']} images), "
@@ -419,25 +411,16 @@ def main() -> None:
                   for k, i in enumerate(ukb_train)]
             classes, q_class, db_p4, db_c5 = [f"object {k}" for k in range(len(ukb_q))], uq_class, ukb_p4, ukb_c5
         samples = FT.query_samples(qs)
-        props = [rpn.propose(s.conv5 if not callable(s.conv5) else s.conv5(), 300)[0] for s in samples]
-        # phase 1, shared by both strategies: new output layers for the query classes, FC layers trained
-        det1 = copy.deepcopy(base).set_classes(classes)
-        torch.manual_seed(0)
-        det1.head.reset_classes(len(classes))
-        t0 = time.perf_counter()
-        hist1 = FT.train_detector(det1, samples, FT.DetectorTrainConfig(
-            trainable="fc", epochs=args.ft_epochs, lr=args.ft_lr, rois_per_image=64, seed=0), CACHE,
-            desc=f"fine-tune {bench} phase 1 (FC)", fixed_proposals=props)
-        t_p1 = time.perf_counter() - t0
         for strategy in args.strategies:
-            det = copy.deepcopy(det1)
-            trainable = "fc" if strategy == 1 else "conv5+rpn+fc"
-            cfg = FT.DetectorTrainConfig(trainable=trainable, epochs=args.ft_epochs_2, lr=args.ft_lr_2,
-                                         rois_per_image=64, seed=strategy)
+            # phase 1 (FC layers, shared by both strategies: the second run loads it from the checkpoint cache)
+            # and phase 2 (strategy #1: FC layers; #2: conv5 + RPN + FC), as `isearch finetune` does
             t0 = time.perf_counter()
-            hist = FT.train_detector(det, samples, cfg, CACHE, desc=f"fine-tune {bench} #{strategy} phase 2",
-                                     fixed_proposals=props if strategy == 1 else None)
-            t_ft = time.perf_counter() - t0
+            det, hists = FT.finetune_detector(base, samples, classes, dataclasses.replace(fcfg, strategy=strategy),
+                                              CACHE)
+            hist1, hist = hists["phase1"], hists["phase2"]
+            t_p1 = sum(e["seconds"] for e in hist1["epochs"])
+            t_ft = time.perf_counter() - t0 - t_p1
+            trainable = FT.STRATEGIES[strategy]
             # detections on every database image, once (all classes at a time)
             t0 = time.perf_counter()
             K = len(classes)
@@ -448,7 +431,7 @@ def main() -> None:
                           file=sys.stderr):
                 with torch.no_grad():
                     m = db_c5[i] if strategy == 1 else det.conv_map(db_p4[i])
-                det_scores[i], det_boxes[i] = FT.class_detections(det, m, 300)
+                det_scores[i], det_boxes[i] = ND.class_detections(det, m, 300)
                 hw.append(tuple(m.shape[-2:]))
             t_det = time.perf_counter() - t0
             tr_scores = np.zeros((len(samples), K))
@@ -456,7 +439,7 @@ def main() -> None:
                 with torch.no_grad():
                     m = (FT.DetectorSample._get(s.conv5) if strategy == 1
                          else det.conv_map(FT.DetectorSample._get(s.pool4)))
-                tr_scores[t] = FT.class_detections(det, m, 300)[0]
+                tr_scores[t] = ND.class_detections(det, m, 300)[0]
             if bench == "paris":
                 positives = [np.concatenate([g["easy"], g["hard"]]) for g in paris.gnd]
                 ignore = [g["junk"] for g in paris.gnd]
@@ -499,7 +482,7 @@ def main() -> None:
         "rpn": str(args.rpn), "rpn_config": {k: rpn_cfg[k] for k in ("sizes", "ratios", "mid_channels", "max_size")},
         "shortlist": args.shortlist, "proposals": args.proposals, "qe": args.qe,
         "detector": {"pool": args.pool, "hidden": args.hidden, "base_classes": len(groups),
-                     "base_images": len(base_samples), "base_config": vars(bcfg), "base_history": base_hist["epochs"],
+                     "base_images": len(base_samples), "base_config": vars(fcfg), "base_history": base_hist["epochs"],
                      "fine_tuning": ft_info, "phase1": {"epochs": args.ft_epochs, "lr": args.ft_lr},
                      "phase2": {"epochs": args.ft_epochs_2, "lr": args.ft_lr_2}},
         "paris_classes": marks, "timings": timings, "this_run_wall_s": round(time.perf_counter() - t_start, 1),

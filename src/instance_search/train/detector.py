@@ -449,8 +449,9 @@ def finetune_detector(base: Detector, samples: Sequence[DetectorSample], classes
     import copy
 
     cfg = config.validate()
-    torch.manual_seed(cfg.seed)
     det = copy.deepcopy(base).set_classes(classes)
+    torch.manual_seed(cfg.seed)  # the new output layers' initialisation depends on the seed alone
+    det.head.reset_classes(len(classes))
     with torch.no_grad():
         props = _proposals(det, samples, cfg.proposals)
     h1 = train_detector(det, samples, DetectorTrainConfig(
@@ -519,6 +520,7 @@ def finetune_on_queries(queries_file: str | os.PathLike, out: str | os.PathLike,
         groups = sorted({int(recs[s.name]["group"]) for s in train})
         samples = [DetectorSample(s.boxes, np.array([groups.index(int(recs[s.name]["group"])) + 1]), None, s.fmap,
                                   s.name) for s in train]
+        torch.manual_seed(cfg.seed)
         det0 = Detector(rpn, len(groups), [str(g) for g in groups], pool=cfg.pool, hidden=cfg.hidden,
                         trunk=conv5_block(bb))
         det0.backbone_weights_sha256 = bb_sha
