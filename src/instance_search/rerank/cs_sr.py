@@ -1,14 +1,16 @@
 """Spatial re-ranking with a detector's region proposals (Salvador, Giró-i-Nieto, Marqués & Satoh 2016,
 "Faster R-CNN features for instance search", Sec. 3.3), and query expansion after it.
 
-(Class-agnostic spatial re-ranking, CA-SR, is :mod:`instance_search.rerank.ca_sr`: :func:`~.ca_sr.ca_sr` and
-:func:`~.ca_sr.ca_sr_regions`; query expansion below re-scores with its :func:`~.ca_sr.best_regions`.)
 * :func:`cs_sr` -- class-specific spatial re-ranking (CS-SR): a detector fine-tuned on the query instances
-  (:mod:`instance_search.train.detector`) scores every proposal of a short-listed image for the query's class;
-  the image takes the highest class probability and that proposal's regressed box.
+  (:mod:`instance_search.nets.detector`, trained by ``isearch finetune``) scores every proposal of a
+  short-listed image for the query's class; the image takes the highest class probability and that proposal's
+  regressed box.
 * :func:`qe_after_rerank` -- average query expansion after re-ranking (Salvador Sec. 4.3; Chum et al. 2007):
   ``q' = L2(q + sum of the top-M re-ranked images' box vectors)``, then CA-SR of the short list with ``q'``.
 * :func:`full_ranking` -- puts a re-ranked short list in front of the rest of the first-stage ranking.
+
+Class-agnostic spatial re-ranking (CA-SR) lives once, in :mod:`instance_search.rerank.ca_sr` (:func:`~.ca_sr.ca_sr`,
+:func:`~.ca_sr.ca_sr_regions`); query expansion here re-scores with its :func:`~.ca_sr.best_regions`.
 
 Boxes in :class:`~instance_search.rerank.aml.RerankResult` are map cells ``(x, y, w, h)``, as elsewhere in
 :mod:`instance_search.rerank`.
@@ -21,7 +23,6 @@ import numpy as np
 import torch
 
 from ..ops.boxes import boxes_to_cells
-from ..ops.normalize import l2n
 from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, region_vectors
 from .ca_sr import best_regions
@@ -58,7 +59,7 @@ def cs_sr_scores(class_scores, class_boxes, shortlist_scores=None, map_hw: Seque
 def cs_sr(detector, class_index: int, maps: Sequence[torch.Tensor], shortlist_scores=None, proposals: int = 300,
           whitening: Callable | None = None) -> RerankResult:
     """CS-SR (Salvador et al. 2016, Sec. 3.3): run the fine-tuned ``detector``
-    (:class:`~instance_search.train.detector.Detector`) on the conv5_3 map of every short-listed image; the
+    (:class:`~instance_search.nets.detector.Detector`) on the conv5_3 map of every short-listed image; the
     image's score is the highest probability of class ``class_index`` (0-based object class, i.e. detector output
     ``class_index + 1``) over its top ``proposals`` RPN boxes, its box that proposal's class box. The returned
     ``vectors`` are the L2(-whitened) MACs of those boxes (for :func:`qe_after_rerank`)."""
