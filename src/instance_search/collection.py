@@ -348,6 +348,9 @@ class Collection:
                         power: float = 0.5) -> PCAWhitening:
         """Fit PCA-whitening on this collection's own local vectors (R-MAC regions or one per image);
         ``power`` < 0.5: partial whitening (see :func:`fit_whitening`)."""
+        if not self.recipe.whitened:
+            raise RecipeError(f"{self.store.root}: recipe {self.recipe.name!r} projects its vectors itself; a "
+                              "PCA-whitening learned on this index would not be used")
         local = self.store.local_descriptors()
         if not local:
             raise ValueError(f"{self.store.root}: cannot learn a whitening from an empty index")

@@ -12,7 +12,7 @@ from .eval.datasets.benchmarks import find_shared_data
 
 
 def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16", recipe=None, fit_on=None,
-             n_train: int = 40) -> dict:
+             n_train: int = 200) -> dict:
     """Index the first ``n_images`` UKBench images with ``recipe`` (default: R-MAC on ``backbone`` at max side
     512), query with each, print the N-S score. A recipe that learns (Ng's VLAD, Hoang's selective features) is
     fitted on ``fit_on``, by default the next ``n_train`` UKBench images (other objects than the indexed ones)."""

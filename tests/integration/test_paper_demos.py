@@ -49,9 +49,9 @@ def learned_model(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("paper,flags,floor", [
     ("tolias", ["--recipe", "rmac"], 3.0),
-    ("ng", ["--recipe", "ng-vlad", "--layer", "conv4_3", "--k", "16", "--dim", "32"], 2.5),
+    ("ng", ["--recipe", "ng-vlad", "--layer", "conv4_3", "--k", "16", "--dim", "32", "--train-images", "40"], 2.5),
     ("hoang", ["--recipe", "selective", "--mask", "max", "--embedding", "temb", "--aggregation", "democratic",
-               "--dim", "512"], 2.5),
+               "--dim", "512", "--train-images", "160"], 2.5),
     ("salvador", ["--recipe", "ipa", "--pooling", "sum"], 2.5),
 ])
 def test_each_paper_indexes_and_searches_the_demo(tmp_path, paper, flags, floor):
