@@ -239,7 +239,9 @@ def demo(
     rpn: Optional[Path] = ro.RPN,
     proposals: Optional[int] = ro.PROPOSALS,
     fit_on: Optional[str] = typer.Option(None, "--fit-on", help="ng-vlad, selective: training images (default: "
-                                                                "the next 40 UKBench photos)."),
+                                                                "the next --train-images UKBench photos)."),
+    train_images: int = typer.Option(200, "--train-images", help="ng-vlad, selective: how many UKBench photos "
+                                     "after the indexed ones to fit on when --fit-on is not given."),
 ) -> None:
     """Index a small real collection (UKBench views from ../shared/data) with any recipe, search it, score it."""
     from ..demo import run_demo
@@ -248,7 +250,7 @@ def demo(
         spec = ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
                                embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
                                regions=regions, rpn=rpn, proposals=proposals)
-        run_demo(out, n_images=images, recipe=spec, fit_on=fit_on)
+        run_demo(out, n_images=images, recipe=spec, fit_on=fit_on, n_train=train_images)
     except _errors() as exc:
         _fail(_msg(exc))
 
