@@ -186,15 +186,7 @@ def sanitize_stem(filename: str | None, max_len: int = 80) -> str:
     return stem or "upload"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _copy_limited(src: BinaryIO, dst: Path, limit: int, name: str) -> tuple[int, str]:
+def copy_limited(src: BinaryIO, dst: Path, limit: int, name: str) -> tuple[int, str]:
     """Copy an upload to ``dst`` (at most ``limit`` bytes, else 413); returns (size, sha256)."""
     h = hashlib.sha256()
     n = 0
@@ -212,7 +204,8 @@ def _copy_limited(src: BinaryIO, dst: Path, limit: int, name: str) -> tuple[int,
     return n, h.hexdigest()
 
 
-def _parse_frame(text: str | None) -> tuple[float, float] | None:
+def parse_frame(text: str | None) -> tuple[float, float] | None:
+    """The ``width,height`` frame a box was drawn in (``None`` when not given); bad text raises ValueError."""
     if text is None or text.strip() == "":
         return None
     parts = [p for p in text.replace(" ", ",").split(",") if p]

@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, Response
 from ..images import BoxError, ImageError, parse_box
 from ..index.store import WriterBusyError
 from .guard import (DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PIXEL_BUDGET, DEFAULT_UPLOADS_PER_MINUTE,
-                    BadRequest, Guard, _copy_limited, _parse_frame, client_name, probe_image)
+                    BadRequest, Guard, copy_limited, parse_frame, client_name, probe_image)
 from .service import SearchService
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -117,7 +117,7 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
             fail(422, f"top must be between 1 and {svc.max_top}, got {top}")
         try:
             b = parse_box(box) if box not in (None, "") else None
-            frame = _parse_frame(box_frame)
+            frame = parse_frame(box_frame)
         except BoxError as exc:
             fail(422, str(exc))
         try:
@@ -131,7 +131,7 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                 if image is not None:
                     name = client_name(image.filename)
                     qpath = Path(tmpdir) / "query"
-                    _, sha = _copy_limited(image.file, qpath, svc.max_upload_bytes, name)
+                    _, sha = copy_limited(image.file, qpath, svc.max_upload_bytes, name)
                     probe_image(qpath, name)
                     group = svc.gt.group_of(name) if svc.gt is not None else None
                 else:

@@ -17,9 +17,9 @@ from typing import Any, BinaryIO, Mapping
 from PIL import Image
 
 from ..images import MAX_PIXELS, Box, ImageError, clip_box, load_image
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, file_sha256
 from .guard import (DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PIXEL_BUDGET, DEFAULT_UPLOADS_PER_MINUTE,
-                    UPLOAD_FORMATS, BadRequest, DecodeGate, UploadRate, _copy_limited, _sha256_file, client_name,
+                    UPLOAD_FORMATS, BadRequest, DecodeGate, UploadRate, copy_limited, client_name,
                     probe_image, sanitize_stem, verify_image)
 
 UPLOAD_FOLDER = "uploads"
@@ -338,7 +338,7 @@ class SearchService:
         for n in range(10_000):
             dest = self.upload_dir / (f"{stem}{ext}" if n == 0 else f"{stem}-{n}{ext}")
             if dest.exists() or dest.is_symlink():
-                if dest.is_file() and not dest.is_symlink() and _sha256_file(dest) == sha:
+                if dest.is_file() and not dest.is_symlink() and file_sha256(dest) == sha:
                     tmp.unlink(missing_ok=True)
                     return dest
                 continue
@@ -373,7 +373,7 @@ class SearchService:
                 os.close(fd)
                 tmp = Path(tmpname)
                 staged.append((tmp, name, "", ""))
-                _, sha = _copy_limited(src, tmp, self.max_upload_bytes, name)
+                _, sha = copy_limited(src, tmp, self.max_upload_bytes, name)
                 fmt, w, h = probe_image(tmp, name)
                 pixels += w * h
                 if pixels > self.gate.pixel_budget:
