@@ -19,6 +19,7 @@ is not re-ranked again and carries no boxes, as before the registry).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -130,17 +131,23 @@ def search(col, image, box=None, top: int = 10, *, rerank: str | Reranker | None
 def search_indexed(col, image_id: int, top: int = 10, *, rerank: str | Reranker | None = None,
                    shortlist: int = 1000, qe: int = 0, qe_kind: str | Expansion = "avg",
                    detector: str | os.PathLike | None = None, rerank_options: Mapping[str, Any] | None = None,
-                   qe_options: Mapping[str, Any] | None = None) -> list[Hit]:
+                   qe_options: Mapping[str, Any] | None = None, timings: dict[str, float] | None = None) -> list[Hit]:
     """Like :func:`search`, with an indexed image as the query ("more like this"): its stored vector and stored
-    conv map are used, no network pass. The image itself is among the hits."""
+    conv map are used, no network pass. The image itself is among the hits. ``timings``: as
+    :func:`search_described` (the stored map's read counts as ``search_ms``)."""
     reranker, expansion = _setup(col, rerank, shortlist, qe, qe_kind, detector, rerank_options, qe_options, top)
     col._ensure_faiss()
     pos = {r["id"]: k for k, r in enumerate(col._records)}
     if int(image_id) not in pos:
         raise KeyError(f"image id {image_id} is not in the index {col.store.root}")
     vec = col._faiss.reconstruct(int(pos[int(image_id)]))
+    t0 = time.perf_counter()
     fmap = None if reranker.identity else col.store.feature_map(int(image_id))
-    return search_described(col, vec, fmap, top, reranker, shortlist, qe, expansion)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    hits = search_described(col, vec, fmap, top, reranker, shortlist, qe, expansion, timings)
+    if timings is not None:
+        timings["map_ms"] = load_ms
+    return hits
 
 
 def search_vector(col, vector: np.ndarray, top: int = 10, *, index=None) -> list[Hit]:
@@ -227,19 +234,34 @@ def _vectors_of(col, ids: Sequence[int]) -> np.ndarray:
 
 
 def search_described(col, vec: np.ndarray, fmap, top: int, reranker: Reranker, shortlist: int, qe: int,
-                     expansion: Expansion) -> list[Hit]:
+                     expansion: Expansion, timings: dict[str, float] | None = None) -> list[Hit]:
     """The pipeline for a described query (global vector ``vec``, conv map ``fmap``): first stage, re-ranking,
-    expansion (module docstring)."""
+    expansion (module docstring). ``timings``: a dict that receives ``search_ms``, ``rerank_ms`` and ``qe_ms``
+    (wall time of each stage; the server shows them)."""
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
     rerank = not reranker.identity
     database = expansion.database_side and qe > 0
     index = _dba_index(col, expansion, qe) if database else None
     depth = max(top, shortlist if rerank else top, qe)
     hits = search_vector(col, vec, top=depth, index=index)
+    t1 = time.perf_counter()
+    t["search_ms"] = (t1 - t0) * 1e3
     wvecs: dict[int, np.ndarray] = {}
     if rerank and hits:
         hits, wvecs = rerank_hits(col, hits, fmap, reranker, shortlist, vec)
+    t2 = time.perf_counter()
+    t["rerank_ms"] = (t2 - t1) * 1e3
+    t["qe_ms"] = 0.0
     if qe <= 0 or not hits or not expansion.query_side:
         return hits[:top]
+    try:
+        return _expand(col, vec, hits, wvecs, reranker, qe, expansion, top)
+    finally:
+        t["qe_ms"] = (time.perf_counter() - t2) * 1e3
+
+
+def _expand(col, vec, hits, wvecs, reranker, qe, expansion, top) -> list[Hit]:
     if reranker.window_vectors and wvecs and _windows_in_global_space(col):
         top_ids = [h.id for h in hits[:qe]]
         q2 = expansion.expand(vec, np.stack([wvecs[i] for i in top_ids])).reshape(-1)
