@@ -205,7 +205,7 @@ def copy_limited(src: BinaryIO, dst: Path, limit: int, name: str) -> tuple[int, 
 
 
 def parse_frame(text: str | None) -> tuple[float, float] | None:
-    """The ``width,height`` frame a box was drawn in (``None`` when not given); bad text raises ValueError."""
+    """The ``width,height`` frame a box was drawn in (``None`` when not given); bad text raises BoxError."""
     if text is None or text.strip() == "":
         return None
     parts = [p for p in text.replace(" ", ",").split(",") if p]
