@@ -25,9 +25,8 @@ import numpy as np
 
 from ..errors import CorruptIndexError
 from .compact import CompactMapError, decode_sparse, map_checksum
-from .store import (_DEFAULT, BACKUP, CATALOG, MANIFEST, MIGRATED_MANIFEST, Entry, IndexStore, _connect,
-                    _file_sha256,
-                    _init_catalog, _register_segment, _sha256_bytes)
+from .store import (BACKUP, CATALOG, MANIFEST, MIGRATED_MANIFEST, USE_DEFAULT_WAIT, Entry, IndexStore, connect_catalog,
+                    file_sha256_size, init_catalog, register_segment, sha256_bytes)
 
 
 @dataclass
@@ -117,7 +116,7 @@ def check_index(root: str | os.PathLike, *, faiss_sample: int = 2000) -> CheckRe
         if not path.is_file():
             rep.problems.append(f"{path}: missing ({len(rows)} images)")
             continue
-        sha, size = _file_sha256(path)
+        sha, size = file_sha256_size(path)
         if size != npz_size or sha != npz_sha:
             rep.problems.append(f"{path}: {size} bytes, sha256 {sha[:12]}..., the catalogue records {npz_size} bytes, "
                                 f"{npz_sha[:12]}... (damaged)")
@@ -142,7 +141,7 @@ def check_index(root: str | os.PathLike, *, faiss_sample: int = 2000) -> CheckRe
                 rep.problems.append(f"{mpath}: missing (conv maps of {len(rows)} images)")
                 continue
             blob = mpath.read_bytes()
-            if len(blob) != map_size or _sha256_bytes(blob) != map_sha:
+            if len(blob) != map_size or sha256_bytes(blob) != map_sha:
                 rep.problems.append(f"{mpath}: {len(blob)} bytes, the catalogue records {map_size} (sha256 "
                                     f"{'differs' if len(blob) == map_size else 'and size differ'}: damaged)")
             mo = seg.map_offsets
@@ -157,7 +156,7 @@ def check_index(root: str | os.PathLike, *, faiss_sample: int = 2000) -> CheckRe
         path = root / "fitted" / fname
         if not path.is_file():
             rep.problems.append(f"{path}: missing (a stored file the catalogue names)")
-        elif _file_sha256(path) != (sha, size):
+        elif file_sha256_size(path) != (sha, size):
             rep.problems.append(f"{path}: checksum mismatch (damaged)")
     dims = {len(v) for v in live_vectors}
     if len(dims) > 1:
@@ -238,7 +237,7 @@ def _readable_maps(root: Path, seg) -> tuple[list[bytes | None], bytes | None]:
     return out, blob
 
 
-def repair_index(root: str | os.PathLike, *, wait: float | None = _DEFAULT) -> RepairReport:
+def repair_index(root: str | os.PathLike, *, wait: float | None = USE_DEFAULT_WAIT) -> RepairReport:
     """Bring the index at ``root`` back to a consistent state (see the module docstring); returns what was done
     and which images were dropped or lost their maps."""
     root = Path(root)
@@ -305,7 +304,7 @@ def _repair_catalogued(root: Path, store: IndexStore, rep: RepairReport) -> None
             continue
         if rows and rows[0][3] is not None:
             seg.map_crc = np.asarray([r[3] for r in rows], np.int64)
-        sha, size = _file_sha256(path)
+        sha, size = file_sha256_size(path)
         if (sha, size) != (npz_sha, npz_size):  # reads cleanly (zip CRCs pass): record what is there
             with store._transaction() as c:
                 c.execute("UPDATE segments SET npz_sha256 = ?, npz_size = ? WHERE name = ?", (sha, size, name))
@@ -313,7 +312,7 @@ def _repair_catalogued(root: Path, store: IndexStore, rep: RepairReport) -> None
         if not seg.has_maps:
             continue
         codes, blob = _readable_maps(root, seg)
-        whole_ok = blob is not None and len(blob) == map_size and _sha256_bytes(blob) == map_sha
+        whole_ok = blob is not None and len(blob) == map_size and sha256_bytes(blob) == map_sha
         if whole_ok and all(c is not None for c in codes):
             continue
         removed = {r[0] for r in rows if r[4]}
@@ -349,7 +348,7 @@ def _repair_catalogued(root: Path, store: IndexStore, rep: RepairReport) -> None
         rep.actions.append(f"next_id {next_id} raised to {max_id + 1} (above every stored id)")
     for fname, sha, size in con.execute("SELECT name, sha256, size FROM files").fetchall():
         p = root / "fitted" / fname
-        if not p.is_file() or _file_sha256(p) != (sha, size):
+        if not p.is_file() or file_sha256_size(p) != (sha, size):
             with store._transaction() as c:
                 c.execute("DELETE FROM files WHERE name = ?", (fname,))
             rep.actions.append(f"dropped stored file {fname} (missing or damaged; store it again)")
@@ -368,8 +367,8 @@ def _rebuild(root: Path, rep: RepairReport, why: str) -> None:
                        f"the damaged catalogue is kept as {CATALOG}.damaged-{stamp})")
     tmp = root / f".{CATALOG}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
-    con = _connect(tmp, 5.0)
-    _init_catalog(con, src["settings"], src["next_id"], src["whitening"], time.strftime("%Y-%m-%dT%H:%M:%S"))
+    con = connect_catalog(tmp, 5.0)
+    init_catalog(con, src["settings"], src["next_id"], src["whitening"], time.strftime("%Y-%m-%dT%H:%M:%S"))
     removed = set(src["removed"])
     seen: set[int] = set()
     max_id = src["next_id"] - 1
@@ -398,23 +397,23 @@ def _rebuild(root: Path, rep: RepairReport, why: str) -> None:
         if seg.has_maps:
             codes, blob = _readable_maps(root, seg)
             if blob is not None and all(c is not None for c in codes):
-                mf, map_sha, map_size = map_file, _sha256_bytes(blob), len(blob)
+                mf, map_sha, map_size = map_file, sha256_bytes(blob), len(blob)
                 crcs = [map_checksum(c) for c in codes]
             else:
                 seg.has_maps = False  # recorded without maps below: the npz says has_maps, the catalogue rules
                 rep.maps_lost += list(seg.paths)
-        sha, size = _file_sha256(path)
+        sha, size = file_sha256_size(path)
         keep.append((seg, sha, size, mf, map_sha, map_size, crcs))
         seen.update(int(i) for i in seg.ids)
         if len(seg.ids):
             max_id = max(max_id, int(seg.ids.max()))
     for seg, sha, size, mf, map_sha, map_size, crcs in sorted(keep, key=lambda k: (int(k[0].ids.min(initial=1 << 62)),
                                                                                       k[0].name)):
-        _register_segment(con, seg, sha, size, mf, map_sha, map_size, crcs, removed)
+        register_segment(con, seg, sha, size, mf, map_sha, map_size, crcs, removed)
     con.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (str(max_id + 1),))
     for fname, (sha, size) in src["files"].items():
         p = root / "fitted" / fname
-        if p.is_file() and _file_sha256(p) == (sha, int(size)):
+        if p.is_file() and file_sha256_size(p) == (sha, int(size)):
             con.execute("INSERT INTO files(name, sha256, size) VALUES (?, ?, ?)", (fname, sha, int(size)))
         else:
             rep.actions.append(f"dropped stored file {fname} (missing or damaged)")

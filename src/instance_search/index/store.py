@@ -54,7 +54,7 @@ MIGRATED_MANIFEST = "manifest.v1.json"
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
 DEFAULT_WAIT_S = 60.0
-_DEFAULT = -1.0  # ``wait`` left out: the process default (``set_default_wait``, e.g. from ``--wait``)
+USE_DEFAULT_WAIT = -1.0  # ``wait`` left out: the process default (``set_default_wait``, e.g. from ``--wait``)
 _default_wait: float | None = DEFAULT_WAIT_S
 
 
@@ -91,11 +91,13 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
     return _load_npz(path, error=CorruptIndexError, what="index file (the catalogue names it)")
 
 
-def _sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
+def file_sha256_size(path: Path) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of the file at ``path``, read once."""
     h, n = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while True:
@@ -157,14 +159,15 @@ CREATE TABLE IF NOT EXISTS files(name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, si
 """
 
 
-def _connect(path: Path, timeout: float) -> sqlite3.Connection:
+def connect_catalog(path: Path, timeout: float) -> sqlite3.Connection:
+    """A connection to the catalogue at ``path`` (autocommit, busy timeout, synchronous FULL)."""
     con = sqlite3.connect(str(path), timeout=max(timeout, 1.0), isolation_level=None, check_same_thread=False)
     con.execute("PRAGMA busy_timeout = %d" % int(max(timeout, 1.0) * 1000))
     con.execute("PRAGMA synchronous = FULL")
     return con
 
 
-def _init_catalog(con: sqlite3.Connection, settings: dict[str, Any], next_id: int, whitening, created: str) -> None:
+def init_catalog(con: sqlite3.Connection, settings: dict[str, Any], next_id: int, whitening, created: str) -> None:
     con.execute("PRAGMA journal_mode = WAL")
     con.executescript(SCHEMA)
     con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [
@@ -240,11 +243,11 @@ class IndexStore:
     root: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     _segments: dict[str, _Segment] = field(default_factory=dict)
-    wait: float | None = _DEFAULT
+    wait: float | None = USE_DEFAULT_WAIT
 
     def __post_init__(self):
         self.root = Path(self.root)
-        if self.wait == _DEFAULT:
+        if self.wait == USE_DEFAULT_WAIT:
             self.wait = _default_wait
         self._con: sqlite3.Connection | None = None
         self._lock = _WriterLock(self.root / LOCK)
@@ -256,7 +259,7 @@ class IndexStore:
     # ---------------------------------------------------------------- opening
     @classmethod
     def create(cls, root: str | os.PathLike, settings: dict[str, Any], *,
-               wait: float | None = _DEFAULT) -> "IndexStore":
+               wait: float | None = USE_DEFAULT_WAIT) -> "IndexStore":
         root = Path(root)
         if cls.exists(root):
             raise IndexExistsError(f"{root}: an index already exists here")
@@ -267,8 +270,8 @@ class IndexStore:
                 raise IndexExistsError(f"{root}: an index already exists here")
             tmp = root / f".{CATALOG}.{os.getpid()}.tmp"
             tmp.unlink(missing_ok=True)
-            con = _connect(tmp, 5.0)
-            _init_catalog(con, dict(settings), 0, None, time.strftime("%Y-%m-%dT%H:%M:%S"))
+            con = connect_catalog(tmp, 5.0)
+            init_catalog(con, dict(settings), 0, None, time.strftime("%Y-%m-%dT%H:%M:%S"))
             con.close()
             os.replace(tmp, root / CATALOG)
             fsync_dir(root)
@@ -283,7 +286,7 @@ class IndexStore:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, writable: bool = False,
-             wait: float | None = _DEFAULT) -> "IndexStore":
+             wait: float | None = USE_DEFAULT_WAIT) -> "IndexStore":
         """Open an index (migrating an earlier-format folder once). ``writable`` also removes what dead writers
         left behind (under the writer lock, waiting up to ``wait`` seconds). Writes take the lock themselves."""
         root = Path(root)
@@ -309,7 +312,7 @@ class IndexStore:
             if not path.is_file():
                 raise CorruptIndexError(f"{path}: missing (the index catalogue)")
             try:
-                self._con = _connect(path, self.wait if self.wait is not None else 3600.0)
+                self._con = connect_catalog(path, self.wait if self.wait is not None else 3600.0)
                 self._con.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
             except sqlite3.DatabaseError as exc:
                 self._con = None
@@ -649,7 +652,7 @@ class IndexStore:
         sha256 in the catalogue; returns the sha256. Storing the same bytes again is a no-op; other bytes under
         an existing name are refused (files are immutable: use a new name)."""
         rel = _check_file_name(name)
-        sha = _sha256_bytes(bytes(data))
+        sha = sha256_bytes(bytes(data))
         with self._lock_held():
             row = self._db().execute("SELECT sha256 FROM files WHERE name = ?", (rel,)).fetchone()
             if row is not None:
@@ -679,7 +682,7 @@ class IndexStore:
         except OSError as exc:
             raise CorruptIndexError(f"{path}: missing or unreadable ({exc.__class__.__name__}); "
                                     "the index catalogue names it") from exc
-        if _sha256_bytes(data) != rec[0]:
+        if sha256_bytes(data) != rec[0]:
             raise CorruptIndexError(f"{path}: checksum mismatch (damaged; {len(data)} bytes, "
                                     f"catalogue records {rec[1]})")
         return data
@@ -763,7 +766,7 @@ class IndexStore:
                 new_file = f"{name}.v{self._version() + 1}.npz"  # unique: the version only grows
                 new_path = self.root / "segments" / new_file
                 atomic_save_npz(new_path, **z)
-                sha, size = _file_sha256(new_path)
+                sha, size = file_sha256_size(new_path)
                 with self._transaction() as con:
                     con.execute("UPDATE segments SET npz_file = ?, npz_sha256 = ?, npz_size = ?, tag = ? "
                                 "WHERE name = ?", (new_file, sha, size, tag, name))
@@ -842,7 +845,7 @@ class IndexStore:
             blob = b"".join(codes)
             map_file = f"{name}.cmap"
             atomic_write_bytes(self.root / "maps" / map_file, blob)
-            map_sha, map_size = _sha256_bytes(blob), len(blob)
+            map_sha, map_size = sha256_bytes(blob), len(blob)
             crcs = [map_checksum(c) for c in codes]
             extra["map_offsets"] = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
         npz_file = f"{name}.npz"
@@ -861,7 +864,7 @@ class IndexStore:
             tag=np.asarray(tag),
             **extra,
         )
-        sha, size = _file_sha256(npz_path)
+        sha, size = file_sha256_size(npz_path)
         with self._transaction() as con:
             if replace is not None:
                 for old in replace:
@@ -902,17 +905,17 @@ class IndexStore:
                     raise CorruptIndexError(f"{mpath}: corrupt manifest (no '{key}')")
             tmp = self.root / f".{CATALOG}.{os.getpid()}.tmp"
             tmp.unlink(missing_ok=True)
-            con = _connect(tmp, 5.0)
+            con = connect_catalog(tmp, 5.0)
             try:
                 max_id = -1
-                _init_catalog(con, manifest["settings"], 0, manifest.get("whitening"),
+                init_catalog(con, manifest["settings"], 0, manifest.get("whitening"),
                               manifest.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")))
                 con.execute("BEGIN")
                 removed = set(int(i) for i in manifest["removed"])
                 for name in manifest["segments"]:
                     npz_file = f"{name}.npz"
                     seg = self._read_segment(name, npz_file, None)
-                    sha, size = _file_sha256(self.root / "segments" / npz_file)
+                    sha, size = file_sha256_size(self.root / "segments" / npz_file)
                     map_file = map_sha = map_size = None
                     crcs: list[int | None] = [None] * len(seg.ids)
                     if seg.has_maps and seg.map_offsets is not None:
@@ -922,10 +925,10 @@ class IndexStore:
                             blob = mpath_.read_bytes()
                         except OSError as exc:
                             raise CorruptIndexError(f"{mpath_}: missing or unreadable ({exc})") from exc
-                        map_sha, map_size = _sha256_bytes(blob), len(blob)
+                        map_sha, map_size = sha256_bytes(blob), len(blob)
                         mo = seg.map_offsets
                         crcs = [map_checksum(blob[mo[i]:mo[i + 1]]) for i in range(len(seg.ids))]
-                    _register_segment(con, seg, sha, size, map_file, map_sha, map_size, crcs, removed)
+                    register_segment(con, seg, sha, size, map_file, map_sha, map_size, crcs, removed)
                     if len(seg.ids):
                         max_id = max(max_id, int(seg.ids.max()))
                 next_id = max(int(manifest["next_id"]), max_id + 1)
@@ -949,7 +952,7 @@ class IndexStore:
                    f"{CATALOG} (once; the old manifest is kept as {MIGRATED_MANIFEST})")
 
 
-def _register_segment(con: sqlite3.Connection, seg: _Segment, sha: str, size: int, map_file: str | None,
+def register_segment(con: sqlite3.Connection, seg: _Segment, sha: str, size: int, map_file: str | None,
                       map_sha: str | None, map_size: int | None, crcs: list, removed: set[int]) -> None:
     """Catalogue rows for an existing segment file (migration, repair); inside the caller's transaction."""
     con.execute("INSERT INTO segments(name, n, tag, npz_file, npz_sha256, npz_size, map_file, map_sha256, map_size) "
