@@ -172,6 +172,12 @@ def test_roi_pool_matches_slow_loop_on_a_real_map(real_samples):
         assert torch.equal(got, ref), p
     # 1x1 RoI pooling of a box is the MAC of the cells it covers (Gordo et al. 2016, Sec. 3.1)
     assert torch.equal(B.roi_pool(X, [[0, 0, W * 16, H * 16]], 1)[0, :, 0, 0], X.amax(dim=(1, 2)))
+    # one projection of boxes onto cells: RoI pooling at 1x1 = region MACs (R-MAC, RPA) of boxes_to_cells
+    from instance_search.ops.pooling import region_macs
+
+    valid = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+    cells = B.boxes_to_cells(valid, 16, H, W)
+    assert torch.equal(B.roi_pool(X, valid, 1)[:, :, 0, 0], region_macs(X, cells))
 
 
 def test_roi_pool_gradient_goes_to_the_argmax(real_samples):

@@ -500,7 +500,7 @@ def finetune_on_queries(queries_file: str | os.PathLike, out: str | os.PathLike,
     use_engine(bb, engine)
     bb_sha = str(getattr(bb.weights, "sha256", "") or "")
     info: dict[str, Any] = {"queries_file": str(Path(queries_file).resolve()), "queries": len(queries),
-                            "classes": classes, "strategy": cfg.strategy, "config": asdict(cfg),
+                            "classes": classes, "strategy": cfg.strategy, "finetune_config": asdict(cfg),
                             "max_size": int(max_size)}
     if base is not None:
         det0, bcfg = load_detector(base)
@@ -534,5 +534,5 @@ def finetune_on_queries(queries_file: str | os.PathLike, out: str | os.PathLike,
     det, hist = finetune_detector(det0, samples, classes, cfg, ck, progress=progress)
     det.backbone_weights_sha256 = bb_sha
     info["history"] = {k: v["epochs"] for k, v in hist.items()}
-    path = save_detector(det, out, **info)
+    path = save_detector(det, out, **{k: v for k, v in info.items() if k != "classes"})  # classes: in the config
     return det, info, path
