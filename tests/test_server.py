@@ -302,31 +302,120 @@ def client_ok(r) -> bool:
 
 
 def test_boxes_and_options_pass_through(index_dir, photos, monkeypatch):
-    """Hits that carry a box (from a re-ranker) come back with the hit image's size; ``options`` reach
-    ``Collection.search`` only as its own keyword arguments."""
-    from instance_search.collection import Hit
+    """Hits that carry a box (from a re-ranker) come back with the hit image's size; ``options`` reach the
+    search pipeline only as ``Collection.search``'s own keyword arguments."""
+    from instance_search import search as S
+    from instance_search.search import Hit
 
     seen = {}
 
-    def fake_search(self, image, box=None, top=10, rerank: bool = False, shortlist: int = 100):
-        seen.update(rerank=rerank, shortlist=shortlist, box=box, top=top)
-        recs = self.records()
+    def fake_described(col, vec, fmap, top, reranker, shortlist, qe, expansion, timings=None):
+        seen.update(rerank=type(reranker).__name__, shortlist=shortlist, qe=qe, top=top)
+        timings.update(search_ms=1.0, rerank_ms=2.0, qe_ms=0.0)
+        recs = col.records()
         return [Hit(rank=1, id=recs[5]["id"], path=recs[5]["path"], score=0.5, box=(10.0, 20.0, 300.5, 400.0)),
                 Hit(rank=2, id=recs[6]["id"], path=recs[6]["path"], score=0.4)]
 
-    monkeypatch.setattr(Collection, "search", fake_search)
+    monkeypatch.setattr(S, "search_described", fake_described)
     c = TestClient(create_app(index_dir, ground_truth={"groups": {"ukbench00004.jpg": "a", "ukbench00005.jpg": "a"}}))
-    assert c.get("/api/stats").json()["search_options"] == ["rerank", "shortlist"]
-    r = c.post("/api/search", data={"query_id": "4", "top": "2", "options": '{"rerank": true, "shortlist": 20}'})
+    assert {"rerank", "shortlist", "qe", "qe_kind"} <= set(c.get("/api/stats").json()["search_options"])
+    r = c.post("/api/search", data={"query_id": "4", "top": "2", "options": '{"rerank": "aml", "shortlist": 20}'})
     assert r.status_code == 200, r.text
     res = r.json()
-    assert seen == {"rerank": True, "shortlist": 20, "box": None, "top": 2}
+    assert seen["shortlist"] == 20 and seen["qe"] == 0 and seen["top"] == 2, seen
+    assert res["pipeline"] == {"rerank": "aml", "shortlist": 20, "qe": 0, "qe_kind": "avg", "indexed_query": True}
     assert res["hits"][0]["box"] == [10.0, 20.0, 300.5, 400.0] and res["hits"][0]["size"] == [640, 480]
     assert res["hits"][1]["box"] is None and "size" not in res["hits"][1]
     assert [h["relevant"] for h in res["hits"]] == [True, False]
     assert res["precision"] == {"group": "a", "relevant_in_index": 2, "at": {"1": 1.0, "2": 0.5}}
     assert c.post("/api/search", data={"query_id": "4", "options": '{"rerank": [1]}'}).status_code == 422
     assert c.post("/api/search", data={"query_id": "4", "options": '{"eval": "1"}'}).status_code == 422
+
+
+# ------------------------------------------------------------------------------------------------ issue 15 endpoints
+def test_rerank_from_the_api_gives_boxes_and_stage_times(client, photos):
+    """Exact AML on a short list draws a box inside each re-ranked image; each stage is timed; an indexed
+    query without a box runs no network pass (no decode_ms / network_ms)."""
+    opts = '{"rerank": "aml", "shortlist": 6, "qe": 2}'
+    r = client.post("/api/search", files={"image": ("q.jpg", _jpg(photos, 0), "image/jpeg")},
+                    data={"top": "8", "options": opts})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    t = res["timings"]
+    assert {"upload_ms", "decode_ms", "network_ms", "search_ms", "rerank_ms", "qe_ms", "server_ms"} <= set(t), t
+    assert t["network_ms"] > 0 and t["rerank_ms"] > 0 and t["server_ms"] >= t["network_ms"]
+    boxed = [h for h in res["hits"] if h["box"] is not None]
+    assert len(boxed) == 6, res["hits"]
+    for h in boxed:
+        x1, y1, x2, y2 = h["box"]
+        w, hh = h["size"]
+        assert 0 <= x1 < x2 <= w + 1 and 0 <= y1 < y2 <= hh + 1, h
+    assert res["hits"][0]["name"] == "ukbench00000.jpg"
+    ids = {im["name"]: im["id"] for im in client.get("/api/images", params={"limit": 100}).json()["images"]}
+    r = client.post("/api/search", data={"query_id": str(ids["ukbench00000.jpg"]), "top": "4"})
+    t = r.json()["timings"]
+    assert r.status_code == 200 and "network_ms" not in t and "decode_ms" not in t and t["search_ms"] >= 0
+    assert r.json()["pipeline"]["indexed_query"] is True and r.json()["hits"][0]["name"] == "ukbench00000.jpg"
+    # the indexed query ranks as the upload of the same file does
+    up = client.post("/api/search", files={"image": ("q.jpg", _jpg(photos, 0), "image/jpeg")}, data={"top": "4"})
+    assert [h["id"] for h in up.json()["hits"]] == [h["id"] for h in r.json()["hits"]]
+    for bad in ('{"rerank": "nope"}', '{"shortlist": 0, "rerank": "aml"}', '{"qe": -1}', '{"qe_kind": "x"}'):
+        r = client.post("/api/search", data={"query_id": "4", "options": bad})
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+
+
+def test_list_filters_by_name_and_pages(client):
+    lst = client.get("/api/images", params={"name": "UKBENCH0000", "limit": 4}).json()
+    assert lst["total"] == 10 and [im["name"] for im in lst["images"]] == [f"ukbench{i:05d}.jpg" for i in range(4)]
+    lst = client.get("/api/images", params={"name": "bench0001", "offset": 1, "limit": 50}).json()
+    assert lst["total"] == 2 and [im["name"] for im in lst["images"]] == ["ukbench00011.jpg"]
+    assert client.get("/api/images", params={"name": "zzz"}).json() == {
+        "total": 0, "offset": 0, "limit": 24, "name": "zzz", "images": []}
+    assert client.get("/api/images", params={"name": "x" * 201}).status_code == 422
+    assert client.get("/api/images", params={"offset": -1}).status_code == 422
+
+
+def test_original_file_by_id(client, photos):
+    r = client.get("/api/original/3")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content in {_jpg(photos, i) for i in range(12)}
+    for url in ["/api/original/999", "/api/original/-1", "/api/original/a", "/api/original/1.jpg",
+                "/api/original/..%2F..%2Fetc%2Fpasswd", "/api/original/" + "9" * 40]:
+        r = client.get(url)
+        assert r.status_code == 404 and b"root:" not in r.content, (url, r.status_code)
+
+
+def test_docs_page_is_served_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower() and "https://" not in page.text
+    js = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000 and "javascript" in js.headers["content-type"]
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+    assert client.get("/docs/assets/..%2F__init__.py").status_code == 404
+    assert client.get("/docs/assets/nope.js").status_code == 404
+
+
+def test_remove_image(index_dir, tmp_path):
+    """DELETE takes one image out of the index: 404 for bad or removed ids, 403 cross-origin and read-only; the
+    removed image is gone from the list, searches, thumbnails and query_id."""
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    ro = TestClient(create_app(copy, allow_uploads=False))
+    assert ro.delete("/api/images/3").status_code == 403
+    c = TestClient(create_app(copy))
+    assert c.delete("/api/images/3", headers={"origin": "http://evil.example"}).status_code == 403
+    for bad in ["999", "-1", "a", "1.5", "..%2Fx"]:
+        assert c.delete(f"/api/images/{bad}").status_code in (404, 405), bad
+    name = next(im["name"] for im in c.get("/api/images", params={"limit": 50}).json()["images"] if im["id"] == 3)
+    r = c.delete("/api/images/3", headers={"origin": "http://testserver"})
+    assert r.status_code == 200 and r.json() == {"removed": 1, "id": 3, "name": name, "total": 11}, r.text
+    assert c.delete("/api/images/3").status_code == 404
+    assert 3 not in [im["id"] for im in c.get("/api/images", params={"limit": 50}).json()["images"]]
+    assert c.post("/api/search", data={"query_id": "3"}).status_code == 404
+    assert c.get("/api/thumbnail/3").status_code == 404 and c.get("/api/original/3").status_code == 404
+    hits = c.post("/api/search", data={"query_id": "4", "top": "11"}).json()["hits"]
+    assert len(hits) == 11 and 3 not in [h["id"] for h in hits]
 
 
 def test_ground_truth_files(tmp_path):

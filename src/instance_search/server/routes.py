@@ -9,11 +9,19 @@ Endpoints (all JSON except ``/`` and thumbnails; errors are ``{"detail": "..."}`
 * ``POST /api/images``  multipart: one or more ``files``; each is checked to be a decodable image, stored
   under ``<index>/uploads/`` with a sanitised name and indexed (all-or-nothing validation); at most
   ``max_files`` per request, ``uploads_per_minute`` per minute (429).
-* ``GET /api/images``   a page of indexed images (id, name, group, thumbnail URL) to pick queries from.
+* ``GET /api/images``   a page of indexed images (id, name, group, thumbnail URL) to pick queries from;
+  ``offset``, ``limit``, ``name`` (file names containing it).
+* ``DELETE /api/images/{id}``  take an image out of the index (403 read-only, cross-origin refused by the guard).
+* ``GET /api/original/{id}``   the indexed image's file, full size.
 * ``GET /api/stats``    what the index holds and the server's limits.
 * ``GET /api/thumbnail/{id}?size=256``  JPEG thumbnail of an *indexed* image, looked up by id only (at most
   512 px; made once from the original and stored in ``<index>/thumbs/``).
-* ``GET /``             the page; ``GET /openapi.json`` the OpenAPI description.
+* ``GET /``             the page; ``GET /openapi.json`` the OpenAPI description; ``GET /docs`` Swagger UI (assets
+  from the ``swagger-ui-bundle`` package, offline).
+
+``POST /api/search`` answers ``timings`` per stage in ms: ``upload_ms``, ``wait_ms``, ``decode_ms``,
+``network_ms`` (none for an indexed query without a box: its stored vector and map are used), ``search_ms``,
+``rerank_ms``, ``qe_ms``, ``server_ms``.
 
 Nothing here unpickles, evals or opens a client-supplied path. Searches and additions share one lock (the
 backbone and FAISS index are not meant for concurrent mutation); every decode runs under the decode gate
@@ -75,6 +83,8 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
     def fail(status: int, msg: str):
         raise HTTPException(status_code=status, detail=msg)
 
+    _docs_routes(app)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page():
         return HTMLResponse(page, headers={"cache-control": "no-cache"})
@@ -84,11 +94,40 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
         return svc.stats()
 
     @app.get("/api/images", summary="A page of indexed images (to pick a query from)")
-    def list_images(offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=500)) -> dict:
-        svc.refresh()
-        order, by_id = svc.order, svc.by_id
-        return {"total": len(order), "offset": offset,
-                "images": [svc.image_json(by_id[i]) for i in order[offset:offset + limit]]}
+    def list_images(offset: int = Query(0, ge=0), limit: int = Query(24, ge=1, le=500),
+                    name: str | None = Query(None, max_length=200,
+                                             description="only file names containing this (any case)")) -> dict:
+        return svc.list_images(offset, limit, name)
+
+    def image_id_of(image_id: str) -> int:
+        if not re.fullmatch(r"[0-9]{1,18}", image_id):
+            fail(404, f"no image with id {image_id!r} in this index (ids are whole numbers)")
+        return int(image_id)
+
+    @app.get("/api/original/{image_id}", summary="The file of an indexed image (full size)",
+             responses={200: {"content": {"image/*": {}}}, 404: {"description": "no such indexed id"}})
+    def original(image_id: str):
+        i = image_id_of(image_id)
+        try:
+            got = svc.original(i)
+        except ImageError as exc:
+            fail(404, str(exc))
+        if got is None:
+            fail(404, f"no image with id {i} in this index")
+        data, media, name = got
+        safe = re.sub(r'[^A-Za-z0-9._-]', "_", name) or "image"
+        return Response(data, media_type=media, headers={"cache-control": "private, max-age=300",
+                                                          "content-disposition": f'inline; filename="{safe}"'})
+
+    @app.delete("/api/images/{image_id}", summary="Remove an image from the index (its file stays on disk)")
+    def remove_image(image_id: str) -> dict:
+        i = image_id_of(image_id)
+        try:
+            return svc.remove(i)
+        except BadRequest as exc:
+            fail(exc.status, str(exc))
+        except WriterBusyError as exc:
+            fail(503, str(exc).replace(str(svc.index_dir), "<index>"))
 
     @app.get("/api/thumbnail/{image_id}", summary="JPEG thumbnail of an indexed image",
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no such indexed id"}})
@@ -135,9 +174,10 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                     probe_image(qpath, name)
                     group = svc.gt.group_of(name) if svc.gt is not None else None
                 else:
+                    svc.refresh()
                     rec = svc.record(int(query_id))
                     if rec is None:
-                        fail(404, f"no image with id {query_id} in this index")
+                        fail(404, f"no image with id {query_id} in this index (removed, or never indexed)")
                     qpath, name, sha = Path(rec["path"]), Path(rec["path"]).name, rec["sha256"]
                     group = svc.groups.get(int(query_id))
                     try:
@@ -146,7 +186,7 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                         fail(404, f"image {query_id}: its file is missing or no longer readable")
                 t1 = time.perf_counter()
                 return svc.search(qpath, name, sha, group, b, frame, top, opts,
-                                  {"upload_ms": (t1 - t0) * 1e3})
+                                  {"upload_ms": (t1 - t0) * 1e3}, query_id=None if image is not None else int(query_id))
             except BadRequest as exc:
                 fail(exc.status, str(exc))
             except BoxError as exc:
@@ -156,6 +196,8 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                 if image is None:
                     fail(404, f"image {query_id}: its file is missing or no longer readable")
                 fail(413 if "decompression bomb" in msg else 415, msg)
+            except KeyError as exc:  # the image was removed between the check and the search
+                fail(404, f"image {query_id}: {exc.args[0] if exc.args else 'not in the index'}")
             except (TypeError, ValueError) as exc:
                 if opts:
                     fail(422, f"options: {exc}")
@@ -173,6 +215,30 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
             fail(503, str(exc).replace(str(svc.index_dir), "<index>"))
 
     return app
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """``/docs``: Swagger UI over ``/openapi.json`` with its script and style served from the installed
+    ``swagger-ui-bundle`` package (no CDN: works offline)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    assets = Path(str(swagger_ui_path))
+    files = {n: assets / n for n in ("swagger-ui-bundle.js", "swagger-ui.css")}
+    media = {".js": "text/javascript", ".css": "text/css"}
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="instance-search API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css", swagger_favicon_url="data:,")
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(name: str):
+        if name not in files:
+            raise HTTPException(status_code=404, detail=f"no docs asset {name!r}")
+        return Response(files[name].read_bytes(), media_type=media[Path(name).suffix],
+                        headers={"cache-control": "public, max-age=86400"})
 
 
 def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, ground_truth=None,

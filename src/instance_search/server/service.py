@@ -170,6 +170,53 @@ class SearchService:
             out["group"] = self.groups.get(int(rec["id"]))
         return out
 
+    def list_images(self, offset: int, limit: int, name: str | None = None) -> dict[str, Any]:
+        """A page of indexed images in index order; ``name``: only those whose file name contains it
+        (case-insensitive). ``total`` counts the matching images."""
+        self.refresh()
+        order, by_id = self.order, self.by_id
+        if name:
+            needle = name.casefold()
+            order = [i for i in order if needle in Path(by_id[i]["path"]).name.casefold()]
+        return {"total": len(order), "offset": offset, "limit": limit, "name": name or None,
+                "images": [self.image_json(by_id[i]) for i in order[offset:offset + limit]]}
+
+    def original(self, image_id: int) -> tuple[bytes, str, str] | None:
+        """(bytes, media type, file name) of an indexed image's file, looked up by id only; ``None`` for an
+        unknown id; :class:`ImageError` when the file is gone or is not an image any more."""
+        self.refresh()
+        rec = self.record(image_id)
+        if rec is None:
+            return None
+        path = Path(rec["path"])
+        try:
+            fmt, _, _ = probe_image(path, path.name)
+        except BadRequest as exc:
+            raise ImageError(f"image {image_id}: its file is missing or no longer readable") from exc
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"image {image_id}: its file is missing or no longer readable") from exc
+        media = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+                 "BMP": "image/bmp", "TIFF": "image/tiff", "WEBP": "image/webp"}.get(fmt, "application/octet-stream")
+        return data, media, path.name
+
+    def remove(self, image_id: int) -> dict[str, Any]:
+        """Take one image out of the index (its file stays on disk). 403 on a read-only server, 404 for an id
+        that is not (or no longer) indexed."""
+        if not self.allow_uploads:
+            raise BadRequest(403, "this server was started read-only (removing images is off)")
+        self.refresh()
+        with self.lock:
+            rec = self.record(image_id)
+            if rec is None:
+                raise BadRequest(404, f"no image with id {image_id} in this index (already removed?)")
+            n = self.col.store.remove([image_id])
+            self.col._faiss = None
+            self.col._records = None
+            self._reload_records()
+        return {"removed": n, "id": image_id, "name": Path(rec["path"]).name, "total": len(self.col)}
+
     # ----------------------------------------------------------------- thumbnails
     def thumbnail(self, image_id: int, size: int) -> bytes | None:
         """JPEG thumbnail of an indexed image, at most ``min(size, MAX_THUMB)`` px. The original is decoded once
@@ -282,23 +329,57 @@ class SearchService:
         return opts
 
     # ----------------------------------------------------------------- search
+    def _pipeline_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` (keyword arguments of ``Collection.search``) with that method's defaults filled in."""
+        params = inspect.signature(self.col.search).parameters
+        return {k: options.get(k, params[k].default) for k in self.search_options}
+
     def search(self, query_path: Path, query_name: str, query_sha: str | None, query_group: str | None,
                box: Box | None, frame: tuple[float, float] | None, top: int, options: dict[str, Any],
-               extra_timings: dict[str, float]) -> dict[str, Any]:
+               extra_timings: dict[str, float], query_id: int | None = None) -> dict[str, Any]:
+        """Rank the index for one query and time each stage (Tolias et al. 2016 Sec. 6 pipeline, search.py):
+        ``decode_ms`` (read, crop, scale the query), ``network_ms`` (conv map and global vector), ``search_ms``
+        (first stage), ``rerank_ms``, ``qe_ms``. An indexed query (``query_id``) without a box uses its stored
+        vector and conv map (``search_indexed``): no decode and no network pass."""
+        from .. import search as S
+
         t0 = time.perf_counter()
         query_size = None
-        _, qw, qh = probe_image(query_path, query_name)
+        stage: dict[str, float] = {}
+        indexed = query_id is not None and box is None
+        if indexed:
+            rec = self.by_id[int(query_id)]
+            qw, qh = int(rec.get("width") or 0), int(rec.get("height") or 0)
+        else:
+            _, qw, qh = probe_image(query_path, query_name)
         if box is not None or frame is not None:
             query_size = [qw, qh]
             if frame is not None and box is not None:
                 sx, sy = qw / frame[0], qh / frame[1]
                 box = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
-        self.check_describable(query_name, qw, qh, box)
+        if not indexed:
+            self.check_describable(query_name, qw, qh, box)
         self.refresh()
-        with self.gate.decoding(qw * qh, query_name), self.lock:
-            t1 = time.perf_counter()
-            hits = self.col.search(query_path, box=box, top=top, **options)
-            t2 = time.perf_counter()
+        opts = self._pipeline_options(options)
+        if indexed:
+            with self.lock:
+                t1 = time.perf_counter()
+                hits = S.search_indexed(self.col, int(query_id), top, timings=stage, **opts)
+                t2 = time.perf_counter()
+        else:
+            with self.gate.decoding(qw * qh, query_name), self.lock:
+                t1 = time.perf_counter()
+                img = load_image(query_path, max_size=self.col.recipe.max_size, box=box)
+                td = time.perf_counter()
+                vec, _, fmap = self.col.describe(img)
+                tn = time.perf_counter()
+                stage.update(decode_ms=(td - t1) * 1e3, network_ms=(tn - td) * 1e3)
+                reranker, expansion = S._setup(self.col, opts["rerank"], opts["shortlist"], opts["qe"],
+                                               opts["qe_kind"], opts["detector"], opts["rerank_options"],
+                                               opts["qe_options"], top)
+                hits = S.search_described(self.col, vec, fmap, top, reranker, opts["shortlist"], opts["qe"],
+                                          expansion, timings=stage)
+                t2 = time.perf_counter()
         if query_group is None and self.gt is not None and query_sha is not None and query_sha in self.by_sha:
             query_group = self.groups.get(int(self.by_sha[query_sha]["id"]))
         out_hits = []
@@ -307,11 +388,8 @@ class SearchService:
             item = {"rank": h.rank, **self.image_json(rec), "score": round(float(h.score), 6),
                     "box": None if h.box is None else [round(float(v), 2) for v in h.box]}
             if h.box is not None:
-                try:
-                    _, w, hh = probe_image(Path(h.path), item["name"])
-                    item["size"] = [w, hh]
-                except BadRequest:
-                    item["size"] = None
+                w, hh = int(rec.get("width") or 0), int(rec.get("height") or 0)
+                item["size"] = [w, hh] if w and hh else None
             if self.gt is not None:
                 item["relevant"] = None if query_group is None else (item.get("group") == query_group)
             out_hits.append(item)
@@ -323,11 +401,15 @@ class SearchService:
                          "at": {str(k): round(sum(rel[:k]) / k, 4) for k in ks}}
         t3 = time.perf_counter()
         timings = dict(extra_timings)
-        timings.update({"wait_ms": (t1 - t0) * 1e3, "search_ms": (t2 - t1) * 1e3, "format_ms": (t3 - t2) * 1e3})
+        timings.update(stage)
+        timings.update({"wait_ms": (t1 - t0) * 1e3, "server_ms": (t3 - t0) * 1e3 + extra_timings.get("upload_ms", 0),
+                        "format_ms": (t3 - t2) * 1e3})
         timings = {k: round(v, 2) for k, v in timings.items()}
         query = {"name": query_name, "size": query_size, "group": query_group,
                  "box": None if box is None else [round(v, 2) for v in box.as_tuple()]}
-        return {"query": query, "top": top, "hits": out_hits, "precision": precision, "timings": timings}
+        return {"query": query, "top": top, "hits": out_hits, "precision": precision, "timings": timings,
+                "pipeline": {"rerank": opts["rerank"] or "none", "shortlist": opts["shortlist"], "qe": opts["qe"],
+                             "qe_kind": opts["qe_kind"], "indexed_query": indexed}}
 
     # ----------------------------------------------------------------- uploads
     def store_upload(self, tmp: Path, name: str, fmt: str, sha: str) -> Path:
