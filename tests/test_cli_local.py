@@ -100,3 +100,37 @@ def test_grid_and_sweep_cli_refuse_bad_settings_naming_them(tmp_path, monkeypatc
     assert res.exit_code == 2 and "error: vgg16 has no layer 'conv9_9'" in res.output, res.output
     res = CliRunner().invoke(app, ["sweep", "--benchmarks", "holidays,nope", "--limit", "4"])
     assert res.exit_code == 2 and "unknown benchmark 'nope'" in res.output, res.output
+
+
+@pytest.mark.slow
+def test_eval_cli_ng_vlad_equals_the_sweeps_cell(tmp_path, monkeypatch):
+    """`isearch eval holidays --recipe ng-vlad ... --fit-on TRAIN_DIR` gives the sweep's cell for the same
+    configuration (12 Holidays images, 5 queries, fitted on 24 UKBench images; conv5_1 at scales 1+2): the
+    sweep rounds mAP to 2 decimals, so the two are compared at that precision."""
+    from instance_search.eval.datasets import find_shared_data
+    from instance_search.eval.sweeps import BenchSpec, layer_scale_sweep
+
+    data = find_shared_data()
+    if data is None:
+        pytest.skip("no shared data folder")
+    hol, ukb = tmp_path / "hol", tmp_path / "ukb"
+    for folder, files in ((hol, sorted((data / "holidays811" / "jpg").glob("*.jpg"))[:12]),
+                          (ukb, sorted((data / "ukbench1000").glob("ukbench*.jpg"))[:24])):
+        folder.mkdir()
+        for f in files:
+            (folder / f.name).symlink_to(f)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", "holidays", "--images", str(hol), "--recipe", "ng-vlad", "--layer",
+                                   "conv5_1", "--scales", "1,2", "--k", "8", "--dim", "16", "--max-size", "96",
+                                   "--fit-on", str(ukb), "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())
+    assert got["database_images"] == 12 and got["queries"] == 5 and got["recipe"]["name"] == "ng-vlad"
+    sweep = layer_scale_sweep([BenchSpec("holidays", None, 96, images_dir=str(hol)),
+                               BenchSpec("ukbench", None, 96, images_dir=str(ukb))],
+                              train_on={"holidays": "ukbench"}, layers=["conv5_1"], scales=(1, 2), k=8, out_dim=16,
+                              cache_dir=tmp_path / "cache", save_maps=(), keypoints=False, log=None)
+    cell = next(r["map"] for r in sweep["rows"] if r["scale"] == "1+2")
+    assert abs(round(got["map"], 2) - cell) < 1e-6, (got["map"], cell)
+    assert 0.0 < cell < 100.0  # 37.61 when measured: neither empty nor trivially perfect
