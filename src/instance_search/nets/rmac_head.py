@@ -64,7 +64,9 @@ class ModelFileError(FileFormatError):
 
 # ------------------------------------------------------------------------------------------------ functional core
 def _l2(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x / x.norm(p=2, dim=-1, keepdim=True).clamp_min(eps)
+    """L2 normalisation inside the trained head, with the head's own ``eps`` (stored with the model, part of what
+    was trained); torch's ``F.normalize``. Everything outside networks uses :func:`~instance_search.ops.l2n`."""
+    return torch.nn.functional.normalize(x, p=2, dim=-1, eps=eps)
 
 
 def learned_rmac_regions(X: torch.Tensor, regions, shift: torch.Tensor | None = None,
