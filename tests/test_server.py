@@ -325,7 +325,7 @@ def test_boxes_and_options_pass_through(index_dir, photos, monkeypatch):
     assert seen["shortlist"] == 20 and seen["qe"] == 0 and seen["top"] == 2, seen
     assert res["pipeline"] == {"rerank": "aml", "shortlist": 20, "qe": 0, "qe_kind": "avg", "indexed_query": True}
     assert res["hits"][0]["box"] == [10.0, 20.0, 300.5, 400.0] and res["hits"][0]["size"] == [640, 480]
-    assert res["hits"][1]["box"] is None and "size" not in res["hits"][1]
+    assert res["hits"][1]["box"] is None and res["hits"][1]["size"] == [640, 480]
     assert [h["relevant"] for h in res["hits"]] == [True, False]
     assert res["precision"] == {"group": "a", "relevant_in_index": 2, "at": {"1": 1.0, "2": 0.5}}
     assert c.post("/api/search", data={"query_id": "4", "options": '{"rerank": [1]}'}).status_code == 422

@@ -387,9 +387,8 @@ class SearchService:
             rec = self.by_id.get(int(h.id)) or {"id": h.id, "path": h.path, "sha256": ""}
             item = {"rank": h.rank, **self.image_json(rec), "score": round(float(h.score), 6),
                     "box": None if h.box is None else [round(float(v), 2) for v in h.box]}
-            if h.box is not None:
-                w, hh = int(rec.get("width") or 0), int(rec.get("height") or 0)
-                item["size"] = [w, hh] if w and hh else None
+            w, hh = int(rec.get("width") or 0), int(rec.get("height") or 0)
+            item["size"] = [w, hh] if w and hh else None  # the page places the box and sizes the card
             if self.gt is not None:
                 item["relevant"] = None if query_group is None else (item.get("group") == query_group)
             out_hits.append(item)
