@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from instance_search.cli.main import app
 
 
+@pytest.mark.slow
 def test_sweep_cli_tiny(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the sweep's cache goes under ./benchmarks/cache
     out, png = tmp_path / "s.json", tmp_path / "s.png"
