@@ -97,7 +97,7 @@ def parity(authors: Path, n_test: int, n_train: int, work: Path) -> dict:
                   f"save('-v7', 'out{i}.mat', 'Xmax', 'Xsum', 'Xsift', 'phi', 'v', 'r', 'vf');"]
     _octave("\n".join(lines) + "\n", work)
     rot = RotationNormalisation(0, components=1024).fit(ltrain)
-    out = {}
+    out, finals = {}, {}
     for i in test:
         o = loadmat(work / f"out{i}.mat")
         row = {}
@@ -106,7 +106,7 @@ def parity(authors: Path, n_test: int, n_train: int, work: Path) -> dict:
             theirs = {tuple(np.round(x, 4)) for x in o[key].T}
             row[f"mask_{mask}"] = {"ours": len(ours), "authors": len(theirs), "same_cells": ours == theirs}
         x = temb.select(maps[i], kps[i], hws[i])
-        phi = temb.embed(x).numpy()
+        phi = temb.embed(o["Xmax"].T.astype(np.float32)).numpy()  # the authors' cell order (column-major)
         phi /= np.linalg.norm(phi, axis=1, keepdims=True)
         row["temb_phi_cosine_min"] = min(_cos(a, b) for a, b in zip(phi, o["phi"].T))
         v = temb.aggregate(temb.embed(x))
@@ -115,9 +115,25 @@ def parity(authors: Path, n_test: int, n_train: int, work: Path) -> dict:
         lead = rot.basis.shape[1]
         row["rn_leading_abs_cosine"] = _cos(np.abs(r_ours[:lead]), np.abs(r_auth[:lead]))
         row["ffaemb_aggregate_cosine"] = _cos(ffa.aggregate(ffa.embed(x)), o["vf"])
+        finals[i] = (_final(r_ours[drop:]), _final(r_auth[drop:]))
         out[str(spec.images[i].name)] = row
         print(spec.images[i].name, json.dumps(row), flush=True)
-    return out
+    # final descriptors (RN with `drop` leading coordinates removed, power law 0.5, L2): the image-to-image
+    # cosines on both sides (the complements of the learned RN axes differ, see docs/papers/hoang.md)
+    pairs = {}
+    for a in test:
+        for b in test:
+            if a < b:
+                pairs[f"{spec.images[a].name}-{spec.images[b].name}"] = {
+                    "ours": round(float(finals[a][0] @ finals[b][0]), 6),
+                    "authors": round(float(finals[a][1] @ finals[b][1]), 6)}
+    print(json.dumps(pairs), flush=True)
+    return {"per_image": out, "final_pairwise_cosines": pairs}
+
+
+def _final(y) -> np.ndarray:
+    y = np.sign(y) * np.abs(y) ** 0.5
+    return y / max(np.linalg.norm(y), 1e-12)
 
 
 def sift_density(vlfeat: Path, n: int, work: Path) -> dict:
@@ -161,7 +177,7 @@ def main() -> None:
         work = Path(tmp)
         _compile_mex(args.authors, work)
         out = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "authors": str(args.authors),
-               "per_image": parity(args.authors.resolve(), args.images, args.train, work)}
+               **parity(args.authors.resolve(), args.images, args.train, work)}
         if args.sift:
             out["sift_keypoints"] = sift_density(args.vlfeat, args.sift, work)
             print(json.dumps(out["sift_keypoints"]), flush=True)

@@ -4,10 +4,13 @@ democratic aggregation for image search", Sec. 4; Hoang, Do, Le Tan & Cheung 201
 RN learns, on the aggregated vectors of a held-out collection, their mean and principal axes, and maps a vector
 ``x`` to ``P^T (x - mean)`` with ``P`` orthonormal: a pure rotation (eigenvalues unused, nothing whitened), after
 which the first ``drop`` coordinates -- those of largest variance -- are removed and the power-law applied by the
-caller. Like the authors' ``learn_rn.m``, only the leading ``components`` axes (1024 there) are learned; ``P`` is
-completed by an orthonormal basis of their complement so that the output keeps ``D - drop`` dimensions. The
-complement is stored compactly as the Householder reflectors of the learned basis (``D x r`` numbers, never a
-``D x D`` matrix). The PCA is :func:`instance_search.fitted.whitening.pca_basis` (the package's one PCA).
+caller. As in the authors' ``learn_rn.m``, only the leading ``components`` axes ``V`` (D, r) are learned (1024
+there) and ``P = qr([V, I_{D, D-r}])``: the complement is the Gram-Schmidt orthogonalisation of the first
+``m = D - r`` standard axes against ``V``. Its coordinates are computed without forming ``P``:
+``A = (I - V V^T) E_m`` has ``A^T A = I - V_m V_m^T = R^T R`` (Cholesky, ``V_m`` the first m rows of V), so the
+complement coordinates of x are ``R^-T (x_{1..m} - V_m V^T x)`` (up to the signs of QR's columns, which the
+power law, an odd function, does not mind; when that Cholesky is singular the D x D QR itself is used). Only
+``mean`` and ``V`` are stored; ``R`` is recomputed (O(m^3), once per object). The PCA is :func:`instance_search.fitted.whitening.pca_basis` (the package's one PCA).
 """
 from __future__ import annotations
 
@@ -18,36 +21,13 @@ import numpy as np
 from ..errors import NotFittedError
 from .whitening import pca_basis
 
-__all__ = ["RotationNormalisation", "complement_coords", "householder"]
-
-
-def householder(basis) -> tuple[np.ndarray, np.ndarray]:
-    """Compact QR (reflectors (D, r), tau (r,)) of an orthonormal (D, r) basis; with them
-    :func:`complement_coords` gives coordinates in an orthonormal basis of the basis' complement."""
-    from scipy.linalg import qr
-
-    (hh, tau), _ = qr(np.asarray(basis, np.float64), mode="raw")
-    return np.asfortranarray(hh), tau
-
-
-def complement_coords(hh: np.ndarray, tau: np.ndarray, X) -> np.ndarray:
-    """Coordinates (M, D - r) of the rows of X (M, D) in the orthogonal complement of the Householder basis
-    ``(hh, tau)`` of :func:`householder` (rows ``r:`` of ``Q^T x``)."""
-    from scipy.linalg.lapack import dormqr
-
-    c = np.asfortranarray(np.asarray(X, np.float64).T)
-    if c.shape[1] == 0:
-        return np.zeros((0, hh.shape[0] - hh.shape[1]), np.float32)
-    qtc, _, info = dormqr("L", "T", hh, tau, c, max(1, c.shape[1] * 64))
-    if info != 0:  # pragma: no cover - LAPACK argument error
-        raise RuntimeError(f"dormqr failed (info={info})")
-    return np.ascontiguousarray(qtc[hh.shape[1]:].T, dtype=np.float32)
+__all__ = ["RotationNormalisation"]
 
 
 class RotationNormalisation:
-    """``transform(x) = (P^T (x - mean))[drop:]``, ``P = [V_r, complement]`` (see the module doc).
+    """``transform(x) = (P^T (x - mean))[drop:]``, ``P = [V, complement]`` (see the module doc).
 
-    ``RotationNormalisation(drop=0, components=1024).fit(R)`` with R (M, D) training vectors: ``V_r`` holds the
+    ``RotationNormalisation(drop=0, components=1024).fit(R)`` with R (M, D) training vectors: ``V`` holds the
     ``r = min(components, rank)`` leading principal axes. ``drop`` must not exceed ``r``.
     ``state_dict()`` / ``load_state_dict(arrays)`` round-trip the fitted state as plain arrays.
     """
@@ -58,8 +38,7 @@ class RotationNormalisation:
         self.drop, self.components = int(drop), int(components)
         self.mean: np.ndarray | None = None  # (D,)
         self.basis: np.ndarray | None = None  # (D, r)
-        self.hh: np.ndarray | None = None  # (D, r) Householder reflectors of the basis (None when r = D)
-        self.tau: np.ndarray | None = None
+        self._chol = None  # how the complement is computed (see _complement; computed when first needed)
 
     def __repr__(self) -> str:
         where = f"{self.in_dim}->{self.out_dim}" if self.fitted else "unfitted"
@@ -87,11 +66,33 @@ class RotationNormalisation:
             raise ValueError(f"cannot drop {self.drop} components: the {x.shape[0]} training vectors span only {r}")
         self.mean = mean.astype(np.float32)
         self.basis = np.ascontiguousarray(comps.T, dtype=np.float32)
-        if r < x.shape[1]:
-            self.hh, self.tau = householder(comps.T)
-        else:
-            self.hh = self.tau = None
+        self._chol = None
         return self
+
+    def _complement(self):
+        """How to compute the complement's coordinates: ``("chol", R)`` with R the Cholesky factor of
+        ``I - V_m V_m^T``, or -- when that matrix is (numerically) singular, i.e. some of the first standard axes
+        lie in the learned span -- ``("qr", reflectors, tau)``: LAPACK's Householder QR of ``[V, I_{D, D-r}]``,
+        the authors' ``qr`` itself (the same basis up to column signs; O(D^3), so only when needed).
+        None when the learned axes span the whole space."""
+        d, r = self.basis.shape
+        if r == d:
+            return None
+        if self._chol is None:
+            from scipy.linalg import cholesky, qr
+
+            v = self.basis.astype(np.float64)
+            try:
+                chol = cholesky(np.eye(d - r) - v[: d - r] @ v[: d - r].T, lower=False)
+                ok = np.abs(np.diag(chol)).min() > 0.05  # else round-off of the float32 basis is amplified
+            except np.linalg.LinAlgError:
+                ok = False
+            if ok:
+                self._chol = ("chol", chol)
+            else:
+                (hh, tau), _ = qr(np.hstack([v, np.eye(d, d - r)]), mode="raw")
+                self._chol = ("qr", np.asfortranarray(hh), tau)
+        return self._chol
 
     def transform(self, R) -> np.ndarray:
         """(M, D) -> (M, D - drop) float32; (D,) -> (D - drop,)."""
@@ -102,21 +103,33 @@ class RotationNormalisation:
         x = x[None] if one else x
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"vectors must have {self.in_dim} dimensions, got shape {x.shape}")
-        xc = x - self.mean
-        parts = [xc @ self.basis]
-        if self.hh is not None:
-            parts.append(complement_coords(self.hh, self.tau, xc))
-        y = np.concatenate(parts, axis=1)[:, self.drop:]
+        xc = (x - self.mean).astype(np.float64)
+        v = self.basis.astype(np.float64)
+        lead = xc @ v
+        parts = [lead]
+        comp = self._complement()
+        if comp is not None and comp[0] == "chol":
+            from scipy.linalg import solve_triangular
+
+            m = comp[1].shape[0]
+            rhs = xc[:, :m] - lead @ v[:m].T  # x_{1..m} - V_m V^T x
+            parts.append(solve_triangular(comp[1], rhs.T, trans="T", lower=False).T)
+        elif comp is not None:
+            from scipy.linalg.lapack import dormqr
+
+            c = np.asfortranarray(xc.T)
+            qtc, _, info = dormqr("L", "T", comp[1], comp[2], c, max(1, c.shape[1] * 64))
+            if info != 0:  # pragma: no cover - LAPACK argument error
+                raise RuntimeError(f"dormqr failed (info={info})")
+            parts.append(qtc[v.shape[1]:].T)
+        y = np.concatenate(parts, axis=1)[:, self.drop:].astype(np.float32)
         return y[0] if one else y
 
     # ---------------------------------------------------------------- state
     def state_dict(self, prefix: str = "rn_") -> dict[str, np.ndarray]:
         if not self.fitted:
             raise NotFittedError("RotationNormalisation is not fitted: nothing to save")
-        out = {f"{prefix}mean": self.mean, f"{prefix}basis": self.basis}
-        if self.hh is not None:
-            out[f"{prefix}hh"], out[f"{prefix}tau"] = np.ascontiguousarray(self.hh), self.tau
-        return out
+        return {f"{prefix}mean": self.mean, f"{prefix}basis": self.basis}
 
     def load_state_dict(self, data: Mapping[str, np.ndarray], prefix: str = "rn_") -> "RotationNormalisation":
         """Restore from :meth:`state_dict` arrays; ``ValueError`` naming the array that is missing or wrong."""
@@ -125,22 +138,14 @@ class RotationNormalisation:
                 raise ValueError(f"rotation normalisation: missing array {key!r}")
         mean = np.asarray(data[f"{prefix}mean"], np.float32)
         basis = np.ascontiguousarray(data[f"{prefix}basis"], dtype=np.float32)
-        if mean.ndim != 1 or basis.ndim != 2 or basis.shape[0] != mean.shape[0] or basis.shape[1] < self.drop:
+        if mean.ndim != 1 or basis.ndim != 2 or basis.shape[0] != mean.shape[0] or not (
+                self.drop <= basis.shape[1] <= basis.shape[0]):
             raise ValueError(f"rotation normalisation: {prefix}mean {mean.shape} and {prefix}basis {basis.shape} "
                              f"disagree (drop={self.drop})")
-        partial = basis.shape[1] < basis.shape[0]
-        if partial != (f"{prefix}hh" in data):
-            raise ValueError(f"rotation normalisation: {prefix}hh is {'missing' if partial else 'unexpected'} "
-                             f"for a {basis.shape} basis")
-        hh = tau = None
-        if partial:
-            hh = np.asfortranarray(data[f"{prefix}hh"], dtype=np.float64)
-            tau = np.asarray(data.get(f"{prefix}tau"), np.float64)
-            if hh.shape != basis.shape or tau.shape != (basis.shape[1],):
-                raise ValueError(f"rotation normalisation: {prefix}hh {hh.shape} / {prefix}tau {tau.shape} do not "
-                                 f"match the basis {basis.shape}")
         for name, a in (("mean", mean), ("basis", basis)):
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"rotation normalisation: {prefix}{name} holds NaN or infinite values")
-        self.mean, self.basis, self.hh, self.tau = mean, basis, hh, tau
+        if not np.allclose(basis.T.astype(np.float64) @ basis, np.eye(basis.shape[1]), atol=1e-3):
+            raise ValueError(f"rotation normalisation: {prefix}basis is not orthonormal")
+        self.mean, self.basis, self._chol = mean, basis, None
         return self

@@ -524,7 +524,7 @@ class Selective:
         """Restore :meth:`state_dict` arrays; ``ValueError`` naming the array that is missing, extra or wrong."""
         want = self.expected_arrays()
         missing = [k for k in want if k not in data]
-        extra = sorted(set(data) - set(want) - {"rn_hh", "rn_tau"})
+        extra = sorted(set(data) - set(want))
         if missing or extra:
             raise ValueError(f"state arrays missing {missing} / unexpected {extra} for {self!r}")
         for key, shape in want.items():
