@@ -111,7 +111,8 @@ def train_rmac(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train learned R-MAC (Gordo et al. 2016, Sec. 3.1) with hard triplets on the training split
-    (Holidays-811 + UKBench 0-499); use it with `isearch index --recipe learned-rmac --model CHECKPOINT_DIR/model.pt`."""
+    (Holidays-811 + UKBench 0-499); use it with
+    `isearch index --recipe learned-rmac --model CHECKPOINT_DIR/model.pt`."""
     from ..train.triplet import TrainConfig, train_on_split
 
     try:

@@ -55,8 +55,9 @@ class DetectorHead(nn.Module):
     """Fast R-CNN head (Girshick 2015, Sec. 2): RoI max-pooling to ``pool x pool`` -> fc6 -> fc7 (ReLU, dropout)
     -> ``num_classes + 1`` class logits and ``4 (num_classes + 1)`` box deltas (class 0 = background).
 
-    The pooled RoI vector is L2-normalised (times sqrt of its dimension, i.e. unit mean square) before fc6: here the FC layers start from random weights, and VGG16's
-    raw conv5_3 activations (hundreds) would saturate them (Faster R-CNN starts from pre-trained fc6/fc7)."""
+    The pooled RoI vector is L2-normalised (times sqrt of its dimension, i.e. unit mean square) before fc6: here
+    the FC layers start from random weights, and VGG16's raw conv5_3 activations (hundreds) would saturate them
+    (Faster R-CNN starts from pre-trained fc6/fc7)."""
 
     def __init__(self, num_classes: int, in_channels: int = 512, pool: int = 3, hidden: int = 1024,
                  dropout: float = 0.5, stride: int = 16):

@@ -36,7 +36,7 @@ _DELTA_CLAMP = math.log(1000.0 / 16.0)  # largest exp() argument when decoding w
 
 # ------------------------------------------------------------------------------------------------ boxes
 def as_boxes(b, name: str = "boxes") -> torch.Tensor:
-    """``b`` as a float (N, 4) tensor of ``(x1, y1, x2, y2)`` (one box (4,) becomes (1, 4)); the error names ``name``."""
+    """``b`` as a float (N, 4) tensor of ``(x1, y1, x2, y2)`` (one box (4,) becomes (1, 4)); errors name ``name``."""
     t = b if isinstance(b, torch.Tensor) else torch.as_tensor(np.asarray(b, dtype=np.float64))
     if not t.is_floating_point():
         t = t.to(torch.float32)

@@ -2,11 +2,12 @@
 features for instance search", Sec. 3.3).
 
 The one CA-SR of the package (:func:`best_regions`; :mod:`.cs_sr` builds on it). The query is described by the
-max-pooled conv features of its box (:func:`region_mac`). For each short-listed image, candidate boxes
-(Salvador: the RPN proposals; here also any generator ``(H, W) → (N, 4)`` cells, e.g. multi-scale :func:`sliding_windows` or the R-MAC grid :func:`rmac_boxes`) are max-pooled, compared with the
-query descriptor by cosine similarity (optionally after L2 → PCA-whitening → L2), and the image takes the score
-and box of its best candidate: :func:`ca_sr` generates and pools the candidates from the maps,
-:func:`ca_sr_regions` takes stored region MACs (e.g. the RPA local vectors of the index).
+max-pooled conv features of its box (:func:`region_mac`). For each short-listed image, candidate boxes (Salvador: the
+RPN proposals; here also any generator ``(H, W) → (N, 4)`` cells, e.g. multi-scale :func:`sliding_windows` or the
+R-MAC grid :func:`rmac_boxes`) are max-pooled, compared with the query descriptor by cosine similarity (optionally
+after L2 → PCA-whitening → L2), and the image takes the score and box of its best candidate: :func:`ca_sr`
+generates and pools the candidates from the maps, :func:`ca_sr_regions` takes stored region MACs (e.g. the RPA
+local vectors of the index).
 
 Pooling: ``method="exact"`` (default) computes the exact max over every box, vectorised by
 :func:`instance_search.ops.integral.window_max` (a 2-D sparse table of power-of-two block maxima, four look-ups

@@ -91,7 +91,8 @@ def qe_after_rerank(query_vec, result: RerankResult, regions: Sequence, top: int
                     cells: Sequence | None = None) -> RerankResult:
     """Average query expansion after spatial re-ranking (Chum et al. 2007; Salvador et al. 2016, Sec. 4.3): the
     query box's vector ``L2(W(L2 q))`` plus the ``result.vectors`` (the boxes that decided the scores) of the ``top``
-    best re-ranked images, L2-normalised, then CA-SR of the short list (``regions`` as for :func:`~instance_search.rerank.ca_sr.ca_sr_regions`)
+    best re-ranked images, L2-normalised, then CA-SR of the short list (``regions`` as for
+    :func:`~instance_search.rerank.ca_sr.ca_sr_regions`)
     with the expanded query."""
     if result.vectors is None:
         raise ValueError("qe_after_rerank: the re-ranking result carries no box vectors")
