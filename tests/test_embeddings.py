@@ -170,6 +170,10 @@ def test_ffaemb_matches_reference(data):
     # a feature equal to an anchor: a zero block there and finite numbers (the authors' code gives NaN)
     E2 = emb.ffaemb(C[:1], C)
     assert np.isfinite(E2).all() and not E2[0, :15].any()
+    # get_objective.m, literally: 1/2 ||B g - X||^2 + mu/2 sum_i ||g_i||^2 sum_j ||x_i - b_j||_1^3
+    rec = 0.5 * sum(np.sum((C.T @ g[i] - x) ** 2) for i, x in enumerate(X))
+    loc = sum(np.sum(g[i] ** 2) * np.abs(x - b).sum() ** 3 for i, x in enumerate(X) for b in C)
+    assert emb.ffaemb_objective(X, C, g, 1e-2) == pytest.approx(rec + 0.5 * 1e-2 * loc, rel=1e-12)
     with pytest.raises(ValueError, match="gamma"):
         emb.ffaemb(X, C, gamma=g[:, :3])
     with pytest.raises(ValueError, match="mu"):

@@ -342,3 +342,18 @@ def test_mask_shares_and_end_to_end_on_real_maps(real_maps):
     sel.fit(tmaps, tkps, thws)
     acc, p1 = _pair_accuracy(bench, sel.encode_many(maps, kps, hws))
     assert acc > 0.75 and p1 > 0.3, (acc, p1)  # chance: 0.5 and ~0.06
+
+
+def test_ffaemb_anchors_are_the_best_of_several_kmeans_runs():
+    from instance_search.fitted.codebook import KMeansCodebook
+
+    maps = _maps(12, c=32)
+    s = Selective("none", "ffaemb", "democratic", d=4, k=4, drop=4, anchor_runs=3, features_per_image=1000)
+    s.fit_local(maps)
+    y = s.pca.transform(np.concatenate(s.select_all(maps)))
+
+    def objective(b):
+        return emb.ffaemb_objective(y, b, emb.ffaemb_coefficients(y, b, s.mu), s.mu)
+
+    runs = [objective(KMeansCodebook(4, niter=s.kmeans_iter, seed=s.seed + t).fit(y).centroids) for t in range(3)]
+    assert objective(s.codebook.centroids) == pytest.approx(min(runs))

@@ -231,7 +231,8 @@ class Selective:
 
     1. the local PCA to ``d`` (no whitening; features L2-normalised after it) on up to ``features_per_image``
        masked cells per image;
-    2. the codebook: k-means centroids (VLAD), anchors (T-emb, F-FAemb), a diagonal GMM (FV);
+    2. the codebook: k-means centroids (VLAD), anchors (T-emb; F-FAemb: the best of ``anchor_runs`` k-means
+       runs by the coding objective, as the authors' ``init_B_by_kmeans.m``), a diagonal GMM (FV);
     3. T-emb and F-FAemb: the embedding whitening of Jégou & Zisserman 2014 (Sec. 2),
        ``phi(x) = Sigma^-1/2 (R(x) - R0)``, with ``R0`` and ``Sigma`` the mean and covariance of the embedded
        training features (up to ``emb_samples`` of them; the authors' eigenvalue floor, :data:`_EIG_FLOOR`);
@@ -251,7 +252,8 @@ class Selective:
                  k: int = 18, *, drop: int | None = None, alpha: float = 0.5, mu: float = 1e-2,
                  rn_components: int = 1024, features_per_image: int = 100, max_train_features: int = 60_000,
                  emb_samples: int = 20_000, gmm_max_features: int = 10_000, gmm_iter: int = 30,
-                 kmeans_iter: int = 20, seed: int = 1234, layer: str = "conv5_3", backbone: str = "vgg16"):
+                 kmeans_iter: int = 20, anchor_runs: int = 5, seed: int = 1234, layer: str = "conv5_3",
+                 backbone: str = "vgg16"):
         if mask not in MASKS:
             raise ValueError(f"unknown mask {mask!r}; choose one of {', '.join(MASKS)}")
         if embedding not in EMBEDDINGS:
@@ -268,7 +270,9 @@ class Selective:
         self.alpha, self.mu, self.rn_components = float(alpha), float(mu), int(rn_components)
         self.features_per_image, self.max_train_features = int(features_per_image), int(max_train_features)
         self.emb_samples, self.gmm_max_features = int(emb_samples), int(gmm_max_features)
-        self.gmm_iter, self.kmeans_iter = int(gmm_iter), int(kmeans_iter)
+        self.gmm_iter, self.kmeans_iter, self.anchor_runs = int(gmm_iter), int(kmeans_iter), int(anchor_runs)
+        if self.anchor_runs < 1:
+            raise ValueError(f"anchor_runs must be >= 1, got {anchor_runs}")
         self.seed, self.layer, self.backbone = int(seed), str(layer), str(backbone)
         self.pca: LocalPCA | None = None
         self.codebook: KMeansCodebook | GMMCodebook | None = None
@@ -435,6 +439,12 @@ class Selective:
         if self.embedding == "fv":
             self.codebook = GMMCodebook(self.k, max_iter=self.gmm_iter, seed=self.seed).fit(
                 _sample_rows(y, self.gmm_max_features, rng))
+        elif self.embedding == "ffaemb":  # the authors' init_B_by_kmeans: the best of anchor_runs k-means runs
+            runs = [KMeansCodebook(self.k, niter=self.kmeans_iter, seed=self.seed + t).fit(y)
+                    for t in range(self.anchor_runs)]
+            score = [_emb.ffaemb_objective(y, cb.centroids, _emb.ffaemb_coefficients(y, cb.centroids, self.mu), self.mu)
+                     for cb in runs]
+            self.codebook = runs[int(np.argmin(score))]
         else:
             self.codebook = KMeansCodebook(self.k, niter=self.kmeans_iter, seed=self.seed).fit(y)
         self.emb_mean = self.emb_proj = None
@@ -492,7 +502,8 @@ class Selective:
                 "rn_components": self.rn_components, "features_per_image": self.features_per_image,
                 "max_train_features": self.max_train_features, "emb_samples": self.emb_samples,
                 "gmm_max_features": self.gmm_max_features, "gmm_iter": self.gmm_iter,
-                "kmeans_iter": self.kmeans_iter, "seed": self.seed, "layer": self.layer, "backbone": self.backbone}
+                "kmeans_iter": self.kmeans_iter, "anchor_runs": self.anchor_runs, "seed": self.seed,
+                "layer": self.layer, "backbone": self.backbone}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything :meth:`fit` learned, as plain arrays (the settings live with the caller)."""
@@ -599,7 +610,8 @@ class SelectiveMethod(Method):
     (sum / mean / democratic), ``dim`` (a named configuration, :func:`resolve_config`: 4224 = Table 2,
     1024, 512 / 2048 / 4096 / 8064 = Table 4) or explicit ``d`` and ``k`` (with ``drop`` defaulting to
     :func:`default_drop`), and the fitting budget (``features_per_image``, ``max_train_features``,
-    ``emb_samples``, ``rn_components``, ``gmm_iter``, ``kmeans_iter``, ``seed``), ``alpha`` (power law),
+    ``emb_samples``, ``rn_components``, ``gmm_iter``, ``kmeans_iter``, ``anchor_runs``, ``seed``), ``alpha``
+    (power law),
     ``mu`` (F-FAemb locality). Must be fitted on a training collection (``--fit-on``).
     """
 
@@ -608,7 +620,7 @@ class SelectiveMethod(Method):
     options = {"mask": "max", "embedding": "temb", "aggregation": "democratic", "dim": 1024, "d": None, "k": None,
                "drop": None, "alpha": 0.5, "mu": 1e-2, "rn_components": 1024, "features_per_image": 100,
                "max_train_features": 60_000, "emb_samples": 20_000, "gmm_max_features": 10_000, "gmm_iter": 30,
-               "kmeans_iter": 20, "seed": 1234}
+               "kmeans_iter": 20, "anchor_runs": 5, "seed": 1234}
     needs_fit = True
     whitened = False
 
@@ -637,7 +649,7 @@ class SelectiveMethod(Method):
         rest = {x: o[x] for x in ("mask", "embedding", "aggregation", "alpha", "mu")}
         ints = {x: _int_or_none(o[x], x) for x in ("rn_components", "features_per_image", "max_train_features",
                                                    "emb_samples", "gmm_max_features", "gmm_iter", "kmeans_iter",
-                                                   "seed")}
+                                                   "anchor_runs", "seed")}
         return {**rest, **cfg, **ints, "layer": self.spec.layer or "conv5_3", "backbone": self.spec.backbone}
 
     def validate(self) -> None:
