@@ -106,8 +106,10 @@ def test_grid_and_sweep_cli_refuse_bad_settings_naming_them(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_eval_cli_ng_vlad_equals_the_sweeps_cell(tmp_path, monkeypatch):
     """`isearch eval holidays --recipe ng-vlad ... --fit-on TRAIN_DIR` gives the sweep's cell for the same
-    configuration (12 Holidays images, 5 queries, fitted on 24 UKBench images; conv5_1 at scales 1+2): the
-    sweep rounds mAP to 2 decimals, so the two are compared at that precision."""
+    configuration to 1e-6 (12 Holidays images, 5 queries, fitted on 24 UKBench images; conv5_1 at scales 1+2;
+    the sweep's mAP taken before its rounding to 2 decimals)."""
+    import numpy as np
+
     from instance_search.eval.datasets import find_shared_data
     from instance_search.eval.sweeps import BenchSpec, layer_scale_sweep
 
@@ -128,10 +130,17 @@ def test_eval_cli_ng_vlad_equals_the_sweeps_cell(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     got = json.loads(out.read_text())
     assert got["database_images"] == 12 and got["queries"] == 5 and got["recipe"]["name"] == "ng-vlad"
+    from instance_search.eval import sweeps
+
+    def unrounded(bench, vecs):  # the sweep's _evaluate without its rounding to 2 decimals
+        q = vecs[np.asarray(bench.query_indices, dtype=np.int64)]
+        return {"map": float(bench.evaluate((q @ vecs.T).astype(np.float32))["map"])}
+
+    monkeypatch.setattr(sweeps, "_evaluate", unrounded)
     sweep = layer_scale_sweep([BenchSpec("holidays", None, 96, images_dir=str(hol)),
                                BenchSpec("ukbench", None, 96, images_dir=str(ukb))],
                               train_on={"holidays": "ukbench"}, layers=["conv5_1"], scales=(1, 2), k=8, out_dim=16,
                               cache_dir=tmp_path / "cache", save_maps=(), keypoints=False, log=None)
     cell = next(r["map"] for r in sweep["rows"] if r["scale"] == "1+2")
-    assert abs(round(got["map"], 2) - cell) < 1e-6, (got["map"], cell)
+    assert abs(got["map"] - cell) < 1e-6, (got["map"], cell)
     assert 0.0 < cell < 100.0  # 37.61 when measured: neither empty nor trivially perfect

@@ -65,6 +65,9 @@ def test_parts_concatenated_then_pca_whitened():
     ``L2(P (v - mu))`` with P the whitening learned on the training images' raw VLADs."""
     feats = _feats()
     assert _recipe().needs("conv5_3") == Needs(layers=("conv4_3", "conv5_1"), scales=(1.0, 2.0))
+    # scale 2 alone: scale 1 is read too, for the map the index keeps for re-ranking (the VLAD ignores it)
+    assert _recipe(scales=[2]).needs("conv5_3").scales == (1.0, 2.0)
+    assert _recipe(layers=["conv4_3"], scales=[2]).fit(feats[:12]).method.parts == [("conv4_3", 2.0)]
     with pytest.raises(RecipeError, match="layer 'conv5_1' at scale 2"):  # not in the features: named
         _recipe().fit(feats[:12])
     r = _recipe(scales=[1]).fit(feats[:12])
@@ -235,12 +238,23 @@ def test_vlad_pass_resumes_and_serves_limits(tmp_path):
 # ------------------------------------------------------------------------------------------ real images
 
 
+def sweep_unrounded(monkeypatch):
+    """The sweep's cells with mAP not rounded to 2 decimals (its ``_evaluate`` without the rounding)."""
+    from instance_search.eval import sweeps
+
+    def exact(bench, vecs):
+        q = vecs[np.asarray(bench.query_indices, dtype=np.int64)]
+        return {"map": float(bench.evaluate((q @ vecs.T).astype(np.float32))["map"])}
+
+    monkeypatch.setattr(sweeps, "_evaluate", exact)
+
+
 @pytest.mark.slow
-def test_evaluate_recipe_equals_the_sweeps_cell(tmp_path):
+def test_evaluate_recipe_equals_the_sweeps_cell(tmp_path, monkeypatch):
     """`evaluate_recipe` of ng-vlad (conv5_1, scales 1+2) on the first 40 Holidays images, fitted on the first 40
-    UKBench images, gives the sweep's cell for the same configuration (the sweep rounds mAP to 2 decimals:
-    compared at that precision, to 1e-6). Both draw the same codebook samples, learn the same codebooks and
-    whitening, and run the backbone on the same images at the same scales (scale 2: the image enlarged 2x)."""
+    UKBench images, gives the sweep's cell for the same configuration to 1e-6 (the sweep's mAP taken before its
+    rounding to 2 decimals). Both draw the same codebook samples, learn the same codebooks and whitening, and
+    run the backbone on the same images at the same scales (scale 2: the image enlarged 2x)."""
     from instance_search.eval.datasets import find_shared_data
     from instance_search.eval.runner import evaluate_recipe
     from instance_search.eval.sweeps import BenchSpec, layer_scale_sweep
@@ -255,6 +269,7 @@ def test_evaluate_recipe_equals_the_sweeps_cell(tmp_path):
         pytest.skip(f"VGG16 weights unavailable: {exc}")
     size, cfg = 96, {"k": 8, "dim": 16, "features_per_image": 50, "codebook_images": 50}
     hol, ukb = BenchSpec("holidays", 40, size), BenchSpec("ukbench", 40, size)
+    sweep_unrounded(monkeypatch)
     sweep = layer_scale_sweep([hol, ukb], train_on={"holidays": "ukbench"}, layers=["conv5_1"], scales=(1, 2),
                               k=cfg["k"], out_dim=cfg["dim"], features_per_image=cfg["features_per_image"],
                               codebook_images=cfg["codebook_images"], cache_dir=tmp_path, save_maps=(),
@@ -264,5 +279,5 @@ def test_evaluate_recipe_equals_the_sweeps_cell(tmp_path):
     recipe = Recipe("ng-vlad", layer="conv5_1", max_size=size, extra={**cfg, "scales": [1, 2]})
     res = evaluate_recipe(hol.bench, recipe, fit_on=ukb.bench, progress=False)
     assert res["database_images"] == 40 and recipe.fitted
-    assert abs(round(res["map"], 2) - cells["1+2"]) < 1e-6, (res["map"], cells)
+    assert abs(res["map"] - cells["1+2"]) < 1e-6, (res["map"], cells)
     assert res["map"] > 30.0, res["map"]  # chance on this subset is ~10 mAP

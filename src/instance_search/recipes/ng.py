@@ -174,7 +174,10 @@ class NgVLAD(Method):
         raise RecipeError("ng-vlad: no layer given (set the recipe's layer or the option 'layers')")
 
     def needs(self, default_layer: str) -> Needs:
-        return Needs(layers=tuple(self.layers(default_layer)), scales=self.scales)
+        """The recipe's layers at its scales, plus scale 1 when it is not one of them: the index keeps the first
+        layer's scale-1 map for re-ranking and localisation (whose boxes are in scale-1 map cells)."""
+        scales = self.scales if 1.0 in self.scales else (1.0, *self.scales)
+        return Needs(layers=tuple(self.layers(default_layer)), scales=scales)
 
     def _parts_for(self, feats: Features) -> list[tuple[str, float]]:
         if self.parts is not None:
