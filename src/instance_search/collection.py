@@ -503,6 +503,30 @@ class Collection:
             self._faiss = build_faiss(vecs, self.faiss_kind) if len(vecs) else None
         return self._faiss
 
+    def faiss_index(self):
+        """The first-stage FAISS index over the stored global vectors (rows in :meth:`records` order); ``None``
+        for an empty collection. Built on first use, kept until the index changes (:meth:`invalidate`)."""
+        return self._ensure_faiss()
+
+    def invalidate(self) -> None:
+        """Forget the FAISS index and records, e.g. after another process added images (rebuilt on next use)."""
+        self._faiss = None
+        self._records = None
+
+    @property
+    def search_state(self):
+        """What searching keeps between queries (re-rankers with their caches, DBA vectors; see search.py)."""
+        return self._search_state
+
+    def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored global vectors of ``ids`` (KeyError naming an id that is not in the index)."""
+        index = self._ensure_faiss()
+        pos = {r["id"]: k for k, r in enumerate(self._records or [])}
+        missing = [int(i) for i in ids if int(i) not in pos]
+        if missing or index is None:
+            raise KeyError(f"image id {missing[0] if missing else ids[0]} is not in the index {self.store.root}")
+        return np.stack([index.reconstruct(int(pos[int(i)])) for i in ids])
+
     def vectors(self) -> np.ndarray:
         self._ensure_faiss()
         return self._faiss.reconstruct_n(0, self._faiss.ntotal) if self._faiss is not None else np.zeros((0, 0))

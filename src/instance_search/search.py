@@ -59,7 +59,7 @@ class SearchState:
 
 
 def _state(col) -> SearchState:
-    return col._search_state
+    return col.search_state
 
 
 def _key(name: str, options: Mapping[str, Any]) -> tuple:
@@ -136,11 +136,7 @@ def search_indexed(col, image_id: int, top: int = 10, *, rerank: str | Reranker 
     conv map are used, no network pass. The image itself is among the hits. ``timings``: as
     :func:`search_described` (the stored map's read counts as ``search_ms``)."""
     reranker, expansion = _setup(col, rerank, shortlist, qe, qe_kind, detector, rerank_options, qe_options, top)
-    col._ensure_faiss()
-    pos = {r["id"]: k for k, r in enumerate(col._records)}
-    if int(image_id) not in pos:
-        raise KeyError(f"image id {image_id} is not in the index {col.store.root}")
-    vec = col._faiss.reconstruct(int(pos[int(image_id)]))
+    vec = col.vectors_of([int(image_id)])[0]
     t0 = time.perf_counter()
     fmap = None if reranker.identity else col.store.feature_map(int(image_id))
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -153,13 +149,13 @@ def search_indexed(col, image_id: int, top: int = 10, *, rerank: str | Reranker 
 def search_vector(col, vector: np.ndarray, top: int = 10, *, index=None) -> list[Hit]:
     """First stage: the ``top`` indexed images by inner product with ``vector`` (FAISS); ``index``: search this
     FAISS index (same rows as the collection's, e.g. the DBA-augmented vectors) instead of the collection's."""
-    base = col._ensure_faiss()
+    base = col.faiss_index()
     if base is None:
         return []
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     scores, pos = faiss_search(index if index is not None else base, np.asarray(vector, np.float32)[None], top)
-    recs = col._records
+    recs = col.records()
     return [Hit(rank=r + 1, id=recs[p]["id"], path=recs[p]["path"], score=float(s))
             for r, (s, p) in enumerate(zip(scores[0], pos[0])) if p >= 0]
 
@@ -167,7 +163,7 @@ def search_vector(col, vector: np.ndarray, top: int = 10, *, index=None) -> list
 def _dba_index(col, expansion: Expansion, n: int):
     """The FAISS index of the DBA-augmented vectors (``expansion.database`` over each vector's ``n`` nearest
     neighbours, found by the collection's own FAISS index); built once per state of the index and kept."""
-    base = col._ensure_faiss()
+    base = col.faiss_index()
     if base is None:
         return None
     st = _state(col)
@@ -187,15 +183,15 @@ def _dba_index(col, expansion: Expansion, n: int):
 
 
 def _windows_in_global_space(col) -> bool:
-    """Whether a window vector of AML (its MAC, or its R-MAC for the rmac recipe: :func:`_context`) is comparable
-    with the recipe's global vector (Tolias et al. 2016, Sec. 6: true of MAC and R-MAC)."""
-    return col.recipe.name in ("mac", "rmac")
+    """Whether a window vector of AML (its MAC, or its R-MAC: :func:`_context`) is comparable with the recipe's
+    global vector (Tolias et al. 2016, Sec. 6: true of MAC and R-MAC; ``Method.window_vector``)."""
+    return bool(col.recipe.method.window_vector)
 
 
 def _context(col, qglobal: np.ndarray | None) -> RerankContext:
     store = col.store
     window_rmac: dict[str, Any] = {}
-    if col.recipe.name == "rmac" and qglobal is not None:  # score the window's R-MAC (Tolias Sec. 6)
+    if col.recipe.method.window_vector == "rmac" and qglobal is not None:  # the window's R-MAC (Tolias Sec. 6)
         window_rmac = dict(finalize=lambda locs: col.recipe.finalize([l2n(np.asarray(L, np.float32)) for L in locs], col.whitening),
                            finalize_batch=True, query_global=qglobal, levels=col.recipe.levels)
     return RerankContext(maps=lambda ids, sparse: store.feature_maps([int(i) for i in ids], sparse=sparse),
@@ -228,9 +224,7 @@ def rerank_hits(col, hits: list[Hit], qmap: np.ndarray, reranker: Reranker, shor
 
 
 def _vectors_of(col, ids: Sequence[int]) -> np.ndarray:
-    col._ensure_faiss()
-    pos = {r["id"]: k for k, r in enumerate(col._records)}
-    return np.stack([col._faiss.reconstruct(int(pos[i])) for i in ids])
+    return col.vectors_of(ids)
 
 
 def search_described(col, vec: np.ndarray, fmap, top: int, reranker: Reranker, shortlist: int, qe: int,

@@ -88,6 +88,10 @@ class Method:
     model_files: ClassVar[tuple[str, ...]] = ()
     needs_fit: ClassVar[bool] = False
     whitened: ClassVar[bool] = True
+    #: how a window that AML localises in a map is described so that it compares with this recipe's global
+    #: vector (Tolias et al. 2016, Sec. 6): "mac" (the window's MAC), "rmac" (the window's R-MAC), or "" (it
+    #: does not compare: re-ranking keeps its own scores and query expansion uses the stored global vectors)
+    window_vector: ClassVar[str] = ""
 
     def __init__(self, spec: "Recipe"):
         self.spec = spec

@@ -31,6 +31,7 @@ class MAC(_SingleMap):
 
     name = "mac"
     paper = "Tolias et al. 2016, Sec. 3, Eq. 1"
+    window_vector = "mac"
 
     def pool(self, fmap):
         return mac(fmap)[None]
@@ -43,6 +44,7 @@ class RMAC(_SingleMap):
 
     name = "rmac"
     paper = "Tolias et al. 2016, Sec. 4"
+    window_vector = "rmac"
 
     def pool(self, fmap):
         return region_macs(fmap, rmac_regions(fmap.shape[1], fmap.shape[2], levels=self.spec.levels))

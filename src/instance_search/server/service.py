@@ -139,8 +139,7 @@ class SearchService:
                 fresh = Collection.open(self.index_dir, writable=False, weights=self._weights, device=self._device)
                 fresh.describer = self.col.describer  # keep the loaded network
                 self.col = fresh
-            self.col._faiss = None  # rebuilt from the new version on the next search
-            self.col._records = None
+            self.col.invalidate()  # rebuilt from the new version on the next search
             self._reload_records()
             return True
 
@@ -212,8 +211,7 @@ class SearchService:
             if rec is None:
                 raise BadRequest(404, f"no image with id {image_id} in this index (already removed?)")
             n = self.col.store.remove([image_id])
-            self.col._faiss = None
-            self.col._records = None
+            self.col.invalidate()
             self._reload_records()
         return {"removed": n, "id": image_id, "name": Path(rec["path"]).name, "total": len(self.col)}
 
