@@ -23,19 +23,17 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-
-from ..errors import FileFormatError
-from ..io import atomic_save_npz, load_npz
-from ..ops.normalize import l2n
 import torch
 
-from ..errors import NotFittedError
+from ..errors import FileFormatError, NotFittedError
 from ..fitted.codebook import GMMCodebook, KMeansCodebook, LocalPCA
 from ..fitted.rotation import RotationNormalisation
 from ..fitted.whitening import eigh_desc, pca_basis
+from ..io import atomic_save_npz, load_npz
 from ..ops import embeddings as _emb
 from ..ops.aggregation import aggregate as _aggregate
 from ..ops.masks import masked_features, max_mask, sift_mask, sum_mask
+from ..ops.normalize import l2n
 from .base import Features, Method, Needs, RecipeError, only_map, register
 
 __all__ = [
