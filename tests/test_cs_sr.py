@@ -102,7 +102,7 @@ def test_cs_sr_scores_and_full_ranking():
     res = CS.cs_sr_scores([0.2, 0.9, 0.9, 0.1], np.tile([[0.0, 0.0, 32.0, 48.0]], (4, 1)), [4, 3, 2, 1],
                           map_hw=[(10, 10)] * 4)
     assert list(res.order) == [1, 2, 0, 3]  # tie between 1 and 2 broken by the first-stage score
-    np.testing.assert_array_equal(res.boxes[0], [0, 0, 2, 3])
+    np.testing.assert_array_equal(res.boxes[0], [0, 0, 3, 4])  # Caffe RoI cells: 0..round(2), 0..round(3)
     first = np.array([7, 3, 5, 1, 0, 2])
     np.testing.assert_array_equal(CS.full_ranking(first, 4, res.order), [3, 5, 7, 1, 0, 2])
     with pytest.raises(ValueError, match="permutation"):

@@ -99,9 +99,9 @@ def test_regions_are_an_argument(maps, whitening):
         # one region = the whole map: whitened MAC
         mac_w = l2n(torch.as_tensor(whitening.transform(l2n(c5.amax(dim=(1, 2)))[None].numpy())[0]))
         assert torch.allclose(both[1], mac_w.float(), atol=1e-5)
-    # pixel boxes -> cells (stride 16): covered cells, clipped, at least one cell
-    cells = B.boxes_to_cells([[0, 0, 32, 16], [17, 5, 40, 60], [250, 180, 400, 300]], 16, 12, 16)
-    assert cells.tolist() == [[0, 0, 2, 1], [1, 0, 2, 4], [15, 11, 1, 1]]
+    # pixel boxes -> cells (stride 16) as Caffe's RoI pooling: edges rounded, inclusive end, clipped
+    cells = B.boxes_to_cells([[0, 0, 32, 16], [17, 5, 40, 60], [230, 170, 400, 300]], 16, 12, 16)
+    assert cells.tolist() == [[0, 0, 3, 2], [1, 0, 3, 5], [14, 11, 2, 1]]
     with pytest.raises(ValueError, match="inverted"):
         B.boxes_to_cells([[10, 10, 5, 20]], 16, 12, 16)
     with pytest.raises(ValueError, match="outside"):

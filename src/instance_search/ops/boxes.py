@@ -7,7 +7,8 @@ the projection of pixel boxes onto conv-map cells, and RoI max-pooling. Pure fun
   pixels ``[j*s, (j+1)*s) x [i*s, (i+1)*s)``. Widths are ``x2 - x1`` (continuous, no ``+1``).
   :func:`to_map_frame` / :func:`from_map_frame` convert from / to original-image pixels by proportional scaling.
 * Cells: ``(x, y, w, h)`` integer windows of the map (as :func:`~instance_search.ops.pooling.rmac_regions`
-  gives them); :func:`boxes_to_cells` projects pixel boxes onto them as RoI pooling does (Girshick 2015, Sec. 2.1).
+  gives them); :func:`boxes_to_cells` projects pixel boxes onto them as Caffe's RoI pooling does (Girshick 2015,
+  Sec. 2.1): edges rounded to cells, inclusive end (:func:`roi_extent`); :func:`roi_pool` is that RoI pooling.
 * Anchors (Ren Sec. 3.1.1): ``k = len(sizes) * len(ratios)`` boxes of area ``size^2`` and aspect ``h/w = ratio``
   centred on each cell; order (cell row, cell column, ratio, size).
 """
@@ -25,7 +26,7 @@ from .pooling import rmac_regions
 __all__ = [
     "DEFAULT_SIZES", "DEFAULT_RATIOS", "as_boxes", "to_map_frame", "from_map_frame", "base_anchors", "grid_anchors",
     "box_area", "box_iou", "encode_boxes", "decode_boxes", "clip_boxes", "nms", "assign_anchors", "boxes_to_cells",
-    "flip_boxes", "roi_pool", "grid_boxes",
+    "flip_boxes", "roi_pool", "grid_boxes", "roi_extent", "caffe_round",
 ]
 
 #: anchor sizes in pixels for images described at a longer side of ~384 px (Ren uses 128/256/512 at ~600-1000)
@@ -192,29 +193,55 @@ def assign_anchors(anchors: torch.Tensor, gt: torch.Tensor, pos_iou: float = 0.7
 
 
 
-def _project(b: np.ndarray, stride: int, height: int, width: int) -> np.ndarray:
-    """Pixel boxes (N, 4) -> the cells ``(x, y, w, h)`` their extent touches: ``floor(x1 / stride)`` ..
-    ``ceil(x2 / stride)`` (end-exclusive), clipped to the map and at least one cell wide and high."""
-    x0 = np.clip(np.floor(b[:, 0] / stride), 0, width - 1)
-    y0 = np.clip(np.floor(b[:, 1] / stride), 0, height - 1)
-    x1 = np.maximum(np.minimum(np.ceil(b[:, 2] / stride), width), x0 + 1)
-    y1 = np.maximum(np.minimum(np.ceil(b[:, 3] / stride), height), y0 + 1)
-    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int64)
+def caffe_round(x) -> np.ndarray:
+    """C's ``round()`` (halves away from zero), which Caffe's ROIPooling applies; numpy's ``round`` is
+    half-to-even and differs at ``.5``."""
+    x = np.asarray(x, dtype=np.float64)  # exact for float32 inputs: |x| + 0.5 does not round
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def roi_extent(boxes, stride: int) -> np.ndarray:
+    """The cells Caffe's ROIPooling layer gives a box (Girshick 2015, Sec. 2.1; ``roi_pooling_layer.cpp`` of
+    caffe-fast-rcnn, as the Faster R-CNN models of Salvador et al. 2016 run it), before clipping: with
+    ``spatial_scale = 1/stride`` in float32, ``start = round(x1 * scale)``, ``end = round(x2 * scale)``
+    (inclusive) and ``width = max(end - start + 1, 1)`` (likewise rows). Boxes are taken as Caffe takes its
+    ``rois`` blob: the coordinates as given, cast to float32. Returns (N, 4) int64 ``(x, y, w, h)``, unclipped."""
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scale = np.float32(1.0) / np.float32(stride)
+    r = caffe_round(b * scale).astype(np.int64)  # the float32 product, as the layer computes it
+    w = np.maximum(r[:, 2] - r[:, 0] + 1, 1)
+    h = np.maximum(r[:, 3] - r[:, 1] + 1, 1)
+    return np.stack([r[:, 0], r[:, 1], w, h], axis=1)
+
+
+def _clipped_cells(ext: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cells ``(x, y, w, h)`` of ``ext`` clipped to the map, mask of the boxes left with no cell)."""
+    x0 = np.clip(ext[:, 0], 0, width)
+    y0 = np.clip(ext[:, 1], 0, height)
+    x1 = np.clip(ext[:, 0] + ext[:, 2], 0, width)
+    y1 = np.clip(ext[:, 1] + ext[:, 3], 0, height)
+    empty = (x1 <= x0) | (y1 <= y0)
+    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int64), empty
 
 
 def boxes_to_cells(boxes, stride: int, height: int, width: int) -> np.ndarray:
-    """Image-pixel boxes ``(x1, y1, x2, y2)`` (e.g. region proposals) -> feature-map cells ``(x, y, w, h)``.
-
-    A box covers the cells its extent touches: ``floor(x1 / stride)`` .. ``ceil(x2 / stride)`` (end-exclusive),
-    clipped to the ``height`` x ``width`` map and at least one cell wide and high (as RoI pooling projects
-    boxes onto the conv map, Girshick 2015, Sec. 2.1)."""
+    """Map-frame pixel boxes ``(x1, y1, x2, y2)`` (e.g. region proposals) -> the feature-map cells ``(x, y, w, h)``
+    that RoI pooling reads for them: Caffe's rounding (:func:`roi_extent`: edges rounded to cells, inclusive end,
+    at least one cell), clipped to the ``height`` x ``width`` map. The one projection of the package: the region
+    MACs of these cells equal :func:`roi_pool` at 1x1. A box whose rounded extent lies wholly outside the map
+    (only a box thinner than half a cell on the map's border) has no cell and is refused, naming it."""
     b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
     if b.ndim != 2 or b.shape[1] != 4 or len(b) == 0:
         raise ValueError(f"boxes must be a non-empty (R, 4) array of x1, y1, x2, y2 pixels, got shape {b.shape}")
     if not np.all(np.isfinite(b)) or np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1]):
         bad = b[np.argmax(~np.isfinite(b).all(1) | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))]
         raise ValueError(f"box {bad.tolist()} is empty, inverted or not finite (need x1 < x2, y1 < y2)")
-    return _project(b, int(stride), int(height), int(width))
+    cells, empty = _clipped_cells(roi_extent(b, int(stride)), int(height), int(width))
+    if empty.any():
+        bad = b[int(np.argmax(empty))]
+        raise ValueError(f"box {bad.tolist()} lies outside the {height}x{width} map (stride {stride}) once its edges "
+                         f"are rounded to cells")
+    return cells
 
 
 def flip_boxes(boxes, width: float) -> np.ndarray:
@@ -225,36 +252,49 @@ def flip_boxes(boxes, width: float) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ RoI pooling
 def roi_pool(fmap: torch.Tensor, boxes, output_size: int | tuple[int, int] = 7, stride: int = 16) -> torch.Tensor:
-    """RoI max-pooling (Girshick 2015, "Fast R-CNN", Sec. 2.1): each box (map-frame pixels) is projected onto
-    the map -- cells ``floor(x1/s) .. ceil(x2/s)`` (end-exclusive), clipped, at least one cell -- and divided
-    into an ``ph x pw`` grid of sub-windows; bin ``(i, j)`` covers rows ``floor(i h/ph) .. ceil((i+1) h/ph)``
-    of the box (likewise columns) and is max-pooled. ``fmap``: (C, H, W); returns (R, C, ph, pw).
-    Differentiable in ``fmap`` (the gradient goes to each bin's arg-max)."""
+    """RoI max-pooling as Caffe's ROIPooling layer computes it (Girshick 2015, "Fast R-CNN", Sec. 2.1; the layer
+    of the Faster R-CNN models Salvador et al. 2016 use, ``spatial_scale = 1/stride``): the box (map-frame pixels)
+    covers the cells of :func:`roi_extent` (edges rounded, inclusive end, at least one cell); with
+    ``bin = width / pw`` in float32, bin ``j`` covers columns ``start + floor(j * bin)`` ..
+    ``start + ceil((j + 1) * bin)`` (end-exclusive) clipped to the map, likewise rows; a bin left empty by the
+    clipping is 0. ``fmap``: (C, H, W); returns (R, C, ph, pw). The one RoI pooling of the package (RPN, RPA,
+    CA-SR and the detector). Differentiable in ``fmap`` (the gradient goes to each bin's arg-max)."""
     if fmap.ndim != 3:
         raise ValueError(f"roi_pool expects one (C, H, W) map, got shape {tuple(fmap.shape)}")
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if ph < 1 or pw < 1:
         raise ValueError(f"output_size must be >= 1, got {output_size}")
-    b = as_boxes(boxes).detach().to(torch.float64)
+    b = as_boxes(boxes).detach().cpu()
     C, H, W = fmap.shape
     R = b.shape[0]
     if R == 0:
         return fmap.new_zeros(0, C, ph, pw)
     if not bool(torch.isfinite(b).all()):
         raise ValueError("roi_pool: boxes must be finite")
-    x0, y0, rw, rh = torch.from_numpy(_project(b.numpy(), stride, H, W).astype(np.float64)).unbind(1)  # rw, rh >= 1
-    jj = torch.arange(pw, dtype=torch.float64)
-    ii = torch.arange(ph, dtype=torch.float64)
-    bx0 = x0[:, None] + torch.floor(jj[None] * rw[:, None] / pw)  # (R, pw)
-    bx1 = x0[:, None] + torch.ceil((jj[None] + 1) * rw[:, None] / pw)
-    by0 = y0[:, None] + torch.floor(ii[None] * rh[:, None] / ph)  # (R, ph)
-    by1 = y0[:, None] + torch.ceil((ii[None] + 1) * rh[:, None] / ph)
-    X = bx0[:, None, :].expand(R, ph, pw).reshape(-1).long()
-    Xw = (bx1 - bx0)[:, None, :].expand(R, ph, pw).reshape(-1).long()
-    Y = by0[:, :, None].expand(R, ph, pw).reshape(-1).long()
-    Yh = (by1 - by0)[:, :, None].expand(R, ph, pw).reshape(-1).long()
+    ext = torch.from_numpy(roi_extent(b.numpy(), stride))
+    x0, y0, rw, rh = ext.unbind(1)
+
+    def bins(start: torch.Tensor, size: torch.Tensor, n: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.arange(n, dtype=torch.float32)
+        bin_size = size.to(torch.float32)[:, None] / torch.tensor(float(n), dtype=torch.float32)  # float32 as Caffe
+        lo = torch.floor(k[None] * bin_size).long() + start[:, None]
+        hi = torch.ceil((k[None] + 1) * bin_size).long() + start[:, None]
+        return lo.clamp(0, limit), hi.clamp(0, limit)
+
+    bx0, bx1 = bins(x0, rw, pw, W)  # (R, pw)
+    by0, by1 = bins(y0, rh, ph, H)  # (R, ph)
+    X0 = bx0[:, None, :].expand(R, ph, pw).reshape(-1)
+    X1 = bx1[:, None, :].expand(R, ph, pw).reshape(-1)
+    Y0 = by0[:, :, None].expand(R, ph, pw).reshape(-1)
+    Y1 = by1[:, :, None].expand(R, ph, pw).reshape(-1)
+    full = (X1 > X0) & (Y1 > Y0)
+    # empty bins read one valid cell and are zeroed below (no gradient reaches that cell)
+    Xs, Ys = torch.where(full, X0, 0).clamp(max=W - 1), torch.where(full, Y0, 0).clamp(max=H - 1)
+    Xw, Yh = torch.where(full, X1 - X0, 1), torch.where(full, Y1 - Y0, 1)
     # exact max of every bin (2-D sparse table of ops.integral.window_max, differentiable): (R*ph*pw, C)
-    v = window_max(fmap if fmap.is_floating_point() else fmap.float(), torch.stack([X, Y, Xw, Yh], 1))
+    v = window_max(fmap if fmap.is_floating_point() else fmap.float(), torch.stack([Xs, Ys, Xw, Yh], 1))
+    if not bool(full.all()):
+        v = v * full.to(device=v.device, dtype=v.dtype)[:, None]
     return v.reshape(R, ph, pw, C).permute(0, 3, 1, 2).contiguous()
 
 
