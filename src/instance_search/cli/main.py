@@ -13,6 +13,7 @@ from . import recipe_options as ro
 from .common import expected_errors as _errors
 from .common import fail as _fail
 from .common import message as _msg
+from .device import DEVICE, resolve_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Instance-level image retrieval with CNN features (MAC, R-MAC, ...).")
@@ -25,24 +26,12 @@ app.add_typer(whitening_app, name="whitening")
 
 
 @app.command()
+@ro.recipe_flags
 def index(
     photos: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     index_dir: Path = typer.Option(..., "--index", help="Index folder (created if missing)."),
-    recipe: str = ro.RECIPE,
-    backbone: str = ro.BACKBONE,
-    layer: Optional[str] = ro.LAYER,
     max_size: int = ro.MAX_SIZE,
-    scales: Optional[str] = ro.SCALES,
-    k: Optional[int] = ro.K,
-    dim: Optional[int] = ro.DIM,
-    mask: Optional[str] = ro.MASK,
-    embedding: Optional[str] = ro.EMBEDDING,
-    aggregation: Optional[str] = ro.AGGREGATION,
-    pooling: Optional[str] = ro.POOLING,
-    model: Optional[Path] = ro.MODEL,
-    regions: Optional[str] = ro.REGIONS,
-    rpn: Optional[Path] = ro.RPN,
-    proposals: Optional[int] = ro.PROPOSALS,
+    recipe_flags: dict = None,
     fit_on: Optional[str] = ro.FIT_ON,
     whitening: str = typer.Option("self", help="'self' (learn on this collection), 'none', or a file from "
                                               "`isearch whitening learn`."),
@@ -59,6 +48,7 @@ def index(
     wait: float = typer.Option(60.0, "--wait", help="Seconds to wait while another process writes to the index "
                                                     "(then fail, naming it)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = DEVICE,
 ) -> None:
     """Index PHOTOS into --index: new or changed images only; bad files are reported and skipped."""
     from ..collection import Collection
@@ -67,14 +57,13 @@ def index(
     from ..recipes.base import Recipe
 
     def make_recipe() -> Recipe:
-        return ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
-                               embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
-                               regions=regions, rpn=rpn, proposals=proposals)
+        return ro.build_recipe(max_size=max_size, **recipe_flags)
 
     try:
         set_default_wait(wait)
+        dev = resolve_device(device)
         if IndexStore.exists(index_dir):
-            col = Collection.open(index_dir, writable=True, weights=weights)
+            col = Collection.open(index_dir, writable=True, weights=weights, device=dev)
             asked = make_recipe() if fit_on is None else None
             have = col.recipe
             if asked is None or (have.name, have.backbone, have.layer, have.max_size, have.extra) != (
@@ -86,9 +75,9 @@ def index(
             try:
                 col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights,
                                         store_maps=maps, fit_on=fit_on, engine="exact" if engine == "ray" else engine,
-                                        progress=not quiet)
+                                        progress=not quiet, device=dev)
             except IndexExistsError:  # another writer created it a moment ago: add to that one
-                col = Collection.open(index_dir, writable=True, weights=weights)
+                col = Collection.open(index_dir, writable=True, weights=weights, device=dev)
         t0 = time.perf_counter()
         if engine == "ray":
             from ..index.distributed import add_folder_ray
@@ -208,36 +197,25 @@ def serve(
                                              "open /?token=... once in the browser)."),
     uploads_per_minute: int = typer.Option(120, "--uploads-per-minute", help="Uploaded images per minute (0: no "
                                                                              "limit)."),
+    device: str = DEVICE,
 ) -> None:
-    """Serve the web page and the HTTP API (OpenAPI at /openapi.json) for an index."""
+    """Serve the web page and the HTTP API (OpenAPI at /openapi.json, Swagger UI at /docs) for an index."""
     from ..server import serve as run_server
 
     try:
         run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only,
-                   token=token, uploads_per_minute=uploads_per_minute)
+                   token=token, uploads_per_minute=uploads_per_minute, device=resolve_device(device))
     except _errors() as exc:
         _fail(_msg(exc))
 
 
 @app.command()
+@ro.recipe_flags
 def demo(
     out: Path = typer.Option(Path("demo-index"), help="Where to build the demo index."),
     images: int = typer.Option(40, help="Number of UKBench images (4 views per object)."),
-    recipe: str = ro.RECIPE,
-    backbone: str = ro.BACKBONE,
-    layer: Optional[str] = ro.LAYER,
     max_size: int = typer.Option(512, "--max-size", help="Longer image side in pixels."),
-    scales: Optional[str] = ro.SCALES,
-    k: Optional[int] = ro.K,
-    dim: Optional[int] = ro.DIM,
-    mask: Optional[str] = ro.MASK,
-    embedding: Optional[str] = ro.EMBEDDING,
-    aggregation: Optional[str] = ro.AGGREGATION,
-    pooling: Optional[str] = ro.POOLING,
-    model: Optional[Path] = ro.MODEL,
-    regions: Optional[str] = ro.REGIONS,
-    rpn: Optional[Path] = ro.RPN,
-    proposals: Optional[int] = ro.PROPOSALS,
+    recipe_flags: dict = None,
     fit_on: Optional[str] = typer.Option(None, "--fit-on", help="ng-vlad, selective: training images (default: "
                                                                 "the next --train-images UKBench photos)."),
     train_images: int = typer.Option(200, "--train-images", help="ng-vlad, selective: how many UKBench photos "
@@ -247,9 +225,7 @@ def demo(
     from ..demo import run_demo
 
     try:
-        spec = ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
-                               embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
-                               regions=regions, rpn=rpn, proposals=proposals)
+        spec = ro.build_recipe(max_size=max_size, **recipe_flags)
         run_demo(out, n_images=images, recipe=spec, fit_on=fit_on, n_train=train_images)
     except _errors() as exc:
         _fail(_msg(exc))
@@ -272,25 +248,13 @@ def recipes_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON l
 
 
 @app.command("eval")
+@ro.recipe_flags
 def eval_cmd(
     benchmark: str = typer.Argument(..., help="ukbench | holidays | oxford5k | paris6k | roxford5k | rparis6k"),
     images: Optional[Path] = typer.Option(None, help="Image folder (default: ../shared/data's copy)."),
     gnd: Optional[Path] = typer.Option(None, help="Ground-truth pickle (Oxford/Paris)."),
-    recipe: str = ro.RECIPE,
-    backbone: str = ro.BACKBONE,
-    layer: Optional[str] = ro.LAYER,
     max_size: int = ro.MAX_SIZE,
-    scales: Optional[str] = ro.SCALES,
-    k: Optional[int] = ro.K,
-    dim: Optional[int] = ro.DIM,
-    mask: Optional[str] = ro.MASK,
-    embedding: Optional[str] = ro.EMBEDDING,
-    aggregation: Optional[str] = ro.AGGREGATION,
-    pooling: Optional[str] = ro.POOLING,
-    model: Optional[Path] = ro.MODEL,
-    regions: Optional[str] = ro.REGIONS,
-    rpn: Optional[Path] = ro.RPN,
-    proposals: Optional[int] = ro.PROPOSALS,
+    recipe_flags: dict = None,
     fit_on: Optional[str] = ro.FIT_ON,
     whitening: str = typer.Option("none", help="'none', or a whitening file learned on ANOTHER collection."),
     rerank: str = typer.Option("none", help="Re-rank each query's short list through the search pipeline: none | "
@@ -301,6 +265,7 @@ def eval_cmd(
     detector: Optional[Path] = typer.Option(None, help="cs-sr: the detector file of `isearch finetune`."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = DEVICE,
 ) -> None:
     """Evaluate a recipe on a standard benchmark with its official protocol and print the figures."""
     from ..eval.runner import evaluate_recipe
@@ -309,21 +274,22 @@ def eval_cmd(
 
     try:
         bench = load_benchmark(benchmark, images_dir=images, gnd=gnd)
-        spec = ro.build_recipe(recipe, backbone, layer, max_size, scales=scales, k=k, dim=dim, mask=mask,
-                               embedding=embedding, aggregation=aggregation, pooling=pooling, model=model,
-                               regions=regions, rpn=rpn, proposals=proposals)
+        spec = ro.build_recipe(max_size=max_size, **recipe_flags)
         if spec.needs_fit and fit_on is None:
-            raise NotFittedError(f"recipe {recipe!r} learns from a training collection: give --fit-on (a folder, or "
+            raise NotFittedError(f"recipe {spec.name!r} learns from a training collection: give --fit-on (a folder, or "
                                  "a benchmark name such as ukbench)")
         if rerank != "none" or qe > 0 or detector is not None:  # the product's search pipeline (eval/rerank_eval.py)
             from ..eval.rerank_eval import evaluate_search
 
             res = evaluate_search(bench, spec, None if whitening == "none" else Path(whitening), rerank=rerank,
                                   shortlist=shortlist, qe=qe, qe_kind=qe_kind, detector=detector, fit_on=fit_on,
-                                  progress=not quiet)
+                                  progress=not quiet, device=resolve_device(device))
         else:
+            from ..collection import Describer
+
             res = evaluate_recipe(bench, spec, whitening=None if whitening == "none" else Path(whitening),
-                                  progress=not quiet, fit_on=fit_on)
+                                  progress=not quiet, fit_on=fit_on,
+                                  describer=Describer(spec, device=resolve_device(device)))
     except _errors() as exc:
         _fail(_msg(exc))
     typer.echo(json.dumps(res, indent=1))

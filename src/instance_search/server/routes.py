@@ -244,7 +244,7 @@ def _docs_routes(app: FastAPI) -> None:
 def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, ground_truth=None,
           allow_uploads: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, show_paths: bool = False,
           log_level: str = "info", token: str | None = None, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE,
-          max_decodes: int = DEFAULT_MAX_DECODES, pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> None:
+          max_decodes: int = DEFAULT_MAX_DECODES, pixel_budget: int = DEFAULT_PIXEL_BUDGET, device: str = "cpu") -> None:
     """Serve the index with uvicorn (one process; the app holds the model and the FAISS index in memory).
 
     Without ``token`` there is no authentication: keep the default ``host="127.0.0.1"`` unless you trust the
@@ -259,7 +259,8 @@ def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     allowed = ["127.0.0.1", "localhost", "::1", host.strip("[]")] if loopback else None
     app = create_app(index_dir, ground_truth=ground_truth, allow_uploads=allow_uploads,
                      max_upload_bytes=max_upload_bytes, show_paths=show_paths, allowed_hosts=allowed, token=token,
-                     uploads_per_minute=uploads_per_minute, max_decodes=max_decodes, pixel_budget=pixel_budget)
+                     uploads_per_minute=uploads_per_minute, max_decodes=max_decodes, pixel_budget=pixel_budget,
+                     device=device)
     if not loopback and not token:
         print(f"warning: serving {index_dir} on {host}:{port} without authentication; anyone who can reach it "
               f"can search{' and add images' if allow_uploads else ''}", file=sys.stderr)
