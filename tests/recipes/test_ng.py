@@ -191,6 +191,11 @@ def test_whitening_dim_and_bad_training_refused():
         _recipe(layers=["conv4_3"], dim=20).fit(feats[:10])
     with pytest.raises(RecipeError, match="at least 2"):
         _recipe().fit(feats[:1])
+    tiny = [Features({("conv4_3", 1.0): np.ones((4, 1, 1), np.float32)}) for _ in range(3)]
+    with pytest.raises(RecipeError, match="cannot learn the codebooks from three 1x1 maps: .*k=5"):
+        _recipe(layers=["conv4_3"], scales=[1]).fit(tiny, trained_on="three 1x1 maps")
+    with pytest.raises(RecipeError, match="cannot learn the PCA-whitening from same: .*identical"):
+        _recipe(layers=["conv4_3"], scales=[1], k=1, dim=1).fit(tiny, trained_on="same")
 
 
 # ------------------------------------------------------------------------------------------ the sweep's cache

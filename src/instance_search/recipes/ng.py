@@ -232,8 +232,12 @@ class NgVLAD(Method):
                 for la, x in zip(layers, sample_cells([feats.map(la, s) for la in layers],
                                                       self.features_per_image, rngs[s])):
                     samples.setdefault((la, s), []).append(x)
-        self.set_codebooks({p: fit_codebook(np.concatenate(samples[p]), self.k, self.niter, self.seed)
-                            for p in parts}, parts)
+        where = trained_on or "the training collection"
+        try:
+            self.set_codebooks({p: fit_codebook(np.concatenate(samples[p]), self.k, self.niter, self.seed)
+                                for p in parts}, parts)
+        except ValueError as exc:  # e.g. fewer sampled cells than k
+            raise RecipeError(f"ng-vlad: cannot learn the codebooks from {where}: {exc}") from None
         raw = np.stack([self.raw(feats) for feats in train])
         self.fit_whitening(raw, trained_on=trained_on)
 
@@ -257,7 +261,11 @@ class NgVLAD(Method):
         raw = np.asarray(raw, np.float32)
         if raw.ndim != 2 or raw.shape[1] != self.raw_dim:
             raise RecipeError(f"ng-vlad: training VLADs must be (M, {self.raw_dim}), got {raw.shape}")
-        mean, comps, lam = pca_basis(raw, self.dim)
+        try:
+            mean, comps, lam = pca_basis(raw, self.dim)
+        except ValueError as exc:  # identical training vectors
+            raise RecipeError(f"ng-vlad: cannot learn the PCA-whitening from {trained_on or 'these images'}: "
+                              f"{exc}") from None
         if comps.shape[0] < self.dim:
             raise RecipeError(f"ng-vlad: cannot whiten to {self.dim} dimensions: {raw.shape[0]} training images "
                               f"span only {comps.shape[0]} directions; use more training images or a smaller dim")
