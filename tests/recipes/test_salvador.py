@@ -60,10 +60,11 @@ def test_rpa_local_vectors_are_the_proposals_macs(rpn_file, fmap):
     local = rec.local_from_map(fmap)
     boxes = rpn.propose(fmap, 9)[0].numpy()
     assert local.shape == (len(boxes), 512) and 1 <= len(boxes) <= 9
-    for r, b in enumerate(boxes):  # each proposal projected onto the map by hand, its MAC, L2
-        x0, y0 = int(np.floor(b[0] / 16)), int(np.floor(b[1] / 16))
-        x1 = max(min(int(np.ceil(b[2] / 16)), fmap.shape[-1]), x0 + 1)
-        y1 = max(min(int(np.ceil(b[3] / 16)), fmap.shape[-2]), y0 + 1)
+    for r, b in enumerate(boxes):  # each proposal projected by hand as Caffe's RoI pooling does, its MAC, L2
+        rnd = [int(np.floor(abs(v) + 0.5) * np.sign(v)) for v in (np.float32(b) * np.float32(1 / 16)).tolist()]
+        x0, y0 = max(rnd[0], 0), max(rnd[1], 0)
+        x1 = min(max(rnd[2], rnd[0]) + 1, fmap.shape[-1])
+        y1 = min(max(rnd[3], rnd[1]) + 1, fmap.shape[-2])
         f = fmap[:, y0:y1, x0:x1].double().amax(dim=(1, 2)).numpy()
         np.testing.assert_allclose(local[r], f / np.linalg.norm(f), rtol=1e-5, atol=1e-6)
     cells = boxes_to_cells(boxes, 16, *fmap.shape[-2:])
