@@ -276,8 +276,8 @@ def eval_cmd(
         bench = load_benchmark(benchmark, images_dir=images, gnd=gnd)
         spec = ro.build_recipe(max_size=max_size, **recipe_flags)
         if spec.needs_fit and fit_on is None:
-            raise NotFittedError(f"recipe {spec.name!r} learns from a training collection: give --fit-on (a folder, or "
-                                 "a benchmark name such as ukbench)")
+            raise NotFittedError(f"recipe {spec.name!r} learns from a training collection: give --fit-on (a folder, "
+                                 "or a benchmark name such as ukbench)")
         if rerank != "none" or qe > 0 or detector is not None:  # the product's search pipeline (eval/rerank_eval.py)
             from ..eval.rerank_eval import evaluate_search
 

@@ -2,8 +2,10 @@
 take it (``Method.options``); a flag given to a recipe that does not take it is refused, naming the flag."""
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -41,12 +43,13 @@ def _floats(text: str, flag: str) -> list[float]:
     return vals
 
 
-def build_recipe(name: str, backbone: str, layer: Optional[str], max_size: int, *, scales: Optional[str] = None,
+def build_recipe(recipe: str, backbone: str, layer: Optional[str], max_size: int, *, scales: Optional[str] = None,
                  k: Optional[int] = None, dim: Optional[int] = None, mask: Optional[str] = None,
                  embedding: Optional[str] = None, aggregation: Optional[str] = None, pooling: Optional[str] = None,
                  model: Optional[Path] = None, regions: Optional[str] = None, rpn: Optional[Path] = None,
                  proposals: Optional[int] = None) -> Recipe:
-    """A :class:`Recipe` from the command line's flags; a flag that does not belong to ``name`` is refused."""
+    """A :class:`Recipe` from the command line's flags; a flag that does not belong to ``recipe`` is refused."""
+    name = recipe
     cls = method_class(name)
     layers = [x.strip() for x in layer.split(",") if x.strip()] if layer else []
     flags: dict[str, tuple[str, Any]] = {  # option key -> (flag, value)
@@ -68,3 +71,38 @@ def build_recipe(name: str, backbone: str, layer: Optional[str], max_size: int, 
                               + (f" (it is an option of {', '.join(owners)})" if owners else ""))
         extra[key] = value
     return cls.from_cli(backbone=backbone, layer=layers[0] if layers else None, max_size=max_size, extra=extra)
+
+
+#: the flags :func:`recipe_flags` adds to a command: (name, type, typer option)
+FLAGS: tuple[tuple[str, Any, Any], ...] = (
+    ("recipe", str, RECIPE), ("backbone", str, BACKBONE), ("layer", Optional[str], LAYER),
+    ("scales", Optional[str], SCALES), ("k", Optional[int], K), ("dim", Optional[int], DIM),
+    ("mask", Optional[str], MASK), ("embedding", Optional[str], EMBEDDING),
+    ("aggregation", Optional[str], AGGREGATION), ("pooling", Optional[str], POOLING),
+    ("model", Optional[Path], MODEL), ("regions", Optional[str], REGIONS), ("rpn", Optional[Path], RPN),
+    ("proposals", Optional[int], PROPOSALS),
+)
+
+
+def recipe_flags(command: Callable) -> Callable:
+    """Decorator: give a typer command every recipe flag of :data:`FLAGS`; the command receives them as one
+    argument ``recipe_flags`` (a dict) and makes the recipe with ``build_recipe(max_size=..., **recipe_flags)``."""
+    sig = inspect.signature(command)
+    if "recipe_flags" not in sig.parameters:
+        raise TypeError(f"{command.__name__}: a command using @recipe_flags takes a 'recipe_flags' argument")
+    own = [p for name, p in sig.parameters.items() if name != "recipe_flags"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=typ)
+             for name, typ, opt in FLAGS]
+    names = [name for name, _, _ in FLAGS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        flags = {name: kwargs.pop(name) for name in names}
+        return command(recipe_flags=flags, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+                                        + added)
+    hints = {k: v for k, v in getattr(command, "__annotations__", {}).items() if k != "recipe_flags"}
+    wrapper.__annotations__ = {**hints, **{name: typ for name, typ, _ in FLAGS}}
+    del wrapper.__wrapped__  # typer must read the new signature, not the command's
+    return wrapper
