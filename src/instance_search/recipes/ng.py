@@ -15,7 +15,10 @@ Choices where the paper leaves room (shared with ``isearch sweep``, which comput
 functions here):
 
 * codebook sample: ``features_per_image`` random cells of ``codebook_images`` evenly spaced training images,
-  one random stream per scale (drawn image by image, layer by layer), kept at half precision;
+  one random stream per scale (drawn image by image, layer by layer), kept at half precision. The sweep draws
+  its sample the same way over the layers it sweeps, so a recipe reproduces a sweep's cell exactly when the
+  sweep ran the recipe's layers (``isearch sweep --layers conv4_3`` for ``--recipe ng-vlad --layer
+  conv4_3``); a sweep over more layers samples other cells for the same layer (same distribution);
 * raw VLADs are rounded to half precision before the PCA, in ``fit`` and when describing alike (the sweep
   caches them so; the rounding moves a descriptor by less than 1e-3);
 * whitening: component i scaled by ``(lambda_i + 1e-9 lambda_0 + whiten_reg * mean(lambda))^-1/2``
