@@ -256,6 +256,7 @@ def search_described(col, vec: np.ndarray, fmap, top: int, reranker: Reranker, s
 
 
 def _expand(col, vec, hits, wvecs, reranker, qe, expansion, top) -> list[Hit]:
+    """Query expansion with the top ``qe`` of ``hits`` (after re-ranking; module docstring)."""
     if reranker.window_vectors and wvecs and _windows_in_global_space(col):
         top_ids = [h.id for h in hits[:qe]]
         q2 = expansion.expand(vec, np.stack([wvecs[i] for i in top_ids])).reshape(-1)
