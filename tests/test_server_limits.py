@@ -135,3 +135,15 @@ def test_token(index_copy):
     assert "HttpOnly" in page.headers["set-cookie"] and "SameSite=Strict" in page.headers["set-cookie"]
     assert c.get("/api/stats").status_code == 200  # the cookie the page set
     assert TestClient(create_app(index_copy)).get("/api/stats").status_code == 200  # no token: open (loopback)
+
+
+def test_native_memory_limits_on_glibc():
+    import platform
+
+    from instance_search.server.guard import limit_native_memory
+
+    msg = limit_native_memory()
+    if platform.libc_ver()[0] == "glibc":
+        assert msg.startswith("glibc: mmap threshold 4 MB, 2 arenas"), msg
+    else:
+        assert "not glibc" in msg

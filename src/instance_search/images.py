@@ -267,7 +267,8 @@ def load_image(
                         img.draft("RGB", (int(np.ceil(w0 * scale)), int(np.ceil(h0 * scale))))
                         drafted = True
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                if exif_rotated:  # exif_transpose copies even when there is nothing to turn: 4 bytes a pixel more
+                    img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img, path)
                 original_size = (w0, h0) if drafted else img.size
     except ImageError:

@@ -43,7 +43,8 @@ from fastapi.responses import HTMLResponse, Response
 from ..images import BoxError, ImageError, parse_box
 from ..index.store import WriterBusyError
 from .guard import (DEFAULT_MAX_DECODES, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PIXEL_BUDGET, DEFAULT_UPLOADS_PER_MINUTE,
-                    BadRequest, Guard, copy_limited, parse_frame, client_name, probe_image)
+                    BadRequest, Guard, copy_limited, parse_frame, client_name, limit_native_memory,
+                    probe_image)
 from .service import SearchService
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -72,6 +73,7 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                         show_paths=show_paths, weights=weights, device=device, max_decodes=max_decodes,
                         pixel_budget=pixel_budget, uploads_per_minute=uploads_per_minute)
     page = (STATIC / "index.html").read_bytes()
+    svc.native_memory = limit_native_memory()
 
     app = FastAPI(title="instance-search", version=__version__, docs_url=None, redoc_url=None,
                   description="Instance-level image search over one index folder: query by image and box, "

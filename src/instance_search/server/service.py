@@ -501,7 +501,8 @@ class SearchService:
                   "ground_truth": None if self.gt is None else self.gt.describe(),
                   "groups": None if self.gt is None else len(self.group_counts),
                   "uploads_per_minute": self.rate.per_minute, "max_decodes": self.gate.max_decodes,
-                  "pixel_budget": self.gate.pixel_budget, "max_pixels": MAX_PIXELS})
+                  "pixel_budget": self.gate.pixel_budget, "max_pixels": MAX_PIXELS,
+                  "native_memory": getattr(self, "native_memory", None)})
         if not self.show_paths:
             s["index"] = self.index_dir.name
         return s
