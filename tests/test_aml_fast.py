@@ -121,7 +121,7 @@ def test_full_channels_fine_grid_reproduce_aml_scoring(maps):
     C = q.shape[0]
     for b, X in enumerate(maps):
         H, W = X.shape[1:]
-        wins = I.sample_windows(H, W, 2, None)
+        wins = I.sample_windows(H, W, 2, None, grid="map")
         _, _, _, sc = aml_fast_search(store, [b], q, K=C, pooling="power", windows=wins, return_all=True)
         ref = I.window_scores(I.power_integral(X, 10.0), wins, q)
         np.testing.assert_allclose(sc[:, 0], ref, rtol=0, atol=1e-9)
@@ -147,7 +147,7 @@ def test_rerank_scores_window_mac_and_sampled_windows(maps):
         np.testing.assert_allclose(window_macs(store, [b], res.boxes[k:k + 1])[0], f)
         assert abs(res.scores[k] - restricted_cos(f.astype(np.float64), q.astype(np.float64))) < 1e-5
         gh, gw = store.coarse_shapes[b]
-        assert res.n_windows[k] == len(I.sample_windows(int(gh), int(gw), 1, 5 / 7, 1.1))
+        assert res.n_windows[k] == len(I.sample_windows(int(gh), int(gw), 1, 5 / 7, 1.1, grid="map"))
     assert np.all(np.diff(res.scores[res.order]) <= 0)
     srch = rerank_aml_fast(q, store, rows, K=16, query_aspect=5 / 7, step=1, score="search")
     np.testing.assert_array_equal(srch.boxes, res.boxes)

@@ -236,3 +236,77 @@ def test_fast_pass_ranks_like_exact_scores(vgg_conv5):
         if fine:  # a float map without the residual table: small window sums are lost to the rounding
             plain = I._fast_scores(t32, corners, sp.fscale, qn, 10.0)[0].numpy()
             assert np.abs(plain - exact).max() > 1e-3
+
+
+def paper_grid(H, W, t=3, qratio=None, s=1.1):
+    """The window grid of Tolias et al. 2016, Sec. 5.2 as their aml.c samples it, written from the description:
+    1-based rows i1 = 1, 1+t, ... <= H-1 and i2 = i1+1, i1+1+t, ... <= H (window rows i1..i2 inclusive), columns
+    likewise; windows whose height/width ratio differs from the query's ``qratio`` by more than a factor ``s``
+    are skipped. Returned as 0-based ``(x, y, w, h)`` rows."""
+    out = []
+    for i1 in range(1, H, t):
+        for i2 in range(i1 + 1, H + 1, t):
+            for j1 in range(1, W, t):
+                for j2 in range(j1 + 1, W + 1, t):
+                    h, w = i2 - i1 + 1, j2 - j1 + 1
+                    if qratio is not None and abs(np.log(qratio / (h / w))) > np.log(s):
+                        continue
+                    out.append((j1 - 1, i1 - 1, w, h))
+    return np.array(out, np.int64).reshape(-1, 4)
+
+
+def test_paper_grid_is_contained_and_far_borders_sampled():
+    for H, W in [(7, 10), (12, 16), (9, 9), (2, 5), (1, 4)]:
+        for t in (1, 2, 3, 4):
+            got = {tuple(r) for r in I.sample_windows(H, W, t).tolist()}
+            assert {tuple(r) for r in paper_grid(H, W, t).tolist()} <= got
+            assert (0, 0, W, H) in got
+            # every sampled size also has its window touching the right and the bottom border
+            for x, y, w, h in got:
+                assert (W - w, y, w, h) in got and (x, H - h, w, h) in got
+    with pytest.raises(ValueError, match="grid"):
+        I.sample_windows(5, 5, grid="dense")
+
+
+@pytest.fixture(scope="module")
+def paris_maps(paris):
+    """conv5_3 maps (post-ReLU) of the first 50 Paris photos at max side 224 px (14 x ~10 cells)."""
+    from PIL import Image
+
+    backbones = pytest.importorskip("instance_search.backbones")
+    try:
+        bb = backbones.load_backbone("vgg16", progress=False)
+    except backbones.WeightsError as exc:
+        pytest.skip(f"VGG16 weights unavailable: {exc}")
+    out = []
+    for f in sorted(paris.glob("*.jpg"))[:50]:
+        img = Image.open(f).convert("RGB")
+        img.thumbnail((224, 224))
+        out.append(bb.features(img, layers=["conv5_3"])[("conv5_3", 1.0)].numpy().astype(np.float32))
+    return out
+
+
+def test_aml_beats_the_papers_grid_on_50_real_maps(paris_maps):
+    """Issue 14, item 2: on 50 real maps the AML window scores at least the best window of the authors' grid
+    (same Eq. 4 measure, float64), for queries of several aspect ratios taken from other photos."""
+    n = checked = 0
+    for i, X in enumerate(paris_maps):
+        Y = paris_maps[(i + 7) % len(paris_maps)]
+        C, H, W = X.shape
+        bw, bh = [(5, 5), (5, 8), (8, 5)][i % 3]  # aspects the paper's grid holds on most maps
+        box = (0, 0, min(bw, Y.shape[2]), min(bh, Y.shape[1]))
+        q = I.exact_window_max(Y, [box])[0]
+        aspect = box[2] / box[3]
+        ref = paper_grid(H, W, 3, 1 / aspect, 1.1)
+        if not len(ref):  # no window of the paper's grid has this aspect on this map: nothing to compare
+            continue
+        checked += 1
+        ref_best = I.window_scores(I.power_integral(X.astype(np.float64)), ref, q).max()
+        win, score, _ = I.aml_search(X, q, t=3, s=1.1, query_aspect=aspect)
+        _, bscore, _, _ = I.aml_search_batch([X], q, t=3, s=1.1, query_aspect=aspect)
+        assert score >= ref_best - 1e-12, (i, score, ref_best)
+        # the batched search works from the non-zeros (cells below 1e-15 of (X/s)^α dropped): ~1e-9 apart
+        assert bscore[0] >= ref_best - 1e-8, (i, bscore[0], ref_best)
+        n += score > ref_best + 1e-9
+    assert checked >= 45, checked
+    assert n > 0  # the refinement improves on the grid's best somewhere

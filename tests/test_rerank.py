@@ -301,3 +301,94 @@ def test_cosine_scores_against_a_loop():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="whitening must map"):
         cosine_scores(regions, q, whitening=lambda M: np.zeros(5))
+
+
+# ------------------------------------------------------------------------------------- coarse-to-fine AML
+def _c2f_inputs(maps):
+    from instance_search.index.compact import decode_sparse, encode_map
+    from instance_search.rerank.aml_fast import AMLInvertedMaps
+
+    sparse = [decode_sparse(encode_map(m)) for m in maps]
+    return sparse, AMLInvertedMaps.build(sparse, g=4)
+
+
+def test_c2f_with_whole_map_radius_equals_exact_aml(shortlist, vgg_conv5):
+    """Issue 14: coarse-to-fine AML whose refinement radius covers the whole map is exact AML (every sampled
+    window verified exactly): same boxes, scores and vectors, for MAC (whitened or not) and window R-MAC."""
+    from instance_search.rerank.aml_c2f import rerank_aml_c2f
+
+    q, qbox, maps, boxes, positive = shortlist
+    P = np.eye(C) + 0.05 * np.random.default_rng(5).normal(size=(C, C))
+
+    def finalize(local):
+        L = local / np.maximum(np.linalg.norm(local, axis=1, keepdims=True), 1e-12)
+        L = L @ P
+        L /= np.maximum(np.linalg.norm(L, axis=1, keepdims=True), 1e-12)  # compact maps: empty regions
+        g = L.sum(0)
+        return g / np.linalg.norm(g)
+
+    V = vgg_conv5.astype(np.float32)
+    vq = exact_window_max(V, [(3, 4, 7, 6)])[0]
+    real = [V, V[:, 2:, 1:], V[:, :, ::-1].copy(), V[:, 3:20, :14]]
+    cases = [(q, maps, qbox[2] / qbox[3], {}), (q, maps, None, {"whitening": lambda M: M @ torch.from_numpy(P).float()}),
+             (q, maps, qbox[2] / qbox[3], {"finalize": finalize, "query_global": finalize(q[None])}),
+             (vq, real, 7 / 6, {}), (vq, real, 7 / 6, {"exact": False})]
+    for qv, mm, aspect, kw in cases:
+        sparse, store = _c2f_inputs(mm)
+        ref = rerank_aml(qv, sparse, query_aspect=aspect, verify=0, **kw)
+        got = rerank_aml_c2f(qv, sparse, store, np.arange(len(mm)), query_aspect=aspect, radius=100, top=1, **kw)
+        np.testing.assert_array_equal(got.boxes, ref.boxes)
+        assert np.isfinite(got.scores).all()
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(got.order, ref.order)
+        if ref.vectors is None:  # exact=False without whitening: scored by the search score itself
+            assert got.vectors is None
+        else:
+            np.testing.assert_allclose(got.vectors, ref.vectors, rtol=1e-12, atol=1e-12)
+        assert (got.n_windows > ref.n_windows).all()  # + the coarse windows
+
+
+def test_c2f_default_radius_localises_and_scores_fewer_windows(shortlist):
+    from instance_search.rerank.aml_c2f import fine_candidates, rerank_aml_c2f
+
+    q, qbox, maps, boxes, positive = shortlist
+    sparse, store = _c2f_inputs(maps)
+    ref = rerank_aml(q, sparse, query_aspect=qbox[2] / qbox[3])
+    got = rerank_aml_c2f(q, sparse, store, np.arange(len(maps)), query_aspect=qbox[2] / qbox[3])
+    assert set(got.order[: positive.sum()]) == set(np.flatnonzero(positive))
+    for i, box in enumerate(boxes):
+        if box is not None:
+            assert window_iou(got.boxes[i], box) >= 0.7, (got.boxes[i], box)
+            assert got.scores[i] == pytest.approx(ref.scores[i], abs=1e-9)
+    # the fine candidates: grid windows whose four borders are each within the radius of a proposal's
+    from instance_search.ops.integral import sample_windows
+
+    props = np.array([[[4, 2, 8, 8], [0, 0, 4, 4]]])
+    cand, ok = fine_candidates(14, 20, props, np.array([[True, False]]), 2, 3, None, 1.1)
+    grid = sample_windows(14, 20, 3)
+    e = np.c_[grid[:, :2], grid[:, :2] + grid[:, 2:]]
+    want = grid[(np.abs(e - [4, 2, 12, 10]) <= 2).all(1)]
+    np.testing.assert_array_equal(cand[0][ok[0]], want)
+    with pytest.raises(ValueError, match="radius"):
+        fine_candidates(14, 20, props, np.array([[True, False]]), -1)
+    with pytest.raises(ValueError, match="rows"):
+        rerank_aml_c2f(q, sparse, store, np.arange(len(maps) - 1))
+    with pytest.raises(ValueError, match="not the same image"):
+        rerank_aml_c2f(q, sparse, store, np.arange(len(maps))[::-1])
+
+
+def test_c2f_registered_reranker(shortlist):
+    from instance_search.rerank.base import RerankContext, make_reranker
+
+    q, qbox, maps, boxes, positive = shortlist
+    sparse, _ = _c2f_inputs(maps)
+    ctx = RerankContext(maps=lambda ids, sp: [sparse[i] for i in ids], all_ids=lambda: range(len(maps)), version=1)
+    rr = make_reranker("aml-c2f", g=4, top=2)
+    qmap = np.zeros((C, qbox[3], qbox[2]), np.float32)
+    qmap[:, 0, 0] = q
+    ids = [4, 2, 0, 1]
+    res, shapes = rr.rerank(q, qmap, ids, np.zeros(4), ctx)
+    assert shapes == [tuple(maps[i].shape[1:]) for i in ids]
+    assert set(np.asarray(ids)[res.order[:3]]) == set(np.flatnonzero(positive))
+    with pytest.raises(ValueError, match="unknown option"):
+        make_reranker("aml-c2f", radiuss=3)

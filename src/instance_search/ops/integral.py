@@ -59,6 +59,7 @@ __all__ = [
     "sparse_batch",
     "map_shape",
     "aml_search_batch",
+    "aml_search_candidates",
 ]
 
 _REL_TOL = 1e-14  # window sums below this fraction of the channel total are float64 cancellation noise
@@ -263,10 +264,21 @@ def all_windows(H: int, W: int) -> np.ndarray:
     return out.numpy()
 
 
-def _grid_1d(n: int, step: int) -> list[tuple[int, int]]:
-    """(start, size) along one axis: sizes n, n-step, ... >= 1; starts 0, step, ... plus the last start."""
+def _grid_1d(n: int, step: int, grid: str = "paper") -> list[tuple[int, int]]:
+    """(start, size) along one axis, starts every ``step`` cells plus the start touching the far border.
+
+    ``grid="paper"``: sizes ``2, 2+step, 2+2·step, ... <= n`` (the sizes of Tolias et al.'s ``aml.c``, whose
+    windows span rows ``i1 … i2`` with ``i2 - i1 ∈ {1, 1+t, ...}``) plus the whole axis ``n`` (1 when
+    ``n = 1``); ``grid="map"``: sizes ``n, n-step, ... >= 1`` (counted down from the map size).
+    """
+    if grid == "paper":
+        sizes = sorted(set(range(min(2, n), n + 1, step)) | {n})
+    elif grid == "map":
+        sizes = list(range(n, 0, -step))
+    else:
+        raise ValueError(f"grid must be 'paper' or 'map', got {grid!r}")
     out = []
-    for size in range(n, 0, -step):
+    for size in sizes:
         starts = list(range(0, n - size + 1, step))
         if starts[-1] != n - size:
             starts.append(n - size)
@@ -274,20 +286,24 @@ def _grid_1d(n: int, step: int) -> list[tuple[int, int]]:
     return out
 
 
-def sample_windows(H: int, W: int, step: int = 3, aspect: float | None = None, s: float = 1.1) -> np.ndarray:
+def sample_windows(H: int, W: int, step: int = 3, aspect: float | None = None, s: float = 1.1,
+                   grid: str = "paper") -> np.ndarray:
     """AML window sampling (Tolias et al. 2016, Sec. 5.2): ``(N, 4)`` int64 rows ``(x, y, w, h)``.
 
-    Widths and heights run down from the full map size in steps of ``step`` cells and positions run in steps of
-    ``step`` (plus the position touching the far border). With ``aspect`` (query width / height), windows whose
-    aspect ratio ``w/h`` differs from it by more than a factor ``s`` are discarded; if that leaves nothing (a
-    coarse grid), the windows with the closest aspect ratio (within a factor ``s`` of the best) are kept.
+    Along each axis (see :func:`_grid_1d`): with ``grid="paper"`` (default) the windows of the authors' grid
+    (sizes ``2 + k·step``, starts ``0, step, ...``) plus, for every size, the window touching the far (right or
+    bottom) border, plus the whole map, so the grid contains the original one and covers the whole map; with
+    ``grid="map"`` sizes run down from the full map size in steps of ``step``. With ``aspect`` (query width /
+    height), windows whose aspect ratio ``w/h`` differs from it by more than a factor ``s`` are discarded; if
+    that leaves nothing (a coarse grid), the windows with the closest aspect ratio (within a factor ``s`` of the
+    best) are kept.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
     if H < 1 or W < 1:
         return np.zeros((0, 4), dtype=np.int64)
-    gx = torch.tensor(_grid_1d(W, step), dtype=torch.int64)
-    gy = torch.tensor(_grid_1d(H, step), dtype=torch.int64)
+    gx = torch.tensor(_grid_1d(W, step, grid), dtype=torch.int64)
+    gy = torch.tensor(_grid_1d(H, step, grid), dtype=torch.int64)
     xi = gx.repeat(gy.shape[0], 1)
     yi = gy.repeat_interleave(gx.shape[0], 0)
     wins = torch.stack([xi[:, 0], yi[:, 0], xi[:, 1], yi[:, 1]], 1)
@@ -345,7 +361,7 @@ def aml_search(
     s: float = 1.1,
     alpha: float | None = None,
     refine_steps: int = 3,
-    refine_rounds: int = 5,
+    refine_rounds: int = 15,
     query_aspect: float | None = None,
     chunk: int = 2048,
 ) -> tuple[tuple[int, int, int, int], float, int]:
@@ -355,7 +371,9 @@ def aml_search(
     ``query_aspect`` = query width / height when given), then refines the best one by coordinate descent on its
     borders ``(x1, y1, x2, y2)``: each border in turn tries every shift of up to ``±refine_steps`` cells and
     keeps the best; at most ``refine_rounds`` rounds, stopping after a round without improvement (the aspect
-    constraint is not enforced during refinement). ``X_or_ii``: a ``(C, H, W)`` map or a :class:`PowerIntegral`;
+    constraint is not enforced during refinement). These moves include those of the authors' ``aml.c`` (shifts
+    of exactly 3, then 2, then 1 cells, 5 iterations each, windows at least 2 cells wide and high); the default
+    15 rounds match its 3 × 5 iteration budget. ``X_or_ii``: a ``(C, H, W)`` map or a :class:`PowerIntegral`;
     ``alpha``: 10 for a map, the integral's own when ``None``.
     Returns ``((x, y, w, h), score, n_windows_evaluated)``.
     """
@@ -722,7 +740,7 @@ def aml_search_batch(
     s: float = 1.1,
     alpha: float = 10.0,
     refine_steps: int = 3,
-    refine_rounds: int = 5,
+    refine_rounds: int = 15,
     query_aspect: float | None = None,
     verify: int = 8,
     fine: bool | None = None,
@@ -776,9 +794,6 @@ def aml_search_batch(
     jy1 = torch.tensor([iy[int(v)] for v in wins_np[:, 1]])
     jy2 = torch.tensor([iy[int(v)] for v in wins_np[:, 1] + wins_np[:, 3]])
     corners = torch.stack([jy2 * Gx + jx2, jy1 * Gx + jx2, jy2 * Gx + jx1, jy1 * Gx + jx1], 1)
-    shifts = torch.tensor([d for d in range(-refine_steps, refine_steps + 1) if d != 0], dtype=torch.int64)
-    nbhd = torch.arange(-refine_steps, refine_steps + 1)
-    limits = torch.tensor([W, H, W, H])
     edges = torch.zeros(B, 4, dtype=torch.int64)  # (x1, y1, x2, y2) of the current best window
     best_s = torch.zeros(B, dtype=torch.float64)
     n_eval = torch.full((B,), N, dtype=torch.int64)
@@ -799,14 +814,100 @@ def aml_search_batch(
         approx = _fast_scores(t32, corners, sub.fscale, qn32, sub.alpha, res32)
         del t32, res32
         k = min(int(verify), N) if verify else N
-        cand = wins[approx.topk(k, dim=1).indices]  # (nb, k, 4)
+        top = approx.topk(k, dim=1).indices
+        cand = wins[top]  # (nb, k, 4)
         exact = _exact_cos(_exact_vectors(sub, t64, lyg, lxg, cand), qn)
-        bs, j = exact.max(1)
+        bs, j = _first_max(exact, top)
         best = cand[torch.arange(nb), j]
         edges[b0:b0 + nb] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
         best_s[b0:b0 + nb] = bs
         if bar is not None:
             bar.update(nb)
+    _refine(sp, edges, best_s, n_eval, qn, refine_steps, refine_rounds, refine_chunk, bar)
+    if bar is not None:
+        bar.close()
+    out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
+    return out_w.numpy(), best_s.numpy(), n_eval.numpy(), sp
+
+
+
+def aml_search_candidates(
+    maps,
+    q,
+    candidates,
+    valid=None,
+    alpha: float = 10.0,
+    refine_steps: int = 3,
+    refine_rounds: int = 15,
+    chunk: int = 8,
+    refine_chunk: int = 64,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, SparseBatch]:
+    """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
+    exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
+    candidate) is refined by the same coordinate descent.
+
+    ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
+    ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
+    :func:`aml_search_batch` samples, in the same order, this returns its result with ``verify=0``.
+    Returns ``(windows (B, 4), scores (B,), n_evaluated (B,), SparseBatch)``.
+    """
+    sp = maps if isinstance(maps, SparseBatch) else sparse_batch(list(maps), alpha)
+    if sp.alpha != float(alpha):
+        raise ValueError(f"the SparseBatch was built for alpha={sp.alpha}, not {alpha}")
+    B, C, H, W = sp.shape
+    cand = torch.from_numpy(np.array(candidates, dtype=np.int64))
+    if cand.ndim != 3 or cand.shape[0] != B or cand.shape[2] != 4:
+        raise ValueError(f"candidates must be (B={B}, m, 4) windows (x, y, w, h), got shape {tuple(cand.shape)}")
+    ok = torch.ones(cand.shape[:2], dtype=torch.bool) if valid is None else torch.as_tensor(np.asarray(valid))
+    if tuple(ok.shape) != tuple(cand.shape[:2]) or ok.dtype != torch.bool:
+        raise ValueError(f"valid must be a (B, m) bool mask of the candidates, got {tuple(ok.shape)} {ok.dtype}")
+    if cand.shape[1] == 0 or not bool(ok.any(1).all()):
+        raise ValueError("every map needs at least one candidate window")
+    _windows(cand[ok], H, W)  # refuses windows outside the maps
+    first = ok.to(torch.int64).argmax(1)  # padding rows become a copy of a real one (and score -2 below)
+    cand = torch.where(ok[..., None], cand, cand[torch.arange(B), first][:, None])
+    qt = torch.as_tensor(np.asarray(q, dtype=np.float64)).reshape(-1)
+    if qt.shape[0] != C:
+        raise ValueError(f"query has {qt.shape[0]} dimensions, the maps have {C} channels")
+    qn = l2n(qt)
+    edges = torch.zeros(B, 4, dtype=torch.int64)
+    best_s = torch.zeros(B, dtype=torch.float64)
+    n_eval = ok.sum(1).to(torch.int64)
+    order = torch.arange(cand.shape[1]).expand(B, -1)
+    step = max(int(chunk), 1)
+    for b0 in range(0, B, step):
+        sl = slice(b0, min(b0 + step, B))
+        sub = sp._select(range(sl.start, sl.stop))
+        cw = cand[sl]
+        ly = _lines(torch.cat([cw[..., 1], cw[..., 1] + cw[..., 3]], 1), H)
+        lx = _lines(torch.cat([cw[..., 0], cw[..., 0] + cw[..., 2]], 1), W)
+        table = _grid_table(sub, ly, lx, torch.float64)
+        sc = _exact_cos(_exact_vectors(sub, table, ly, lx, cw), qn)
+        sc = torch.where(ok[sl], sc, torch.full((), -2.0, dtype=sc.dtype))
+        bs, j = _first_max(sc, order[sl])
+        best = cw[torch.arange(sub.maps), j]
+        edges[sl] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
+        best_s[sl] = bs
+    _refine(sp, edges, best_s, n_eval, qn, refine_steps, refine_rounds, refine_chunk)
+    out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
+    return out_w.numpy(), best_s.numpy(), n_eval.numpy(), sp
+
+def _first_max(scores: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the maximum of ``scores (nb, k)`` and its column; ties go to the smallest ``order`` (the
+    windows' index in the sampled list), so the start does not depend on how candidates were ordered."""
+    bs = scores.max(1).values
+    key = torch.where(scores == bs[:, None], order, torch.full((), torch.iinfo(torch.int64).max))
+    return bs, key.argmin(1)
+
+
+def _refine(sp: SparseBatch, edges: torch.Tensor, best_s: torch.Tensor, n_eval: torch.Tensor, qn: torch.Tensor,
+            refine_steps: int, refine_rounds: int, refine_chunk: int, bar=None) -> None:
+    """AML coordinate descent (Tolias et al. 2016, Sec. 5.2) in place on ``edges (B, 4)`` rows
+    ``(x1, y1, x2, y2)``, their exact scores ``best_s`` and counts ``n_eval``: see :func:`aml_search`."""
+    B, C, H, W = sp.shape
+    shifts = torch.tensor([d for d in range(-refine_steps, refine_steps + 1) if d != 0], dtype=torch.int64)
+    nbhd = torch.arange(-refine_steps, refine_steps + 1)
+    limits = torch.tensor([W, H, W, H])
     # coordinate descent, `refine_chunk` maps at a time; one float64 table per round, for the maps still
     # improving, on the +-refine_steps neighbourhood of each border
     rstep = max(int(refine_chunk), 1)
@@ -849,7 +950,3 @@ def aml_search_batch(
             active[act] = improved
         if bar is not None:
             bar.update(sub.maps)
-    if bar is not None:
-        bar.close()
-    out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
-    return out_w.numpy(), best_s.numpy(), n_eval.numpy(), sp

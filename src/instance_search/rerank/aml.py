@@ -22,7 +22,7 @@ from ..ops.integral import SparseMap, aml_search_batch, map_shape
 from ..ops.normalize import l2n
 from ..ops.pooling import rmac_regions
 
-__all__ = ["RerankResult", "rerank_aml", "cells_to_pixels", "pixels_to_cells", "cosine_scores", "region_vectors"]
+__all__ = ["RerankResult", "rerank_aml", "score_windows", "prepare_rerank", "cells_to_pixels", "pixels_to_cells", "cosine_scores", "region_vectors"]
 
 
 class RerankResult(NamedTuple):
@@ -100,7 +100,7 @@ def rerank_aml(
     s: float = 1.1,
     query_aspect: float | None = None,
     refine_steps: int = 3,
-    refine_rounds: int = 5,
+    refine_rounds: int = 15,
     whitening: Callable | None = None,
     exact: bool = True,
     finalize: Callable | None = None,
@@ -130,12 +130,27 @@ def rerank_aml(
     * otherwise the window's MAC (exact by default, ``exact=False``: its approximation ``f̃_R``) against the
       query MAC, after ``whitening`` (callable or object with ``.transform``, (R, C) → (R, D)) when given.
     """
-    q = as_float_tensor(query_vec).reshape(-1)
+    q, maps, groups, qg, qw = prepare_rerank(query_vec, maps, finalize, query_global, whitening)
     n = len(maps)
     scores = np.zeros(n)
     boxes = np.zeros((n, 4), dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
     vectors: list[np.ndarray | None] = [None] * n
+    for (H, W), idx in groups.items():
+        wins, sc, cnt, sp = aml_search_batch([maps[i] for i in idx], q.numpy(), t=t, s=s, alpha=alpha,
+                                             refine_steps=refine_steps, refine_rounds=refine_rounds,
+                                             query_aspect=query_aspect, verify=verify, progress=progress)
+        boxes[idx], counts[idx] = wins, cnt
+        score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
+                      finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
+    vecs = np.stack(vectors) if n and all(v is not None for v in vectors) else None
+    return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)
+
+
+def prepare_rerank(query_vec, maps: Sequence, finalize: Callable | None, query_global, whitening: Callable | None):
+    """Checked inputs of an AML re-ranking: ``(q (C,) tensor, maps (dense as float tensors, SparseMap as they
+    are), groups {(H, W): [indices]}, query_global as float64 or None, whitened query or None)``."""
+    q = as_float_tensor(query_vec).reshape(-1)
     if (finalize is None) != (query_global is None):
         raise ValueError("give both finalize and query_global (R-MAC of the window) or neither")
     maps = [m if isinstance(m, SparseMap) else as_float_tensor(m) for m in maps]
@@ -149,39 +164,46 @@ def rerank_aml(
         groups.setdefault(shape[1:], []).append(i)
     qg = None if query_global is None else np.asarray(query_global, dtype=np.float64).reshape(-1)
     qw = region_vectors(q, whitening)[0] if whitening is not None else None
-    for (H, W), idx in groups.items():
-        wins, sc, cnt, sp = aml_search_batch([maps[i] for i in idx], q.numpy(), t=t, s=s, alpha=alpha,
-                                             refine_steps=refine_steps, refine_rounds=refine_rounds,
-                                             query_aspect=query_aspect, verify=verify, progress=progress)
-        boxes[idx], counts[idx] = wins, cnt
-        if finalize is not None:
-            regs = [rmac_regions(int(h), int(w), levels=levels) + np.array([x, y, 0, 0]) for x, y, w, h in wins]
-            R = max(len(r) for r in regs)
-            padded = np.stack([np.concatenate([r, np.repeat(r[:1], R - len(r), 0)]) for r in regs])
-            vecs = sp.window_vectors(padded).numpy()
-            local = [vecs[k, :len(r)] for k, r in enumerate(regs)]
-            if finalize_batch:
-                G = np.asarray(finalize(local), dtype=np.float64).reshape(len(idx), -1)
-            else:
-                G = np.stack([np.asarray(finalize(L), dtype=np.float64).reshape(-1) for L in local])
-            if G.shape[1] != qg.shape[0]:
-                raise ValueError(f"finalize gave {G.shape[1]} dimensions, query_global has {qg.shape[0]}")
-            scores[idx] = G @ qg
-            for k, i in enumerate(idx):
-                vectors[i] = G[k]
-        elif exact or whitening is not None:
-            if exact:
-                V = torch.stack([_window_mac(maps[i], wins[k]) for k, i in enumerate(idx)])
-            else:
-                V = sp.window_vectors(wins[:, None, :])[:, 0]
-            rv = region_vectors(V, whitening)
-            scores[idx] = (rv @ (qw if qw is not None else region_vectors(q)[0])).numpy()
-            for k, i in enumerate(idx):
-                vectors[i] = rv[k].numpy()
+    return q, maps, groups, qg, qw
+
+
+def score_windows(maps: Sequence, idx: Sequence[int], wins: np.ndarray, sc: np.ndarray, sp, q: torch.Tensor,
+                  scores: np.ndarray, vectors: list, whitening: Callable | None = None, exact: bool = True,
+                  finalize: Callable | None = None, query_global=None, levels: int = 3, finalize_batch: bool = False,
+                  qw: torch.Tensor | None = None) -> None:
+    """Score the localised windows ``wins`` (n, 4) of the same-size maps ``maps[idx]`` (Tolias et al. 2016,
+    Sec. 6), writing ``scores[idx]`` and ``vectors[idx]`` in place; ``sc`` their Eq. 4 search scores, ``sp``
+    the :class:`~instance_search.ops.integral.SparseBatch` they were searched in. See :func:`rerank_aml` for
+    the three ways (window R-MAC with ``finalize``, exact or approximate MAC, optionally whitened)."""
+    qg = query_global
+    if whitening is not None and qw is None:
+        qw = region_vectors(q, whitening)[0]
+    if finalize is not None:
+        regs = [rmac_regions(int(h), int(w), levels=levels) + np.array([x, y, 0, 0]) for x, y, w, h in wins]
+        R = max(len(r) for r in regs)
+        padded = np.stack([np.concatenate([r, np.repeat(r[:1], R - len(r), 0)]) for r in regs])
+        vecs = sp.window_vectors(padded).numpy()
+        local = [vecs[k, :len(r)] for k, r in enumerate(regs)]
+        if finalize_batch:
+            G = np.asarray(finalize(local), dtype=np.float64).reshape(len(idx), -1)
         else:
-            scores[idx] = sc
-    vecs = np.stack(vectors) if n and all(v is not None for v in vectors) else None
-    return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)
+            G = np.stack([np.asarray(finalize(L), dtype=np.float64).reshape(-1) for L in local])
+        if G.shape[1] != qg.shape[0]:
+            raise ValueError(f"finalize gave {G.shape[1]} dimensions, query_global has {qg.shape[0]}")
+        scores[idx] = G @ qg
+        for k, i in enumerate(idx):
+            vectors[i] = G[k]
+    elif exact or whitening is not None:
+        if exact:
+            V = torch.stack([_window_mac(maps[i], wins[k]) for k, i in enumerate(idx)])
+        else:
+            V = sp.window_vectors(wins[:, None, :])[:, 0]
+        rv = region_vectors(V, whitening)
+        scores[idx] = (rv @ (qw if qw is not None else region_vectors(q)[0])).numpy()
+        for k, i in enumerate(idx):
+            vectors[i] = rv[k].numpy()
+    else:
+        scores[idx] = sc
 
 
 def cells_to_pixels(box, map_hw: tuple[int, int], image_wh: tuple[float, float]) -> np.ndarray:

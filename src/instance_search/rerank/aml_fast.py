@@ -294,7 +294,7 @@ def window_macs(store: AMLInvertedMaps, rows, boxes, channels=None) -> np.ndarra
 def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_aspect: float | None = None,
                     s: float = 1.1, step: int = DEFAULT_STEP, pooling: str = "max", alpha: float = 10.0,
                     chunk: int | None = None, windows: np.ndarray | None = None, return_all: bool = False,
-                    exact_score: bool = True):
+                    exact_score: bool = True, top: int | None = None):
     """Best coarse window of each image ``rows`` of ``store`` for the query MAC ``q (C,)``, by Eq. 4 restricted
     to the query's ``K`` largest channels (see the module docstring; Tolias et al. 2016, Sec. 5.2).
 
@@ -306,8 +306,12 @@ def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_a
     exponent ``alpha``, float64). Images of the same orientation are searched together on one padded grid,
     ``chunk`` at a time (default: ``max(16, 4096 // K)`` images). ``exact_score=False`` (max pooling) skips
     the exact re-scoring of the best windows (the returned scores are then those of the rounded values).
-    Returns ``(boxes (B, 4) int64 (x, y, w, h) in map cells, scores (B,), n_windows (B,))``.
+    Returns ``(boxes (B, 4) int64 (x, y, w, h) in map cells, scores (B,), n_windows (B,))``; with ``top``, also
+    the ``top`` best windows of each image ``(B, top, 4)`` (map cells, best first) and which of them exist
+    ``(B, top)`` bool (an image may have fewer windows): the proposals of coarse-to-fine AML (:mod:`.aml_c2f`).
     """
+    if top is not None and (int(top) != top or top < 1):
+        raise ValueError(f"top must be an integer >= 1, got {top}")
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
     if int(step) != step or step < 1:
@@ -327,6 +331,9 @@ def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_a
     boxes = np.zeros((B, 4), np.int64)
     best = np.full(B, -np.inf)
     n_win = np.zeros(B, np.int64)
+    ntop = 1 if top is None else int(top)
+    tboxes = np.zeros((B, ntop, 4), np.int64)
+    tok = np.zeros((B, ntop), bool)
     all_scores = None
     g = store.g
     ghw = store.coarse_shapes[rows]
@@ -339,9 +346,10 @@ def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_a
         if not len(grp):
             continue
         Gh, Gw = (int(v) for v in ghw[grp].max(0))
-        wins = windows if windows is not None else sample_windows(Gh, Gw, step, query_aspect, s)
+        wins = windows if windows is not None else sample_windows(Gh, Gw, step, query_aspect, s, grid="map")
         if windows is None and step > 1:  # windows touching the far border of each image's own grid too
-            extra = [sample_windows(int(h), int(w), step, query_aspect, s) for h, w in np.unique(ghw[grp], axis=0)]
+            extra = [sample_windows(int(h), int(w), step, query_aspect, s, grid="map")
+                     for h, w in np.unique(ghw[grp], axis=0)]
             wins = np.unique(np.concatenate([wins] + extra), axis=0)
         if len(wins):  # given windows may reach beyond the group's grid (they then leave every image)
             Gh, Gw = max(Gh, int((wins[:, 1] + wins[:, 3]).max())), max(Gw, int((wins[:, 0] + wins[:, 2]).max()))
@@ -370,6 +378,11 @@ def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_a
                      ((wins[:, 1] + wins[:, 3])[:, None] <= ghw[sub, 0][None])
             sc = np.where(inside, np.nan_to_num(sc, nan=-1.0), -np.inf)
             j = np.argmax(sc, axis=0)
+            if top is not None:
+                kk = min(ntop, len(wins))
+                tj = np.argsort(-sc, axis=0, kind="stable")[:kk]  # (kk, nb)
+                tboxes[sub, :kk] = wins[tj].transpose(1, 0, 2)
+                tok[sub, :kk] = np.isfinite(sc[tj, np.arange(nb)]).T
             best[sub] = sc[j, np.arange(nb)]
             boxes[sub] = wins[j]
             n_win[sub] = inside.sum(0)
@@ -385,7 +398,14 @@ def aml_fast_search(store: AMLInvertedMaps, rows, q, K: int = DEFAULT_K, query_a
         f = window_macs(store, rows, boxes, ks).astype(np.float64)
         best = (f @ qk) / np.maximum(np.linalg.norm(f, axis=1), 1e-300)
     out = (boxes, best, n_win)
-    return out + (all_scores,) if return_all else out
+    if return_all:
+        out = out + (all_scores,)
+    if top is not None:
+        tx1, ty1 = tboxes[..., 0] * g, tboxes[..., 1] * g
+        tx2 = np.minimum((tboxes[..., 0] + tboxes[..., 2]) * g, HW[:, 1:2])
+        ty2 = np.minimum((tboxes[..., 1] + tboxes[..., 3]) * g, HW[:, 0:1])
+        out = out + (np.stack([tx1, ty1, tx2 - tx1, ty2 - ty1], -1), tok)
+    return out
 
 
 def rerank_aml_fast(query_vec, store: AMLInvertedMaps, rows, shortlist_scores=None, K: int = DEFAULT_K,

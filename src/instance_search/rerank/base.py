@@ -2,9 +2,10 @@
 ``short list ─▶ Reranker ─▶ QE`` steps).
 
 * :class:`Reranker` re-orders a short list of the first-stage ranking and gives each short-listed image a box:
-  ``none``, ``aml`` (Tolias, Sicre & Jégou 2016, Sec. 6), ``aml-fast`` (:mod:`.aml_fast`), ``casr`` (Salvador et
-  al. 2016, Sec. 3.3, class-agnostic), ``cs-sr`` (Salvador et al. 2016, Sec. 3.3, class-specific: a detector
-  fine-tuned on the query instances, given by file, option ``detector``).
+  ``none``, ``aml`` (Tolias, Sicre & Jégou 2016, Sec. 6), ``aml-fast`` (:mod:`.aml_fast`), ``aml-c2f``
+  (:mod:`.aml_c2f`), ``casr`` (Salvador et al. 2016, Sec. 3.3, class-agnostic), ``cs-sr`` (Salvador et al.
+  2016, Sec. 3.3, class-specific: a detector fine-tuned on the query instances, given by file, option
+  ``detector``).
 * :class:`Expansion` turns the ranked list into a new query (query side) and/or transforms the database
   vectors (database side): ``avg`` (average QE, Chum et al. 2007; Tolias et al. 2016 Sec. 6), ``alpha``
   (α-QE, Radenović, Tolias & Chum 2018, α = 3), ``dba`` (database-side augmentation, Arandjelović & Zisserman
@@ -25,6 +26,7 @@ from typing import Any, Callable, ClassVar, Hashable, Sequence
 import numpy as np
 
 from .aml import RerankResult, rerank_aml
+from .aml_c2f import DEFAULT_TOP, rerank_aml_c2f
 from .aml_fast import DEFAULT_G, DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, rerank_aml_fast
 from .expansion import alpha_qe, average_qe, dba
 
@@ -203,7 +205,8 @@ class AMLFast(Reranker):
         super().__init__(**options)
         self._cache: tuple[Hashable, Any, dict[int, int]] | None = None
 
-    def rerank(self, qvec, qmap, ids, scores, ctx):
+    def _store(self, ctx: RerankContext) -> tuple[AMLInvertedMaps, dict[int, int]]:
+        """The coarse inverted maps of the whole index (built on first use and when the index changes)."""
         g = int(self.opts["g"])
         key = (g, ctx.version)
         if self._cache is None or self._cache[0] != key:
@@ -212,7 +215,10 @@ class AMLFast(Reranker):
             maps = (m for i in range(0, len(all_ids), step) for m in ctx.maps(all_ids[i:i + step], True))
             inv = AMLInvertedMaps.build(maps, g=g, progress=len(all_ids) > 1000, total=len(all_ids))
             self._cache = (key, inv, {i: r for r, i in enumerate(all_ids)})
-        _, inv, row_of = self._cache
+        return self._cache[1], self._cache[2]
+
+    def rerank(self, qvec, qmap, ids, scores, ctx):
+        inv, row_of = self._store(ctx)
         rows = np.asarray([row_of[int(i)] for i in ids], np.int64)
         res = rerank_aml_fast(_query_mac(qmap), inv, rows, shortlist_scores=scores, query_aspect=_aspect(qmap),
                               whitening=ctx.whitening, K=int(self.opts["K"]), step=int(self.opts["step"]),
@@ -221,18 +227,54 @@ class AMLFast(Reranker):
 
 
 @register_reranker
-class CASR(Reranker):
-    """CA-SR (Salvador et al. 2016, Sec. 3.3): each short-listed image takes the score and box of its best
-    candidate window (multi-scale sliding windows, exact max-pooling); :func:`~.ca_sr.ca_sr`."""
+class AMLCoarseToFine(AMLFast):
+    """Coarse-to-fine AML (:mod:`.aml_c2f`): ``aml-fast``'s coarse search proposes the ``top`` best windows of
+    each short-listed map, exact AML (Eq. 3-4, α = 10) scores the grid windows within ``radius`` cells of them
+    (default: ``g``) and refines the best; the window is scored as ``aml`` scores it. Options of ``aml-fast``
+    (``K``, ``g``, ``step``) for the coarse search, plus ``top`` and ``radius``."""
 
-    name = "casr"
+    name = "aml-c2f"
+    window_vectors = True
+    options = {"K": DEFAULT_K, "g": DEFAULT_G, "step": DEFAULT_STEP, "top": DEFAULT_TOP, "radius": None}
 
     def rerank(self, qvec, qmap, ids, scores, ctx):
-        from .ca_sr import ca_sr
+        inv, row_of = self._store(ctx)
+        rows = np.asarray([row_of[int(i)] for i in ids], np.int64)
+        maps = ctx.maps(ids, True)
+        res = rerank_aml_c2f(_query_mac(qmap), maps, inv, rows, shortlist_scores=scores, query_aspect=_aspect(qmap),
+                             top=int(self.opts["top"]), radius=self.opts["radius"], K=int(self.opts["K"]),
+                             step=int(self.opts["step"]), whitening=ctx.whitening, **ctx.window_rmac)
+        return res, [tuple(int(v) for v in m.shape[1:]) for m in maps]
 
+
+@register_reranker
+class CASR(Reranker):
+    """CA-SR (Salvador et al. 2016, Sec. 3.3): each short-listed image takes the score and box of its best
+    candidate window (multi-scale sliding windows, exact pooling); :func:`~.ca_sr.ca_sr`. Option ``vectors``
+    (:data:`~.ca_sr.REGION_VECTORS`): ``max`` (default, the authors' ``pooling = 'max'``: max-pooled query box and
+    windows, L2 only), ``sum`` (sum-pooled, L2 → the index's PCA-whitening → L2, as the authors reuse the
+    image-level PCA of IPA-sum; needs a whitened index) or ``max-whitened`` (max-pooled, L2 → the index's
+    whitening → L2: this package's earlier variant)."""
+
+    name = "casr"
+    options = {"vectors": "max"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        from .ca_sr import REGION_VECTORS
+
+        if self.opts["vectors"] not in REGION_VECTORS:
+            raise ValueError(f"casr: vectors must be one of {', '.join(REGION_VECTORS)}, got {self.opts['vectors']!r}")
+
+    def rerank(self, qvec, qmap, ids, scores, ctx):
+        from .ca_sr import ca_sr, check_vectors, query_descriptor
+
+        pooling, whiten = check_vectors(str(self.opts["vectors"]), ctx.whitening)
         maps = ctx.maps(ids, False)
         shapes = [tuple(int(v) for v in m.shape[1:]) for m in maps]
-        return ca_sr(_query_mac(qmap), maps, shortlist_scores=scores, whitening=ctx.whitening), shapes
+        q = query_descriptor(np.asarray(qmap, np.float32), pooling)
+        return ca_sr(q, maps, shortlist_scores=scores, whitening=ctx.whitening if whiten else None,
+                     pooling=pooling), shapes
 
 
 @register_reranker
@@ -241,12 +283,14 @@ class CSSR(Reranker):
     finetune``; option ``detector``: its file) scores the RPN proposals of each short-listed image's stored
     conv5_3 map for the query's class; the image takes the best probability and that proposal's class box.
     ``class``: the query's class name in the detector (default: the class the detector finds best in the query
-    box itself); ``proposals``: RPN proposals per image (Salvador: 300). The index must store VGG16 conv5_3 maps
+    box itself); ``proposals``: RPN proposals per image (Salvador: 300); ``box``: the image's box is the best
+    proposal as it is (``proposal``, default: the authors' ``use_regressed_boxes = False``) or its class-regressed
+    box (``regressed``). The index must store VGG16 conv5_3 maps
     (the layer the detector reads); a detector whose conv5 was fine-tuned (strategy #2) would need pool4 maps
     and is refused."""
 
     name = "cs-sr"
-    options = {"detector": None, "class": None, "proposals": 300}
+    options = {"detector": None, "class": None, "proposals": 300, "box": "proposal"}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -255,6 +299,8 @@ class CSSR(Reranker):
                              "(`isearch search --detector FILE`; made by `isearch finetune`)")
         if int(self.opts["proposals"]) < 1:
             raise ValueError(f"cs-sr: proposals must be at least 1, got {self.opts['proposals']}")
+        if self.opts["box"] not in ("proposal", "regressed"):
+            raise ValueError(f"cs-sr: box must be 'proposal' or 'regressed', got {self.opts['box']!r}")
         self._det = None
 
     @property
@@ -302,7 +348,7 @@ class CSSR(Reranker):
         for m in maps[:1]:
             self._check_map(m, "index's stored map")
         res = cs_sr(self.detector, k, maps, shortlist_scores=scores, proposals=int(self.opts["proposals"]),
-                    whitening=ctx.whitening)
+                    whitening=ctx.whitening, box=str(self.opts["box"]))
         return res, [tuple(int(v) for v in m.shape[1:]) for m in maps]
 
 

@@ -1,0 +1,144 @@
+"""Coarse-to-fine AML re-ranking (after Tolias, Sicre & Jégou 2016, Sec. 5-6; issue 14).
+
+Exact AML (:mod:`.aml`) scores every window of the Sec. 5.2 grid (step ``t``, aspect within ``s``) on every
+short-listed map by Eq. 4 with all channels at full resolution; :mod:`.aml_fast` scores coarse windows only
+(maps max-pooled by ``g``, the query's ``K`` strongest channels) and loses accuracy to the coarse boxes. Here the
+coarse search only *proposes*:
+
+1. :func:`~.aml_fast.aml_fast_search` gives the ``top`` best coarse windows of each map (map cells, multiples of
+   ``g``);
+2. of the exact AML grid (:func:`~instance_search.ops.integral.sample_windows`, the same windows exact AML
+   samples), only those whose four borders each lie within ``radius`` cells of the matching border of one of
+   those proposals are scored, exactly: integral sums of ``X^α`` (α = 10, Eq. 3) and Eq. 4 in float64;
+3. the best is refined by the same coordinate descent as exact AML
+   (:func:`~instance_search.ops.integral.aml_search_candidates`), and the window is scored as exact AML scores
+   it (its R-MAC when the index is R-MAC, else its MAC, whitened when the index is;
+   :func:`~.aml.score_windows`).
+
+With ``radius`` at least the map size every sampled window is kept and the result is exact AML's (with its
+``verify=0``: every sampled window verified exactly); ``tests/test_rerank.py`` checks that. A map whose
+proposals keep no grid window (an aspect filter that leaves none near them) starts from its best proposal itself.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..ops.integral import aml_search_candidates, map_shape, sample_windows
+from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
+from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
+
+__all__ = ["rerank_aml_c2f", "fine_candidates", "DEFAULT_TOP"]
+
+DEFAULT_TOP = 3  # coarse proposals refined per map
+
+
+def _edges(w: np.ndarray) -> np.ndarray:
+    """``(x1, y1, x2, y2)`` of ``(..., 4)`` rows ``(x, y, w, h)``."""
+    return np.concatenate([w[..., :2], w[..., :2] + w[..., 2:]], -1)
+
+
+def fine_candidates(H: int, W: int, proposals, valid, radius: int, t: int = 3, aspect: float | None = None,
+                    s: float = 1.1, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of the exact AML grid ``sample_windows(H, W, t, aspect, s)`` near each map's proposals.
+
+    ``proposals (B, k, 4)`` windows ``(x, y, w, h)`` in map cells, ``valid (B, k)`` which exist; a grid window
+    is kept for map ``b`` when each of its borders is within ``radius`` cells of the same border of one valid
+    proposal. Returns ``(candidates (B, m, 4), ok (B, m))``: kept windows in grid order, padded; a map with
+    none gets its first valid proposal.
+    """
+    if int(radius) != radius or radius < 0:
+        raise ValueError(f"radius must be an integer >= 0, got {radius}")
+    P = np.asarray(proposals, np.int64)
+    V = np.asarray(valid, bool)
+    if P.ndim != 3 or P.shape[2] != 4 or V.shape != P.shape[:2]:
+        raise ValueError(f"proposals must be (B, k, 4) with valid (B, k), got {P.shape} and {V.shape}")
+    if not V.any(1).all():
+        raise ValueError("every map needs at least one valid proposal")
+    wins = sample_windows(H, W, t, aspect, s)
+    we = _edges(wins)  # (N, 4)
+    pe = _edges(P)  # (B, k, 4)
+    B = len(P)
+    sel = np.zeros((B, len(wins)), bool)
+    for b0 in range(0, B, chunk):
+        d = np.abs(we[None, None] - pe[b0:b0 + chunk, :, None])  # (nb, k, N, 4)
+        near = (d <= radius).all(-1) & V[b0:b0 + chunk, :, None]
+        sel[b0:b0 + chunk] = near.any(1)
+    counts = sel.sum(1)
+    m = max(int(counts.max()) if B else 0, 1)
+    order = np.argsort(~sel, axis=1, kind="stable")[:, :m]
+    cand = wins[order] if len(wins) else np.zeros((B, m, 4), np.int64)
+    ok = np.take_along_axis(sel, order, 1) if len(wins) else np.zeros((B, m), bool)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        first = V[empty].argmax(1)
+        cand[empty, 0] = P[empty, first]
+        ok[empty, 0] = True
+    return cand, ok
+
+
+def rerank_aml_c2f(
+    query_vec,
+    maps: Sequence,
+    store: AMLInvertedMaps,
+    rows,
+    shortlist_scores=None,
+    top: int = DEFAULT_TOP,
+    radius: int | None = None,
+    K: int = DEFAULT_K,
+    step: int = DEFAULT_STEP,
+    t: int = 3,
+    s: float = 1.1,
+    query_aspect: float | None = None,
+    alpha: float = 10.0,
+    refine_steps: int = 3,
+    refine_rounds: int = 15,
+    whitening: Callable | None = None,
+    exact: bool = True,
+    finalize: Callable | None = None,
+    query_global=None,
+    levels: int = 3,
+    finalize_batch: bool = False,
+) -> RerankResult:
+    """Re-rank a short list by coarse-to-fine AML (module docstring).
+
+    ``maps``: the short list's full-resolution maps (dense or :class:`~instance_search.ops.integral.SparseMap`),
+    in the order of ``rows``, their rows in the coarse ``store`` (:class:`~.aml_fast.AMLInvertedMaps` of the
+    same maps); ``top``, ``radius`` (default: the store's ``g``): proposals per map and how far the fine grid
+    windows may lie from them; ``K``, ``step``: the coarse search (:func:`~.aml_fast.aml_fast_search`); ``t``,
+    ``s``, ``query_aspect``, ``alpha``, ``refine_*``: exact AML's (:func:`~.aml.rerank_aml`), as are the scoring
+    arguments ``whitening``, ``exact``, ``finalize``, ``query_global``, ``levels``, ``finalize_batch``.
+    ``n_windows`` counts the coarse and the exact windows scored.
+    """
+    if int(top) != top or top < 1:
+        raise ValueError(f"top must be an integer >= 1, got {top}")
+    radius = int(store.g) if radius is None else radius
+    q, maps, groups, qg, qw = prepare_rerank(query_vec, maps, finalize, query_global, whitening)
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    n = len(maps)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} store rows for {n} maps")
+    if n and (rows.min() < 0 or rows.max() >= len(store)):
+        raise ValueError(f"rows must index the store's {len(store)} images")
+    for i, X in enumerate(maps):
+        if tuple(map_shape(X)[1:]) != tuple(int(v) for v in store.shapes[rows[i]]):
+            raise ValueError(f"map {i} is {map_shape(X)[1:]}, its store row {rows[i]} holds a "
+                             f"{tuple(int(v) for v in store.shapes[rows[i]])} map: not the same image")
+    scores = np.zeros(n)
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    vectors: list[np.ndarray | None] = [None] * n
+    if n == 0:
+        return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, None)
+    _, _, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect, s=s,
+                                                 step=step, exact_score=False, top=int(top))
+    for (H, W), idx in groups.items():
+        cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
+        wins, sc, cnt, sp = aml_search_candidates([maps[i] for i in idx], q.numpy(), cand, ok, alpha=alpha,
+                                                  refine_steps=refine_steps, refine_rounds=refine_rounds)
+        boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
+        score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
+                      finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
+    vecs = np.stack(vectors) if all(v is not None for v in vectors) else None
+    return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)
