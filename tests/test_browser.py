@@ -275,7 +275,14 @@ def test_rerank_boxes_viewer_export_and_load_more(server, driver):
     _open(drv, server["url"] + "/")
     _select(drv, "rerank", "aml-fast")
     _set(drv, "top", "4")
+    # while a query runs the old results are dimmed and the spinner shows (recorded as the classes change)
+    drv.execute_script("window.__busy = []; new MutationObserver(() => window.__busy.push(["
+                       "document.getElementById('results').classList.contains('busy'),"
+                       "document.getElementById('spinner').classList.contains('on')])).observe(document.body, "
+                       "{attributes: true, subtree: true, attributeFilter: ['class']});")
     _upload(drv, photos / "ukbench00004.jpg")
+    busy = drv.execute_script("return window.__busy")
+    assert [True, True] in busy and busy[-1] == [False, False], busy
     hits = _results(drv)
     assert hits[0]["name"] == "ukbench00004.jpg", hits
     boxes = drv.find_elements(By.CSS_SELECTOR, "#results .hit .box")
