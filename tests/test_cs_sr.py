@@ -68,27 +68,56 @@ def test_ca_sr_regions_matches_brute_force(maps, rpn):
 
 
 def test_qe_after_rerank_by_hand(maps, rpn):
-    regs, _ = _regions(rpn, maps)
+    """The authors' QE after re-ranking (rerank.py, stage rerank2nd): mean of the RAW query box vector and the raw
+    vectors of the top boxes, then L2 (no whitening for max pooling), then CA-SR again."""
+    from instance_search.fitted.whitening import PCAWhitening
+    from instance_search.rerank.ca_sr import winning_rows
+
+    regs, cells = _regions(rpn, maps)
     q = maps[0].amax(dim=(1, 2)).numpy()
-    first = ca_sr_regions(q, regs[1:])
-    qe = CS.qe_after_rerank(q, first, regs[1:], top=2)
-    v = _l2(q) + first.vectors[first.order[0]] + first.vectors[first.order[1]]
-    v = v / np.linalg.norm(v)
+    first = ca_sr_regions(q, regs[1:], cells=cells[1:])
+    top = winning_rows(q, regs[1:], first.order[:2])
+    for r, i in enumerate(first.order[:2]):  # the rows that won: their L2 is the winner's vector
+        np.testing.assert_allclose(_l2(top[r]), first.vectors[i], atol=1e-9)
+        assert any(np.array_equal(top[r], row) for row in regs[1:][i])
+    qe = CS.qe_after_rerank(q, top, regs[1:])
+    v = _l2((q.astype(np.float64) + top[0] + top[1]) / 3)
     for i, Rg in enumerate(regs[1:]):
         assert qe.scores[i] == pytest.approx(float((_l2(Rg) @ v).max()), abs=1e-9)
-    same = CS.qe_after_rerank(q, first, regs[1:], top=0)  # no expansion = CA-SR again
+    # the raw average is not the sum of unit vectors (the earlier variant, still reachable as average="unit")
+    unit = CS.qe_after_rerank(q, top, regs[1:], average="unit")
+    u = _l2(_l2(q) + first.vectors[first.order[0]] + first.vectors[first.order[1]])
+    for i, Rg in enumerate(regs[1:]):
+        assert unit.scores[i] == pytest.approx(float((_l2(Rg) @ u).max()), abs=1e-9)
+    assert not np.allclose(qe.scores, unit.scores, atol=1e-6)
+    same = CS.qe_after_rerank(q, np.zeros((0, 512)), regs[1:])  # no expansion = CA-SR again
     np.testing.assert_allclose(same.scores, first.scores, atol=1e-12)
+    # sum pooling: mean of raw sums -> L2 -> PCA-whitening -> L2 (the authors reuse the image-level PCA)
+    w = PCAWhitening().fit(np.concatenate(regs), dim=64, shrinkage="auto")
+    qs = maps[0].sum(dim=(1, 2)).numpy()
+    e = CS.expanded_query(qs, top, w)
+    ref = _l2(w.transform(_l2((qs.astype(np.float64) + top.sum(0)) / 3)[None].astype(np.float32)))[0]
+    np.testing.assert_allclose(e, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="average must be one of raw, unit"):
+        CS.expanded_query(q, top, average="mean")
 
 
 def test_cs_sr_takes_the_best_proposal_of_the_query_class(maps, rpn):
     torch.manual_seed(1)
     det = ND.Detector(rpn, 3, ["a", "b", "c"], pool=2, hidden=32).eval()
-    res = CS.cs_sr(det, 1, maps, proposals=40)
+    with torch.no_grad():
+        torch.nn.init.normal_(det.head.bbox_pred.weight, std=0.05)  # regressed boxes differ from the proposals
+    res = CS.cs_sr(det, 1, maps, proposals=40)  # the authors' default: the raw proposal
+    reg = CS.cs_sr(det, 1, maps, proposals=40, box="regressed")
+    moved = 0
     for i, m in enumerate(maps):
         props, probs, boxes = det.detect(m, 40)
         j = int(torch.argmax(probs[:, 2]))
-        assert res.scores[i] == pytest.approx(float(probs[j, 2]), rel=1e-6)
-        np.testing.assert_array_equal(res.boxes[i], boxes_to_cells(boxes[j, 2][None].numpy(), 16, *m.shape[-2:])[0])
+        assert res.scores[i] == pytest.approx(float(probs[j, 2]), rel=1e-6) and reg.scores[i] == res.scores[i]
+        np.testing.assert_array_equal(res.boxes[i], boxes_to_cells(props[j][None].numpy(), 16, *m.shape[-2:])[0])
+        np.testing.assert_array_equal(reg.boxes[i], boxes_to_cells(boxes[j, 2][None].numpy(), 16, *m.shape[-2:])[0])
+        moved += int(not np.array_equal(res.boxes[i], reg.boxes[i]))
+    assert moved > 0
     assert list(res.order) == list(np.argsort(-res.scores, kind="stable"))
     assert res.vectors.shape == (len(maps), 512)
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, rtol=1e-6)
@@ -96,6 +125,8 @@ def test_cs_sr_takes_the_best_proposal_of_the_query_class(maps, rpn):
     assert sc[1] == pytest.approx(res.scores[0], rel=1e-6)
     with pytest.raises(ValueError, match="class_index 3"):
         CS.cs_sr(det, 3, maps[:1])
+    with pytest.raises(ValueError, match="box must be one of proposal, regressed"):
+        CS.cs_sr(det, 1, maps[:1], box="centre")
 
 
 def test_cs_sr_scores_and_full_ranking():

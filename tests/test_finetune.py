@@ -209,8 +209,10 @@ def test_detect_and_class_detections_match_a_slow_forward(maps):
                 ref = [min(max(v, 0), lim) for v, lim in ((cx - w / 2, W * 16), (cy - hh / 2, H * 16),
                                                            (cx + w / 2, W * 16), (cy + hh / 2, H * 16))]
                 np.testing.assert_allclose(boxes[r, k].numpy(), ref, rtol=1e-4, atol=1e-3)
-    scores, cboxes = ND.class_detections(det, c5, 40)
+    scores, cboxes = ND.class_detections(det, c5, 40, box="regressed")
+    sp, pboxes = ND.class_detections(det, c5, 40)  # the authors' default: the raw proposal
     for k in range(3):
         j = int(torch.argmax(probs[:, k + 1]))
-        assert scores[k] == pytest.approx(float(probs[j, k + 1]), rel=1e-6)
+        assert scores[k] == pytest.approx(float(probs[j, k + 1]), rel=1e-6) and sp[k] == scores[k]
         np.testing.assert_allclose(cboxes[k], boxes[j, k + 1].numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(pboxes[k], props[j].numpy())

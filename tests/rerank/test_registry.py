@@ -122,6 +122,8 @@ def test_hits_equal_the_ones_recorded_before_the_registry(indexes, ukbench):
 
     def new_api(col, query, box, rid, rerank, qe):
         opts = {"rerank_options": dict(AML_FAST)} if rerank == "aml-fast" else {}
+        if rerank == "casr":  # recorded with the index's whitening: the earlier variant, now by name
+            opts = {"rerank_options": {"vectors": "max-whitened" if col.whitening is not None else "max"}}
         col.aml_fast_options = {}
         return (col.search(query, box=box, top=12, rerank=rerank, shortlist=8, qe=qe, qe_kind="avg", **opts),
                 col.search_indexed(rid, top=12, rerank=rerank, shortlist=8, qe=qe, **opts))
@@ -253,6 +255,8 @@ def test_every_name_from_python_cli_and_http(indexes, ukbench, tmp_path, rerank)
     for kind in RB.expansion_names():
         col = Collection.open(root)
         opts = {"rerank_options": dict(AML_FAST)} if rerank == "aml-fast" else {}
+        if rerank == "casr":  # recorded with the index's whitening: the earlier variant, now by name
+            opts = {"rerank_options": {"vectors": "max-whitened" if col.whitening is not None else "max"}}
         py = col.search(query, top=6, rerank=rerank, shortlist=5, qe=2, qe_kind=kind, detector=det, **opts)
         args = ["search", str(query), "--index", str(root), "--top", "6", "--rerank", rerank, "--shortlist", "5",
                 "--qe", "2", "--qe-kind", kind, "--json", *fast] + (["--detector", str(det)] if det else [])

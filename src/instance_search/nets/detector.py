@@ -7,8 +7,8 @@ for instance search", CVPRW, Sec. 3; Girshick 2015, "Fast R-CNN", Sec. 2), for c
 * :class:`DetectorHead` -- the Fast R-CNN head: RoI pooling (:func:`~instance_search.ops.boxes.roi_pool`), two FC
   layers with ReLU and dropout, a (K+1)-way softmax classifier (class 0 = background) and class-specific box
   regression (targets normalised by (0.1, 0.1, 0.2, 0.2) as in Faster R-CNN).
-* :func:`class_detections` -- per object class the best proposal's probability and its regressed box (Salvador
-  Sec. 3.3, what CS-SR ranks by).
+* :func:`class_detections` -- per object class the best proposal's probability and that proposal (the authors'
+  default) or its regressed box (Salvador Sec. 3.3, what CS-SR ranks by).
 
 Training (the base detector, fine-tuning strategies #1 / #2): :mod:`instance_search.train.detector`
 (``isearch finetune``). Files: plain state dict + JSON config with its sha256 (:func:`save_detector`).
@@ -32,7 +32,7 @@ from .rmac_head import RMACNet
 from .rpn import RPN
 
 __all__ = ["BBOX_STDS", "DetectorHead", "Detector", "class_detections", "save_detector", "load_detector",
-           "DetectorFileError", "conv5_block"]
+           "DetectorFileError", "conv5_block", "DETECTION_BOXES"]
 
 BBOX_STDS = (0.1, 0.1, 0.2, 0.2)  # Faster R-CNN's normalisation of the RoI box-regression targets
 _FORMAT = "instance_search.Detector"
@@ -156,14 +156,24 @@ class Detector(nn.Module):
         return props, probs, boxes
 
 
-def class_detections(detector: Detector, fmap: torch.Tensor, proposals: int = 300) -> tuple[np.ndarray, np.ndarray]:
+#: which box CS-SR reports for a detection: the RPN proposal as it is (Salvador et al.'s ``rerank.py`` with
+#: ``use_regressed_boxes = False``, the default) or the proposal moved by the class's box regression
+DETECTION_BOXES = ("proposal", "regressed")
+
+
+def class_detections(detector: Detector, fmap: torch.Tensor, proposals: int = 300,
+                     box: str = "proposal") -> tuple[np.ndarray, np.ndarray]:
     """For every object class k: the highest class probability over the proposals of one map and that
-    proposal's class-k box (Salvador et al. 2016, Sec. 3.3). Returns (scores (K,), boxes (K, 4) map-frame px)."""
+    proposal's box (Salvador et al. 2016, Sec. 3.3): ``box="proposal"`` the raw RPN proposal (the authors'
+    default), ``"regressed"`` its class-k regressed box. Returns (scores (K,), boxes (K, 4) map-frame px)."""
+    if box not in DETECTION_BOXES:
+        raise ValueError(f"box must be one of {', '.join(DETECTION_BOXES)}, got {box!r}")
     props, probs, boxes = detector.detect(fmap, proposals)
     p = probs[:, 1:]
     best = p.argmax(dim=0)  # (K,)
     k = torch.arange(p.shape[1])
-    return p[best, k].numpy().astype(np.float64), boxes[best, k + 1].numpy().astype(np.float64)
+    chosen = props[best] if box == "proposal" else boxes[best, k + 1]
+    return p[best, k].numpy().astype(np.float64), chosen.numpy().astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ files

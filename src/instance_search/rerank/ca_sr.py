@@ -2,12 +2,20 @@
 features for instance search", Sec. 3.3).
 
 The one CA-SR of the package (:func:`best_regions`; :mod:`.cs_sr` builds on it). The query is described by the
-max-pooled conv features of its box (:func:`region_mac`). For each short-listed image, candidate boxes (Salvador: the
-RPN proposals; here also any generator ``(H, W) → (N, 4)`` cells, e.g. multi-scale :func:`sliding_windows` or the
-R-MAC grid :func:`rmac_boxes`) are max-pooled, compared with the query descriptor by cosine similarity (optionally
-after L2 → PCA-whitening → L2), and the image takes the score and box of its best candidate: :func:`ca_sr`
-generates and pools the candidates from the maps, :func:`ca_sr_regions` takes stored region MACs (e.g. the RPA
-local vectors of the index).
+pooled conv features of its box (:func:`query_descriptor`). For each short-listed image, candidate boxes (Salvador:
+the RPN proposals; here also any generator ``(H, W) → (N, 4)`` cells, e.g. multi-scale :func:`sliding_windows` or
+the R-MAC grid :func:`rmac_boxes`) are pooled (:func:`region_descriptors`), compared with the query descriptor by
+cosine similarity, and the image takes the score and box of its best candidate: :func:`ca_sr` generates and pools
+the candidates from the maps, :func:`ca_sr_regions` takes stored region MACs (e.g. the RPA local vectors of the
+index).
+
+Region vectors (:data:`REGION_VECTORS`, the re-ranker's option ``vectors``), as the authors' ``rerank.py`` builds
+them from the ``pool5`` blob (Caffe's 7x7 RoI max-pooling, :func:`~instance_search.ops.boxes.roi_pool`):
+
+* ``"max"`` (authors' default): the max over the RoI, L2-normalised only -- no whitening;
+* ``"sum"``: the sum of the 7x7 RoI-pooled bins, L2 → the image-level PCA-whitening (the one of the IPA-sum
+  vectors; the authors reuse it for regions) → L2; the query box is sum-pooled over its cells;
+* ``"max-whitened"`` (this package's earlier variant): the max over the RoI, L2 → the index's whitening → L2.
 
 Pooling: ``method="exact"`` (default) computes the exact max over every box, vectorised by
 :func:`instance_search.ops.integral.window_max` (a 2-D sparse table of power-of-two block maxima, four look-ups
@@ -20,10 +28,18 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..ops.boxes import roi_pool
 from ..ops.integral import power_integral, window_max, window_maxpool_approx
 from .aml import RerankResult, as_float_tensor, order_by_score, region_vectors
 
-__all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac"]
+__all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac", "REGION_VECTORS",
+           "region_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors", "winning_rows",
+           "check_vectors"]
+
+#: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
+REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True), "max-whitened": ("max", True)}
+#: Caffe's RoI pooling output of the authors' model (``pool5``: 7x7), summed for ``"sum"`` region vectors
+POOL5 = 7
 
 BoxesFn = Callable[[int, int], np.ndarray]
 
@@ -31,6 +47,76 @@ BoxesFn = Callable[[int, int], np.ndarray]
 def region_mac(X, box):
     """MAC of one box ``(x, y, w, h)`` (cells) of a (C, H, W) map: ``max_{p∈box} X_i(p)``, shape (C,)."""
     return window_max(X, np.asarray(box, dtype=np.int64).reshape(1, 4))[0]
+
+
+def check_vectors(vectors: str, whitening) -> tuple[str, bool]:
+    """``(pooling, whiten)`` of the region-vector kind ``vectors`` (:data:`REGION_VECTORS`); refuses unknown names
+    and a whitened kind without a whitening."""
+    if vectors not in REGION_VECTORS:
+        raise ValueError(f"CA-SR region vectors must be one of {', '.join(REGION_VECTORS)}, got {vectors!r}")
+    pooling, whiten = REGION_VECTORS[vectors]
+    if whiten and whitening is None:
+        raise ValueError(f"CA-SR region vectors {vectors!r} need the index's PCA-whitening (Salvador et al. 2016 "
+                         f"reuse the image-level PCA of IPA-sum); this index has none: use vectors 'max'")
+    return pooling, whiten
+
+
+def cells_to_roi_boxes(cells, stride: int = 16) -> np.ndarray:
+    """Map-frame pixel boxes whose Caffe RoI (:func:`~instance_search.ops.boxes.roi_extent`) is exactly the cells
+    ``(x, y, w, h)``: ``(x s, y s, (x + w - 1) s, (y + h - 1) s)`` (inclusive end)."""
+    c = np.asarray(cells, dtype=np.float64).reshape(-1, 4)
+    return np.stack([c[:, 0], c[:, 1], c[:, 0] + c[:, 2] - 1, c[:, 1] + c[:, 3] - 1], 1) * stride
+
+
+def region_descriptors(X, cells, pooling: str = "max") -> torch.Tensor:
+    """Raw (R, C) region descriptors of the cells ``(x, y, w, h)`` of one (C, H, W) map, as the authors take them
+    from Caffe's ``pool5`` (Salvador et al. 2016, Sec. 3.3; ``rerank.py``): ``"max"`` the max over the RoI (the
+    max of the 7x7 RoI-pooled bins), ``"sum"`` the sum of the 7x7 RoI-pooled bins."""
+    t = as_float_tensor(X)
+    cells = np.asarray(cells, dtype=np.int64).reshape(-1, 4)
+    if pooling == "max":
+        return window_max(t, cells)
+    if pooling == "sum":
+        return roi_pool(t, cells_to_roi_boxes(cells), POOL5).sum(dim=(2, 3))
+    raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
+
+
+def query_descriptor(qmap, pooling: str = "max", cells=None) -> np.ndarray:
+    """Raw (C,) descriptor of the query box: the max (``"max"``) or sum (``"sum"``) of the (C, H, W) query map over
+    ``cells`` ``(x, y, w, h)`` (default: the whole map, i.e. a map of the box crop), as the authors pool the
+    query box's cells of conv5_3 (``rerank.py``, ``get_query_local_feat``)."""
+    t = as_float_tensor(qmap)
+    if cells is not None:
+        x, y, w, h = [int(v) for v in np.asarray(cells).reshape(4)]
+        t = t[:, y:y + h, x:x + w]
+    if t.ndim != 3 or t.shape[1] == 0 or t.shape[2] == 0:
+        raise ValueError(f"the query box covers no cell of the map (shape {tuple(t.shape)})")
+    if pooling == "max":
+        return t.amax(dim=(1, 2)).numpy()
+    if pooling == "sum":
+        return t.sum(dim=(1, 2)).numpy()
+    raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
+
+
+def crop_vectors(maps: Sequence, boxes, pooling: str = "max") -> np.ndarray:
+    """Raw (M, C) vectors of one box ``(x, y, w, h)`` (cells) per map, pooled over its cells -- the authors'
+    re-cropped boxes of query expansion after re-ranking (``rerank.py``, stage ``rerank2nd``)."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    if len(boxes) != len(maps):
+        raise ValueError(f"{len(boxes)} boxes for {len(maps)} maps")
+    return np.stack([query_descriptor(m, pooling, b) for m, b in zip(maps, boxes)]) if len(maps) else \
+        np.zeros((0, 0))
+
+
+def winning_rows(query_vec, regions: Sequence, images: Sequence[int], whitening: Callable | None = None) -> np.ndarray:
+    """The raw rows of ``regions`` (per image (R_i, C)) that won CA-SR for the short-list positions ``images``: the
+    same arg-max as :func:`ca_sr_regions` with ``query_vec`` and ``whitening``. (M, C)."""
+    qv = region_vectors(query_vec, whitening)[0]
+    rows = []
+    for i in images:
+        R = np.asarray(regions[int(i)])
+        rows.append(R[int(torch.argmax(region_vectors(R, whitening) @ qv))])
+    return np.stack(rows) if rows else np.zeros((0, np.asarray(query_vec).reshape(-1).shape[0]))
 
 
 def _starts(n: int, size: int, step: int) -> list[int]:
@@ -135,6 +221,7 @@ def ca_sr(
     whitening: Callable | None = None,
     method: str = "exact",
     alpha: float = 10.0,
+    pooling: str = "max",
 ) -> RerankResult:
     """CA-SR re-ranking (Salvador et al. 2016, Sec. 3.3) with candidate boxes generated from each map: score of
     an image = max over its candidate boxes of ``cos(f_box, q)``; its box = the arg-max (:func:`best_regions`).
@@ -143,10 +230,16 @@ def ca_sr(
     ``maps``: (C, H, W) per short-listed image (numpy or torch; sizes may differ); ``candidate_boxes_fn``:
     ``(H, W) → (N, 4)`` cell boxes ``(x, y, w, h)``, default :func:`sliding_windows`; ``shortlist_scores``:
     only break ties in ``order``; ``whitening``: callable or object with ``.transform`` ((R, C) → (R, D));
-    ``method``: ``"exact"`` max-pooling or ``"integral"`` approximation with ``alpha`` (see module docstring).
+    ``method``: ``"exact"`` max-pooling or ``"integral"`` approximation with ``alpha`` (see module docstring);
+    ``pooling``: ``"max"`` or ``"sum"`` region descriptors (:func:`region_descriptors`; the query vector must be
+    pooled the same way, :func:`query_descriptor`).
     """
     if method not in ("exact", "integral"):
         raise ValueError(f"method must be 'exact' or 'integral', got {method!r}")
+    if pooling not in ("max", "sum"):
+        raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
+    if pooling == "sum" and method != "exact":
+        raise ValueError("sum-pooled region vectors are computed exactly; method 'integral' approximates max-pooling")
     gen = candidate_boxes_fn or sliding_windows
     q = as_float_tensor(query_region_vec).reshape(-1)
 
@@ -156,7 +249,8 @@ def ca_sr(
             cands = np.asarray(gen(H, W), dtype=np.int64).reshape(-1, 4)
             if cands.shape[0] == 0:
                 raise ValueError(f"candidate_boxes_fn returned no boxes for a {H}x{W} map")
-            V = window_max(X, cands) if method == "exact" else window_maxpool_approx(power_integral(X, alpha), cands)
+            V = (region_descriptors(X, cands, pooling) if method == "exact"
+                 else window_maxpool_approx(power_integral(X, alpha), cands))
             yield V, cands
 
     return best_regions(region_vectors(q, whitening)[0], candidates(), len(maps), whitening, shortlist_scores)

@@ -3,10 +3,13 @@
 
 * :func:`cs_sr` -- class-specific spatial re-ranking (CS-SR): a detector fine-tuned on the query instances
   (:mod:`instance_search.nets.detector`, trained by ``isearch finetune``) scores every proposal of a
-  short-listed image for the query's class; the image takes the highest class probability and that proposal's
-  regressed box.
-* :func:`qe_after_rerank` -- average query expansion after re-ranking (Salvador Sec. 4.3; Chum et al. 2007):
-  ``q' = L2(q + sum of the top-M re-ranked images' box vectors)``, then CA-SR of the short list with ``q'``.
+  short-listed image for the query's class; the image takes the highest class probability and that proposal
+  (``box="proposal"``, the authors' default) or its regressed box (``box="regressed"``).
+* :func:`qe_after_rerank` -- query expansion after re-ranking as the authors average (Salvador Sec. 4.3;
+  ``rerank.py``, stage ``rerank2nd``): the *raw* vectors of the query box and of the boxes of the top-M
+  re-ranked images (re-cropped from their maps, :func:`~.ca_sr.crop_vectors`) are averaged, then L2 (and, for
+  sum pooling, the image-level PCA-whitening and L2 again), then CA-SR of the short list with that query.
+  ``average="unit"``: this package's earlier variant, ``L2(L2(W(L2 q)) + sum of the boxes' L2(W(L2 f)))``.
 * :func:`full_ranking` -- puts a re-ranked short list in front of the rest of the first-stage ranking.
 
 Class-agnostic spatial re-ranking (CA-SR) lives once, in :mod:`instance_search.rerank.ca_sr` (:func:`~.ca_sr.ca_sr`,
@@ -27,7 +30,10 @@ from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, region_vectors
 from .ca_sr import best_regions
 
-__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "full_ranking"]
+__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "expanded_query", "full_ranking", "QE_AVERAGES"]
+
+#: how :func:`expanded_query` averages: the authors' raw vectors, or the earlier sum of unit (whitened) vectors
+QE_AVERAGES = ("raw", "unit")
 
 
 def _cells(boxes_px: np.ndarray, stride: int, map_hw: tuple[int, int]) -> np.ndarray:
@@ -57,52 +63,70 @@ def cs_sr_scores(class_scores, class_boxes, shortlist_scores=None, map_hw: Seque
 
 
 def cs_sr(detector, class_index: int, maps: Sequence[torch.Tensor], shortlist_scores=None, proposals: int = 300,
-          whitening: Callable | None = None) -> RerankResult:
+          whitening: Callable | None = None, box: str = "proposal") -> RerankResult:
     """CS-SR (Salvador et al. 2016, Sec. 3.3): run the fine-tuned ``detector``
     (:class:`~instance_search.nets.detector.Detector`) on the conv5_3 map of every short-listed image; the
     image's score is the highest probability of class ``class_index`` (0-based object class, i.e. detector output
-    ``class_index + 1``) over its top ``proposals`` RPN boxes, its box that proposal's class box. The returned
-    ``vectors`` are the L2(-whitened) MACs of those boxes (for :func:`qe_after_rerank`)."""
+    ``class_index + 1``) over its top ``proposals`` RPN boxes, its box that proposal (``box="proposal"``, the
+    authors' ``use_regressed_boxes = False``) or its class-regressed box (``"regressed"``). The returned
+    ``vectors`` are the L2(-whitened) MACs of those boxes; their raw vectors for :func:`qe_after_rerank` are
+    :func:`~.ca_sr.crop_vectors` of the maps and ``boxes``."""
+    from ..nets.detector import DETECTION_BOXES
     from ..ops.pooling import region_macs
 
     K = detector.head.num_classes
     if not 0 <= int(class_index) < K:
         raise ValueError(f"class_index {class_index} outside the detector's {K} classes")
+    if box not in DETECTION_BOXES:
+        raise ValueError(f"cs-sr: box must be one of {', '.join(DETECTION_BOXES)}, got {box!r}")
     scores, boxes, hw, vecs = [], [], [], []
     for fmap in maps:
         fmap = fmap if isinstance(fmap, torch.Tensor) else torch.from_numpy(np.asarray(fmap))
         fmap = fmap.float()
-        _, probs, cboxes = detector.detect(fmap, proposals)
+        props, probs, cboxes = detector.detect(fmap, proposals)
         p = probs[:, int(class_index) + 1]
         j = int(torch.argmax(p))
-        box = cboxes[j, int(class_index) + 1].numpy().astype(np.float64)
+        b = (props[j] if box == "proposal" else cboxes[j, int(class_index) + 1]).numpy().astype(np.float64)
         H, W = int(fmap.shape[-2]), int(fmap.shape[-1])
-        cell = _cells(box, detector.rpn.stride, (H, W))
+        cell = _cells(b, detector.rpn.stride, (H, W))
         vecs.append(region_vectors(region_macs(fmap, cell), whitening)[0].numpy())
         scores.append(float(p[j]))
-        boxes.append(box)
+        boxes.append(b)
         hw.append((H, W))
     return cs_sr_scores(np.array(scores), np.array(boxes).reshape(-1, 4), shortlist_scores, hw,
                         detector.rpn.stride, np.stack(vecs) if vecs else None)
 
 
-def qe_after_rerank(query_vec, result: RerankResult, regions: Sequence, top: int = 5,
-                    whitening: Callable | None = None, shortlist_scores=None,
-                    cells: Sequence | None = None) -> RerankResult:
-    """Average query expansion after spatial re-ranking (Chum et al. 2007; Salvador et al. 2016, Sec. 4.3): the
-    query box's vector ``L2(W(L2 q))`` plus the ``result.vectors`` (the boxes that decided the scores) of the ``top``
-    best re-ranked images, L2-normalised, then CA-SR of the short list (``regions`` as for
-    :func:`~instance_search.rerank.ca_sr.ca_sr_regions`)
-    with the expanded query."""
-    if result.vectors is None:
-        raise ValueError("qe_after_rerank: the re-ranking result carries no box vectors")
-    if top < 0:
-        raise ValueError(f"top must be >= 0, got {top}")
-    q = region_vectors(query_vec, whitening)[0].numpy()
-    best = result.order[: int(top)]
-    v = q + np.asarray(result.vectors, dtype=np.float64)[best].sum(axis=0)
-    v = l2n(v)
-    # the expanded vector is already whitened: score it against the whitened regions directly
+def expanded_query(query_vec, box_vectors, whitening: Callable | None = None, average: str = "raw") -> np.ndarray:
+    """The query of QE after re-ranking (Salvador et al. 2016, Sec. 4.3), in the space of the region vectors.
+
+    ``average="raw"`` (the authors' ``rerank.py``): ``L2(W(L2(mean(q, f_1 .. f_M))))`` of the *raw* query box
+    vector ``q`` (C,) and the raw box vectors ``box_vectors`` (M, C) (``W`` only with a ``whitening``: the
+    authors' sum pooling). ``average="unit"`` (earlier here): ``L2(v(q) + sum_m v(f_m))`` with
+    ``v = L2(W(L2 .))``. Returns (D,) float64."""
+    if average not in QE_AVERAGES:
+        raise ValueError(f"average must be one of {', '.join(QE_AVERAGES)}, got {average!r}")
+    q = np.asarray(query_vec, dtype=np.float64).reshape(-1)
+    F = np.asarray(box_vectors, dtype=np.float64).reshape(-1, q.shape[0]) if np.size(box_vectors) else \
+        np.zeros((0, q.shape[0]))
+    if average == "raw":
+        mean = (q + F.sum(axis=0)) / (len(F) + 1)
+        return region_vectors(mean, whitening)[0].numpy()
+    v = region_vectors(q, whitening)[0].numpy()
+    if len(F):
+        v = v + region_vectors(F, whitening).numpy().sum(axis=0)
+    return l2n(v)
+
+
+def qe_after_rerank(query_vec, box_vectors, regions: Sequence, whitening: Callable | None = None,
+                    shortlist_scores=None, cells: Sequence | None = None, average: str = "raw") -> RerankResult:
+    """Query expansion after spatial re-ranking (Chum et al. 2007; Salvador et al. 2016, Sec. 4.3): the query
+    :func:`expanded_query` of the raw query box vector ``query_vec`` (C,) and the raw vectors ``box_vectors``
+    (M, C) of the boxes of the top-M re-ranked images (:func:`~.ca_sr.crop_vectors` of their maps, or
+    :func:`~.ca_sr.winning_rows` of stored regions), then CA-SR of the short list with it: ``regions`` (per
+    image the raw (R_i, C) region vectors, scored as ``L2(W(L2 f))``) and ``cells`` as for
+    :func:`~instance_search.rerank.ca_sr.ca_sr_regions`. M = 0 is CA-SR with the query alone."""
+    v = expanded_query(query_vec, box_vectors, whitening, average)
     if cells is not None and len(cells) != len(regions):
         raise ValueError(f"{len(cells)} cell arrays for {len(regions)} images")
     pairs = ((np.asarray(R), None if cells is None else cells[i]) for i, R in enumerate(regions))
