@@ -464,13 +464,25 @@ def test_box_move_resize_paste_drop_and_errors(server, driver):
     gap = drv.find_element(By.ID, "error").location["y"] - drv.find_element(By.ID, "file").location["y"]
     assert 0 < gap < 300, gap
     _shot(drv, "error-beside-cause")
-    # a file the browser shows but the server cannot read (a disguised text file) comes back as a plain 415
+    # a pasted GIF that is not one: the browser cannot show it, the message names it
     drv.execute_async_script("const done = arguments[arguments.length - 1]; (async () => {"
                              "const f = new File(['GIF89a not really'], 'fake.gif', {type: 'image/gif'});"
                              "const dt = new DataTransfer(); dt.items.add(f);"
                              "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));"
                              "done(); })();")
     _wait(drv, lambda d: "not an image" in _text(d, "error") and "fake.gif" in _text(d, "error"), "the fake GIF")
+    # an image the browser shows but the server cannot read (SVG): the server's 415 in plain words
+    seq = _seq(drv)
+    drv.execute_async_script("const done = arguments[arguments.length - 1]; (async () => {"
+                             "const f = new File(['<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"200\" "
+                             "height=\"150\"><rect width=\"200\" height=\"150\" fill=\"red\"/></svg>'], "
+                             "'drawing.svg', {type: 'image/svg+xml'});"
+                             "const dt = new DataTransfer(); dt.items.add(f);"
+                             "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));"
+                             "done(); })();")
+    _wait(drv, lambda d: _seq(d) > seq, "the server's answer to an SVG")
+    err = _text(drv, "error")
+    assert err.startswith("This file is not an image the server can read") and _results(drv) == [], err
     # the next action clears the message
     seq = _seq(drv)
     drv.find_element(By.CSS_SELECTOR, '#picks button[title="ukbench00001.jpg"]').click()
