@@ -132,3 +132,15 @@ def test_crop_vectors_and_winning_rows(maps):
         j = int(np.argmax(_l2(regs[i]) @ _l2(q)))
         np.testing.assert_array_equal(rows[i], regs[i][j])
         np.testing.assert_allclose(_l2(rows[i]), res.vectors[i], atol=1e-12)
+
+
+def test_proposal_descriptors_equal_the_caffe_pool5(maps):
+    from test_roi_caffe import EDGE_BOXES
+
+    X = maps[0]
+    boxes = EDGE_BOXES[[0, 2, 3, 5, 8, 9, 12]]
+    pool5 = caffe_roi_pool(X, boxes, 7, 7, 1 / 16)
+    np.testing.assert_allclose(CA.proposal_descriptors(torch.from_numpy(X), boxes, "sum").numpy(),
+                               pool5.sum(axis=(2, 3)), rtol=1e-5)
+    np.testing.assert_array_equal(CA.proposal_descriptors(torch.from_numpy(X), boxes, "max").numpy(),
+                                  pool5.max(axis=(2, 3)))

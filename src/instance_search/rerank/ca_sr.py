@@ -33,7 +33,7 @@ from ..ops.integral import power_integral, window_max, window_maxpool_approx
 from .aml import RerankResult, as_float_tensor, order_by_score, region_vectors
 
 __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac", "REGION_VECTORS",
-           "region_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors", "winning_rows",
+           "region_descriptors", "proposal_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors", "winning_rows",
            "check_vectors"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
@@ -78,6 +78,19 @@ def region_descriptors(X, cells, pooling: str = "max") -> torch.Tensor:
         return window_max(t, cells)
     if pooling == "sum":
         return roi_pool(t, cells_to_roi_boxes(cells), POOL5).sum(dim=(2, 3))
+    raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
+
+
+def proposal_descriptors(X, boxes, pooling: str = "max", stride: int = 16) -> torch.Tensor:
+    """Raw (R, C) descriptors of map-frame pixel boxes (RPN proposals) of one (C, H, W) map, from Caffe's 7x7 RoI
+    pooling of the boxes themselves (:func:`~instance_search.ops.boxes.roi_pool`), as the authors' ``pool5``:
+    ``"max"`` the max of the bins (= the max over the box's cells), ``"sum"`` their sum (bins past the map's
+    border are empty and count 0, as in Caffe)."""
+    t = as_float_tensor(X)
+    if pooling == "max":
+        return roi_pool(t, boxes, 1, stride)[:, :, 0, 0]
+    if pooling == "sum":
+        return roi_pool(t, boxes, POOL5, stride).sum(dim=(2, 3))
     raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
 
 
