@@ -223,6 +223,18 @@ def test_serve_refuses_foreign_hosts_and_origins(server):
     assert status("/api/search", {**form, "Origin": "null"}, body) == 403
     assert status("/api/images", {**form, "Origin": "http://evil.example"}, body) == 403
 
+    def delete(path: str, headers: dict) -> int:
+        req = urllib.request.Request(server["url"] + path, headers=headers, method="DELETE")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert delete("/api/images/0", {"Origin": "http://evil.example"}) == 403  # removal: the uploads' origin check
+    assert delete("/api/images/0", {"Origin": "null"}) == 403
+    assert delete("/api/images/0", {"Host": "evil.example"}) == 400
+
 
 # ------------------------------------------------------------------------------------------------ issue 15 flows
 def _shot(drv, name: str) -> None:

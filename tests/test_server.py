@@ -396,6 +396,13 @@ def test_docs_page_is_served_offline(client):
     assert client.get("/docs/assets/nope.js").status_code == 404
 
 
+def test_new_endpoints_need_the_token(index_dir):
+    c = TestClient(create_app(index_dir, token="s3cret", allow_uploads=False))
+    for method, url in [("GET", "/api/original/3"), ("DELETE", "/api/images/3"), ("GET", "/api/images?name=x")]:
+        assert c.request(method, url).status_code == 401, url
+        assert c.request(method, url, headers={"authorization": "Bearer s3cret"}).status_code in (200, 403), url
+
+
 def test_remove_image(index_dir, tmp_path):
     """DELETE takes one image out of the index: 404 for bad or removed ids, 403 cross-origin and read-only; the
     removed image is gone from the list, searches, thumbnails and query_id."""
