@@ -79,7 +79,7 @@ def test_cli_refusals_create_nothing(tmp_path, data_dir):
     for args, said in [
         (["--recipe", "vlad"], "unknown recipe 'vlad'"),
         (["--recipe", "rmac", "--mask", "max"], "--mask does not apply to recipe 'rmac'"),
-        (["--recipe", "rmac", "--scales", "1,2"], "it is an option of ng-vlad"),
+        (["--recipe", "rmac", "--scales", "2"], "scales must include 1"),
         (["--recipe", "rmac", "--fit-on", str(photos)], "learns nothing from a training collection"),
         (NG, "--fit-on"),
         ([*NG, "--fit-on", str(tmp_path / "nowhere")], "nowhere"),
