@@ -113,7 +113,8 @@ def _setup(col, rerank, shortlist, qe, qe_kind, detector, rerank_options, qe_opt
 
 def search(col, image, box=None, top: int = 10, *, rerank: str | Reranker | None = None, shortlist: int = 1000,
            qe: int = 0, qe_kind: str | Expansion = "avg", detector: str | os.PathLike | None = None,
-           rerank_options: Mapping[str, Any] | None = None, qe_options: Mapping[str, Any] | None = None) -> list[Hit]:
+           rerank_options: Mapping[str, Any] | None = None, qe_options: Mapping[str, Any] | None = None,
+           timings: dict[str, float] | None = None) -> list[Hit]:
     """Ranked hits for a query image (optionally its box, cropped as the benchmark protocols do).
 
     ``rerank``: a name of :data:`~instance_search.rerank.base.RERANKERS` (``none``, ``aml``, ``aml-fast``,
@@ -121,11 +122,16 @@ def search(col, image, box=None, top: int = 10, *, rerank: str | Reranker | None
     (``detector``: the detector file of ``cs-sr``, also accepted as the ``detector`` argument); the top
     ``shortlist`` images are re-ranked and get a box in image pixels. ``qe``: expand with the top ``qe`` results
     after re-ranking (0: off); ``qe_kind``: ``avg``, ``alpha`` or ``dba`` (or an
-    :class:`~instance_search.rerank.base.Expansion`) with ``qe_options`` (``alpha``).
+    :class:`~instance_search.rerank.base.Expansion`) with ``qe_options`` (``alpha``). ``timings``: a dict that
+    receives ``network_ms`` (describing the query; with a decoded PIL image as ``image``, the network pass
+    alone) and the stages of :func:`search_described`.
     """
     reranker, expansion = _setup(col, rerank, shortlist, qe, qe_kind, detector, rerank_options, qe_options, top)
+    t0 = time.perf_counter()
     vec, _, fmap = col.describe(image, box=box)
-    return search_described(col, vec, fmap, top, reranker, shortlist, qe, expansion)
+    if timings is not None:
+        timings["network_ms"] = (time.perf_counter() - t0) * 1e3
+    return search_described(col, vec, fmap, top, reranker, shortlist, qe, expansion, timings)
 
 
 def search_indexed(col, image_id: int, top: int = 10, *, rerank: str | Reranker | None = None,

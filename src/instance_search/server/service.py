@@ -367,16 +367,9 @@ class SearchService:
         else:
             with self.gate.decoding(qw * qh, query_name), self.lock:
                 t1 = time.perf_counter()
-                img = load_image(query_path, max_size=self.col.recipe.max_size, box=box)
-                td = time.perf_counter()
-                vec, _, fmap = self.col.describe(img)
-                tn = time.perf_counter()
-                stage.update(decode_ms=(td - t1) * 1e3, network_ms=(tn - td) * 1e3)
-                reranker, expansion = S._setup(self.col, opts["rerank"], opts["shortlist"], opts["qe"],
-                                               opts["qe_kind"], opts["detector"], opts["rerank_options"],
-                                               opts["qe_options"], top)
-                hits = S.search_described(self.col, vec, fmap, top, reranker, opts["shortlist"], opts["qe"],
-                                          expansion, timings=stage)
+                img = load_image(query_path, max_size=self.col.recipe.max_size, box=box)  # as col.search does
+                stage["decode_ms"] = (time.perf_counter() - t1) * 1e3
+                hits = S.search(self.col, img, None, top, timings=stage, **opts)
                 t2 = time.perf_counter()
         if query_group is None and self.gt is not None and query_sha is not None and query_sha in self.by_sha:
             query_group = self.groups.get(int(self.by_sha[query_sha]["id"]))
