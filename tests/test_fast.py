@@ -191,3 +191,64 @@ def test_trunk_strip_workers_match_sequential_and_release():
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="parallel must be"):
         fast.WinogradVGGTrunk(net.named_children(), parallel="gpu")
+
+
+# ----------------------------------------------------------------------------- ResNet-50, BatchNorm folded
+def test_fold_batchnorm_matches_conv_then_bn():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        conv = nn.Conv2d(5, 7, 3, stride=2, padding=1, bias=bias).double()
+        bn = nn.BatchNorm2d(7, eps=1e-3).double()
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.1, 2)
+        bn.weight.data.uniform_(-2, 2)
+        bn.bias.data.uniform_(-1, 1)
+        bn.eval()
+        x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+        w, b = fast.fold_batchnorm(conv, bn, torch.float64)
+        torch.testing.assert_close(F.conv2d(x, w, b, 2, 1), bn(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_folded_resnet50_equals_unfolded_on_real_photos(ukbench, paris):
+    """Issue 14, item 3 (first part): ResNet-50 with BatchNorm folded, channels-last, equals the unfolded network:
+    float64 folded = float64 unfolded to 1e-10, and the fp32 engine's res5 MAC / R-MAC have cosine >= 0.99999
+    with the float64 reference on real photos."""
+    from instance_search import backbones
+    from instance_search.images import load_image
+    from instance_search.ops.pooling import mac, rmac
+
+    try:
+        bb = backbones.load_backbone("resnet50", progress=False)
+    except backbones.WeightsError as exc:
+        pytest.skip(f"ResNet-50 weights unavailable: {exc}")
+    photos = [load_image(ukbench / "ukbench00004.jpg", max_size=320),
+              load_image(sorted(paris.glob("*.jpg"))[3], max_size=288)]
+    net64 = __import__("copy").deepcopy(bb.net).double().eval()
+    folded64 = fast.FoldedResNet50(bb.net, dtype=torch.float64, channels_last=False)
+    try:
+        for img in photos:
+            x = bb.preprocess(img)[None]
+            with torch.no_grad():
+                ref = net64(x.double(), ["res3", "res5"])
+            got64 = folded64(x, ["res3", "res5"])
+            for k in ref:
+                assert _rel(got64[k], ref[k]) < 1e-10, k
+            fast.use_engine(bb, "folded")
+            assert fast.engine_of(bb) == "folded"
+            out = bb.features(img, ["res5", "res3"])
+            fast.use_engine(bb, "exact")
+            exact = bb.features(img, ["res5"])
+            a, r = out[("res5", 1.0)], ref["res5"][0]
+            assert a.shape == r.shape
+            assert _rel(a, r) < 1e-4 and _rel(out[("res3", 1.0)], ref["res3"][0]) < 1e-4
+            assert _rel(exact[("res5", 1.0)], r) < 1e-4
+            for pool in (mac, rmac):
+                assert float(F.cosine_similarity(pool(a).double(), pool(r.float()).double(), dim=0)) >= 0.99999
+    finally:
+        fast.use_engine(bb, "exact")
+
+
+def test_folded_engine_refuses_vgg16(vgg16):
+    with pytest.raises(ValueError, match="ResNet-50"):
+        fast.use_engine(vgg16, "folded")
+    assert fast.engine_of(vgg16) == "exact"

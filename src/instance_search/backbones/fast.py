@@ -50,6 +50,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "ENGINES",
+    "FoldedResNet50",
+    "fold_batchnorm",
     "WinogradVGGTrunk",
     "engine_of",
     "transform_weight",
@@ -58,7 +60,7 @@ __all__ = [
     "winograd_trunk",
 ]
 
-ENGINES = ("exact", "winograd")
+ENGINES = ("exact", "winograd", "folded")
 
 # --------------------------------------------------------------------------------------------------------
 # F(4x4, 3x3) matrices, interpolation points 0, 1, -1, 2, -2 and infinity.
@@ -697,24 +699,128 @@ def winograd_trunk(backbone) -> WinogradVGGTrunk:
     return WinogradVGGTrunk(_vgg_layers(backbone))
 
 
+# --------------------------------------------------------------------------------------------------------
+# ResNet-50 with BatchNorm folded into its convolutions
+# --------------------------------------------------------------------------------------------------------
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float32):
+    """``(weight, bias)`` of the one convolution equal to ``bn(conv(x))`` at inference (Ioffe & Szegedy 2015,
+    Alg. 2): with ``k = γ / sqrt(σ² + ε)``, ``W' = k·W`` (per output channel) and ``b' = k·(b - μ) + β``.
+    Computed in float64, returned in ``dtype``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm: the BatchNorm has no running statistics")
+    w = conv.weight.detach().to(torch.float64)
+    b = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    g = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(b)
+    beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(b)
+    k = g / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+    return (w * k[:, None, None, None]).to(dtype), (k * (b - bn.running_mean.detach().to(torch.float64)) + beta).to(dtype)
+
+
+class _Folded(nn.Module):
+    """One convolution with its BatchNorm folded in (buffers, not parameters: inference only)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        w, b = fold_batchnorm(conv, bn, dtype)
+        if channels_last:
+            w = w.contiguous(memory_format=torch.channels_last)
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", b)
+        self.stride, self.padding = conv.stride, conv.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class FoldedResNet50(nn.Module):
+    """ResNet-50 (:class:`~instance_search.backbones.resnet50.ResNet50`, either variant) for inference with
+    every BatchNorm folded into the convolution before it (:func:`fold_batchnorm`: one conv + bias instead of
+    conv + BN), activations in the channels-last layout (oneDNN's fast path on CPU) and in-place ReLUs. Same
+    contract as the network: ``forward(x, layers) -> {tap: (B, C, h, w)}`` (taps returned contiguous NCHW).
+    ``dtype=torch.float64`` gives the float64 reference of the folded arithmetic. The weights are copied when it
+    is built: rebuild after changing them."""
+
+    def __init__(self, net, dtype: torch.dtype = torch.float32, channels_last: bool = True):
+        super().__init__()
+        from .resnet50 import RESNET50_LAYERS
+
+        self.layer_names = RESNET50_LAYERS
+        self.dtype, self.channels_last = dtype, channels_last
+        self.stem = _Folded(net.conv1, net.bn1, dtype, channels_last)
+        self.stages = nn.ModuleList()
+        for i in range(4):
+            blocks = nn.ModuleList()
+            for blk in getattr(net, f"layer{i + 1}"):
+                m = nn.Module()
+                m.c1 = _Folded(blk.conv1, blk.bn1, dtype, channels_last)
+                m.c2 = _Folded(blk.conv2, blk.bn2, dtype, channels_last)
+                m.c3 = _Folded(blk.conv3, blk.bn3, dtype, channels_last)
+                m.down = None if blk.downsample is None else _Folded(blk.downsample[0], blk.downsample[1], dtype,
+                                                                      channels_last)
+                blocks.append(m)
+            self.stages.append(blocks)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, layers: Sequence[str] | str | None = None) -> dict[str, torch.Tensor]:
+        from .taps import requested_taps
+
+        layers, deepest = requested_taps("resnet50", layers, self.layer_names, "res5")
+        out: dict[str, torch.Tensor] = {}
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu_(self.stem(x))
+        if "conv1" in layers:
+            out["conv1"] = x.contiguous()
+        if deepest == 0:
+            return out
+        x = F.max_pool2d(x, 3, stride=2, padding=1)
+        for i, blocks in enumerate(self.stages):
+            for m in blocks:
+                y = F.relu_(m.c1(x))
+                y = F.relu_(m.c2(y))
+                y = m.c3(y)
+                y += x if m.down is None else m.down(x)
+                x = F.relu_(y)
+            name = self.layer_names[i + 1]
+            if name in layers:
+                out[name] = x.contiguous()
+            if i + 1 == deepest:
+                break
+        return out
+
+
 def use_engine(backbone, engine: str = "winograd"):
-    """Make ``backbone.features`` run on ``engine``: ``'winograd'`` (fast, CPU, VGG16) or ``'exact'`` (the
-    original fp32 network). Returns the backbone. The Winograd engine of a backbone is built once and kept
-    on it (``backbone.__dict__['_winograd_engine']``), so switching back and forth is free.
+    """Make ``backbone.features`` run on ``engine``: ``'winograd'`` (fast, CPU, VGG16), ``'folded'`` (ResNet-50
+    with BatchNorm folded into its convolutions, channels-last: :class:`FoldedResNet50`) or ``'exact'`` (the
+    original fp32 network). Returns the backbone. A fast engine is built once and kept on the backbone
+    (``backbone.__dict__['_<engine>_engine']``), so switching back and forth is free.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "exact":
         backbone.trunk = None
         return backbone
-    cached = backbone.__dict__.get("_winograd_engine")
+    key = f"_{engine}_engine"
+    cached = backbone.__dict__.get(key)
     if cached is None:
-        cached = winograd_trunk(backbone)
-        backbone.__dict__["_winograd_engine"] = cached
+        if engine == "winograd":
+            cached = winograd_trunk(backbone)
+        else:
+            name = getattr(backbone, "name", None)
+            if name != "resnet50":
+                raise ValueError(f"the folded engine is for ResNet-50 (BatchNorm folding), not {name!r}")
+            device = getattr(backbone, "device", torch.device("cpu"))
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"the folded engine runs on the CPU only (backbone on {device})")
+            cached = FoldedResNet50(backbone.net)
+        backbone.__dict__[key] = cached
     backbone.trunk = cached
     return backbone
 
 
 def engine_of(backbone) -> str:
-    """``'winograd'`` when ``backbone.trunk`` is this module's engine, else ``'exact'``."""
-    return "winograd" if isinstance(getattr(backbone, "trunk", None), WinogradVGGTrunk) else "exact"
+    """``'winograd'`` or ``'folded'`` when ``backbone.trunk`` is one of this module's engines, else ``'exact'``."""
+    trunk = getattr(backbone, "trunk", None)
+    return "winograd" if isinstance(trunk, WinogradVGGTrunk) else "folded" if isinstance(trunk, FoldedResNet50) \
+        else "exact"
