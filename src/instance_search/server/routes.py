@@ -198,7 +198,7 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                 if image is None:
                     fail(404, f"image {query_id}: its file is missing or no longer readable")
                 fail(413 if "decompression bomb" in msg else 415, msg)
-            except KeyError as exc:  # the image was removed between the check and the search
+            except KeyError:  # the image was removed between the check and the search
                 fail(404, f"no image with id {query_id} in this index (removed, or never indexed)")
             except (TypeError, ValueError) as exc:
                 if opts:
