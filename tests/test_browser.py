@@ -306,8 +306,8 @@ def test_rerank_boxes_viewer_export_and_load_more(server, driver):
 
     # full-size view of the second result
     drv.find_elements(By.CSS_SELECTOR, "#results .hit .pic")[1].click()
-    _wait(drv, lambda d: d.execute_script("const i = document.getElementById('v-img'); "
-                                          "return document.getElementById('viewer').open && i.complete && i.naturalWidth > 0"),
+    _wait(drv, lambda d: d.execute_script("const i = document.getElementById('v-img'); return "
+                                          "document.getElementById('viewer').open && i.complete && i.naturalWidth > 0"),
           "the full-size image")
     nat = drv.execute_script("const i = document.getElementById('v-img'); return [i.naturalWidth, i.naturalHeight]")
     assert nat == [640, 480], nat
@@ -420,9 +420,9 @@ def test_box_move_resize_paste_drop_and_errors(server, driver):
 
     def drag(x1, y1, x2, y2):
         seq = _seq(drv)
+        dx, dy = round((x2 - x1) * s), round((y2 - y1) * s)
         (ActionChains(drv).move_to_element_with_offset(canvas, round(x1 * s) - w // 2, round(y1 * s) - h // 2)
-         .click_and_hold().move_by_offset(round((x2 - x1) * s / 2), round((y2 - y1) * s / 2))
-         .move_by_offset(round((x2 - x1) * s) - round((x2 - x1) * s / 2), round((y2 - y1) * s) - round((y2 - y1) * s / 2))
+         .click_and_hold().move_by_offset(dx // 2, dy // 2).move_by_offset(dx - dx // 2, dy - dy // 2)
          .release().perform())
         _wait(drv, lambda d: _seq(d) > seq, "the results after a drag")
         return [float(v) for v in drv.find_element(By.ID, "results").get_attribute("data-box").split(",")]

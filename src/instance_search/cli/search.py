@@ -93,7 +93,8 @@ def read_queries(source: Path) -> list[tuple[Path, Any]]:
     for image, box, where in rows:
         path = image if image.is_absolute() else base / image
         if not path.is_file():
-            raise FileNotFoundError(f"{where}: image {printable(str(image))} not found (looked at {printable(str(path))})")
+            raise FileNotFoundError(f"{where}: image {printable(str(image))} not found "
+                                    f"(looked at {printable(str(path))})")
         try:
             b = parse_box(box)
         except ValueError as exc:

@@ -246,7 +246,8 @@ def _docs_routes(app: FastAPI) -> None:
 def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, ground_truth=None,
           allow_uploads: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, show_paths: bool = False,
           log_level: str = "info", token: str | None = None, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE,
-          max_decodes: int = DEFAULT_MAX_DECODES, pixel_budget: int = DEFAULT_PIXEL_BUDGET, device: str = "cpu") -> None:
+          max_decodes: int = DEFAULT_MAX_DECODES, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+          device: str = "cpu") -> None:
     """Serve the index with uvicorn (one process; the app holds the model and the FAISS index in memory).
 
     Without ``token`` there is no authentication: keep the default ``host="127.0.0.1"`` unless you trust the
