@@ -110,6 +110,7 @@ def bench_kills(work: Path, kills: int, per: int, seed: int = 7) -> dict:
     rng = random.Random(seed)
     seen: dict[int, str] = {}
     bad = []
+    landed = partial = 0
     for k in range(kills):
         ps = [subprocess.Popen(index_cmd(d, index), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
               for d in photos]
@@ -117,6 +118,7 @@ def bench_kills(work: Path, kills: int, per: int, seed: int = 7) -> dict:
         time.sleep(rng.uniform(2.0, 12.0))  # model loading, decoding, forward passes, commits
         if ps[victim].poll() is None:
             os.kill(ps[victim].pid, signal.SIGKILL)
+            landed += 1
         for p in ps:
             p.communicate()
         try:
@@ -129,12 +131,13 @@ def bench_kills(work: Path, kills: int, per: int, seed: int = 7) -> dict:
             s = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
         if not s.get("ok") or s.get("lost"):
             bad.append({"kill": k, **s})
+        partial += 0 < len(seen) < len(expected)
         print(f"kill {k}: {s.get('images')} images, ok={s.get('ok')}, lost={s.get('lost')}", flush=True)
         if len(seen) == len(expected):  # everything indexed: start over so that the next kill lands mid-run
             shutil.rmtree(index)
             seen = {}
     return {"kills": kills, "writers": 4, "images_each": per, "rounds_with_a_problem": len(bad),
-            "first_problems": bad[:3]}
+            "killed_while_running": landed, "rounds_leaving_a_partial_index": partial, "first_problems": bad[:3]}
 
 
 def free_port() -> int:

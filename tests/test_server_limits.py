@@ -148,3 +148,28 @@ def test_native_memory_limits_on_glibc():
         assert msg.startswith("glibc: mmap threshold 4 MB, 2 arenas"), msg
     else:
         assert "not glibc" in msg
+
+
+def test_size_check_never_decodes_the_pixels(tmp_path, monkeypatch):
+    """probe_image reads the header only, also for a PNG (Pillow's getexif on a PNG decodes the whole image:
+    343 MB for a 9400 x 9500 one), and still applies an EXIF orientation stored before the pixels."""
+    from PIL import Image, ImageFile
+
+    from instance_search.server.guard import probe_image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000), (1, 2, 3)).save(big)
+    rot = tmp_path / "rot.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30)).save(rot, exif=exif.tobytes())
+    jpg = tmp_path / "rot.jpg"
+    Image.new("RGB", (40, 30)).save(jpg, exif=exif.tobytes())
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert probe_image(big, "big.png") == ("PNG", 3000, 2000)
+    assert probe_image(rot, "rot.png") == ("PNG", 30, 40)
+    assert probe_image(jpg, "rot.jpg") == ("JPEG", 30, 40)

@@ -292,6 +292,24 @@ def load_image(
     return img
 
 
+def header_orientation(img: Image.Image) -> int:
+    """EXIF orientation (1..8) of an opened image *without decoding its pixels*: Pillow's ``getexif`` on a PNG
+    loads the whole image to look for an eXIf chunk after the pixel data (measured: 40 concurrent size checks of
+    an 89 Mpx PNG took a server to 13 GB), so for PNG only an eXIf chunk before the pixels counts. A broken EXIF
+    block counts as 1 (upright)."""
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw if not raw.startswith(b"Exif\x00\x00") else raw[6:])
+            return int(exif.get(0x0112, 1))
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
 def _exif_transposes(img: Image.Image) -> bool:
     try:
         return int(img.getexif().get(0x0112, 1)) not in (0, 1)

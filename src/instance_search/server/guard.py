@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 
 from PIL import Image
 
-from ..images import MAX_PIXELS, BoxError, ImageError, load_image
+from ..images import MAX_PIXELS, BoxError, ImageError, header_orientation, load_image
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
@@ -172,10 +172,7 @@ def probe_image(path: Path, name: str) -> tuple[str, int, int]:
             with Image.open(path) as img:
                 fmt = img.format or ""
                 w, h = img.size
-                try:
-                    orient = int(img.getexif().get(0x0112, 1))
-                except Exception:  # a broken EXIF block: ignore it
-                    orient = 1
+                orient = header_orientation(img)  # never decodes the pixels (Pillow's PNG getexif would)
     except Image.DecompressionBombError as exc:
         raise BadRequest(413, f"{name}: too many pixels, refused as a decompression bomb ({exc})") from None
     except Exception as exc:  # UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, decoder bugs
