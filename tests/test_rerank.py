@@ -330,7 +330,8 @@ def test_c2f_with_whole_map_radius_equals_exact_aml(shortlist, vgg_conv5):
     V = vgg_conv5.astype(np.float32)
     vq = exact_window_max(V, [(3, 4, 7, 6)])[0]
     real = [V, V[:, 2:, 1:], V[:, :, ::-1].copy(), V[:, 3:20, :14]]
-    cases = [(q, maps, qbox[2] / qbox[3], {}), (q, maps, None, {"whitening": lambda M: M @ torch.from_numpy(P).float()}),
+    cases = [(q, maps, qbox[2] / qbox[3], {}),
+             (q, maps, None, {"whitening": lambda M: M @ torch.from_numpy(P).float()}),
              (q, maps, qbox[2] / qbox[3], {"finalize": finalize, "query_global": finalize(q[None])}),
              (vq, real, 7 / 6, {}), (vq, real, 7 / 6, {"exact": False})]
     for qv, mm, aspect, kw in cases:

@@ -65,8 +65,8 @@ def test_rmac_multiscale_is_the_regions_of_every_scale():
     sums = [np.asarray(wh.transform(p), np.float64).sum(0) for p in per]
     np.testing.assert_allclose(r.finalize(got, wh), l2(np.sum(sums, 0)), rtol=1e-5, atol=1e-6)
     # single scale unchanged
-    np.testing.assert_array_equal(Recipe("rmac", layer="conv5_3").local(Features({("conv5_3", 1.0): feats.maps[("conv5_3", 1.0)]})),
-                                  per[0])
+    one = Features({("conv5_3", 1.0): feats.maps[("conv5_3", 1.0)]})
+    np.testing.assert_array_equal(Recipe("rmac", layer="conv5_3").local(one), per[0])
 
 
 def test_refusals():
@@ -81,7 +81,8 @@ def test_refusals():
     with pytest.raises(RecipeError, match="one vector per scale"):
         Recipe("rmac", extra={"scales": [1, 0.5], "scale_pool": "gem"})
     with pytest.raises(RecipeError, match="scale 0.5"):
-        Recipe("mac", layer="conv5_3", extra={"scales": [1, 0.5]}).local(Features({("conv5_3", 1.0): np.ones((4, 3, 3), np.float32)}))
+        one = Features({("conv5_3", 1.0): np.ones((4, 3, 3), np.float32)})
+        Recipe("mac", layer="conv5_3", extra={"scales": [1, 0.5]}).local(one)
 
 
 def test_real_photo_multiscale_equals_separate_passes(data_dir):

@@ -16,13 +16,13 @@ from instance_search.rerank import base as RB
 
 # ------------------------------------------------------------------------------------------------ registries
 def test_registries_hold_the_papers_names():
-    assert RB.reranker_names() == ["none", "aml", "aml-fast", "casr", "cs-sr"]
+    assert RB.reranker_names() == ["none", "aml", "aml-fast", "aml-c2f", "casr", "cs-sr"]
     assert RB.expansion_names() == ["avg", "alpha", "dba"]
     assert RB.make_reranker(None).identity and not RB.make_reranker("aml").identity
 
 
 def test_unknown_names_and_options_are_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="unknown re-ranking 'magic'.*none, aml, aml-fast, casr, cs-sr"):
+    with pytest.raises(ValueError, match="unknown re-ranking 'magic'.*none, aml, aml-fast, aml-c2f, casr, cs-sr"):
         RB.make_reranker("magic")
     with pytest.raises(ValueError, match="unknown query expansion 'median'.*avg, alpha, dba"):
         RB.make_expansion("median")
@@ -232,7 +232,7 @@ def test_cs_sr_with_a_detector_file(indexes, ukbench, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rerank", ["none", "aml", "aml-fast", "casr", "cs-sr"])
+@pytest.mark.parametrize("rerank", ["none", "aml", "aml-fast", "aml-c2f", "casr", "cs-sr"])
 def test_every_name_from_python_cli_and_http(indexes, ukbench, tmp_path, rerank):
     """Each re-ranking, with each expansion, from Collection.search, `isearch search` and POST /api/search:
     the same hits from the three."""
@@ -278,11 +278,11 @@ def test_every_name_from_python_cli_and_http(indexes, ukbench, tmp_path, rerank)
         assert [h["id"] for h in api] == [h.id for h in py], (rerank, kind)
         assert [h["box"] is None for h in api] == [h.box is None for h in py]
     bad = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--rerank", "magic"])
-    assert bad.exit_code != 0 and "none, aml, aml-fast, casr, cs-sr" in bad.output
+    assert bad.exit_code != 0 and "none, aml, aml-fast, aml-c2f, casr, cs-sr" in bad.output
     bad = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--qe", "2", "--qe-kind", "x"])
     assert bad.exit_code != 0 and "avg, alpha, dba" in bad.output
     r = client.post("/api/search", data={"query_id": "1", "options": json.dumps({"rerank": "magic"})})
-    assert r.status_code == 422 and "none, aml, aml-fast, casr, cs-sr" in r.text
+    assert r.status_code == 422 and "none, aml, aml-fast, aml-c2f, casr, cs-sr" in r.text
     r = client.post("/api/search", data={"query_id": "1", "options": json.dumps({"qe": 2, "qe_kind": "x"})})
     assert r.status_code == 422 and "avg, alpha, dba" in r.text
     if det:

@@ -713,7 +713,8 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype = tor
     g = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(b)
     beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(b)
     k = g / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
-    return (w * k[:, None, None, None]).to(dtype), (k * (b - bn.running_mean.detach().to(torch.float64)) + beta).to(dtype)
+    mu = bn.running_mean.detach().to(torch.float64)
+    return (w * k[:, None, None, None]).to(dtype), (k * (b - mu) + beta).to(dtype)
 
 
 class _Folded(nn.Module):

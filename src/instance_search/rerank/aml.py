@@ -22,7 +22,8 @@ from ..ops.integral import SparseMap, aml_search_batch, map_shape
 from ..ops.normalize import l2n
 from ..ops.pooling import rmac_regions
 
-__all__ = ["RerankResult", "rerank_aml", "score_windows", "prepare_rerank", "cells_to_pixels", "pixels_to_cells", "cosine_scores", "region_vectors"]
+__all__ = ["RerankResult", "rerank_aml", "score_windows", "prepare_rerank", "cells_to_pixels", "pixels_to_cells",
+           "cosine_scores", "region_vectors"]
 
 
 class RerankResult(NamedTuple):
