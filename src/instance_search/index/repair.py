@@ -105,7 +105,8 @@ def check_index(root: str | os.PathLike, *, faiss_sample: int = 2000) -> CheckRe
     seg_names = {s[0] for s in segs}
     for r in imgs:
         if r[1] not in seg_names:
-            rep.problems.append(f"{root / CATALOG}: image {r[0]} ({r[3]}) names segment {r[1]}, which is not catalogued")
+            rep.problems.append(f"{root / CATALOG}: image {r[0]} ({r[3]}) names segment {r[1]}, which is not "
+                                "catalogued")
     if imgs and max(r[0] for r in imgs) >= next_id:
         rep.problems.append(f"{root / CATALOG}: next_id {next_id} is not above the largest stored id "
                             f"{max(r[0] for r in imgs)} (new images would reuse ids)")
@@ -171,7 +172,8 @@ def check_index(root: str | os.PathLike, *, faiss_sample: int = 2000) -> CheckRe
             store.close()
         if left:
             rep.notes.append(f"{len(left)} leftover or temporary files (removed by the next writer or by "
-                             f"`isearch repair`): {', '.join(f.name for f in left[:5])}{', ...' if len(left) > 5 else ''}")
+                             f"`isearch repair`): {', '.join(f.name for f in left[:5])}"
+                             f"{', ...' if len(left) > 5 else ''}")
     return rep
 
 

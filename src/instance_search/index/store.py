@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -713,6 +713,9 @@ class IndexStore:
             return []
         if any(e.vector is None for e in entries):
             raise ValueError("every entry needs its global vector before it is stored")
+        # encode the maps before taking the lock: other writers wait only for the files and the transaction
+        entries = [replace(e, fmap=encode_map(e.fmap))
+                   if e.fmap is not None and not isinstance(e.fmap, (bytes, bytearray)) else e for e in entries]
         with self._lock_held():
             con = self._db()
             first = int(con.execute("SELECT value FROM meta WHERE key='next_id'").fetchone()[0])
@@ -859,7 +862,8 @@ class IndexStore:
             filesizes=np.asarray([e.size for e in entries], np.int64),
             local=(np.concatenate(local) if local else np.zeros((0, 1))).astype(np.float16),
             offsets=offsets,
-            vectors=np.stack([np.asarray(e.vector, np.float32) for e in entries]) if entries else np.zeros((0, 1), np.float32),
+            vectors=(np.stack([np.asarray(e.vector, np.float32) for e in entries]) if entries
+                     else np.zeros((0, 1), np.float32)),
             has_maps=np.asarray(has_maps),
             tag=np.asarray(tag),
             **extra,
