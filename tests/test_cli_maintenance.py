@@ -101,3 +101,14 @@ def test_repair_reextract_describes_the_dropped_photos_again(tmp_path, ukbench):
     assert set(after) == set(before)
     for p, v in before.items():
         np.testing.assert_allclose(after[p], v, atol=1e-5)
+
+
+def test_a_bad_whitening_file_leaves_no_index_behind(tmp_path, ukbench):
+    bad = tmp_path / "w.npz"
+    bad.write_bytes(b"not a whitening")
+    for w in (bad, tmp_path / "missing.npz"):
+        root = tmp_path / f"ix-{w.name}"
+        res = CliRunner().invoke(app, ["index", str(ukbench / "ukbench00000.jpg"), "--index", str(root),
+                                       "--whitening", str(w), "--max-size", "64"])
+        assert res.exit_code == 2 and w.name in res.output, res.output
+        assert not IndexStore.exists(root)

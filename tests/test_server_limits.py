@@ -173,3 +173,18 @@ def test_size_check_never_decodes_the_pixels(tmp_path, monkeypatch):
     assert probe_image(big, "big.png") == ("PNG", 3000, 2000)
     assert probe_image(rot, "rot.png") == ("PNG", 30, 40)
     assert probe_image(jpg, "rot.jpg") == ("JPEG", 30, 40)
+
+
+def test_query_too_small_to_describe_names_the_file(index_copy, tmp_path):
+    from PIL import Image
+
+    from instance_search.collection import Collection
+    from instance_search.images import ImageError
+
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (3, 2), (9, 9, 9)).save(tiny)
+    col = Collection.open(index_copy)
+    with pytest.raises(ImageError, match=f"{tiny}: cannot be described"):
+        col.describe(tiny)
+    with pytest.raises(ImageError, match="query image: cannot be described"):
+        col.describe(Image.new("RGB", (2, 2)))

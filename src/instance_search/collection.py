@@ -490,7 +490,11 @@ class Collection:
                 img = resize_max(img, self.recipe.max_size)
         else:
             img = load_image(image, max_size=self.recipe.max_size, box=box)
-        local, fmap = self.describer.describe(img)
+        try:
+            local, fmap = self.describer.describe(img)
+        except ValueError as exc:  # e.g. fewer pixels than the network's stride: name the query
+            name = "query image" if isinstance(image, Image.Image) else str(image)
+            raise ImageError(f"{name}: cannot be described ({exc})") from exc
         return self.recipe.finalize(local, self.whitening), local, fmap
 
     def _ensure_faiss(self):
