@@ -1,6 +1,6 @@
 """Record the hits of Collection.search / search_indexed on a small real index (12 UKBench photos, R-MAC,
 VGG16, 256 px; unwhitened and whitened) for every re-ranking / QE combination that existed before the
-re-ranker registry (rerank/base.py, search.py). tests/rerank/test_registry.py rebuilds the same index and
+re-ranker registry (rerank/base.py, search.py). tests/rerank/test_rerank_registry.py rebuilds the same index and
 checks that today's code gives the same hits.
 
 Run once, from the repository root:  .venv/bin/python tests/rerank/record_before_hits.py
