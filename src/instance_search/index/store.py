@@ -598,10 +598,10 @@ class IndexStore:
         Each code is checked against its CRC-32 from the catalogue before it is decoded."""
         try:
             return self._feature_maps(image_ids, sparse)
-        except _MapFileGone:
+        except _MapFileGone as gone:
             if self.reload():  # compacted or refreshed by another process since this version was read
                 return self._feature_maps(image_ids, sparse)
-            raise CorruptIndexError(f"{_MapFileGone.last}: missing (the index catalogue names it); "
+            raise CorruptIndexError(f"{gone.args[0]}: missing (the index catalogue names it); "
                                     "run `isearch repair`") from None
 
     def _feature_maps(self, image_ids, sparse: bool) -> list:
@@ -629,8 +629,7 @@ class IndexStore:
             try:
                 mm = np.memmap(path, dtype=np.uint8, mode="r") if total > 0 else np.zeros(0, np.uint8)
             except FileNotFoundError:
-                _MapFileGone.last = path
-                raise _MapFileGone() from None
+                raise _MapFileGone(path) from None
             except (OSError, ValueError) as exc:
                 raise CorruptIndexError(f"{path}: missing or unreadable ({exc})") from exc
             if mm.size != total:
@@ -971,7 +970,7 @@ def register_segment(con: sqlite3.Connection, seg: _Segment, sha: str, size: int
 
 
 class _MapFileGone(Exception):
-    last: Path | None = None
+    """A map file the loaded catalogue version names is gone (args: its path)."""
 
 
 def _check_file_name(name: str) -> str:
