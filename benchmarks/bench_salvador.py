@@ -7,7 +7,9 @@ bench_learned_rmac.py); the RPN is the one bench_rpn.py trained on the training 
 * IPA (Sec. 3.1): image-wise pooling of conv5_3 -- sum (L2 -> PCA-whitening learned on the training split -> L2)
   or max (L2). The query is pooled over its box in the full query image (Paris) or the whole image (UKBench).
 * CA-SR (Sec. 3.3): the IPA-sum short list (top ``--shortlist``) re-scored by the best cosine between the query box
-  MAC and the MACs of each image's top ``--proposals`` RPN boxes (L2 -> whitening of regional MACs -> L2).
+  vector and the vectors of each image's top ``--proposals`` RPN boxes (Caffe's RoI rounding), as the authors'
+  rerank.py: "CA-SR" max-pooled, L2 only; "CA-SR sum" the sum of the 7x7 RoI bins, L2 -> the IPA-sum PCA -> L2;
+  "CA-SR whitened (earlier)" max-pooled, L2 -> whitening of grid region MACs -> L2 (this package's earlier rows).
 * CS-SR (Sec. 3.2-3.3): a detector head (RoI pooling -> fc6 -> fc7 -> classes + boxes) first trained as a *base
   detector* on the training split (its groups as classes, the automatic boxes of bench_cleaning.py as ground
   truth) -- no trained detector weights exist here -- then fine-tuned on the query instances: every query object
@@ -23,8 +25,10 @@ bench_learned_rmac.py); the RPN is the one bench_rpn.py trained on the training 
   the own class on the training (query + flipped) images and on the query's positives, how often the own class
   is the arg-max, the negatives' probability of the query's class, and the mAP of ranking the whole database by
   that probability alone -- whether CS-SR's scores recognise the instances at all.
-* QE after re-ranking (Sec. 4.3): the query box vector plus the box vectors of the top ``--qe`` re-ranked images,
-  then CA-SR of the short list with the expanded query; for IPA alone, average QE on the global vectors.
+* QE after re-ranking (Sec. 4.3; rerank.py stage rerank2nd): the mean of the raw query box vector and the raw
+  vectors of the boxes of the top ``--qe`` re-ranked images (re-cropped from their maps), L2 (sum: PCA, L2), then
+  CA-SR of the short list with it; for IPA alone, average QE on the global vectors. CS-SR takes the best
+  proposal itself (the authors' ``use_regressed_boxes = False``), its QE re-ranks with max-pooled regions.
 
 Evaluation split: Paris-250 (238 database images, 12 queries of 5 landmarks, revisited Easy/Medium/Hard) and
 UKBench 500-999 in a query-instance protocol: one query per object (its first view, images 500, 504, ...: 125
@@ -75,8 +79,7 @@ from instance_search.train import detector as FT  # noqa: E402
 from instance_search.train.rpn import original_size  # noqa: E402
 from instance_search.ops.pooling import region_macs, rmac_regions  # noqa: E402
 from instance_search.rerank import cs_sr as CS  # noqa: E402
-from instance_search.rerank.ca_sr import ca_sr_regions  # noqa: E402
-from instance_search.rerank.aml import region_vectors  # noqa: E402
+from instance_search.rerank.ca_sr import ca_sr_regions, crop_vectors, proposal_descriptors  # noqa: E402
 from instance_search.rerank.expansion import average_qe  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -339,23 +342,34 @@ def main() -> None:
 
     regs = {"paris": regions_of(pdb_c5, "Paris-250"), "ukb": regions_of(ukb_c5, "UKBench 500-999")}
     timings["proposals_and_regions_s"] = round(time.perf_counter() - t0, 1)
-    qbox_vec = {"paris": [q_pool(pq_c5[i], pq_cells[i], "max") for i in range(len(pq_c5))],
-                "ukb": [ukb_c5[i].amax(dim=(1, 2)).numpy() for i in ukb_q]}
+    qbox = {(b, how): v for how in ("max", "sum") for b, v in (
+        ("paris", [q_pool(pq_c5[i], pq_cells[i], how) for i in range(len(pq_c5))]),
+        ("ukb", [(ukb_c5[i].amax(dim=(1, 2)) if how == "max" else ukb_c5[i].sum(dim=(1, 2))).numpy()
+                 for i in ukb_q]))}
+    db_c5s = {"paris": pdb_c5, "ukb": ukb_c5}
+    # region vectors of the stored proposals (Salvador Sec. 3.3, rerank.py): max-pooled, L2 only (the authors');
+    # sum of the 7x7 Caffe RoI bins, L2 -> the image-level IPA-sum PCA -> L2 (the authors' sum pooling); and the
+    # earlier variant of this package, max-pooled, L2 -> whitening learned on grid region MACs -> L2
+    sum_regs = {b: [proposal_descriptors(db_c5s[b][i], r[0], "sum").numpy() for i, r in enumerate(regs[b])]
+                for b in regs}
+    VARIANTS = {"CA-SR": ("max", None), "CA-SR sum": ("sum", w_ipa), "CA-SR whitened (earlier)": ("max", w_reg)}
 
-    # L2(W(L2 f)) of every stored region once per database image (float32) and of the query boxes: CA-SR and QE
-    # below then need no whitening (L2 of a unit vector is itself) -- the same scores, one whitening per image
-    # instead of one per (query, short-listed image)
-    wregs = {b: [region_vectors(r[2], w_reg).numpy().astype(np.float32) for r in regs[b]] for b in regs}
-    wq = {b: [region_vectors(v, w_reg)[0].numpy() for v in qbox_vec[b]] for b in qbox_vec}
+    def raw_regions(bench, how):
+        return [r[2] for r in regs[bench]] if how == "max" else sum_regs[bench]
 
-    def rerank_all(bench, scorer, name, extra=None):
-        """scorer(j, shortlist) -> RerankResult; adds the re-ranked and the re-ranked + QE rows."""
+    def rerank_all(bench, scorer, name, how="max", whitening=None, extra=None):
+        """scorer(j, shortlist) -> RerankResult; adds the re-ranked and the re-ranked + QE rows. QE after re-ranking
+        as the authors average: the raw query box vector and the raw vectors of the top ``--qe`` images' boxes
+        (re-cropped from their maps), then CA-SR of the short list with the expanded query."""
         plain, withqe = [], []
+        R = raw_regions(bench, how)
         for j, order in enumerate(first_order[bench]):
             sl = order[:args.shortlist]
             res = scorer(j, sl)
             plain.append(CS.full_ranking(order, args.shortlist, res.order))
-            qe = CS.qe_after_rerank(wq[bench][j], res, [wregs[bench][i] for i in sl], top=args.qe)
+            top = res.order[:args.qe]
+            box_vecs = crop_vectors([db_c5s[bench][sl[t]] for t in top], res.boxes[top], how)
+            qe = CS.qe_after_rerank(qbox[(bench, how)][j], box_vecs, [R[i] for i in sl], whitening)
             withqe.append(CS.full_ranking(order, args.shortlist, qe.order))
         add(f"IPA-sum + {name}", bench, plain, extra)
         add(f"IPA-sum + {name} + QE{args.qe}", bench, withqe, extra)
@@ -363,8 +377,11 @@ def main() -> None:
     # ---------------------------------------------------------------- CA-SR (Salvador Sec. 3.3)
     t0 = time.perf_counter()
     for bench in ("paris", "ukb"):
-        rerank_all(bench, lambda j, sl, bench=bench: ca_sr_regions(
-            wq[bench][j], [wregs[bench][i] for i in sl]), "CA-SR")
+        for name, (how, wh) in VARIANTS.items():
+            R = raw_regions(bench, how)
+            rerank_all(bench, lambda j, sl, bench=bench, how=how, wh=wh, R=R: ca_sr_regions(
+                qbox[(bench, how)][j], [R[i] for i in sl], whitening=wh,
+                cells=[regs[bench][i][1] for i in sl]), name, how, wh)
     timings["ca_sr_s"] = round(time.perf_counter() - t0, 1)
 
     # ---------------------------------------------------------------- base detector on the training split
@@ -465,14 +482,9 @@ def main() -> None:
             log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
 
             def scorer(j, sl, bench=bench, K=K):
-                k = q_class[j]
-                vecs = []
-                for i in sl:  # the MAC of the detected box on the frozen map, for QE
-                    m = (pdb_c5 if bench == "paris" else ukb_c5)[i]
-                    cell = boxes_to_cells(det_boxes[i, k][None], 16, m.shape[-2], m.shape[-1])
-                    vecs.append(region_vectors(region_macs(m, cell), w_reg)[0].numpy())
+                k = q_class[j]  # the best proposal itself (the authors' default; class_detections' box)
                 return CS.cs_sr_scores(det_scores[sl, k], det_boxes[sl, k], np.arange(len(sl))[::-1] * 1.0,
-                                       [hw[i] for i in sl], 16, np.stack(vecs))
+                                       [hw[i] for i in sl], 16)
 
             rerank_all(bench, scorer, f"CS-SR #{strategy}")
 

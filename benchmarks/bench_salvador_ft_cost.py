@@ -65,8 +65,10 @@ def main() -> None:
     h16, w16 = args.height // 16, args.width // 16
     setups = {
         "#1 (FC on fixed conv5_3)": (None, torch.relu(torch.randn(512, h16, w16)), False),
-        "#2 here (conv5_1..5_3 + RPN + FC, from pool4)": (block("conv5_1"), torch.relu(torch.randn(512, h16, w16)), True),
-        "#2 paper (conv3_1..5_3 + RPN + FC, from pool2)": (block("conv3_1"), torch.relu(torch.randn(128, h4, w4)), True),
+        "#2 here (conv5_1..5_3 + RPN + FC, from pool4)":
+            (block("conv5_1"), torch.relu(torch.randn(512, h16, w16)), True),
+        "#2 paper (conv3_1..5_3 + RPN + FC, from pool2)":
+            (block("conv3_1"), torch.relu(torch.randn(128, h4, w4)), True),
     }
     out = {}
     for name, (trunk, x, conv) in setups.items():

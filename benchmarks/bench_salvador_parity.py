@@ -287,8 +287,8 @@ def run(authors: Path, pooling: str, seed: int, work: Path) -> dict:
             res = ca_sr_regions(qvec, regs, whitening=whitening)
             if tag == "their_query":
                 diffs.append(float(np.abs(res.scores - (1 - np.asarray(dist))).max()))
-                best = [int(np.argmax(region_vectors(r, whitening).numpy() @ region_vectors(qvec, whitening)[0].numpy()))
-                        for r in regs]
+                qv = region_vectors(qvec, whitening)[0].numpy()
+                best = [int(np.argmax(region_vectors(r, whitening).numpy() @ qv)) for r in regs]
                 same_best += sum(np.allclose(db[i]["boxes"][b], l) for i, b, l in zip(sl, best, locs))
                 same_order += int(list(np.argsort(-res.scores, kind="stable")) == list(np.argsort(dist)))
             else:
@@ -347,7 +347,8 @@ def run(authors: Path, pooling: str, seed: int, work: Path) -> dict:
             rpn = types.SimpleNamespace(stride=STRIDE)
 
             def detect(self, fmap, proposals):
-                it = next(d for d in db if d["map"].shape == tuple(fmap.shape) and np.array_equal(d["map"], fmap.numpy()))
+                it = next(d for d in db if d["map"].shape == tuple(fmap.shape)
+                          and np.array_equal(d["map"], fmap.numpy()))
                 b = torch.from_numpy(it["boxes"])
                 return b, torch.from_numpy(it["probs"]), b[:, None, :].expand(R, K + 1, 4)
 
@@ -376,7 +377,8 @@ def main() -> None:
     args = ap.parse_args()
     missing = [n for n in ("features.py", "ranker.py", "rerank.py") if not (args.authors / n).is_file()]
     if missing:
-        sys.exit(f"{args.authors}: not a checkout of imatge-upc/retrieval-2016-deepvision (missing {', '.join(missing)})")
+        sys.exit(f"{args.authors}: not a checkout of imatge-upc/retrieval-2016-deepvision "
+                 f"(missing {', '.join(missing)})")
     rows = []
     for pooling in ("max", "sum"):
         with tempfile.TemporaryDirectory(prefix="salvador-parity-") as tmp:

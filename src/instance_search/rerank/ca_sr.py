@@ -33,7 +33,8 @@ from ..ops.integral import power_integral, window_max, window_maxpool_approx
 from .aml import RerankResult, as_float_tensor, order_by_score, region_vectors
 
 __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac", "REGION_VECTORS",
-           "region_descriptors", "proposal_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors", "winning_rows",
+           "region_descriptors", "proposal_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors",
+           "winning_rows",
            "check_vectors"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
