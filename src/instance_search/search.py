@@ -32,7 +32,7 @@ from .rerank.aml import cells_to_pixels
 from .rerank.base import Expansion, RerankContext, Reranker, make_expansion, make_reranker
 
 __all__ = ["Hit", "SearchState", "search", "search_indexed", "search_vector", "search_described", "rerank_hits",
-           "reranker_for", "expansion_for"]
+           "reranker_for", "expansion_for", "FIRST_STAGES"]
 
 
 @dataclass
@@ -114,8 +114,8 @@ def _setup(col, rerank, shortlist, qe, qe_kind, detector, rerank_options, qe_opt
 def search(col, image, box=None, top: int = 10, *, rerank: str | Reranker | None = None, shortlist: int = 1000,
            qe: int = 0, qe_kind: str | Expansion = "avg", detector: str | os.PathLike | None = None,
            rerank_options: Mapping[str, Any] | None = None, qe_options: Mapping[str, Any] | None = None,
-           timings: dict[str, float] | None = None) -> list[Hit]:
-    """Ranked hits for a query image (optionally its box, cropped as the benchmark protocols do).
+           timings: dict[str, float] | None = None, first_stage: str | None = None) -> list[Hit]:
+    """Ranked hits for a query image (optionally its box).
 
     ``rerank``: a name of :data:`~instance_search.rerank.base.RERANKERS` (``none``, ``aml``, ``aml-fast``,
     ``casr``, ``cs-sr``) or a :class:`~instance_search.rerank.base.Reranker`; ``rerank_options`` its options
@@ -125,13 +125,50 @@ def search(col, image, box=None, top: int = 10, *, rerank: str | Reranker | None
     :class:`~instance_search.rerank.base.Expansion`) with ``qe_options`` (``alpha``). ``timings``: a dict that
     receives ``network_ms`` (describing the query; with a decoded PIL image as ``image``, the network pass
     alone) and the stages of :func:`search_described`.
+
+    ``first_stage`` (with a ``box``; :data:`FIRST_STAGES`): ``"box"`` describes the box crop and ranks with it
+    (the revisited protocol's query; what the benchmarks use), ``"image"`` ranks with the whole query image and
+    re-ranks with the box's cells of its map (Salvador et al. 2016, Sec. 4.2 and their ``ranker.py``/``rerank.py``).
+    ``None``: the recipe's choice (``Method.first_stage``: ``"image"`` for ``ipa`` / ``rpa``, otherwise ``"box"``).
     """
     reranker, expansion = _setup(col, rerank, shortlist, qe, qe_kind, detector, rerank_options, qe_options, top)
+    stage = first_stage if first_stage is not None else getattr(col.recipe.method, "first_stage", "box")
+    if stage not in FIRST_STAGES:
+        raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got {stage!r}")
     t0 = time.perf_counter()
-    vec, _, fmap = col.describe(image, box=box)
+    if box is not None and stage == "image":
+        vec, fmap = _describe_whole(col, image, box)
+    else:
+        vec, _, fmap = col.describe(image, box=box)
     if timings is not None:
         timings["network_ms"] = (time.perf_counter() - t0) * 1e3
     return search_described(col, vec, fmap, top, reranker, shortlist, qe, expansion, timings)
+
+
+#: the query of the first stage when a box is given: its crop ("box") or the whole image ("image")
+FIRST_STAGES = ("box", "image")
+
+
+def _describe_whole(col, image, box):
+    """(global vector of the whole query image, its map cropped to the box's cells) -- Salvador et al.'s first
+    stage and query box: the box (original-image pixels) projected onto the map by Caffe's RoI rounding
+    (:func:`~instance_search.ops.boxes.boxes_to_cells`)."""
+    from PIL import Image
+
+    from .images import Box, clip_box, load_image, parse_box
+    from .ops.boxes import boxes_to_cells, to_map_frame
+
+    if isinstance(image, Image.Image):
+        w0, h0 = image.size
+    else:
+        image = load_image(image, max_size=col.recipe.max_size)
+        w0, h0 = image.info.get("original_size", image.size)
+    b = box if isinstance(box, Box) else parse_box(box)
+    x1, y1, x2, y2 = clip_box(b, w0, h0, name="query image")
+    vec, _, fmap = col.describe(image)
+    H, W = int(fmap.shape[-2]), int(fmap.shape[-1])
+    x, y, w, h = boxes_to_cells(to_map_frame([x1, y1, x2, y2], (w0, h0), (H, W)), 16, H, W)[0]
+    return vec, fmap[:, y:y + h, x:x + w]
 
 
 def search_indexed(col, image_id: int, top: int = 10, *, rerank: str | Reranker | None = None,

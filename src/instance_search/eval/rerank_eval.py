@@ -75,7 +75,7 @@ def evaluate_search(bench, recipe: Recipe, whitening: str | os.PathLike | None =
             if box is None and qi is not None:
                 hits = col.search_indexed(id_of_image[int(qi)], top=n, **opts)
             else:
-                hits = col.search(path, box=box, top=n, **opts)
+                hits = col.search(path, box=box, top=n, first_stage="box", **opts)  # the protocols' crop
             if len(hits) != n:
                 raise ValueError(f"{bench.name}: query {q} got {len(hits)} hits for {n} images")
             ranks[:, q] = image_of_row[[pos_of_id[h.id] for h in hits]]

@@ -1,5 +1,6 @@
 """Faster R-CNN features for instance search (Salvador, Giró-i-Nieto, Marqués & Satoh 2016): image-wise pooling
-(IPA) of the last conv layer, and region-wise pooling (RPA) over a region proposal network's boxes.
+(IPA) of the last conv layer; and ``rpa``, Gordo et al.'s R-MAC aggregated over a region proposal network's boxes
+(Salvador et al. pool proposals only to re-rank, see :mod:`instance_search.rerank.ca_sr`).
 
 The RPN is a model file (``isearch train-rpn``); the recipe holds its path and sha256 (options ``rpn`` and
 ``sha256``), the index keeps a verified copy and rewrites the path to it on open (``Method.model_files``)."""
@@ -28,6 +29,8 @@ class IPA(Method):
     name = "ipa"
     paper = "Salvador et al. 2016, Sec. 3.1"
     options = {"pooling": "sum"}
+    #: a query box: the first stage ranks with the whole query image, re-ranking uses the box (Salvador Sec. 4.2)
+    first_stage = "image"
 
     def validate(self) -> None:
         if self.option("pooling") not in ("sum", "max"):
@@ -52,11 +55,16 @@ def proposals_option(value: Any, what: str) -> int:
 
 @register
 class RPA(Method):
-    """RPA (Salvador et al. 2016, Sec. 3.1): the MACs of the top ``proposals`` boxes of a trained region proposal
-    network, aggregated like R-MAC's regions (Gordo et al. 2016, Sec. 3.2)."""
+    """Gordo et al.'s R-MAC over region proposals (Gordo, Almazán, Revaud & Larlus 2016, Sec. 3.2), named ``rpa``
+    after Salvador et al.'s region-wise pooling (Sec. 3.1): the MACs of the top ``proposals`` boxes of a trained
+    region proposal network, each L2 → whitening → L2, summed into one global vector as R-MAC sums its grid regions.
+    Salvador et al. pool the proposals only to re-rank (CA-SR, :mod:`instance_search.rerank.ca_sr`); the
+    aggregation into a global vector is Gordo's. The local vectors are the proposals' region MACs, RoI-projected
+    with Caffe's rounding (:func:`~instance_search.ops.boxes.boxes_to_cells`)."""
 
     name = "rpa"
-    paper = "Salvador et al. 2016, Sec. 3.1; Gordo et al. 2016, Sec. 3.2"
+    paper = "Gordo et al. 2016, Sec. 3.2 (R-MAC over proposals); Salvador et al. 2016, Sec. 3.1 (region pooling)"
+    first_stage = "image"
     options = {"rpn": None, "sha256": "", "proposals": 256}
     model_files = ("rpn",)
 
@@ -98,9 +106,9 @@ def load_recipe_rpn(path: str | os.PathLike | None, sha256: str = "") -> RPN:
 
 
 def rpa_recipe(rpn_model: str | os.PathLike, proposals: int = 256, max_size: int = 1024) -> Recipe:
-    """A :class:`~instance_search.recipes.base.Recipe` ``"rpa"``: R-MAC pooled over the top ``proposals`` RPN boxes
-    instead of the rigid grid (Gordo et al. 2016, Sec. 3.2; Salvador et al. 2016, Sec. 3.1: region-wise pooling
-    of the RPN proposals). The model's path and sha256 travel in the recipe."""
+    """A :class:`~instance_search.recipes.base.Recipe` ``"rpa"``: Gordo et al.'s R-MAC pooled over the top
+    ``proposals`` RPN boxes instead of the rigid grid (Gordo et al. 2016, Sec. 3.2; the region-wise pooling of
+    Salvador et al. 2016, Sec. 3.1, aggregated). The model's path and sha256 travel in the recipe."""
     path = Path(rpn_model).expanduser().resolve()
     if path.suffix == ".json":
         path = path.with_suffix(".pt")
@@ -111,8 +119,8 @@ def rpa_recipe(rpn_model: str | os.PathLike, proposals: int = 256, max_size: int
 
 @torch.no_grad()
 def rpa_local_vectors(extra: dict[str, Any], fmap: torch.Tensor) -> np.ndarray:
-    """(R, C) MACs of the top ``extra['proposals']`` RPN boxes of one conv map (Salvador et al. 2016, Sec. 3.1,
-    RPA with max pooling; Gordo et al. 2016, Sec. 3.2), not normalised."""
+    """(R, C) MACs of the top ``extra['proposals']`` RPN boxes of one conv map (the regions of Gordo et al.'s R-MAC
+    over proposals, Sec. 3.2; Salvador et al.'s region-wise max pooling, Sec. 3.1), not normalised."""
     rpn = load_recipe_rpn(extra.get("rpn"), extra.get("sha256", ""))
     cells = rpn.proposal_cells(fmap, int(extra.get("proposals", 256)))
     return region_macs(fmap.float(), cells).cpu().numpy().astype(np.float32)
