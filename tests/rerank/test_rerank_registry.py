@@ -122,8 +122,8 @@ def test_hits_equal_the_ones_recorded_before_the_registry(indexes, ukbench):
 
     def new_api(col, query, box, rid, rerank, qe):
         opts = {"rerank_options": dict(AML_FAST)} if rerank == "aml-fast" else {}
-        if rerank == "casr":  # recorded with the index's whitening: the earlier variant, now by name
-            opts = {"rerank_options": {"vectors": "max-whitened" if col.whitening is not None else "max"}}
+        if rerank == "casr":  # unwhitened: the recording's CA-SR is the authors' max (L2 only)
+            opts = {"rerank_options": {"vectors": "max"}}
         col.aml_fast_options = {}
         return (col.search(query, box=box, top=12, rerank=rerank, shortlist=8, qe=qe, qe_kind="avg", **opts),
                 col.search_indexed(rid, top=12, rerank=rerank, shortlist=8, qe=qe, **opts))
@@ -132,6 +132,8 @@ def test_hits_equal_the_ones_recorded_before_the_registry(indexes, ukbench):
         got = run_cases(Collection.open(root), ukbench, new_api)
         assert set(got) == set(before[name]) and len(got) == 2 * len(CASES)
         for case, hits in before[name].items():
+            if name == "whitened" and case.startswith("casr/"):
+                continue  # recorded with the index's whitening on the windows: that variant measured worse, is gone
             g = got[case]
             assert [h[0] for h in g] == [h[0] for h in hits], (name, case)
             np.testing.assert_allclose([h[1] for h in g], [h[1] for h in hits], atol=2e-5, err_msg=f"{name} {case}")
@@ -255,8 +257,6 @@ def test_every_name_from_python_cli_and_http(indexes, ukbench, tmp_path, rerank)
     for kind in RB.expansion_names():
         col = Collection.open(root)
         opts = {"rerank_options": dict(AML_FAST)} if rerank == "aml-fast" else {}
-        if rerank == "casr":  # recorded with the index's whitening: the earlier variant, now by name
-            opts = {"rerank_options": {"vectors": "max-whitened" if col.whitening is not None else "max"}}
         py = col.search(query, top=6, rerank=rerank, shortlist=5, qe=2, qe_kind=kind, detector=det, **opts)
         args = ["search", str(query), "--index", str(root), "--top", "6", "--rerank", rerank, "--shortlist", "5",
                 "--qe", "2", "--qe-kind", kind, "--json", *fast] + (["--detector", str(det)] if det else [])

@@ -14,8 +14,12 @@ them from the ``pool5`` blob (Caffe's 7x7 RoI max-pooling, :func:`~instance_sear
 
 * ``"max"`` (authors' default): the max over the RoI, L2-normalised only -- no whitening;
 * ``"sum"``: the sum of the 7x7 RoI-pooled bins, L2 → the image-level PCA-whitening (the one of the IPA-sum
-  vectors; the authors reuse it for regions) → L2; the query box is sum-pooled over its cells;
-* ``"max-whitened"`` (this package's earlier variant): the max over the RoI, L2 → the index's whitening → L2.
+  vectors; the authors reuse it for regions) → L2; the query box is sum-pooled over its cells.
+
+The package's earlier variant (max-pooled, L2 → a whitening → L2) is no longer offered by name: it measured worse
+than ``"max"`` (Holidays-160, IPA-sum first stage, sliding windows: mAP 52.3 with a whitening of grid region MACs
+and 67.0 with the IPA-sum PCA, against 76.4 for ``"max"``; benchmarks/bench_salvador_casr_vectors.py). The
+functions here still take any ``whitening``.
 
 Pooling: ``method="exact"`` (default) computes the exact max over every box, vectorised by
 :func:`instance_search.ops.integral.window_max` (a 2-D sparse table of power-of-two block maxima, four look-ups
@@ -38,7 +42,7 @@ __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_bo
            "check_vectors"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
-REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True), "max-whitened": ("max", True)}
+REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True)}
 #: Caffe's RoI pooling output of the authors' model (``pool5``: 7x7), summed for ``"sum"`` region vectors
 POOL5 = 7
 
