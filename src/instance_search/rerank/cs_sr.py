@@ -8,8 +8,8 @@
 * :func:`qe_after_rerank` -- query expansion after re-ranking as the authors average (Salvador Sec. 4.3;
   ``rerank.py``, stage ``rerank2nd``): the *raw* vectors of the query box and of the boxes of the top-M
   re-ranked images (re-cropped from their maps, :func:`~.ca_sr.crop_vectors`) are averaged, then L2 (and, for
-  sum pooling, the image-level PCA-whitening and L2 again), then CA-SR of the short list with that query.
-  ``average="unit"``: this package's earlier variant, ``L2(L2(W(L2 q)) + sum of the boxes' L2(W(L2 f)))``.
+  sum pooling, the image-level PCA-whitening and L2 again), then CA-SR of the short list with that query. (This
+  package summed the unit, whitened vectors before; that variant was not measured better and is gone.)
 * :func:`full_ranking` -- puts a re-ranked short list in front of the rest of the first-stage ranking.
 
 Class-agnostic spatial re-ranking (CA-SR) lives once, in :mod:`instance_search.rerank.ca_sr` (:func:`~.ca_sr.ca_sr`,
@@ -26,14 +26,10 @@ import numpy as np
 import torch
 
 from ..ops.boxes import boxes_to_cells
-from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, region_vectors
 from .ca_sr import best_regions
 
-__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "expanded_query", "full_ranking", "QE_AVERAGES"]
-
-#: how :func:`expanded_query` averages: the authors' raw vectors, or the earlier sum of unit (whitened) vectors
-QE_AVERAGES = ("raw", "unit")
+__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "expanded_query", "full_ranking"]
 
 
 def _cells(boxes_px: np.ndarray, stride: int, map_hw: tuple[int, int]) -> np.ndarray:
@@ -97,36 +93,27 @@ def cs_sr(detector, class_index: int, maps: Sequence[torch.Tensor], shortlist_sc
                         detector.rpn.stride, np.stack(vecs) if vecs else None)
 
 
-def expanded_query(query_vec, box_vectors, whitening: Callable | None = None, average: str = "raw") -> np.ndarray:
-    """The query of QE after re-ranking (Salvador et al. 2016, Sec. 4.3), in the space of the region vectors.
-
-    ``average="raw"`` (the authors' ``rerank.py``): ``L2(W(L2(mean(q, f_1 .. f_M))))`` of the *raw* query box
-    vector ``q`` (C,) and the raw box vectors ``box_vectors`` (M, C) (``W`` only with a ``whitening``: the
-    authors' sum pooling). ``average="unit"`` (earlier here): ``L2(v(q) + sum_m v(f_m))`` with
-    ``v = L2(W(L2 .))``. Returns (D,) float64."""
-    if average not in QE_AVERAGES:
-        raise ValueError(f"average must be one of {', '.join(QE_AVERAGES)}, got {average!r}")
+def expanded_query(query_vec, box_vectors, whitening: Callable | None = None) -> np.ndarray:
+    """The query of QE after re-ranking (Salvador et al. 2016, Sec. 4.3; ``rerank.py`` stage ``rerank2nd``), in the
+    space of the region vectors: ``L2(W(L2(mean(q, f_1 .. f_M))))`` of the *raw* query box vector ``q`` (C,) and
+    the raw box vectors ``box_vectors`` (M, C) (``W`` only with a ``whitening``: the authors' sum pooling).
+    Returns (D,) float64."""
     q = np.asarray(query_vec, dtype=np.float64).reshape(-1)
     F = np.asarray(box_vectors, dtype=np.float64).reshape(-1, q.shape[0]) if np.size(box_vectors) else \
         np.zeros((0, q.shape[0]))
-    if average == "raw":
-        mean = (q + F.sum(axis=0)) / (len(F) + 1)
-        return region_vectors(mean, whitening)[0].numpy()
-    v = region_vectors(q, whitening)[0].numpy()
-    if len(F):
-        v = v + region_vectors(F, whitening).numpy().sum(axis=0)
-    return l2n(v)
+    mean = (q + F.sum(axis=0)) / (len(F) + 1)
+    return region_vectors(mean, whitening)[0].numpy()
 
 
 def qe_after_rerank(query_vec, box_vectors, regions: Sequence, whitening: Callable | None = None,
-                    shortlist_scores=None, cells: Sequence | None = None, average: str = "raw") -> RerankResult:
+                    shortlist_scores=None, cells: Sequence | None = None) -> RerankResult:
     """Query expansion after spatial re-ranking (Chum et al. 2007; Salvador et al. 2016, Sec. 4.3): the query
     :func:`expanded_query` of the raw query box vector ``query_vec`` (C,) and the raw vectors ``box_vectors``
     (M, C) of the boxes of the top-M re-ranked images (:func:`~.ca_sr.crop_vectors` of their maps, or
     :func:`~.ca_sr.winning_rows` of stored regions), then CA-SR of the short list with it: ``regions`` (per
     image the raw (R_i, C) region vectors, scored as ``L2(W(L2 f))``) and ``cells`` as for
     :func:`~instance_search.rerank.ca_sr.ca_sr_regions`. M = 0 is CA-SR with the query alone."""
-    v = expanded_query(query_vec, box_vectors, whitening, average)
+    v = expanded_query(query_vec, box_vectors, whitening)
     if cells is not None and len(cells) != len(regions):
         raise ValueError(f"{len(cells)} cell arrays for {len(regions)} images")
     pairs = ((np.asarray(R), None if cells is None else cells[i]) for i, R in enumerate(regions))
