@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .. import search as S
 from ..collection import Collection
 from ..index.store import IndexStore
 from ..io import progress_bar
@@ -75,7 +76,7 @@ def evaluate_search(bench, recipe: Recipe, whitening: str | os.PathLike | None =
             if box is None and qi is not None:
                 hits = col.search_indexed(id_of_image[int(qi)], top=n, **opts)
             else:
-                hits = col.search(path, box=box, top=n, first_stage="box", **opts)  # the protocols' crop
+                hits = S.search(col, path, box, n, first_stage="box", **opts)  # the protocols' crop
             if len(hits) != n:
                 raise ValueError(f"{bench.name}: query {q} got {len(hits)} hits for {n} images")
             ranks[:, q] = image_of_row[[pos_of_id[h.id] for h in hits]]
