@@ -280,7 +280,7 @@ def load_image(
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
         raise ImageError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from exc
     except Exception as exc:  # decoder bugs on hostile files, e.g. Pillow 13's TypeError on a TIFF whose
-        # StripOffsets tag is typed RATIONAL (found by tests/test_fuzz.py): one bad file must not stop a run
+        # StripOffsets tag is typed RATIONAL (found by tests/integration/test_fuzz.py): one bad file must not stop a run
         raise ImageError(f"{path}: unreadable or corrupt image ({exc.__class__.__name__}: {exc})") from exc
     if min(img.size) < 1:
         raise ImageError(f"{path}: image has no pixels")

@@ -2,7 +2,7 @@
 
 The maths is checked against direct transcriptions of the equations on minimal inputs (Jégou & Zisserman 2014
 T-emb whitening, Murray et al. / J&Z democratic aggregation as the authors' ``sinkhornm.m``, the authors' RN of
-``learn_rn.m``; F-FAemb's and the masks' transcriptions are in tests/test_embeddings.py, tests/test_masks.py); the grid of
+``learn_rn.m``; F-FAemb's and the masks' transcriptions are in tests/ops/test_embeddings.py, tests/ops/test_masks.py); the grid of
 ``isearch selective-grid`` is checked to equal ``evaluate_recipe`` through the recipe on the same maps.
 Random non-negative maps keep it cheap (shared 2-core machine).
 """

@@ -268,7 +268,7 @@ def test_without_weights_the_error_says_how_to_supply_them(tmp_cache, no_network
 
 
 def test_hub_checkpoint_from_the_hub_cache_without_network(tv_state, tmp_cache, no_network, monkeypatch):
-    """As tests/test_weights.py does for ResNet-50: torchvision's file name carries the first 8 hex digits of its
+    """As tests/backbones/test_weights.py does for ResNet-50: torchvision's file name carries the first 8 hex digits of its
     sha256, so a fake placed under the real name is rejected and one under its own hash's name is used."""
     buf = io.BytesIO()
     torch.save(tv_state, buf)

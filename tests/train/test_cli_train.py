@@ -30,7 +30,7 @@ def boxes(data_dir, tmp_path_factory):
     """The first kept images of 4 groups of the real boxes file of `isearch clean` (benchmarks/results)."""
     from pathlib import Path
 
-    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "train_boxes.json"
+    src = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "train_boxes.json"
     doc = json.loads(src.read_text())
     groups: dict[int, list[str]] = {}
     for rel, e in doc["images"].items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = os.environ.get("ISEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ISEARCH_CHROMEDRIVER", "/usr/bin/chromedriver")

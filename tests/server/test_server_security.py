@@ -4,7 +4,7 @@ and lying bodies, non-image and too-small uploads, bad boxes, malformed JSON and
 4xx (never a 5xx, never a file from outside the index), uploads never write outside ``<index>/uploads/`` (not
 even through a planted symlink), and the server is still healthy afterwards with no traceback in its log.
 
-tests/test_server.py covers the same endpoints in-process (TestClient); this file adds what only a real socket
+tests/server/test_server.py covers the same endpoints in-process (TestClient); this file adds what only a real socket
 shows and what a user can do to the folder around the index.
 """
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_update_settings_and_stored_files(tmp_path):
         other.read_file("nope.bin")
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "index_v1"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "index_v1"
 
 
 def test_index_folder_of_the_earlier_format_is_migrated_once(tmp_path, capfd):

