@@ -135,3 +135,12 @@ def test_cs_sr_scores_and_full_ranking():
         CS.full_ranking(first, 4, [0, 0, 1, 2])
     with pytest.raises(ValueError, match="2 boxes for 4 scores"):
         CS.cs_sr_scores([1, 2, 3, 4], np.zeros((2, 4)))
+
+
+def test_cs_sr_reranker_box_option():
+    from instance_search.rerank import base as RB
+
+    assert RB.make_reranker("cs-sr", detector="d.pt").opts["box"] == "proposal"  # the authors' default
+    assert RB.make_reranker("cs-sr", detector="d.pt", box="regressed").opts["box"] == "regressed"
+    with pytest.raises(ValueError, match="box must be 'proposal' or 'regressed', got 'centre'"):
+        RB.make_reranker("cs-sr", detector="d.pt", box="centre")
