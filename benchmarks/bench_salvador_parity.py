@@ -42,7 +42,7 @@ from instance_search.rerank.ca_sr import (ca_sr_regions, crop_vectors, proposal_
                                           query_descriptor)
 from instance_search.rerank.cs_sr import cs_sr, expanded_query  # noqa: E402
 from instance_search.rerank.aml import region_vectors  # noqa: E402
-from test_roi_caffe import caffe_roi_pool  # noqa: E402  (line-by-line transcription of Caffe's layer)
+from reference_caffe import caffe_roi_pool  # noqa: E402  (line-by-line transcription of Caffe's layer)
 
 C, STRIDE, N_DB, N_OTHER, R, K = 32, 16, 30, 100, 40, 3
 CLASSES = ["alpha", "beta", "gamma"]

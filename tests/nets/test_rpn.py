@@ -146,7 +146,7 @@ def test_assign_anchors_follows_ren_rules():
 # ------------------------------------------------------------------------------------------------ RoI pooling
 def test_roi_pool_matches_caffe_on_a_real_map(real_samples):
     """The one RoI pooling (Caffe's rounding) against the transcription of Caffe's layer, on a real conv5_3 map."""
-    from test_roi_caffe import caffe_roi_pool
+    from reference_caffe import caffe_roi_pool
 
     X = real_samples[0].map()[:24]
     H, W = X.shape[-2:]

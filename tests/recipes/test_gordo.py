@@ -15,7 +15,7 @@ from instance_search.recipes.base import Recipe, RecipeError
 
 @pytest.fixture(scope="module")
 def fmap():
-    """A conv5_3-like map: sparse, non-negative, 512 x 13 x 17 (real maps: tests/test_rmac_net.py)."""
+    """A conv5_3-like map: sparse, non-negative, 512 x 13 x 17 (real maps: tests/nets/test_rmac_net.py)."""
     g = torch.Generator().manual_seed(0)
     return torch.relu(torch.randn(512, 13, 17, generator=g) - 0.5)
 

@@ -12,7 +12,7 @@ import torch
 from instance_search.fitted.whitening import PCAWhitening
 from instance_search.ops import boxes as B
 from instance_search.rerank import base as RB
-from test_roi_caffe import caffe_roi_pool
+from reference_caffe import caffe_roi_pool
 
 CA = importlib.import_module("instance_search.rerank.ca_sr")  # the package exports a function of that name
 
@@ -135,7 +135,7 @@ def test_crop_vectors_and_winning_rows(maps):
 
 
 def test_proposal_descriptors_equal_the_caffe_pool5(maps):
-    from test_roi_caffe import EDGE_BOXES
+    from reference_caffe import EDGE_BOXES
 
     X = maps[0]
     boxes = EDGE_BOXES[[0, 2, 3, 5, 8, 9, 12]]

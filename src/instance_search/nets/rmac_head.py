@@ -9,7 +9,7 @@ becomes a chain of layers whose weights can be trained with a ranking loss (see 
 
 The shift ``s`` and the FC weights ``W`` are initialised from a PCA-whitening (``s = -mean``,
 ``W = diag(scale) V^T`` of :class:`~instance_search.fitted.whitening.PCAWhitening`), so that before training
-the network's output equals :func:`instance_search.ops.pooling.rmac` with that whitening (tests/test_rmac_net.py:
+the network's output equals :func:`instance_search.ops.pooling.rmac` with that whitening (tests/nets/test_rmac_net.py:
 to 1e-5 on real images). With the default identity initialisation it is the unwhitened R-MAC.
 
 Regions are an argument: ``None`` gives the rigid R-MAC grid (:func:`~instance_search.ops.pooling.rmac_regions`)
