@@ -16,7 +16,7 @@ coarse search only *proposes*:
    :func:`~.aml.score_windows`).
 
 With ``radius`` at least the map size every sampled window is kept and the result is exact AML's (with its
-``verify=0``: every sampled window verified exactly); ``tests/test_rerank.py`` checks that. A map whose
+``verify=0``: every sampled window verified exactly); ``tests/rerank/test_rerank.py`` checks that. A map whose
 proposals keep no grid window (an aspect filter that leaves none near them) starts from its best proposal itself.
 """
 from __future__ import annotations
