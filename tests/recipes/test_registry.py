@@ -157,3 +157,19 @@ def test_whitening_of_another_backbone_is_refused(ng_index, tmp_path, data_dir):
                                    str(SIZE), "--whitening", str(wfile)])
     assert res.exit_code == 2 and "w2048.npz" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "idx").exists()
+
+
+def test_cli_multiscale_flags_reach_the_recipe(tmp_path, data_dir):
+    """`--scales 1,0.5 --scale-pool gem --scale-p 2` (issue 14, multi-scale descriptors) end up in the index's
+    recipe, and its vectors equal the recipe's own description of the photo."""
+    photos = _photos(data_dir, tmp_path, range(4), "photos")
+    res = CliRunner().invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx"), "-q", "--recipe", "gem",
+                                   "--scales", "1,0.5", "--scale-pool", "gem", "--scale-p", "2",
+                                   "--max-size", "256", "--whitening", "none"])
+    assert res.exit_code == 0, res.output
+    col = Collection.open(tmp_path / "idx")
+    assert col.recipe.extra == {"scales": [1.0, 0.5], "scale_pool": "gem", "scale_p": 2.0}
+    q = str(photos / "ukbench00002.jpg")
+    vec, _, _ = col.describe(q)
+    i = [r["path"] for r in col.records()].index(str((photos / "ukbench00002.jpg").resolve()))
+    assert np.allclose(vec, col.vectors()[i], atol=1e-5)

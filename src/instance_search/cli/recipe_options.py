@@ -17,7 +17,11 @@ BACKBONE = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0 | g
 LAYER = typer.Option(None, help="Backbone layer (default: the last conv layer); ng-vlad: one or more, comma "
                                 "separated (e.g. conv4_3,conv5_1).")
 MAX_SIZE = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024).")
-SCALES = typer.Option(None, help="ng-vlad: image scales, comma separated (1 | 2 | 1,2).")
+SCALES = typer.Option(None, help="Image scales, comma separated: ng-vlad 1 | 2 | 1,2; mac / rmac / spoc / gem "
+                                 "multi-scale descriptors, e.g. 1,0.7071,0.5 (must include 1).")
+SCALE_POOL = typer.Option(None, "--scale-pool", help="mac / rmac / spoc / gem with --scales: sum (then L2) | gem "
+                                                     "(GeM over scales; one-vector recipes).")
+SCALE_P = typer.Option(None, "--scale-p", help="--scale-pool gem: the exponent p (3).")
 K = typer.Option(None, "--k", help="ng-vlad: VLAD codebook size (paper: 100).")
 DIM = typer.Option(None, "--dim", help="ng-vlad: PCA-whitening dimension (paper: 128); selective: the "
                                        "final dimension (Table 2 / Table 4: 512 ... 8064).")
@@ -44,6 +48,7 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def build_recipe(recipe: str, backbone: str, layer: Optional[str], max_size: int, *, scales: Optional[str] = None,
+                 scale_pool: Optional[str] = None, scale_p: Optional[float] = None,
                  k: Optional[int] = None, dim: Optional[int] = None, mask: Optional[str] = None,
                  embedding: Optional[str] = None, aggregation: Optional[str] = None, pooling: Optional[str] = None,
                  model: Optional[Path] = None, regions: Optional[str] = None, rpn: Optional[Path] = None,
@@ -54,6 +59,7 @@ def build_recipe(recipe: str, backbone: str, layer: Optional[str], max_size: int
     layers = [x.strip() for x in layer.split(",") if x.strip()] if layer else []
     flags: dict[str, tuple[str, Any]] = {  # option key -> (flag, value)
         "scales": ("--scales", None if scales is None else _floats(scales, "--scales")),
+        "scale_pool": ("--scale-pool", scale_pool), "scale_p": ("--scale-p", scale_p),
         "k": ("--k", k), "dim": ("--dim", dim), "mask": ("--mask", mask), "embedding": ("--embedding", embedding),
         "aggregation": ("--aggregation", aggregation), "pooling": ("--pooling", pooling),
         "model": ("--model", None if model is None else str(model)), "regions": ("--regions", regions),
@@ -76,7 +82,8 @@ def build_recipe(recipe: str, backbone: str, layer: Optional[str], max_size: int
 #: the flags :func:`recipe_flags` adds to a command: (name, type, typer option)
 FLAGS: tuple[tuple[str, Any, Any], ...] = (
     ("recipe", str, RECIPE), ("backbone", str, BACKBONE), ("layer", Optional[str], LAYER),
-    ("scales", Optional[str], SCALES), ("k", Optional[int], K), ("dim", Optional[int], DIM),
+    ("scales", Optional[str], SCALES), ("scale_pool", Optional[str], SCALE_POOL),
+    ("scale_p", Optional[float], SCALE_P), ("k", Optional[int], K), ("dim", Optional[int], DIM),
     ("mask", Optional[str], MASK), ("embedding", Optional[str], EMBEDDING),
     ("aggregation", Optional[str], AGGREGATION), ("pooling", Optional[str], POOLING),
     ("model", Optional[Path], MODEL), ("regions", Optional[str], REGIONS), ("rpn", Optional[Path], RPN),
