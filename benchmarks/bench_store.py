@@ -1,7 +1,7 @@
 """The index store on SQLite (index/store.py) against the manifest.json store it replaced (commit 3e5d53f, loaded
 from git history), on this machine: add N images, kill -9 of a writer at random moments, concurrent writers,
 a reader during writes. Entries are synthetic but of R-MAC / VGG16 sizes (20 regions x 512-D fp16, a 512-D
-vector, a 512 x 16 x 16 conv map in the compact code). Lance was not measured (optional in issue 13).
+vector, a 512 x 16 x 16 conv map in the compact code). Lance is measured on the same workload by bench_store_lance.py.
 
     python benchmarks/bench_store.py [--images 1000] [--kills 20] [--writers 4] [--per-writer 100]
 
