@@ -227,7 +227,7 @@ def main() -> None:
     out = Path(a.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.update({"machine": f"{os.cpu_count()} CPUs (shared with other jobs while measured)",
-                    "legacy": f"manifest.json store of commit {LEGACY_COMMIT}", "lance": "not measured (optional)"})
+                    "legacy": f"manifest.json store of commit {LEGACY_COMMIT}", "lance": "see benchmarks/results/store_lance.json (bench_store_lance.py)"})
     only = set(a.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-store-"))
     mods = {kind: load_store(kind) for kind in ("manifest", "sqlite")}
