@@ -58,6 +58,7 @@ def test_imagenet_predictions(arch, resnet, lite0):
         assert (cat, cat_name, cup_name) == (285, "Egyptian_cat", "espresso")
 
 
+@pytest.mark.slow
 def test_vgg16_conv1_1_matches_raw_onnx(vgg, photo, tmp_path):
     """conv1_1 at fixed pixels, computed by a slow explicit loop from the ONNX file's own initializers."""
     import onnx
@@ -89,6 +90,7 @@ def test_vgg16_conv1_1_matches_raw_onnx(vgg, photo, tmp_path):
         np.testing.assert_allclose(got[:, py, px], ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_vgg16_shapes_and_mac_retrieval(vgg, photo, ukbench):
     assert vgg.layers[-2:] == ["conv5_3", "pool5"] and vgg.default_layer == "conv5_3"
     assert vgg.channels("conv5_3") == 512 and vgg.stride("conv5_3") == 16 and vgg.stride("pool5") == 32

@@ -131,6 +131,7 @@ def vgg16():
     return load_backbone("vgg16", progress=False)
 
 
+@pytest.mark.slow
 def test_real_vgg16_descriptors_match_exact(vgg16, ukbench, paris):
     from instance_search.images import load_image
     from instance_search.ops.pooling import mac, rmac
@@ -209,6 +210,7 @@ def test_fold_batchnorm_matches_conv_then_bn():
         torch.testing.assert_close(F.conv2d(x, w, b, 2, 1), bn(conv(x)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_folded_resnet50_equals_unfolded_on_real_photos(ukbench, paris):
     """Issue 14, item 3 (first part): ResNet-50 with BatchNorm folded, channels-last, equals the unfolded network:
     float64 folded = float64 unfolded to 1e-10, and the fp32 engine's res5 MAC / R-MAC have cosine >= 0.99999

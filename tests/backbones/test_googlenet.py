@@ -296,6 +296,7 @@ def test_hub_checkpoint_from_the_hub_cache_without_network(tv_state, tmp_cache, 
     assert torch.equal(bb.net.fc.weight, tv_state["fc.weight"])
 
 
+@pytest.mark.slow
 def test_ng_sweep_accepts_googlenet(tv_state, tmp_path, tmp_cache, monkeypatch):
     """`isearch weights fetch googlenet --path FILE` then `isearch sweep --backbone googlenet` on 24+24 real
     images (random weights: the figures are only checked to be mAPs)."""

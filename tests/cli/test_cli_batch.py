@@ -30,6 +30,7 @@ def _single(index, path, box=None, top=4, extra=()):
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_folder_batch_as_json_lines_equals_single_queries(built, tmp_path):
     photos, index = built
     folder = tmp_path / "q"

@@ -1,6 +1,8 @@
 """`isearch check` / `isearch repair` (issue 13) on indexes built by the store, damaged on purpose."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import numpy as np
@@ -48,6 +50,7 @@ def test_check_of_a_missing_index_fails_cleanly(tmp_path):
     assert res.exit_code == 1 and "no such folder" in res.output
 
 
+@pytest.mark.slow
 def test_remove_waits_then_names_the_writer(tmp_path):
     import subprocess
     import sys

@@ -171,6 +171,7 @@ def expected_random_map(b: Benchmark, protocol=None) -> float:
     return float(np.mean(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ukbench", "holidays", "paris6k", "rparis6k"])
 def test_perfect_reversed_random(benches, name):
     b = benches[name]

@@ -26,7 +26,8 @@ from instance_search.recipes.base import Recipe  # noqa: E402
 
 SIZE = 128
 N_PHOTOS = 20
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")  # Ray Data's own internals
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),  # Ray Data's own internals
+              pytest.mark.slow]  # a local Ray cluster and real photos
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,6 +11,8 @@ import pytest
 
 from instance_search.index import faiss_backend as fb
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 K = 10
 
 

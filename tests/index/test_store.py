@@ -214,6 +214,7 @@ def test_bit_flip_inside_a_map_is_detected(tmp_path):
         fresh.feature_map(1)
 
 
+@pytest.mark.slow
 def test_a_second_writer_waits_then_names_the_holder(tmp_path):
     store = IndexStore.create(tmp_path / "ix", {})
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -252,6 +253,7 @@ CONCURRENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_nothing(tmp_path):
     """4 processes add into one index at once: every acknowledged image is there exactly once, ids unique
     (the manifest store lost about half of them: both writers wrote the same segment names)."""
@@ -304,6 +306,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_minus_9_never_loses_acknowledged_entries(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

@@ -27,6 +27,8 @@ CHROMEDRIVER = os.environ.get("ISEARCH_CHROMEDRIVER", "/usr/bin/chromedriver")
 INSTALL = ("install them with: apt-get install -y chromium chromium-driver && "
            ".venv/bin/pip install selenium fastapi uvicorn python-multipart")
 from conftest import SERVER_OBJECTS as N_OBJECTS, build_server_index as build_index  # noqa: E402
+
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
 SERVER_LIFETIME_S = 240  # the server subprocess is killed after this, whatever happens to the test
 
 

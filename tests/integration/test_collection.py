@@ -16,6 +16,8 @@ from instance_search.index.store import CorruptIndexError
 from instance_search.recipes.base import Recipe
 from instance_search.fitted.whitening import PCAWhitening
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 N_OBJECTS = 3
 
 

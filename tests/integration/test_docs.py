@@ -157,6 +157,7 @@ def sandbox_template(ukbench, tmp_path_factory) -> Path:
 RUN_PAGES = sorted({b.page for b in all_blocks() if b.marker == "run"}, key=lambda p: str(p))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", RUN_PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_run_blocks(page, sandbox_template, tmp_path, monkeypatch, capsys):
     from typer.testing import CliRunner

@@ -2,6 +2,8 @@
 of docs/ is run or explicitly skipped by tests/integration/test_docs.py.)"""
 from __future__ import annotations
 
+import pytest
+
 import re
 from pathlib import Path
 
@@ -18,6 +20,7 @@ def test_readme_opens_with_setup_and_test_commands():
     assert "isearch weights fetch" in setup and "isearch demo" in setup
 
 
+@pytest.mark.slow
 def test_demo_command_runs(tmp_path):
     from typer.testing import CliRunner
 

@@ -31,6 +31,8 @@ from PIL import Image
 
 from instance_search.index.store import IndexStore
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 ISEARCH = str(Path(sys.executable).parent / "isearch")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ISEARCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 INDEX_ARGS = ["--max-size", "128", "--whitening", "none", "--batch", "3"]

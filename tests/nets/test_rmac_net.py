@@ -15,6 +15,8 @@ from instance_search.ops.pooling import region_macs, rmac, rmac_regions
 from instance_search.ops.normalize import l2n
 from instance_search.recipes.base import Recipe
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 SIZE = 256
 
 

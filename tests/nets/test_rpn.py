@@ -15,6 +15,8 @@ from instance_search.ops import boxes as B
 from instance_search.recipes import salvador as SV
 from instance_search.train import rpn as TR
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 torch.set_num_threads(1)
 
 

@@ -7,6 +7,8 @@ import torch
 
 from instance_search.ops import integral as I
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 
 def sparse_map(rng, C=32, H=12, W=16, density=0.1, scale=20.0):
     """Random non-negative ReLU-like map: mostly zeros, gamma-distributed activations."""

@@ -212,6 +212,7 @@ def test_recipe_options_refused_with_their_name():
     assert sift.local(Features({("conv5_3", 1.0): maps[0]}, (72, 96), kps[0])).shape == (1, 36)
 
 
+@pytest.mark.slow
 def test_all_embeddings_and_aggregations_run():
     maps = _maps(30, c=48)
     for e, d, k in (("fv", 4, 3), ("vlad", 6, 4), ("ffaemb", 4, 4)):
@@ -247,6 +248,7 @@ class _StubBackbone:
         return {(layer, float(s)): torch.from_numpy(m) for layer in layers for s in scales}
 
 
+@pytest.mark.slow
 def test_grid_cell_equals_evaluate_recipe(tmp_path):
     """`isearch selective-grid`'s cell (T-emb + democratic + MAX, 1024-D) equals `evaluate_recipe` with
     `fit_on` for the same recipe, on a Holidays subset fitted on a UKBench subset (same maps)."""

@@ -16,6 +16,8 @@ from instance_search.errors import ISearchError
 from instance_search.index.store import CorruptIndexError
 from instance_search.recipes import REGISTRY, Features, Recipe, RecipeError
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 SIZE = 128
 
 

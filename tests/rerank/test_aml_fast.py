@@ -8,6 +8,8 @@ from instance_search.index.compact import decode_sparse, encode_map
 from instance_search.ops import integral as I
 from instance_search.rerank.aml_fast import AMLInvertedMaps, aml_fast_search, rerank_aml_fast, window_macs
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 PARIS = ["paris_defense_000041.jpg", "paris_eiffel_000128.jpg", "paris_louvre_000004.jpg",
          "paris_moulinrouge_000003.jpg"]
 

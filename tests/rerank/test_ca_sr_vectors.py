@@ -74,6 +74,7 @@ def _reference(q, maps, kind, whitening):
     return np.array(scores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["max", "sum", "max-whitened"])
 def test_ca_sr_region_vectors_against_a_direct_transcription(maps, whitening, kind):
     pooling, whiten = CA.check_vectors(kind, whitening) if kind in CA.REGION_VECTORS else ("max", True)
@@ -102,6 +103,7 @@ def test_vectors_option_refused_or_needs_a_whitening():
         CA.ca_sr(np.ones(4), [np.ones((4, 3, 3), np.float32)], pooling="sum", method="integral")
 
 
+@pytest.mark.slow
 def test_casr_reranker_uses_the_named_vectors(maps, whitening):
     ids = [1, 2, 3]
     ctx = RB.RerankContext(maps=lambda i, sparse: [maps[k] for k in i], all_ids=lambda: [0, 1, 2, 3],

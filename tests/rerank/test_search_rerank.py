@@ -13,6 +13,8 @@ from instance_search.collection import Collection
 from instance_search.eval.datasets import load_benchmark
 from instance_search.recipes.base import Recipe
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 
 @pytest.fixture(scope="module")
 def paris_index(tmp_path_factory):

@@ -280,6 +280,7 @@ def test_oversized_bodies(server):
     assert not [p for p in (server["root"] / "uploads").iterdir() if p.name.startswith(".upload-")]
 
 
+@pytest.mark.slow
 def test_uploads_stay_inside_the_index(server):
     """Real images under hostile names: stored under uploads/ with sanitised names only; the planted symlinks
     are never followed (the file they point at keeps its bytes) and nothing appears outside the index."""

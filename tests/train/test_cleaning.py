@@ -228,6 +228,7 @@ def _ukb_set(ukbench, numbers, labels):
                        ["ukbench"] * len(numbers))
 
 
+@pytest.mark.slow
 def test_clean_and_box_drops_an_injected_image(ukbench, data_dir, tmp_path):
     """Three UKBench training objects (4 views each); a view of another object is injected into the first
     group and must be dropped, the true views kept with boxes inside their images."""
@@ -255,6 +256,7 @@ def test_clean_and_box_drops_an_injected_image(ukbench, data_dir, tmp_path):
     assert res2.images == recs
 
 
+@pytest.mark.slow
 def test_paris_landmark_group_boxes(paris, data_dir):
     """Paris photos grouped by landmark: Moulin Rouge views (the query paris_moulinrouge_000004 and six photos
     it verifies with in the full landmark graph) with a Louvre photo injected, and four Louvre photos.  The

@@ -12,6 +12,8 @@ from instance_search.nets import rpn as NR
 from instance_search.ops import boxes as B
 from instance_search.train import detector as FT
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 torch.set_num_threads(1)
 SIZE = 224
 

@@ -9,6 +9,8 @@ from instance_search.eval.datasets import splits
 from instance_search.nets import rmac_head as rn
 from instance_search.train import triplet as tr
 
+pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
+
 SIZE = 160  # tiny images: pool4 maps of 10 x 7 cells, so a few epochs take seconds
 
 
