@@ -1,5 +1,6 @@
 """Learned R-MAC as a network (Gordo et al. 2016, Sec. 3.1): before training it IS the non-learned R-MAC + PCA-whitening."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -198,10 +199,16 @@ def test_recipe_with_rpn_regions_pools_over_the_proposals(vgg, maps, whitening, 
     local = rec.local_from_map(c5)
     boxes = rpn.propose(c5, 10)[0].numpy()
     assert local.shape == (len(boxes), 512)
+    def c_round(v):  # C's round(): halves away from zero (Caffe's ROIPooling rounds box edges so)
+        return int(math.floor(abs(v) + 0.5)) * (1 if v >= 0 else -1)
+
     for r, b in enumerate(boxes):  # one proposal at a time: MAC of its cells, L2, W(x + s), L2
-        x0, y0 = int(np.floor(b[0] / 16)), int(np.floor(b[1] / 16))
-        x1 = max(min(int(np.ceil(b[2] / 16)), c5.shape[-1]), x0 + 1)
-        y1 = max(min(int(np.ceil(b[3] / 16)), c5.shape[-2]), y0 + 1)
+        # Caffe's RoI extent: edges rounded to cells, inclusive end, at least one cell, clipped to the map
+        x0, y0 = c_round(float(b[0]) / 16), c_round(float(b[1]) / 16)
+        x1 = max(c_round(float(b[2]) / 16), x0) + 1
+        y1 = max(c_round(float(b[3]) / 16), y0) + 1
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1, c5.shape[-1]), min(y1, c5.shape[-2])
         f = c5[:, y0:y1, x0:x1].amax(dim=(1, 2)).double()
         f = f / f.norm()
         v = (net.head.fc.weight.double() @ (f + net.head.shift.double())).detach()
