@@ -18,7 +18,8 @@ SIZE = "256"
 
 def _demo(tmp_path, name, *flags):
     out = tmp_path / name
-    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--max-size", SIZE, *flags])
+    size = [] if "--max-size" in flags else ["--max-size", SIZE]
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), *size, *flags])
     assert res.exit_code == 0, res.output
     m = re.search(r"UKBench N-S score on these 40 images: ([0-9.]+) / 4.00", res.output)
     assert m, res.output
@@ -49,9 +50,10 @@ def learned_model(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("paper,flags,floor", [
     ("tolias", ["--recipe", "rmac"], 3.0),
-    ("ng", ["--recipe", "ng-vlad", "--layer", "conv4_3", "--k", "16", "--dim", "32", "--train-images", "40"], 2.5),
+    ("ng", ["--recipe", "ng-vlad", "--layer", "conv4_3", "--k", "16", "--dim", "32", "--train-images", "40",
+            "--max-size", "160"], 2.5),
     ("hoang", ["--recipe", "selective", "--mask", "max", "--embedding", "temb", "--aggregation", "democratic",
-               "--dim", "512", "--train-images", "160"], 2.5),
+               "--dim", "512", "--train-images", "132", "--max-size", "160"], 2.5),
     ("salvador", ["--recipe", "ipa", "--pooling", "sum"], 2.5),
 ])
 def test_each_paper_indexes_and_searches_the_demo(tmp_path, paper, flags, floor):
