@@ -599,10 +599,13 @@ class IndexStore:
         try:
             return self._feature_maps(image_ids, sparse)
         except _MapFileGone as gone:
+            missing = gone.args[0]
             if self.reload():  # compacted or refreshed by another process since this version was read
-                return self._feature_maps(image_ids, sparse)
-            raise CorruptIndexError(f"{gone.args[0]}: missing (the index catalogue names it); "
-                                    "run `isearch repair`") from None
+                try:
+                    return self._feature_maps(image_ids, sparse)
+                except _MapFileGone as again:
+                    missing = again.args[0]
+        raise CorruptIndexError(f"{missing}: missing (the index catalogue names it); run `isearch repair`")
 
     def _feature_maps(self, image_ids, sparse: bool) -> list:
         removed = set(self.manifest["removed"])
