@@ -11,6 +11,11 @@ command        what it trains / writes                                          
 
 Each model file is a plain state dict (``.pt``, written atomically, read back with ``weights_only=True``) with a
 JSON config beside it holding its sha256, the training data and the history.
+
+``--device auto|cpu|cuda`` (``clean``, ``train-rmac``, ``train-rpn``): where the networks, batches and losses run
+(``clean``: the ratio test's descriptor distances; SIFT and RANSAC stay on the CPU). ``cuda`` without a GPU is
+refused before anything is written; model files and checkpoints hold CPU tensors, so a model trained on a GPU
+loads on a CPU-only machine.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import typer
 from .common import expected_errors as _expected
 from .common import fail as _fail
 from .common import message as _msg
+from .device import DEVICE, resolve_device
 from .main import app
 
 
@@ -55,12 +61,14 @@ def clean_cmd(
     alpha: float = typer.Option(0.1, help="Box diffusion rate."),
     cache: Optional[Path] = typer.Option(None, help="Folder to cache SIFT features in."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = DEVICE,
 ) -> None:
     """Clean groups and estimate object boxes (Gordo et al. 2016, Sec. 4.1): SIFT + affine RANSAC per pair,
     largest connected component per group, box diffusion. Writes {image: group, kept, box, ...}."""
     from ..train.cleaning import CleaningParams, clean_and_box, groups_from_folder, save_boxes
 
     try:
+        dev = resolve_device(device)
         if folder is None:
             from ..eval.datasets.benchmarks import find_shared_data
             from ..eval.datasets.splits import training_set
@@ -74,7 +82,7 @@ def clean_cmd(
             root = Path(folder)
             ts = groups_from_folder(root)
         params = CleaningParams(max_side=max_side, min_inliers=min_inliers, ratio=ratio, alpha=alpha)
-        res = clean_and_box(ts, root=root, params=params, cache_dir=cache, progress=not quiet)
+        res = clean_and_box(ts, root=root, params=params, cache_dir=cache, progress=not quiet, device=dev)
         save_boxes(res, out)
     except _expected() as exc:
         _fail(_msg(exc))
@@ -109,6 +117,7 @@ def train_rmac(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from CHECKPOINT_DIR/checkpoint.pt."),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = DEVICE,
 ) -> None:
     """Train learned R-MAC (Gordo et al. 2016, Sec. 3.1) with hard triplets on the training split
     (Holidays-811 + UKBench 0-499); use it with
@@ -116,12 +125,13 @@ def train_rmac(
     from ..train.triplet import TrainConfig, train_on_split
 
     try:
+        dev = resolve_device(device)
         cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, margin=margin,
                           batch=batch, micro_batch=micro_batch, remine_every=remine_every, mine_pool=mine_pool,
                           anchors_per_epoch=anchors_per_epoch, seed=seed)
         _, history, model_path = train_on_split(checkpoint_dir, cfg, train_layers=train_layers, max_size=max_size,
                                                 data_dir=data, cache_dir=cache_dir, engine=engine, resume=resume,
-                                                progress=not quiet)
+                                                progress=not quiet, device=dev)
     except _expected() as exc:
         _fail(_msg(exc))
     for e in history["epochs"]:
@@ -154,6 +164,7 @@ def train_rpn_cmd(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue after the last epoch checkpoint."),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = DEVICE,
 ) -> None:
     """Train a region proposal network (Ren et al. 2015; Gordo et al. 2016, Sec. 3.2) on VGG16 conv5_3 maps of
     the kept images of a boxes file, their estimated boxes as ground truth. Use it with
@@ -161,12 +172,13 @@ def train_rpn_cmd(
     from ..train.rpn import RPNTrainConfig, train_rpn_on_boxes
 
     try:
+        dev = resolve_device(device)
         cfg = RPNTrainConfig(epochs=epochs, lr=lr, lr_drop_epoch=lr_drop_epoch, images_per_batch=images_per_batch,
                              seed=seed)
         _, history, path, summary = train_rpn_on_boxes(
             boxes, root, out, config=cfg, max_size=max_size, mid_channels=mid, sizes=_floats(sizes, "--sizes"),
             val_groups=val_groups, checkpoint_dir=checkpoint_dir, weights=weights, engine=engine, resume=resume,
-            progress=not quiet)
+            progress=not quiet, device=dev)
     except _expected() as exc:
         _fail(_msg(exc))
     typer.echo(f"trained on {summary['train_images']} images ({summary['validation_images']} held out) of "

@@ -18,6 +18,10 @@ All boxes are ``[x0, y0, x1, y1]`` in pixels of the ORIGINAL image (SIFT runs on
 and affine transforms are mapped back).  :func:`clean_and_box` runs everything over a
 :class:`~instance_search.eval.datasets.splits.TrainingSet`; :func:`save_boxes` / :func:`load_boxes` write and
 read (with validation) the boxes file used to train the region proposal network.
+
+``device`` (``isearch clean --device``): SIFT and RANSAC run on the CPU (OpenCV); the descriptor distances of
+the ratio test -- one (Na, Nb) matrix product per pair -- run on ``"cuda"`` when asked, on the CPU (NumPy)
+otherwise.
 """
 from __future__ import annotations
 
@@ -213,20 +217,44 @@ def _plausible_affine(A: np.ndarray, max_scale: float, max_anisotropy: float) ->
     return ""
 
 
-def ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+def _two_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two nearest rows of ``b`` (Nb >= 2) for each row of ``a`` and their squared L2 distances (in no
+    particular order): ``(indices (Na, 2) int64, squared distances (Na, 2) float32)``; NumPy, float32."""
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    np.maximum(d2, 0.0, out=d2)
+    two = np.argpartition(d2, 1, axis=1)[:, :2]
+    return two.astype(np.int64), np.take_along_axis(d2, two, axis=1)
+
+
+def _two_nearest_torch(a: np.ndarray, b: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_two_nearest` with torch on ``device`` (e.g. ``"cuda"``): the same float32 formula, the distance
+    matrix never leaves the device; only the (Na, 2) results come back."""
+    import torch
+
+    dev = torch.device(device)
+    ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+    d2 = (ta * ta).sum(1)[:, None] + (tb * tb).sum(1)[None, :] - 2.0 * (ta @ tb.T)
+    d2.clamp_(min=0.0)
+    v, two = torch.topk(d2, 2, dim=1, largest=False)
+    return two.cpu().numpy().astype(np.int64), v.cpu().numpy()
+
+
+def ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float = 0.8,
+                  device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tentative matches a -> b with Lowe's first-to-second-neighbour ratio test (Lowe 2004, Sec. 7.1):
     row q of ``da`` (Na, D) matches its nearest row t of ``db`` (Nb, D, Nb >= 2) when
     ``|a_q - b_t| < ratio * |a_q - b_t2|`` (t2: second nearest); each t keeps only its closest q.
     Returns (query indices into a, target indices into b), sorted by target.  Exhaustive L2 search in
-    float32 through one matrix product (same result as OpenCV's brute-force matcher, faster here)."""
-    a = np.asarray(da, dtype=np.float32)
-    b = np.asarray(db, dtype=np.float32)
+    float32 through one matrix product (same result as OpenCV's brute-force matcher, faster here); with
+    ``device`` other than None / ``"cpu"`` (e.g. ``"cuda"``) that product runs there with torch."""
+    a = np.ascontiguousarray(da, dtype=np.float32)
+    b = np.ascontiguousarray(db, dtype=np.float32)
     if len(a) == 0 or len(b) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    np.maximum(d2, 0.0, out=d2)
-    two = np.argpartition(d2, 1, axis=1)[:, :2]
-    v = np.take_along_axis(d2, two, axis=1)
+    if device is None or str(device) == "cpu":
+        two, v = _two_nearest(a, b)
+    else:
+        two, v = _two_nearest_torch(a, b, device)
     first = np.argmin(v, axis=1)
     nn = two[np.arange(len(a)), first]
     d1, d2nd = v[np.arange(len(a)), first], v[np.arange(len(a)), 1 - first]
@@ -242,20 +270,21 @@ def ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float = 0.8) -> tuple[n
 
 
 def match_pair(fa: SiftFeatures, fb: SiftFeatures, ratio: float = 0.8, ransac_px: float = 6.0,
-               max_scale: float = 8.0, max_anisotropy: float = 4.0, seed: int = 0) -> PairMatch:
+               max_scale: float = 8.0, max_anisotropy: float = 4.0, seed: int = 0,
+               device: str | None = None) -> PairMatch:
     """Match SIFT features of a to b and verify them with an affine model (Gordo et al. 2016, Sec. 4.1).
 
     Tentative matches: nearest neighbour in b of each descriptor of a whose distance is below ``ratio``
     times the second nearest (Lowe 2004, Sec. 7.1), one match per keypoint of b (the closest).  An affine
     transform is fitted with RANSAC (``cv2.estimateAffine2D``, reprojection threshold ``ransac_px`` in
     working-copy pixels of b); mirrored, collapsed or wildly scaled models are refused.  The score is the
-    number of inliers.
+    number of inliers.  ``device``: where the ratio test's distances are computed (:func:`ratio_matches`).
     """
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     if len(fa) < 2 or len(fb) < 2:
         return _empty_match(0, "too few keypoints")
-    qa, tb = ratio_matches(fa.descriptors, fb.descriptors, ratio)
+    qa, tb = ratio_matches(fa.descriptors, fb.descriptors, ratio, device=device)
     n = len(qa)
     if n < 3:
         return _empty_match(n, "fewer than 3 tentative matches")
@@ -627,12 +656,14 @@ class GroupResult:
 
 
 def clean_group(features: Sequence[SiftFeatures], params: CleaningParams | None = None,
-                on_pair: Callable[[int, int, PairMatch], None] | None = None) -> GroupResult:
-    """Match, build the graph, keep its largest component (>= 2 images) and estimate the boxes of one group."""
+                on_pair: Callable[[int, int, PairMatch], None] | None = None,
+                device: str | None = None) -> GroupResult:
+    """Match, build the graph, keep its largest component (>= 2 images) and estimate the boxes of one group
+    (``device``: where the ratio test's distances are computed, see :func:`ratio_matches`)."""
     p = params or CleaningParams()
     n = len(features)
     t0 = time.perf_counter()
-    edges = matching_graph(features, min_inliers=p.min_inliers, on_pair=on_pair, **p.match_kw())
+    edges = matching_graph(features, min_inliers=p.min_inliers, on_pair=on_pair, device=device, **p.match_kw())
     t1 = time.perf_counter()
     nodes, comp = largest_component(n, edges)
     if len(nodes) < 2:
@@ -673,12 +704,14 @@ def _relpath(path: Path, root: Path) -> str:
 
 
 def clean_and_box(training_set, root: str | os.PathLike | None = None, params: CleaningParams | None = None,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> CleaningResult:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                  device: str | None = None) -> CleaningResult:
     """Clean every group of ``training_set`` (a :class:`~instance_search.eval.datasets.splits.TrainingSet`, or
     anything with ``paths``, ``labels`` and optionally ``source``) and estimate boxes (Gordo et al. 2016,
     Sec. 4.1).  ``root`` (default: the shared data folder) is what the paths in the result are relative to;
     SIFT features are cached per image (in memory, and in ``cache_dir`` when given).  A tqdm bar counts
-    images.  Unreadable images are dropped with their error in ``stats['failed']``."""
+    images.  Unreadable images are dropped with their error in ``stats['failed']``.  ``device``: where the
+    ratio test's descriptor distances are computed (None / ``"cpu"``: NumPy; ``"cuda"``: torch on the GPU)."""
     from tqdm import tqdm
 
     from ..images import ImageError
@@ -727,7 +760,7 @@ def clean_and_box(training_set, root: str | os.PathLike | None = None, params: C
                 failed.append(str(exc))
                 images[rel[k]] = _record(g, False, None, None, 0)
         t_sift += time.perf_counter() - ts
-        res = clean_group(feats, p, on_pair=on_pair)
+        res = clean_group(feats, p, on_pair=on_pair, device=device)
         rounds.append(res.rounds)
         t_match += res.seconds_matching
         t_diff += res.seconds_diffusion

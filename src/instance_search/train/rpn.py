@@ -7,7 +7,9 @@ on the cleaned landmarks set (``isearch clean`` -> ``isearch train-rpn``).
   256 anchors sampled per image with up to half positives (:func:`sample_labels`).
 * Loss (Ren Eq. 1): log loss + smooth L1 on the positives' deltas, both averaged over the sampled anchors (Ren's
   lambda = 10 with N_reg ~ 2400 locations is the same balance).
-* :func:`train_rpn`: SGD with momentum, a progress bar, one resumable checkpoint per epoch.
+* :func:`train_rpn`: SGD with momentum, a progress bar, one resumable checkpoint per epoch; on the CPU or a CUDA
+  GPU (``device``): the network, each map and the loss live there; anchor labelling and sampling stay on the CPU
+  with a CPU generator, so a seed draws the same anchors on either device. Files hold CPU tensors.
 * :func:`train_rpn_on_boxes`: the whole command -- conv5_3 maps of the kept images of a boxes file (cached), their
   boxes in the map frame, a share of the groups held out for a validation loss, training, the model file.
 """
@@ -148,10 +150,20 @@ def _config_key(rpn: RPN, cfg: RPNTrainConfig, samples: Sequence[RPNSample]) -> 
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def _cpu_state(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU (a GPU run's checkpoint loads anywhere)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_state(v) for v in obj)
+    return obj
+
+
 def _save_checkpoint(path: Path, rpn: RPN, opt, epoch: int, history: dict, key: str) -> None:
     buf = io.BytesIO()
-    torch.save({"model": {k: v.detach().cpu() for k, v in rpn.state_dict().items()}, "optimizer": opt.state_dict()},
-               buf)
+    torch.save({"model": _cpu_state(rpn.state_dict()), "optimizer": _cpu_state(opt.state_dict())}, buf)
     atomic_write_bytes(path, buf.getvalue())
     meta = {"format": _CKPT_FORMAT, "epoch": epoch, "key": key, "sha256": file_sha256(path), "history": history}
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
@@ -169,18 +181,20 @@ def _load_checkpoint(path: Path, rpn: RPN, opt, key: str) -> tuple[int, dict]:
         raise RPNFileError(f"{path}: checkpoint damaged (sha256 differs from {meta_path.name})")
     state = torch.load(path, map_location="cpu", weights_only=True)
     rpn.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    opt.load_state_dict(state["optimizer"])  # torch moves the momentum to the parameters' device
     return int(meta["epoch"]), meta["history"]
 
 
 def train_rpn(rpn: RPN, samples: Sequence[RPNSample], config: RPNTrainConfig | None = None,
               checkpoint_dir: str | os.PathLike | None = None, val_samples: Sequence[RPNSample] | None = None,
               resume: bool = True, progress: bool = True,
-              on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, list]:
+              on_epoch: Callable[[int, dict], None] | None = None,
+              device: str | torch.device | None = None) -> dict[str, list]:
     """Train ``rpn`` on ``samples`` (Ren et al. 2015, Sec. 3.1.3: SGD with momentum, 256 sampled anchors per
     image). One checkpoint per epoch in ``checkpoint_dir`` (``epoch-NNN.pt`` + ``.json``); with ``resume`` the run
-    continues after the last checkpoint of the same settings. Returns the history: per epoch the mean training
-    losses, wall seconds, and the validation loss on ``val_samples`` (all anchors labelled, no sampling)."""
+    continues after the last checkpoint of the same settings. ``device``: where ``rpn`` is moved to and trained
+    (None: where it is). Returns the history: per epoch the mean training losses, wall seconds, and the
+    validation loss on ``val_samples`` (all anchors labelled, no sampling)."""
     from tqdm.auto import tqdm
 
     cfg = (config or RPNTrainConfig()).validate()
@@ -191,6 +205,8 @@ def train_rpn(rpn: RPN, samples: Sequence[RPNSample], config: RPNTrainConfig | N
         if len(b) == 0 or not np.all(np.isfinite(b)) or np.any(b[:, 2] <= b[:, 0]) or np.any(b[:, 3] <= b[:, 1]):
             raise ValueError(f"training sample {s.name or '?'}: boxes must be non-empty, finite, x1 < x2, y1 < y2; "
                              f"got {b.tolist()}")
+    if device is not None:
+        rpn.to(torch.device(device))  # before the optimizer is built on its parameters
     params = [p for p in rpn.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     key = _config_key(rpn, cfg, samples)
@@ -219,8 +235,8 @@ def train_rpn(rpn: RPN, samples: Sequence[RPNSample], config: RPNTrainConfig | N
         for n, i in enumerate(order):
             lc, lr_ = _sample_loss(rpn, samples[i], cfg, gen)
             ((lc + lr_) / cfg.images_per_batch).backward()
-            tot_c += float(lc.detach())
-            tot_r += float(lr_.detach())
+            tot_c += float(lc.detach().cpu())
+            tot_r += float(lr_.detach().cpu())
             if (n + 1) % cfg.images_per_batch == 0 or n + 1 == len(order):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -248,7 +264,7 @@ def evaluate_loss(rpn: RPN, samples: Sequence[RPNSample], config: RPNTrainConfig
     c = r = 0.0
     for s in samples:
         lc, lr_ = _sample_loss(rpn, s, cfg, None, sample=False)
-        c, r = c + float(lc), r + float(lr_)
+        c, r = c + float(lc.cpu()), r + float(lr_.cpu())
     n = max(1, len(samples))
     return {"val_cls": c / n, "val_reg": r / n}
 
@@ -353,11 +369,12 @@ def train_rpn_on_boxes(boxes_file: str | os.PathLike, root: str | os.PathLike | 
                        sizes: Sequence[float] = DEFAULT_SIZES, val_groups: float = 0.1,
                        checkpoint_dir: str | os.PathLike | None = None, weights: str | None = None,
                        engine: str = "exact", resume: bool = True, progress: bool = True,
-                       on_epoch: Callable[[int, dict], None] | None = None):
+                       on_epoch: Callable[[int, dict], None] | None = None, device: str = "cpu"):
     """``isearch train-rpn``: train an RPN (Gordo et al. 2016, Sec. 3.2) on VGG16 conv5_3 maps of the kept images
     of ``boxes_file`` with their estimated boxes as ground truth, and write it to ``out`` (``.pt`` + ``.json``
     with its sha256, the training data and history). Checkpoints (and the map cache) go to ``checkpoint_dir``
-    (default: ``out``'s folder / ``<stem>-run``). Returns ``(rpn, history, model path, data summary)``."""
+    (default: ``out``'s folder / ``<stem>-run``). ``device``: ``"cpu"`` or ``"cuda"``, for the VGG16 maps and the
+    training (the model file holds CPU tensors). Returns ``(rpn, history, model path, data summary)``."""
     from ..backbones import load_backbone
     from ..backbones.fast import use_engine
 
@@ -370,12 +387,12 @@ def train_rpn_on_boxes(boxes_file: str | os.PathLike, root: str | os.PathLike | 
     torch.manual_seed(cfg.seed)
     rpn = RPN(mid_channels=int(mid_channels), sizes=sizes, max_size=int(max_size))  # checks sizes / channels
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.stem}-run"
-    bb = load_backbone("vgg16", weights=weights, progress=progress)
+    bb = load_backbone("vgg16", weights=weights, progress=progress, device=device)
     use_engine(bb, engine)
     train, val, summary = boxes_file_samples(boxes_file, root, bb, max_size=max_size, cache_dir=ck / "maps",
                                              val_groups=val_groups, seed=cfg.seed, progress=progress)
     summary["backbone_weights_sha256"] = str(getattr(bb.weights, "sha256", "") or "")
     history = train_rpn(rpn, train, cfg, ck / "checkpoints", val_samples=val or None, resume=resume,
-                        progress=progress, on_epoch=on_epoch)
-    path = save_rpn(rpn, out, trained_on=summary, history=history, train_config=asdict(cfg))
+                        progress=progress, on_epoch=on_epoch, device=device)
+    path = save_rpn(rpn, out, trained_on=summary, history=history, train_config=asdict(cfg), device=str(device))
     return rpn, history, path, summary

@@ -198,6 +198,18 @@ class InputCache(Sequence):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+def _cpu_state(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU, so that a checkpoint written on a GPU
+    loads on a CPU-only machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_state(v) for v in obj)
+    return obj
+
+
 @dataclass
 class TrainConfig:
     """Settings of :class:`TripletTrainer` (see the module docstring)."""
@@ -247,11 +259,16 @@ class TripletTrainer:
     tensors); ``labels``: their group labels (same label = same object/scene). ``checkpoint_dir``: where
     ``checkpoint.pt``, per-epoch models ``epoch-NNN.pt`` (+ ``.json``), the final ``model.pt`` and
     ``loss_curve.png`` go (None: no files). ``fit(resume=True)`` continues from ``checkpoint.pt`` if present.
+    ``device``: where the network, its inputs and the losses live (``"cpu"``, ``"cuda"``, a ``torch.device``;
+    None: wherever ``net`` already is); the inputs stay on the CPU (or in the cache) until a batch needs them.
+    Files hold CPU tensors whatever the device (a model trained on a GPU loads on a CPU-only machine).
     """
 
     def __init__(self, net: RMACNet, inputs: Sequence[torch.Tensor], labels, config: TrainConfig | None = None,
                  checkpoint_dir: str | os.PathLike | None = None, *, progress: bool = True,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, device: str | torch.device | None = None):
+        if device is not None:
+            net = net.to(torch.device(device))  # before the optimizer is built on its parameters
         self.net = net
         self.inputs = inputs
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -282,6 +299,11 @@ class TripletTrainer:
         self.epoch_elapsed = 0.0  # seconds already spent in the current epoch (before a resume)
         self.epoch_cpu = 0.0  # CPU seconds of this process, likewise
         self.history: dict[str, list] = {"updates": [], "rounds": [], "epochs": []}
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the network's parameters (where batches, descriptors and losses are computed)."""
+        return self.net.head.shift.device
 
     # -------------------------------------------------------------- randomness: a pure function of the position
     def _rng(self, *keys: int) -> np.random.Generator:
@@ -318,7 +340,7 @@ class TripletTrainer:
         D = self.describe(pool)
         where = {int(g): k for k, g in enumerate(pool.tolist())}
         apos = np.asarray([where[int(a)] for a in anchors])
-        sim = (D[apos] @ D.T).double().numpy()
+        sim = (D[torch.as_tensor(apos, device=D.device)] @ D.T).double().cpu().numpy()
         plab = self.labels[pool]
         alab = self.labels[anchors]
         pos = choose_positives(sim, apos, alab, plab, c.positive, rng)
@@ -328,7 +350,8 @@ class TripletTrainer:
         if not rows:
             return np.zeros((0, 3), np.int64), np.zeros(0), {"pool": len(pool), "triplets": 0, "active": 0}
         t = np.asarray(rows, dtype=np.int64)
-        losses = triplet_loss(D[t[:, 0]], D[t[:, 1]], D[t[:, 2]], c.margin).numpy().astype(np.float64)
+        tt = torch.as_tensor(t, device=D.device)
+        losses = triplet_loss(D[tt[:, 0]], D[tt[:, 1]], D[tt[:, 2]], c.margin).cpu().numpy().astype(np.float64)
         stats = {"pool": int(len(pool)), "triplets": int(len(t)), "active": int((losses > 0).sum()),
                  "mined_loss": float(losses.mean())}
         triplets = pool[t]
@@ -347,14 +370,14 @@ class TripletTrainer:
         for k in range(0, len(triplets), c.micro_batch):
             chunk = triplets[k:k + c.micro_batch]
             ids, inv = np.unique(chunk.ravel(), return_inverse=True)
-            inv = torch.as_tensor(inv.reshape(chunk.shape))
+            inv = torch.as_tensor(inv.reshape(chunk.shape), device=self.device)
             with torch.set_grad_enabled(backward):
                 D = self.net.embed([self.inputs[int(i)] for i in ids], batch=c.describe_batch)
                 lv = triplet_loss(D[inv[:, 0]], D[inv[:, 1]], D[inv[:, 2]], c.margin)
                 if backward:
                     (lv.sum() / len(triplets)).backward()
-            total += float(lv.detach().sum())
-            active += int((lv.detach() > 0).sum())
+            total += float(lv.detach().sum().cpu())
+            active += int((lv.detach() > 0).sum().cpu())
         return total / max(1, len(triplets)), active
 
     def step(self, triplets: np.ndarray) -> tuple[float, int]:
@@ -386,7 +409,7 @@ class TripletTrainer:
 
         state = {"format": _CKPT_FORMAT, "format_version": _CKPT_VERSION,
                  "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "round": self.round,
+                 "optimizer": _cpu_state(self.optimizer.state_dict()), "epoch": self.epoch, "round": self.round,
                  "updates": self.updates, "epoch_elapsed": float(self.epoch_elapsed),
                  "epoch_cpu": float(self.epoch_cpu), "history": self.history,
                  "model_config": json.dumps(self.net.config(), sort_keys=True),
@@ -419,7 +442,7 @@ class TripletTrainer:
                                   f"the number of epochs may change on resume (use another folder or --no-resume)")
         self.net.load_state_dict(state["model"])
         self.net.backbone_weights_sha256 = mine["backbone_weights_sha256"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # torch moves the momentum to the parameters' device
         self.epoch, self.round, self.updates = int(state["epoch"]), int(state["round"]), int(state["updates"])
         self.epoch_elapsed = float(state["epoch_elapsed"])
         self.epoch_cpu = float(state.get("epoch_cpu", 0.0))
@@ -546,10 +569,12 @@ def plot_loss_curve(history: dict[str, list], path: str | os.PathLike, title: st
 def train_on_split(checkpoint_dir: str | os.PathLike, config: TrainConfig | None = None, *,
                    train_layers: str = "conv5", max_size: int = 384, out_dim: int = 512,
                    data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                   engine: str = "exact", resume: bool = True, progress: bool = True):
+                   engine: str = "exact", resume: bool = True, progress: bool = True, device: str = "cpu"):
     """Train learned R-MAC on the project's training split (Holidays-811 + UKBench 0-499, asserted disjoint from
     the evaluation split): cache the frozen layers' outputs, initialise the head from PCA-whitening of the
-    training regions, train with hard triplets. Returns ``(net, history, model path)``."""
+    training regions, train with hard triplets. ``device``: ``"cpu"`` or ``"cuda"`` (the frozen layers, the
+    trained network and every batch run there; the files hold CPU tensors). Returns ``(net, history, model
+    path)``."""
     from ..backbones import load_backbone
     from ..backbones.fast import use_engine
     from ..eval.datasets import splits
@@ -562,15 +587,16 @@ def train_on_split(checkpoint_dir: str | os.PathLike, config: TrainConfig | None
         raise ValueError(f"max_size must be at least 32 pixels, got {max_size}")
     ts = splits.training_set(data_dir)  # raises if it overlaps the evaluation split
     ckpt = Path(checkpoint_dir)
-    bb = load_backbone("vgg16", progress=progress)
+    bb = load_backbone("vgg16", progress=progress, device=device)
     use_engine(bb, engine)
     cache = InputCache.build([(p, None) for p in ts.paths], bb, INPUT_LAYER[train_layers], max_size,
                              Path(cache_dir) if cache_dir is not None else ckpt / "inputs", progress=progress,
                              desc=f"frozen layers -> {INPUT_LAYER[train_layers]}")
-    net = RMACNet(train_layers, out_dim=out_dim).init_from_backbone(bb)
+    net = RMACNet(train_layers, out_dim=out_dim).init_from_backbone(bb).to(device)
     info = {"trained_on": f"training split: Holidays-811 + UKBench images 0-499 ({len(ts)} images, "
-                          f"{len(set(ts.labels.tolist()))} groups)", "max_size": max_size, "engine": engine}
-    trainer = TripletTrainer(net, cache, ts.labels, config, ckpt, progress=progress, info=info)
+                          f"{len(set(ts.labels.tolist()))} groups)", "max_size": max_size, "engine": engine,
+            "device": str(device)}
+    trainer = TripletTrainer(net, cache, ts.labels, config, ckpt, progress=progress, info=info, device=device)
     if not (resume and trainer.checkpoint_path.is_file()):
         w = fit_head_whitening(net, cache, trained_on=info["trained_on"], progress=progress)
         trainer.info["pca"] = f"{w.n_samples} regional vectors -> {w.dim}-D"
