@@ -46,24 +46,51 @@ class Describer:
     """Backbone + recipe: image -> :class:`Features` -> (local vectors, the map kept for re-ranking). Loads the
     network lazily, once, and lets the recipe prepare it (e.g. learned R-MAC's trained conv layers)."""
 
-    def __init__(self, recipe: Recipe, weights: str | None = None, device: str = "cpu", engine: str = "exact"):
+    def __init__(self, recipe: Recipe, weights: str | None = None, device: str = "cpu", engine: str = "auto"):
         self.recipe = recipe
         self.weights = weights
         self.device = device
-        self.engine = engine  # "exact" fp32, or "winograd" (VGG16 on CPU, ~2x faster, cosine > 0.99999)
         self._backbone = None
+        self.engine = engine
+
+    @property
+    def engine(self) -> str:
+        """The engine asked for: ``auto`` (winograd for VGG16 / ResNet-50 on the CPU, else exact: see
+        :func:`~instance_search.backbones.fast.resolve_engine`), ``exact`` fp32, ``winograd`` or ``folded``.
+        Setting it checks the name against the backbone and device (:class:`EngineError` before any image is
+        read) and switches a network already loaded."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: str) -> None:
+        self._engine = engine
+        self.engine_name  # noqa: B018 - raises EngineError naming a bad engine
+        if self._backbone is not None:
+            from .backbones.fast import use_engine
+
+            use_engine(self._backbone, engine)
+
+    @property
+    def engine_name(self) -> str:
+        """The engine that runs (``auto`` resolved for this recipe's backbone and this device)."""
+        from .backbones.fast import resolve_engine
+        from .backbones.weights import WeightsError, canon_arch
+
+        try:
+            arch = canon_arch(self.recipe.backbone)
+        except (WeightsError, ValueError, KeyError):  # an unknown backbone fails when loaded, naming it
+            arch = str(self.recipe.backbone)
+        return resolve_engine(arch, self.device, self._engine)
 
     @property
     def backbone(self):
         if self._backbone is None:
             from .backbones import load_backbone
+            from .backbones.fast import use_engine
 
             self._backbone = load_backbone(self.recipe.backbone, weights=self.weights, device=self.device)
             self.recipe.method.prepare_backbone(self._backbone)  # before any engine takes the weights
-            if self.engine != "exact":
-                from .backbones.fast import use_engine
-
-                use_engine(self._backbone, self.engine)
+            use_engine(self._backbone, self.engine)
         return self._backbone
 
     @property
@@ -187,7 +214,7 @@ class TrainingFeatures(Sequence):
 
 
 def fit_recipe(recipe: Recipe, photos: str | os.PathLike | Sequence[str | os.PathLike], *,
-               weights: str | None = None, device: str = "cpu", engine: str = "exact", progress: bool = True,
+               weights: str | None = None, device: str = "cpu", engine: str = "auto", progress: bool = True,
                describer: "Describer | None" = None) -> Recipe:
     """Fit ``recipe`` on a training collection (a folder or a list of images) through
     :class:`TrainingFeatures`. Unreadable training images are left out first, and counted."""
@@ -223,11 +250,12 @@ class Collection:
     MIN_SELF_WHITENING_IMAGES = 500
 
     def __init__(self, store: IndexStore, weights: str | None = None, device: str = "cpu",
-                 faiss_kind: str = "flat"):
+                 faiss_kind: str = "flat", engine: str = "auto"):
         self.store = store
         self.faiss_kind = faiss_kind  # "flat" (exact, default), "hnsw" or "ivfpq" (approximate, large collections)
         self.recipe = _stored_recipe(store)
-        self.describer = Describer(self.recipe, weights=weights or store.settings.get("weights"), device=device)
+        self.describer = Describer(self.recipe, weights=weights or store.settings.get("weights"), device=device,
+                                   engine=engine)
         self.whitening: PCAWhitening | None = None
         info = store.whitening_info
         if info is not None:
@@ -247,7 +275,7 @@ class Collection:
     @classmethod
     def create(cls, root: str | os.PathLike, recipe: Recipe, *, whitening: str | os.PathLike = "self",
                weights: str | None = None, store_maps: bool = True, device: str = "cpu",
-               fit_on: str | os.PathLike | Sequence[str | os.PathLike] | None = None, engine: str = "exact",
+               fit_on: str | os.PathLike | Sequence[str | os.PathLike] | None = None, engine: str = "auto",
                progress: bool = False) -> "Collection":
         """Create an empty index at ``root``. ``whitening``: ``"self"`` (learn it on this collection after
         indexing), ``"none"``, or the path of a whitening fitted elsewhere (``isearch whitening learn``).
@@ -256,6 +284,8 @@ class Collection:
         is fitted first on ``fit_on`` (a folder or a list of training images, never the collection itself) unless
         it is fitted already; its fitted state and the model files its options name are copied INTO the index
         folder with their sha256, so the folder searches wherever it is moved."""
+        # the engine that describes the images, recorded in the settings (checked before anything is written)
+        engine_name = Describer(recipe, device=device, engine=engine).engine_name
         if not recipe.whitened and str(whitening) == "self":
             whitening = "none"  # the recipe's own projection already whitens (learned R-MAC's head, VLAD's PCA-w)
         if str(whitening) not in cls.WHITENING_MODES and not Path(whitening).is_file():
@@ -277,7 +307,7 @@ class Collection:
                                  f"{recipe.name!r} on {recipe.backbone} gives {probe.shape[1]}-D local vectors "
                                  "(learned for another backbone, layer or recipe?)")
         settings = {"recipe": recipe.to_dict(), "whitening_mode": "self", "store_maps": bool(store_maps),
-                    "weights": weights}
+                    "weights": weights, "engine": engine_name}
         settings["whitening_mode"] = "given" if given is not None else str(whitening)
         models = {key: recipe.extra[key] for key in recipe.method.model_files if recipe.extra.get(key)}
         for key, path in models.items():  # read before anything is written: a missing file creates no index
@@ -304,8 +334,7 @@ class Collection:
         if models or state:
             changes["recipe"] = stored
             store.update_settings(changes)
-        col = cls(store, weights=weights, device=device)
-        col.describer.engine = engine
+        col = cls(store, weights=weights, device=device, engine=engine)
         if describer is not None and not models and not state:  # reuse the loaded network
             col.describer = describer
         if given is not None:
@@ -314,9 +343,9 @@ class Collection:
 
     @classmethod
     def open(cls, root: str | os.PathLike, *, writable: bool = False, weights: str | None = None,
-             device: str = "cpu", faiss_kind: str = "flat") -> "Collection":
+             device: str = "cpu", faiss_kind: str = "flat", engine: str = "auto") -> "Collection":
         store = IndexStore.open(root, writable=writable)
-        col = cls(store, weights=weights, device=device, faiss_kind=faiss_kind)
+        col = cls(store, weights=weights, device=device, faiss_kind=faiss_kind, engine=engine)
         if writable:
             col._refresh_vectors()
         return col
