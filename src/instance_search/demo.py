@@ -85,7 +85,7 @@ def offline_photos(folder: Path, n_images: int, n_train: int = 0) -> tuple[list[
 
 
 def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16", recipe=None, fit_on=None,
-             n_train: int = 200) -> dict:
+             n_train: int = 200, engine: str = "auto") -> dict:
     """Index the first ``n_images`` UKBench images with ``recipe`` (default: R-MAC on ``backbone`` at max side
     512), query with each, print the N-S score. A recipe that learns (Ng's VLAD, Hoang's selective features) is
     fitted on ``fit_on``, by default the next ``n_train`` UKBench images (other objects than the indexed ones)."""
@@ -124,7 +124,7 @@ def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16", recipe=None
                        "other random views of the same photos (offline there are no held-out objects)")
     typer.echo(f"demo: indexing {len(paths)} {what} ({len(paths) // 4} objects x 4 views) into {out} "
                f"with recipe {recipe.name} on {recipe.backbone} conv features (max side {recipe.max_size})")
-    col = Collection.create(out, recipe, whitening="self", fit_on=fit_on, progress=True)
+    col = Collection.create(out, recipe, whitening="self", fit_on=fit_on, progress=True, engine=engine)
     t0 = time.perf_counter()
     report = col.add_folder(paths, progress=True)
     typer.echo(f"indexed: {report.summary()} in {time.perf_counter() - t0:.1f} s")

@@ -13,6 +13,7 @@ from . import recipe_options as ro
 from .common import expected_errors as _errors
 from .common import fail as _fail
 from .common import message as _msg
+from .common import ENGINE, ENGINE_HELP
 from .device import DEVICE, resolve_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -38,12 +39,12 @@ def index(
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Store compact conv maps for re-ranking."),
     weights: Optional[str] = typer.Option(None, help="Weights source or local .pt file."),
     batch: int = typer.Option(32, help="Images per durable commit."),
-    engine: str = typer.Option("exact", help="exact (fp32) | winograd (VGG16: Winograd F(4x4,3x3), ~2x faster) | "
-                                              "ray (distributed extraction on a Ray cluster; pip install '.[scale]')."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP + " | ray (distributed extraction on a Ray cluster; "
+                                             "pip install '.[scale]'; the workers' engine is --worker-engine)."),
     address: Optional[str] = typer.Option(None, help="--engine ray: Ray cluster address (host:port or auto); "
                                                      "default: start a local cluster on 127.0.0.1."),
-    worker_engine: str = typer.Option("exact", "--worker-engine", help="--engine ray: the workers' engine, "
-                                                                       "exact | winograd."),
+    worker_engine: str = typer.Option("auto", "--worker-engine", help="--engine ray: the workers' engine, "
+                                                                      "auto | exact | winograd | folded."),
     workers: int = typer.Option(2, help="--engine ray: number of model actors."),
     wait: float = typer.Option(60.0, "--wait", help="Seconds to wait while another process writes to the index "
                                                     "(then fail, naming it)."),
@@ -63,7 +64,8 @@ def index(
         set_default_wait(wait)
         dev = resolve_device(device)
         if IndexStore.exists(index_dir):
-            col = Collection.open(index_dir, writable=True, weights=weights, device=dev)
+            col = Collection.open(index_dir, writable=True, weights=weights, device=dev,
+                                  engine=worker_engine if engine == "ray" else engine)
             asked = make_recipe() if fit_on is None else None
             have = col.recipe
             if asked is None or (have.name, have.backbone, have.layer, have.max_size, have.extra) != (
@@ -74,10 +76,12 @@ def index(
         else:
             try:
                 col = Collection.create(index_dir, make_recipe(), whitening=whitening, weights=weights,
-                                        store_maps=maps, fit_on=fit_on, engine="exact" if engine == "ray" else engine,
+                                        store_maps=maps, fit_on=fit_on,
+                                        engine=worker_engine if engine == "ray" else engine,
                                         progress=not quiet, device=dev)
             except IndexExistsError:  # another writer created it a moment ago: add to that one
-                col = Collection.open(index_dir, writable=True, weights=weights, device=dev)
+                col = Collection.open(index_dir, writable=True, weights=weights, device=dev,
+                                      engine=worker_engine if engine == "ray" else engine)
         t0 = time.perf_counter()
         if engine == "ray":
             from ..index.distributed import add_folder_ray
@@ -85,7 +89,6 @@ def index(
             report = add_folder_ray(col, photos, address=address, workers=workers, engine=worker_engine,
                                     batch=batch, progress=not quiet)
         else:
-            col.describer.engine = engine
             report = col.add_folder(photos, batch=batch, progress=not quiet)
         dt = time.perf_counter() - t0
     except (*_errors(), ImportError) as exc:
@@ -198,13 +201,14 @@ def serve(
     uploads_per_minute: int = typer.Option(120, "--uploads-per-minute", help="Uploaded images per minute (0: no "
                                                                              "limit)."),
     device: str = DEVICE,
+    engine: str = ENGINE,
 ) -> None:
     """Serve the web page and the HTTP API (OpenAPI at /openapi.json, Swagger UI at /docs) for an index."""
     from ..server import serve as run_server
 
     try:
         run_server(index_dir, host=host, port=port, ground_truth=ground_truth, allow_uploads=not read_only,
-                   token=token, uploads_per_minute=uploads_per_minute, device=resolve_device(device))
+                   token=token, uploads_per_minute=uploads_per_minute, device=resolve_device(device), engine=engine)
     except _errors() as exc:
         _fail(_msg(exc))
 
@@ -220,13 +224,14 @@ def demo(
                                                                 "the next --train-images UKBench photos)."),
     train_images: int = typer.Option(200, "--train-images", help="ng-vlad, selective: how many UKBench photos "
                                      "after the indexed ones to fit on when --fit-on is not given."),
+    engine: str = ENGINE,
 ) -> None:
     """Index a small real collection (UKBench views from ../shared/data) with any recipe, search it, score it."""
     from ..demo import run_demo
 
     try:
         spec = ro.build_recipe(max_size=max_size, **recipe_flags)
-        run_demo(out, n_images=images, recipe=spec, fit_on=fit_on, n_train=train_images)
+        run_demo(out, n_images=images, recipe=spec, fit_on=fit_on, n_train=train_images, engine=engine)
     except _errors() as exc:
         _fail(_msg(exc))
 
@@ -266,6 +271,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     device: str = DEVICE,
+    engine: str = ENGINE,
 ) -> None:
     """Evaluate a recipe on a standard benchmark with its official protocol and print the figures."""
     from ..eval.runner import evaluate_recipe
@@ -283,13 +289,13 @@ def eval_cmd(
 
             res = evaluate_search(bench, spec, None if whitening == "none" else Path(whitening), rerank=rerank,
                                   shortlist=shortlist, qe=qe, qe_kind=qe_kind, detector=detector, fit_on=fit_on,
-                                  progress=not quiet, device=resolve_device(device))
+                                  progress=not quiet, device=resolve_device(device), engine=engine)
         else:
             from ..collection import Describer
 
             res = evaluate_recipe(bench, spec, whitening=None if whitening == "none" else Path(whitening),
                                   progress=not quiet, fit_on=fit_on,
-                                  describer=Describer(spec, device=resolve_device(device)))
+                                  describer=Describer(spec, device=resolve_device(device), engine=engine))
     except _errors() as exc:
         _fail(_msg(exc))
     typer.echo(json.dumps(res, indent=1))

@@ -15,7 +15,7 @@ import typer
 from ..images import printable
 
 from .common import EXPECTED_ERRORS as _EXPECTED
-from .common import fail, message
+from .common import ENGINE, fail, message
 from .device import DEVICE, resolve_device
 from .main import app
 
@@ -136,6 +136,7 @@ def search(
                                                      "row per hit); auto: csv when --out ends in .csv, else jsonl."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Batch: a progress bar on stderr."),
     device: str = DEVICE,
+    engine: str = ENGINE,
 ) -> None:
     """Rank the indexed images by similarity to QUERY (optionally re-ranked, with boxes, and expanded)."""
     from ..collection import Collection
@@ -153,7 +154,7 @@ def search(
                 raise ValueError(f"--format {fmt!r}: expected jsonl, csv or auto")
             queries = read_queries(query)
         b = parse_box(box)
-        col = Collection.open(index_dir, faiss_kind=faiss_kind, device=resolve_device(device))
+        col = Collection.open(index_dir, faiss_kind=faiss_kind, device=resolve_device(device), engine=engine)
         col.aml_fast_options = {"K": fast_k, "g": fast_g, "step": fast_step}
         if batch:
             _run_batch(col, queries, out, kind, progress, top=top, rerank=rerank, shortlist=shortlist, qe=qe,

@@ -33,7 +33,7 @@ def evaluate_search(bench, recipe: Recipe, whitening: str | os.PathLike | None =
                     rerank: str | None = None, shortlist: int = 100, qe: int = 0, qe_kind: str = "avg",
                     detector: str | os.PathLike | None = None, rerank_options: Mapping[str, Any] | None = None,
                     qe_options: Mapping[str, Any] | None = None, index_dir: str | os.PathLike | None = None,
-                    fit_on=None, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+                    fit_on=None, progress: bool = True, device: str = "cpu", engine: str = "auto") -> dict[str, Any]:
     """The figures of ``bench`` when every query goes through ``Collection.search`` with ``rerank`` /
     ``shortlist`` / ``qe`` / ``qe_kind`` (module docstring). ``whitening``: ``None`` or the file of a whitening
     learned on ANOTHER collection; ``fit_on``: the training images of a recipe that learns (as
@@ -43,22 +43,22 @@ def evaluate_search(bench, recipe: Recipe, whitening: str | os.PathLike | None =
             return evaluate_search(bench, recipe, whitening, rerank=rerank, shortlist=shortlist, qe=qe,
                                    qe_kind=qe_kind, detector=detector, rerank_options=rerank_options,
                                    qe_options=qe_options, index_dir=Path(tmp) / "index", fit_on=fit_on,
-                                   progress=progress, device=device)
+                                   progress=progress, device=device, engine=engine)
     index_dir = Path(index_dir)
     t0 = time.perf_counter()
     if IndexStore.exists(index_dir):
-        col = Collection.open(index_dir, writable=True, device=device)
+        col = Collection.open(index_dir, writable=True, device=device, engine=engine)
         if col.recipe.to_dict() != recipe.to_dict():
             raise ValueError(f"{index_dir}: an index of another recipe ({col.recipe.name}); give another --index")
     else:
         col = Collection.create(index_dir, recipe, whitening="none" if whitening is None else whitening,
                                 fit_on=None if fit_on is None else training_images(fit_on), progress=progress,
-                                device=device)
+                                device=device, engine=engine)
     report = col.add_folder(bench.images, progress=progress)
     if report.failed:
         raise ValueError(f"{bench.name}: {len(report.failed)} database images could not be indexed, e.g. "
                          f"{report.failed[0][0]}: {report.failed[0][1]}")
-    col = Collection.open(index_dir, device=device)
+    col = Collection.open(index_dir, device=device, engine=engine)
     t1 = time.perf_counter()
     row_of = {r["path"]: k for k, r in enumerate(col.records())}
     db_rows = np.asarray([row_of[str(Path(p).resolve())] for p in bench.images], np.int64)

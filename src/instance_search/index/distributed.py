@@ -237,19 +237,22 @@ class RayExtractor:
     """``extract(paths)`` for :meth:`Collection.add_folder` that runs on Ray: yields, in the order of
     ``paths``, ``(path, (local, compact map code, (width, height)) or ImageError, stat, sha256)``.
 
-    ``workers`` model actors of ``actor_cpus`` CPUs each (``engine``: ``exact`` fp32 or ``winograd``),
+    ``workers`` model actors of ``actor_cpus`` CPUs each (``engine``: ``auto``, the default, resolved in each
+    actor for its device by ``backbones.fast.resolve_engine``; or ``exact`` fp32, ``winograd``, ``folded``),
     ``per_shard`` images per batch and shard file; shards are staged under ``staging`` (default: a hidden
     folder inside the index, which on a multi-machine cluster must be on storage every node sees) and
     deleted once committed. Needs an open Ray connection (:func:`ray_session`).
     """
 
     def __init__(self, recipe, *, weights: str | None = None, store_maps: bool = True, staging: str | os.PathLike,
-                 workers: int = 2, engine: str = "exact", actor_cpus: float = ACTOR_CPUS,
+                 workers: int = 2, engine: str = "auto", actor_cpus: float = ACTOR_CPUS,
                  reader_cpus: float = READER_CPUS, per_shard: int = 8, threads: int = 1):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        if engine not in ("exact", "winograd"):
-            raise ValueError(f"unknown worker engine {engine!r}; choose exact or winograd")
+        from ..backbones.fast import resolve_engine
+        from ..backbones.weights import canon_arch
+
+        resolve_engine(canon_arch(recipe.backbone), "cpu", engine)  # a bad name fails here, not in every actor
         if per_shard < 1:
             raise ValueError(f"per_shard must be at least 1, got {per_shard}")
         self.recipe, self.weights, self.store_maps = recipe, weights, bool(store_maps)
@@ -317,7 +320,7 @@ class RayExtractor:
         return path, (local, code, (int(r["width"]), int(r["height"]))), st, str(r["sha256"])
 
 
-def add_folder_ray(col, photos, *, address: str | None = None, workers: int = 2, engine: str = "exact",
+def add_folder_ray(col, photos, *, address: str | None = None, workers: int = 2, engine: str = "auto",
                    batch: int = 32, progress: bool = True, per_shard: int = 8, actor_cpus: float = ACTOR_CPUS,
                    num_cpus: int | None = None, staging: str | os.PathLike | None = None, on_error=None):
     """``col.add_folder(photos)`` with the extraction on a Ray cluster (``address``; default: a local one

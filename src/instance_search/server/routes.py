@@ -54,7 +54,8 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_files: int = 32, max_top: int = 100,
                show_paths: bool = False, allowed_hosts: list[str] | None = None, weights: str | None = None,
                device: str = "cpu", token: str | None = None, max_decodes: int = DEFAULT_MAX_DECODES,
-               pixel_budget: int = DEFAULT_PIXEL_BUDGET, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE):
+               pixel_budget: int = DEFAULT_PIXEL_BUDGET, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE,
+               engine: str = "auto"):
     """A FastAPI app serving the index at ``index_dir``.
 
     ``ground_truth``: ``None``, ``"ukbench"``, a dict or a JSON file ``{"groups": {path_or_name: group}}``;
@@ -65,13 +66,14 @@ def create_app(index_dir: str | os.PathLike, *, ground_truth=None, allow_uploads
     sets it for loopback addresses against DNS rebinding). ``token``: every API request must carry it
     (``Authorization: Bearer``, or the cookie ``/?token=...`` sets). ``max_decodes`` / ``pixel_budget``: how many
     images, and how many pixels in all, are decoded at once (bounded memory); ``uploads_per_minute``: 429 beyond.
+    ``engine``: the network engine of queries and uploads (``auto``: see ``backbones.fast.resolve_engine``).
     """
     from .. import __version__
 
     svc = SearchService(index_dir, ground_truth=ground_truth, allow_uploads=allow_uploads,
                         max_upload_bytes=max_upload_bytes, max_files=max_files, max_top=max_top,
                         show_paths=show_paths, weights=weights, device=device, max_decodes=max_decodes,
-                        pixel_budget=pixel_budget, uploads_per_minute=uploads_per_minute)
+                        pixel_budget=pixel_budget, uploads_per_minute=uploads_per_minute, engine=engine)
     page = (STATIC / "index.html").read_bytes()
     svc.native_memory = limit_native_memory()
 
@@ -247,7 +249,7 @@ def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           allow_uploads: bool = True, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, show_paths: bool = False,
           log_level: str = "info", token: str | None = None, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE,
           max_decodes: int = DEFAULT_MAX_DECODES, pixel_budget: int = DEFAULT_PIXEL_BUDGET,
-          device: str = "cpu") -> None:
+          device: str = "cpu", engine: str = "auto") -> None:
     """Serve the index with uvicorn (one process; the app holds the model and the FAISS index in memory).
 
     Without ``token`` there is no authentication: keep the default ``host="127.0.0.1"`` unless you trust the
@@ -263,7 +265,7 @@ def serve(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     app = create_app(index_dir, ground_truth=ground_truth, allow_uploads=allow_uploads,
                      max_upload_bytes=max_upload_bytes, show_paths=show_paths, allowed_hosts=allowed, token=token,
                      uploads_per_minute=uploads_per_minute, max_decodes=max_decodes, pixel_budget=pixel_budget,
-                     device=device)
+                     device=device, engine=engine)
     if not loopback and not token:
         print(f"warning: serving {index_dir} on {host}:{port} without authentication; anyone who can reach it "
               f"can search{' and add images' if allow_uploads else ''}", file=sys.stderr)

@@ -97,12 +97,14 @@ class SearchService:
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_files: int = 32, max_top: int = 100,
                  show_paths: bool = False, weights: str | None = None, device: str = "cpu",
                  thumb_cache: int = 512, max_decodes: int = DEFAULT_MAX_DECODES,
-                 pixel_budget: int = DEFAULT_PIXEL_BUDGET, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE):
+                 pixel_budget: int = DEFAULT_PIXEL_BUDGET, uploads_per_minute: int = DEFAULT_UPLOADS_PER_MINUTE,
+                 engine: str = "auto"):
         from ..collection import Collection
 
         self.index_dir = Path(index_dir).resolve()
         self._weights, self._device = weights, device
-        self.col = Collection.open(self.index_dir, writable=allow_uploads, weights=weights, device=device)
+        self.col = Collection.open(self.index_dir, writable=allow_uploads, weights=weights, device=device,
+                                   engine=engine)
         self.gate = DecodeGate(max_decodes=max_decodes, pixel_budget=pixel_budget)
         self.rate = UploadRate(uploads_per_minute)
         self.thumb_dir = self.index_dir / THUMB_FOLDER
@@ -136,7 +138,8 @@ class SearchService:
             if not self.col.store.reload():
                 return False
             if self.col.store.whitening_info != before:  # a new whitening: the collection must load it
-                fresh = Collection.open(self.index_dir, writable=False, weights=self._weights, device=self._device)
+                fresh = Collection.open(self.index_dir, writable=False, weights=self._weights, device=self._device,
+                                        engine=self.col.describer.engine)
                 fresh.describer = self.col.describer  # keep the loaded network
                 self.col = fresh
             self.col.invalidate()  # rebuilt from the new version on the next search
