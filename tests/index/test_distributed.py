@@ -203,12 +203,12 @@ def test_sharded_search_matches_one_exact_index(cluster, single_index, tmp_path)
 
 
 def test_bad_options_are_refused_before_any_work(tmp_path, photos):
-    with pytest.raises(ValueError, match="worker engine"):
+    with pytest.raises(ValueError, match="unknown engine 'fast'"):
         RayExtractor(Recipe("mac"), staging=tmp_path, engine="fast")
     with pytest.raises(ValueError, match="workers"):
         RayExtractor(Recipe("mac"), staging=tmp_path, workers=0)
     res = _cli("index", str(photos), "--index", str(tmp_path / "x"), "--engine", "ray", "--worker-engine", "fast",
                check=False)
-    assert res.returncode == 2 and "worker engine" in res.stderr
+    assert res.returncode == 2 and "unknown engine 'fast'" in res.stderr
     with pytest.raises(FileNotFoundError, match="no FAISS shard file"):
         ShardedIndex.open([tmp_path / "missing.faiss"])
