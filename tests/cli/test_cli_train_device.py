@@ -119,7 +119,7 @@ def test_train_rmac_on_cpu_and_auto_as_before(tiny_split, tmp_path):
         runs[flag] = ([u["loss"] for u in hist["updates"]], net.state_dict(), cfg)
     losses, state, cfg = runs[None]
     assert len(losses) >= 2 and max(losses) > 0  # hard triplets were trained on
-    assert cfg["training"]["device"] == "cpu"
+    assert cfg["training"]["device"] == "cpu" and cfg["training"]["engine"] == "winograd"  # --engine auto on a CPU
     for flag in ("cpu", "auto"):
         assert runs[flag][0] == losses, flag  # same seed, same losses, update by update
         for k, v in state.items():
@@ -130,8 +130,9 @@ def test_train_rmac_on_cpu_and_auto_as_before(tiny_split, tmp_path):
 @pytest.mark.slow
 def test_train_rpn_on_cpu_and_auto_as_before(boxes, tmp_path):
     """The command's model with --device cpu / auto equals the library's trainer without a device (the code
-    path from before --device existed)."""
+    path from before --device existed), on maps of the same engine (--engine auto: winograd on a CPU)."""
     from instance_search.backbones import load_backbone
+    from instance_search.backbones.fast import use_engine
     from instance_search.nets.rpn import RPN, load_rpn
     from instance_search.train import rpn as TR
 
@@ -141,14 +142,15 @@ def test_train_rpn_on_cpu_and_auto_as_before(boxes, tmp_path):
         res = _run(["train-rpn", boxes, "--out", out] + RPN_ARGS + ["--device", flag])
         assert res.exit_code == 0, res.output
         models[flag] = load_rpn(out)
-    train, _, _ = TR.boxes_file_samples(boxes, None, load_backbone("vgg16", progress=False), max_size=SIZE,
+    bb = use_engine(load_backbone("vgg16", progress=False), "winograd")
+    train, _, _ = TR.boxes_file_samples(boxes, None, bb, max_size=SIZE,
                                         cache_dir=tmp_path / "cpu-run" / "maps", val_groups=0.0, progress=False)
     torch.manual_seed(0)
     ref = RPN(mid_channels=16, sizes=(32, 64, 128), max_size=SIZE)
     hist = TR.train_rpn(ref, train, TR.RPNTrainConfig(epochs=1), progress=False)
     assert hist["epochs"][0]["train_cls"] > 0
     for flag, (rpn, cfg) in models.items():
-        assert cfg["device"] == "cpu"
+        assert cfg["device"] == "cpu" and cfg["trained_on"]["engine"] == "winograd"
         assert [e["train_cls"] for e in cfg["history"]["epochs"]] == [e["train_cls"] for e in hist["epochs"]], flag
         for k, v in ref.state_dict().items():
             assert torch.equal(rpn.state_dict()[k], v), (flag, k)

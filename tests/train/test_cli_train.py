@@ -65,6 +65,7 @@ def rpn_model(boxes, val_share, tmp_path_factory):
 def test_train_rpn_writes_the_trainers_model(rpn_model, boxes, val_share):
     """The command's model equals training the same samples with train.rpn.train_rpn directly."""
     from instance_search.backbones import load_backbone
+    from instance_search.backbones.fast import engine_of, use_engine
     from instance_search.nets.rpn import RPN
     from instance_search.train import rpn as TR
 
@@ -78,7 +79,9 @@ def test_train_rpn_writes_the_trainers_model(rpn_model, boxes, val_share):
     assert cfg["trained_on"]["validation_images"] == 2 and cfg["trained_on"]["train_images"] == 6
     assert "val_cls" in cfg["history"]["epochs"][0] and "validation cls" in output
 
-    train, val, summary = TR.boxes_file_samples(boxes, None, load_backbone("vgg16", progress=False), max_size=SIZE,
+    bb = use_engine(load_backbone("vgg16", progress=False), "auto")  # the command's default engine
+    assert cfg["trained_on"]["engine"] == engine_of(bb)
+    train, val, summary = TR.boxes_file_samples(boxes, None, bb, max_size=SIZE,
                                                 cache_dir=out.parent / "rpn-run" / "maps", val_groups=val_share,
                                                 progress=False)
     assert summary["train_images"] == cfg["trained_on"]["train_images"]

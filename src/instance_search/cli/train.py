@@ -110,7 +110,8 @@ def train_rmac(
     train_layers: str = typer.Option("conv5", "--train-layers",
                                      help="head | conv5_3 | conv5 | conv4 | all (lower layers frozen and cached)."),
     max_size: int = typer.Option(384, "--max-size", help="Longer side of the training images in pixels."),
-    engine: str = typer.Option("exact", help="Engine of the frozen layers: exact | winograd (VGG16, ~2x faster)."),
+    engine: str = typer.Option("auto", help="Engine of the frozen layers (the trained ones run exact): auto (winograd "
+                                            "on the CPU, exact on a GPU) | exact | winograd (CPU, ~2x faster)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of the frozen layers' outputs "
                                                                        "(default: CHECKPOINT_DIR/inputs)."),
     data: Optional[Path] = typer.Option(None, help="Benchmark data folder (default: ../shared/data)."),
@@ -160,7 +161,8 @@ def train_rpn_cmd(
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir",
                                                   help="Checkpoints and the map cache (default: OUT-run/ beside OUT)."),
     weights: Optional[str] = typer.Option(None, help="VGG16 weights source or local .pt file."),
-    engine: str = typer.Option("exact", help="exact | winograd (VGG16, ~2x faster)."),
+    engine: str = typer.Option("auto", help="Engine of the frozen VGG16 (the RPN itself runs exact): auto (winograd "
+                                            "on the CPU, exact on a GPU) | exact | winograd (CPU, ~2x faster)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue after the last epoch checkpoint."),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),

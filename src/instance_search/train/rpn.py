@@ -368,15 +368,16 @@ def train_rpn_on_boxes(boxes_file: str | os.PathLike, root: str | os.PathLike | 
                        config: RPNTrainConfig | None = None, max_size: int = 384, mid_channels: int = 256,
                        sizes: Sequence[float] = DEFAULT_SIZES, val_groups: float = 0.1,
                        checkpoint_dir: str | os.PathLike | None = None, weights: str | None = None,
-                       engine: str = "exact", resume: bool = True, progress: bool = True,
+                       engine: str = "auto", resume: bool = True, progress: bool = True,
                        on_epoch: Callable[[int, dict], None] | None = None, device: str = "cpu"):
     """``isearch train-rpn``: train an RPN (Gordo et al. 2016, Sec. 3.2) on VGG16 conv5_3 maps of the kept images
     of ``boxes_file`` with their estimated boxes as ground truth, and write it to ``out`` (``.pt`` + ``.json``
     with its sha256, the training data and history). Checkpoints (and the map cache) go to ``checkpoint_dir``
     (default: ``out``'s folder / ``<stem>-run``). ``device``: ``"cpu"`` or ``"cuda"``, for the VGG16 maps and the
-    training (the model file holds CPU tensors). Returns ``(rpn, history, model path, data summary)``."""
+    training (the model file holds CPU tensors); ``engine``: of the frozen VGG16 (``auto``: winograd on the CPU,
+    exact on a GPU; the RPN itself runs exact). Returns ``(rpn, history, model path, data summary)``."""
     from ..backbones import load_backbone
-    from ..backbones.fast import use_engine
+    from ..backbones.fast import engine_of, use_engine
 
     cfg = (config or RPNTrainConfig()).validate()
     if max_size is None or int(max_size) < 32:
@@ -392,6 +393,7 @@ def train_rpn_on_boxes(boxes_file: str | os.PathLike, root: str | os.PathLike | 
     train, val, summary = boxes_file_samples(boxes_file, root, bb, max_size=max_size, cache_dir=ck / "maps",
                                              val_groups=val_groups, seed=cfg.seed, progress=progress)
     summary["backbone_weights_sha256"] = str(getattr(bb.weights, "sha256", "") or "")
+    summary["engine"] = engine_of(bb)
     history = train_rpn(rpn, train, cfg, ck / "checkpoints", val_samples=val or None, resume=resume,
                         progress=progress, on_epoch=on_epoch, device=device)
     path = save_rpn(rpn, out, trained_on=summary, history=history, train_config=asdict(cfg), device=str(device))

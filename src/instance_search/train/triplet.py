@@ -569,14 +569,15 @@ def plot_loss_curve(history: dict[str, list], path: str | os.PathLike, title: st
 def train_on_split(checkpoint_dir: str | os.PathLike, config: TrainConfig | None = None, *,
                    train_layers: str = "conv5", max_size: int = 384, out_dim: int = 512,
                    data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                   engine: str = "exact", resume: bool = True, progress: bool = True, device: str = "cpu"):
+                   engine: str = "auto", resume: bool = True, progress: bool = True, device: str = "cpu"):
     """Train learned R-MAC on the project's training split (Holidays-811 + UKBench 0-499, asserted disjoint from
     the evaluation split): cache the frozen layers' outputs, initialise the head from PCA-whitening of the
     training regions, train with hard triplets. ``device``: ``"cpu"`` or ``"cuda"`` (the frozen layers, the
-    trained network and every batch run there; the files hold CPU tensors). Returns ``(net, history, model
-    path)``."""
+    trained network and every batch run there; the files hold CPU tensors). ``engine``: of the frozen layers
+    only (:func:`~instance_search.backbones.fast.use_engine`; ``auto``: winograd on the CPU, exact on a GPU);
+    the trained layers always run the exact fp32 convolutions. Returns ``(net, history, model path)``."""
     from ..backbones import load_backbone
-    from ..backbones.fast import use_engine
+    from ..backbones.fast import engine_of, use_engine
     from ..eval.datasets import splits
     from ..nets.rmac_head import INPUT_LAYER, fit_head_whitening
 
@@ -594,8 +595,8 @@ def train_on_split(checkpoint_dir: str | os.PathLike, config: TrainConfig | None
                              desc=f"frozen layers -> {INPUT_LAYER[train_layers]}")
     net = RMACNet(train_layers, out_dim=out_dim).init_from_backbone(bb).to(device)
     info = {"trained_on": f"training split: Holidays-811 + UKBench images 0-499 ({len(ts)} images, "
-                          f"{len(set(ts.labels.tolist()))} groups)", "max_size": max_size, "engine": engine,
-            "device": str(device)}
+                          f"{len(set(ts.labels.tolist()))} groups)", "max_size": max_size,
+            "engine": engine_of(bb), "device": str(device)}
     trainer = TripletTrainer(net, cache, ts.labels, config, ckpt, progress=progress, info=info, device=device)
     if not (resume and trainer.checkpoint_path.is_file()):
         w = fit_head_whitening(net, cache, trained_on=info["trained_on"], progress=progress)
