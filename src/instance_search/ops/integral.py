@@ -700,24 +700,25 @@ def _root_lut(alpha: float) -> torch.Tensor:
 
 def _fast_scores(table32: torch.Tensor, corners: torch.Tensor, fscale: torch.Tensor, qn: torch.Tensor,
                  alpha: float, residual: torch.Tensor | None = None, step: int = 64) -> torch.Tensor:
-    """Approximate Eq. 4 scores ``(nb, N)`` of the windows with corner rows ``corners (N, 4)`` (flat indices in
-    the per-map grid, order y2x2, y1x2, y2x1, y1x1) from a float32 table rounded to multiples of 2^-23, plus
-    the window sums of the float32 ``residual`` (table minus its rounding) when given."""
+    """Approximate Eq. 4 scores ``(nb, N)`` of the windows with corner rows ``corners (N, 4)``, or ``(nb, N, 4)``
+    per map (flat indices in the per-map grid, order y2x2, y1x2, y2x1, y1x1) from a float32 table rounded to
+    multiples of 2^-23, plus the window sums of the float32 ``residual`` (table minus its rounding) when given."""
     nb, P, C = table32.shape[0], table32.shape[1] * table32.shape[2], table32.shape[3]  # P: grid points
+    per_map = corners.ndim == 3  # (nb, N, 4): each map its own windows
     weight = table32.reshape(nb * P, C)
     lut = _root_lut(alpha)
     shift = 23 - _LUT_MANTISSA
     base = ((127 - _LUT_LOW) << _LUT_MANTISSA) - 1
     sign = torch.tensor([1.0, -1.0, -1.0, 1.0]).repeat(nb * step, 1)
     fs = fscale.to(torch.float32)[:, None, :]
-    N = corners.shape[0]
+    N = corners.shape[-2]
     out = torch.empty(nb, N)
     offs = (torch.arange(nb) * P)[:, None, None]
     gbuf = torch.empty(nb * step * C)
     for i in range(0, N, step):
-        cw = corners[i:i + step]
-        n = cw.shape[0]
-        idx = (cw[None] + offs).reshape(-1, 4)
+        cw = corners[..., i:i + step, :]
+        n = cw.shape[-2]
+        idx = ((cw if per_map else cw[None]) + offs).reshape(-1, 4)
         s = F.embedding_bag(idx, weight, per_sample_weights=sign[:idx.shape[0]], mode="sum")
         if residual is not None:
             s += F.embedding_bag(idx, residual.reshape(nb * P, C), per_sample_weights=sign[:idx.shape[0]], mode="sum")
@@ -841,10 +842,13 @@ def aml_search_candidates(
     refine_rounds: int = 15,
     chunk: int = 8,
     refine_chunk: int = 64,
+    verify: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, SparseBatch]:
     """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
     exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
-    candidate) is refined by the same coordinate descent.
+    candidate) is refined by the same coordinate descent. ``verify > 0``: as :func:`aml_search_batch`, the
+    candidates are first ranked by its fast float32 pass (with the residual table) and only the ``verify`` best
+    of each map are scored exactly (``0``: all).
 
     ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
     ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
@@ -882,9 +886,25 @@ def aml_search_candidates(
         ly = _lines(torch.cat([cw[..., 1], cw[..., 1] + cw[..., 3]], 1), H)
         lx = _lines(torch.cat([cw[..., 0], cw[..., 0] + cw[..., 2]], 1), W)
         table = _grid_table(sub, ly, lx, torch.float64)
+        ords = order[sl]
+        if verify and cw.shape[1] > verify:  # fast float32 ranking, exact scores for the `verify` best
+            Gx = table.shape[2]
+            jy1, jy2 = torch.searchsorted(ly, cw[..., 1].contiguous()), torch.searchsorted(ly, (cw[..., 1] + cw[..., 3]).contiguous())
+            jx1, jx2 = torch.searchsorted(lx, cw[..., 0].contiguous()), torch.searchsorted(lx, (cw[..., 0] + cw[..., 2]).contiguous())
+            corners = torch.stack([jy2 * Gx + jx2, jy1 * Gx + jx2, jy2 * Gx + jx1, jy1 * Gx + jx1], -1)
+            t32 = torch.round(table * 2.0 ** _QBITS).to(torch.float32).mul_(2.0 ** -_QBITS)
+            res32 = (table - t32.to(torch.float64)).to(torch.float32)
+            approx = _fast_scores(t32, corners, sub.fscale, qn.to(torch.float32), sub.alpha, res32)
+            approx = torch.where(ok[sl], approx, torch.full((), -3.0))
+            keep = approx.topk(int(verify), dim=1).indices  # (nb, verify)
+            cw = torch.gather(cw, 1, keep[..., None].expand(-1, -1, 4))
+            okk = torch.gather(ok[sl], 1, keep)
+            ords = keep
+        else:
+            okk = ok[sl]
         sc = _exact_cos(_exact_vectors(sub, table, ly, lx, cw), qn)
-        sc = torch.where(ok[sl], sc, torch.full((), -2.0, dtype=sc.dtype))
-        bs, j = _first_max(sc, order[sl])
+        sc = torch.where(okk, sc, torch.full((), -2.0, dtype=sc.dtype))
+        bs, j = _first_max(sc, ords)
         best = cw[torch.arange(sub.maps), j]
         edges[sl] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
         best_s[sl] = bs

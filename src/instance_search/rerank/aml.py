@@ -180,7 +180,10 @@ def score_windows(maps: Sequence, idx: Sequence[int], wins: np.ndarray, sc: np.n
     if whitening is not None and qw is None:
         qw = region_vectors(q, whitening)[0]
     if finalize is not None:
-        regs = [rmac_regions(int(h), int(w), levels=levels) + np.array([x, y, 0, 0]) for x, y, w, h in wins]
+        memo: dict[tuple[int, int], np.ndarray] = {}  # windows of one size share their regions (up to a shift)
+        regs = [(memo[(int(h), int(w))] if (int(h), int(w)) in memo else
+                 memo.setdefault((int(h), int(w)), np.asarray(rmac_regions(int(h), int(w), levels=levels))))
+                + np.array([x, y, 0, 0]) for x, y, w, h in wins]
         R = max(len(r) for r in regs)
         padded = np.stack([np.concatenate([r, np.repeat(r[:1], R - len(r), 0)]) for r in regs])
         vecs = sp.window_vectors(padded).numpy()

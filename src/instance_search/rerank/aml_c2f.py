@@ -21,17 +21,100 @@ proposals keep no grid window (an aspect filter that leaves none near them) star
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 
-from ..ops.integral import aml_search_candidates, map_shape, sample_windows
+from ..errors import InputError
+from ..ops.integral import SparseBatch, aml_search_candidates, map_shape, sample_windows, sparse_batch
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
-__all__ = ["rerank_aml_c2f", "fine_candidates", "DEFAULT_TOP"]
+__all__ = ["rerank_aml_c2f", "fine_candidates", "AMLFineMaps", "DEFAULT_TOP", "DEFAULT_VERIFY"]
 
 DEFAULT_TOP = 3  # coarse proposals refined per map
+DEFAULT_VERIFY = 8  # fine candidates per map scored exactly after the fast float32 ranking (as exact AML)
+
+
+@dataclass(frozen=True, eq=False)
+class AMLFineMaps:
+    """The α-powered non-zeros of ``N`` maps kept in RAM for the fine stage (Tolias et al. 2016, Eq. 3): what
+    :func:`~instance_search.ops.integral.sparse_batch` computes from decoded maps, per image, so that a query
+    neither decodes compact codes nor raises cells to the power α. Image ``i``'s cells are
+    ``offsets[i]:offsets[i+1]``: channel ``c``, row ``y``, column ``x`` (int16) and weight ``w`` (float64,
+    ``(X/s)^α / T`` per channel); ``fscale (N, C)`` float64; ``shapes (N, 2)`` the maps' ``(H, W)``.
+    RAM: 14 bytes per kept cell + 8·C bytes per image (:attr:`nbytes`).
+    """
+
+    channels: int
+    alpha: float
+    shapes: np.ndarray
+    offsets: np.ndarray
+    c: torch.Tensor
+    y: torch.Tensor
+    x: torch.Tensor
+    w: torch.Tensor
+    fscale: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.shapes.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets.nbytes + self.shapes.nbytes + sum(t.numel() * t.element_size()
+                                                                  for t in (self.c, self.y, self.x, self.w, self.fscale)))
+
+    @classmethod
+    def build(cls, maps: Iterable, alpha: float = 10.0) -> "AMLFineMaps":
+        """From non-negative ``(C, H, W)`` maps or :class:`~instance_search.ops.integral.SparseMap` (sizes may
+        differ, channels may not; below 32768 cells a side), one at a time."""
+        cs, ys, xs, ws, fs, counts, shapes = [], [], [], [], [], [], []
+        C = None
+        for i, m in enumerate(maps):
+            sh = map_shape(m)
+            if len(sh) != 3:
+                raise InputError(f"maps[{i}] must be (C, H, W), got shape {sh}")
+            if C is None:
+                C = sh[0]
+            if sh[0] != C:
+                raise InputError(f"maps[{i}] has {sh[0]} channels, maps[0] has {C}")
+            if max(sh[1:]) >= 2 ** 15:
+                raise InputError(f"maps[{i}] is {sh[1]}x{sh[2]} cells: too large for int16 positions")
+            sp = sparse_batch([m], alpha)
+            cs.append(sp.c.to(torch.int16))
+            ys.append(sp.y.to(torch.int16))
+            xs.append(sp.x.to(torch.int16))
+            ws.append(sp.w)
+            fs.append(sp.fscale)
+            counts.append(int(sp.w.numel()))
+            shapes.append(sh[1:])
+        if C is None:
+            raise InputError("maps: no maps given")
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(C, float(alpha), np.asarray(shapes, np.int64).reshape(-1, 2), offsets, torch.cat(cs),
+                   torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs))
+
+    def batch(self, rows) -> SparseBatch:
+        """The :class:`~instance_search.ops.integral.SparseBatch` of images ``rows`` (all of one size)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if not len(rows):
+            raise InputError("no rows given")
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise InputError(f"rows must index the {len(self)} images of the fine maps")
+        hw = self.shapes[rows]
+        if (hw != hw[0]).any():
+            raise InputError("a fine batch needs maps of one size")
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lens = ends - starts
+        idx = torch.from_numpy(np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum())))
+        tl = torch.from_numpy(lens)
+        b = torch.repeat_interleave(torch.arange(len(rows)), tl)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tl.cumsum(0)])
+        H, W = (int(v) for v in hw[0])
+        return SparseBatch((len(rows), self.channels, H, W), b, self.c[idx].long(), self.y[idx].long(),
+                           self.x[idx].long(), self.w[idx], self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
 
 
 def _edges(w: np.ndarray) -> np.ndarray:
@@ -100,6 +183,8 @@ def rerank_aml_c2f(
     query_global=None,
     levels: int = 3,
     finalize_batch: bool = False,
+    verify: int = DEFAULT_VERIFY,
+    fine: AMLFineMaps | None = None,
 ) -> RerankResult:
     """Re-rank a short list by coarse-to-fine AML (module docstring).
 
@@ -109,7 +194,11 @@ def rerank_aml_c2f(
     windows may lie from them; ``K``, ``step``: the coarse search (:func:`~.aml_fast.aml_fast_search`); ``t``,
     ``s``, ``query_aspect``, ``alpha``, ``refine_*``: exact AML's (:func:`~.aml.rerank_aml`), as are the scoring
     arguments ``whitening``, ``exact``, ``finalize``, ``query_global``, ``levels``, ``finalize_batch``.
-    ``n_windows`` counts the coarse and the exact windows scored.
+    ``verify``: the fine candidates of each map are ranked by exact AML's fast float32 pass and the ``verify``
+    best scored exactly (``0``: all exactly; :func:`~instance_search.ops.integral.aml_search_candidates`).
+    ``fine``: the maps' α-powered non-zeros kept in RAM (:class:`AMLFineMaps`, indexed by the same ``rows`` as
+    ``store``): then they are read from there instead of from ``maps`` (which still give the sizes and, for
+    exact MAC scoring, the window maxima). ``n_windows`` counts the coarse and the fine windows scored.
     """
     if int(top) != top or top < 1:
         raise ValueError(f"top must be an integer >= 1, got {top}")
@@ -121,6 +210,9 @@ def rerank_aml_c2f(
         raise ValueError(f"{len(rows)} store rows for {n} maps")
     if n and (rows.min() < 0 or rows.max() >= len(store)):
         raise ValueError(f"rows must index the store's {len(store)} images")
+    if fine is not None and (len(fine) != len(store) or fine.alpha != float(alpha)):
+        raise InputError(f"fine maps: {len(fine)} images at alpha={fine.alpha}, the store has {len(store)} and "
+                         f"alpha is {alpha}")
     for i, X in enumerate(maps):
         if tuple(map_shape(X)[1:]) != tuple(int(v) for v in store.shapes[rows[i]]):
             raise ValueError(f"map {i} is {map_shape(X)[1:]}, its store row {rows[i]} holds a "
@@ -135,8 +227,9 @@ def rerank_aml_c2f(
                                                  step=step, exact_score=False, top=int(top))
     for (H, W), idx in groups.items():
         cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-        wins, sc, cnt, sp = aml_search_candidates([maps[i] for i in idx], q.numpy(), cand, ok, alpha=alpha,
-                                                  refine_steps=refine_steps, refine_rounds=refine_rounds)
+        src = fine.batch(rows[idx]) if fine is not None else [maps[i] for i in idx]
+        wins, sc, cnt, sp = aml_search_candidates(src, q.numpy(), cand, ok, alpha=alpha, refine_steps=refine_steps,
+                                                  refine_rounds=refine_rounds, verify=int(verify))
         boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
         score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
                       finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
