@@ -163,3 +163,34 @@ def test_ratio_matches_on_cuda_equal_cpu(ukbench):
     assert len(q) > 50 and np.array_equal(q, qg) and np.array_equal(t, tg)
     m, mg = cl.match_pair(fa, fb), cl.match_pair(fa, fb, device="cuda")
     assert m.score == mg.score and np.allclose(m.affine, mg.affine)
+
+
+# ------------------------------------------------------------------------------------------------ refused devices
+def test_unknown_devices_are_refused_naming_them():
+    from instance_search.errors import ISearchError
+
+    for bad in ("banana", "tpu", 3.5):
+        with pytest.raises(ISearchError, match="device"):
+            tr.check_device(bad)
+    assert tr.check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'banana'"):
+        TR.train_rpn(RPN(in_channels=64, mid_channels=16, sizes=(32, 64)), _rpn_samples(), progress=False,
+                     device="banana")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: 'cuda' is not refused here")
+def test_cuda_without_a_gpu_is_refused_by_the_library(tmp_path):
+    from instance_search.eval.datasets.splits import TrainingSet
+
+    with pytest.raises(ValueError, match="device 'cuda': torch sees no CUDA GPU"):
+        tr.check_device("cuda")
+    rpn = RPN(in_channels=64, mid_channels=16, sizes=(32, 64))
+    with pytest.raises(ValueError, match="device 'cuda': torch sees no CUDA GPU"):
+        TR.train_rpn(rpn, _rpn_samples(), checkpoint_dir=tmp_path / "ck", progress=False, device="cuda")
+    inputs, labels = _triplet_data()
+    with pytest.raises(ValueError, match="device 'cuda': torch sees no CUDA GPU"):
+        tr.TripletTrainer(rn.RMACNet("head"), inputs, labels, device="cuda")
+    missing = TrainingSet([tmp_path / "a.jpg", tmp_path / "b.jpg"], np.zeros(2, np.int64), ["x", "x"])
+    with pytest.raises(ValueError, match="device 'cuda': torch sees no CUDA GPU"):  # before the (missing) images
+        cl.clean_and_box(missing, root=tmp_path, progress=False, device="cuda")
+    assert sorted(tmp_path.iterdir()) == []

@@ -717,6 +717,10 @@ def clean_and_box(training_set, root: str | os.PathLike | None = None, params: C
     from ..images import ImageError
 
     p = params or CleaningParams()
+    if device is not None and str(device) != "cpu":
+        from .triplet import check_device
+
+        device = str(check_device(device))  # a GPU that is not there is refused before any SIFT work
     paths = [Path(x) for x in training_set.paths]
     labels = np.asarray(training_set.labels).ravel()
     if len(paths) != len(labels):

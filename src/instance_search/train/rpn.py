@@ -206,7 +206,9 @@ def train_rpn(rpn: RPN, samples: Sequence[RPNSample], config: RPNTrainConfig | N
             raise ValueError(f"training sample {s.name or '?'}: boxes must be non-empty, finite, x1 < x2, y1 < y2; "
                              f"got {b.tolist()}")
     if device is not None:
-        rpn.to(torch.device(device))  # before the optimizer is built on its parameters
+        from .triplet import check_device
+
+        rpn.to(check_device(device))  # before the optimizer is built on its parameters
     params = [p for p in rpn.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     key = _config_key(rpn, cfg, samples)
@@ -378,7 +380,9 @@ def train_rpn_on_boxes(boxes_file: str | os.PathLike, root: str | os.PathLike | 
     exact on a GPU; the RPN itself runs exact). Returns ``(rpn, history, model path, data summary)``."""
     from ..backbones import load_backbone
     from ..backbones.fast import engine_of, use_engine
+    from .triplet import check_device
 
+    device = str(check_device(device))
     cfg = (config or RPNTrainConfig()).validate()
     if max_size is None or int(max_size) < 32:
         raise ValueError(f"max_size must be at least 32 pixels, got {max_size}")

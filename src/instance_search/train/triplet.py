@@ -32,12 +32,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError
 from ..io import atomic_write_bytes
 from ..nets.rmac_head import RMACNet, save_model
 
 __all__ = ["triplet_loss", "hardest_negatives", "choose_positives", "InputCache", "TrainConfig", "TripletTrainer",
-           "plot_loss_curve", "CheckpointError", "train_on_split"]
+           "plot_loss_curve", "CheckpointError", "train_on_split", "check_device"]
 
 _CKPT_FORMAT = "instance_search.TripletTrainer.checkpoint"
 _CKPT_VERSION = 1
@@ -198,6 +198,22 @@ class InputCache(Sequence):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+def check_device(device) -> torch.device:
+    """``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``) as a ``torch.device``; a name torch does
+    not know, or a CUDA device on a machine where torch sees no GPU, is refused (:class:`InputError` naming it)
+    before any work -- never silently run on the CPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"device {device!r}: not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() "
+                         f"is False); use 'cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: training runs on 'cpu' or 'cuda'")
+    return dev
+
+
 def _cpu_state(obj):
     """A copy of a (nested) state dict with every tensor on the CPU, so that a checkpoint written on a GPU
     loads on a CPU-only machine."""
@@ -268,7 +284,7 @@ class TripletTrainer:
                  checkpoint_dir: str | os.PathLike | None = None, *, progress: bool = True,
                  info: dict[str, Any] | None = None, device: str | torch.device | None = None):
         if device is not None:
-            net = net.to(torch.device(device))  # before the optimizer is built on its parameters
+            net = net.to(check_device(device))  # before the optimizer is built on its parameters
         self.net = net
         self.inputs = inputs
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -583,6 +599,7 @@ def train_on_split(checkpoint_dir: str | os.PathLike, config: TrainConfig | None
 
     if train_layers not in INPUT_LAYER:  # check the settings before any heavy work
         raise ValueError(f"unknown train_layers {train_layers!r}; choose one of {', '.join(INPUT_LAYER)}")
+    device = str(check_device(device))
     config = (config or TrainConfig()).validate()
     if max_size is None or max_size < 32:
         raise ValueError(f"max_size must be at least 32 pixels, got {max_size}")
