@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -72,3 +73,53 @@ def vgg_conv5(data_dir):
     img = Image.open(data_dir / "oxford5k-queries10" / "bodleian_000132.jpg").convert("RGB")
     img.thumbnail((384, 384))
     return bb.features(img, layers=["conv5_3"])[("conv5_3", 1.0)].numpy()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_index(root: Path, images: int, lifetime_s: int, log_path: Path, *, cwd: Path | None = None,
+                 log_level: str = "warning", env: dict | None = None, start_timeout_s: float = 90):
+    """``serve(root)`` in a subprocess on 127.0.0.1 (killed by ``timeout`` after ``lifetime_s`` whatever
+    happens); yields ``(port, proc)`` once ``/api/stats`` answers with ``images`` images, stops it on exit."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    code = ("import sys; from instance_search.server import serve; "
+            "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), ground_truth='ukbench', "
+            f"log_level={log_level!r})")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["timeout", "-k", "5", str(lifetime_s), sys.executable, "-c", code, str(root), str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=2) as r:
+                    assert json.load(r)["images"] == images
+                break
+            except (OSError, ValueError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail(f"the server did not start: {Path(log_path).read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield port, proc
+    finally:
+        proc.terminate()  # timeout forwards SIGTERM to the server
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()

@@ -11,10 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,18 +22,12 @@ CHROMIUM = os.environ.get("ISEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ISEARCH_CHROMEDRIVER", "/usr/bin/chromedriver")
 INSTALL = ("install them with: apt-get install -y chromium chromium-driver && "
            ".venv/bin/pip install selenium fastapi uvicorn python-multipart")
-from conftest import SERVER_OBJECTS as N_OBJECTS, build_server_index as build_index  # noqa: E402
+from conftest import SERVER_OBJECTS as N_OBJECTS, build_server_index as build_index, served_index  # noqa: E402
 
 pytestmark = pytest.mark.slow  # its module fixture alone takes seconds (pytest --durations)
 SERVER_LIFETIME_S = 240  # the server subprocess is killed after this, whatever happens to the test
 
 
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,35 +47,8 @@ def server(browser_tools, ukbench, tmp_path_factory):
     photos, shared = build_index(ukbench, tmp_path_factory)
     root = tmp_path_factory.mktemp("browser") / "index"
     shutil.copytree(shared, root)
-    port = _free_port()
-    code = ("import sys; from instance_search.server import serve; "
-            "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), ground_truth='ukbench', "
-            "log_level='warning')")
-    log = open(root.parent / "server.log", "wb")
-    proc = subprocess.Popen(["timeout", "-k", "5", str(SERVER_LIFETIME_S), sys.executable, "-c", code, str(root),
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/stats", timeout=2) as r:
-                    assert json.load(r)["images"] == 4 * N_OBJECTS
-                break
-            except (OSError, ValueError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(f"the server did not start: {(root.parent / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield {"url": url, "photos": photos, "root": root}
-    finally:
-        proc.terminate()  # timeout forwards SIGTERM to the server
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
+    with served_index(root, 4 * N_OBJECTS, SERVER_LIFETIME_S, root.parent / "server.log") as (port, _proc):
+        yield {"url": f"http://127.0.0.1:{port}", "photos": photos, "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,17 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import SERVER_OBJECTS, build_server_index
+from conftest import SERVER_OBJECTS, build_server_index, served_index
 
 LIFETIME_S = 300  # the server subprocess is killed after this, whatever happens to the test
 SECRET = f"secret-{uuid.uuid4().hex}"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,37 +43,11 @@ def server(ukbench, tmp_path_factory):
     (root / "uploads").mkdir(exist_ok=True)
     os.symlink(outside_jpg, root / "uploads" / "evil.jpg")  # a link planted where an upload could land
     os.symlink(base / "outside", root / "uploads" / "linkdir")
-    port = _free_port()
-    code = ("import sys; from instance_search.server import serve; "
-            "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), ground_truth='ukbench', "
-            "log_level='info')")
-    log_path = base / "server.log"
-    log = open(log_path, "wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ISEARCH_THREADS": "1"}
-    proc = subprocess.Popen(["timeout", "-k", "5", str(LIFETIME_S), sys.executable, "-c", code, str(root), str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=base, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=2) as r:
-                    assert json.load(r)["images"] == 4 * SERVER_OBJECTS
-                break
-            except (OSError, ValueError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(f"the server did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.3)
+    log_path = base / "server.log"
+    with served_index(root, 4 * SERVER_OBJECTS, LIFETIME_S, log_path, cwd=base, log_level="info", env=env) as (port, proc):
         yield {"port": port, "root": root, "base": base, "photos": photos, "log": log_path,
                "outside_sha": hashlib.sha256(outside_jpg.read_bytes()).hexdigest(), "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
 
 
 # ------------------------------------------------------------------------------------------------ raw HTTP
