@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""VGG16 conv5_3 extraction on the CPU: the exact fp32 network vs the Winograd engine.
+"""Extraction on the CPU, per backbone and engine: VGG16 conv5_3 (exact fp32 vs Winograd) and ResNet-50 res5
+(exact fp32 vs BatchNorm folded vs the Winograd engine, the default ``auto`` on the CPU).
 
 Measures, in one run:
 
@@ -13,12 +14,20 @@ Measures, in one run:
 * the agreement of the descriptors: cosine of MAC and of R-MAC (unwhitened), relative error of the raw
   conv5_3 map;
 * end-to-end indexing throughput (images/s: JPEG decode + preprocessing + trunk + MAC) on ``--n`` UKBench
-  images (640 x 480), exact vs Winograd, and the worst MAC cosine over those images.
+  images (640 x 480), exact vs Winograd, and the worst MAC cosine over those images;
+* ResNet-50 up to res5 on the same 768 x 1024 photo: its FLOPs counted from the layer table (every conv of the
+  network, at its output size), the direct-convolution bound (FLOPs / peak) and the issue's goal (0.6 x that
+  bound); the times of the exact network, of ``folded`` (BatchNorm folded, channels-last, oneDNN convs), of the
+  ``winograd`` engine with its 3x3 convolutions left direct (what the NHWC matmul 1x1 convs alone buy), and of
+  the ``winograd`` engine itself; MAC / R-MAC cosine of each engine vs exact; end-to-end throughput on the
+  UKBench images, exact vs winograd, with the worst MAC cosine.
 
 The machine may be shared: the load average before and after is recorded. Results are printed and written to
 ``benchmarks/results/extraction.json``.
 
     .venv/bin/python benchmarks/bench_extraction.py [--n 40] [--runs 3] [--threads 2]
+
+(about 3 minutes on the idle 2-core machine with the defaults)
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import dataclasses
 import statistics
 import sys
 import time
@@ -83,6 +93,38 @@ def vgg16_gflop(h: int, w: int, last: str = "conv5_3") -> float:
     return total / 1e9
 
 
+def resnet50_gflop(net, h: int, w: int) -> dict:
+    """Multiply-adds x 2 of every convolution of a ResNet-50 up to res5 on an h x w input, counted from its layer
+    table (each ``nn.Conv2d`` at its output size), split into 3x3 / 1x1 / projection shortcut / stem (GFLOP)."""
+    import torch.nn as nn
+
+    def out(n, k, s, p):
+        return (n + 2 * p - k) // s + 1
+
+    def conv(c: nn.Conv2d, hh: int, ww: int) -> tuple[float, int, int]:
+        k, s, p = c.kernel_size[0], c.stride[0], c.padding[0]
+        ho, wo = out(hh, k, s, p), out(ww, k, s, p)
+        return 2.0 * k * k * c.in_channels * c.out_channels * ho * wo / 1e9, ho, wo
+
+    parts = {"stem": 0.0, "3x3": 0.0, "1x1": 0.0, "shortcut": 0.0}
+    g, hh, ww = conv(net.conv1, h, w)
+    parts["stem"] += g
+    hh, ww = out(hh, 3, 2, 1), out(ww, 3, 2, 1)  # max-pool
+    for i in range(4):
+        for blk in getattr(net, f"layer{i + 1}"):
+            g1, h1, w1 = conv(blk.conv1, hh, ww)
+            g2, h2, w2 = conv(blk.conv2, h1, w1)
+            g3, h3, w3 = conv(blk.conv3, h2, w2)
+            parts["1x1"] += g1 + g3
+            parts["3x3"] += g2
+            if blk.downsample is not None:
+                parts["shortcut"] += conv(blk.downsample[0], hh, ww)[0]
+            hh, ww = h3, w3
+    parts["total"] = sum(parts.values())
+    parts["out_hw"] = [hh, ww]
+    return parts
+
+
 def interleaved_times(fns: dict, runs: int) -> dict:
     """Median (and all) times of each callable, after one warm-up each, run in turns."""
     for fn in fns.values():
@@ -125,6 +167,78 @@ def photo_768x1024():
             return str(p), img
     p = DATA / "ukbench1000" / "ukbench00000.jpg"
     return str(p) + " (resized)", load_image(p).resize((1024, 768))
+
+
+def resnet50_section(x_photo, path: str, peak: dict, runs: int, paths: list) -> dict:
+    """ResNet-50 up to res5 on the 768 x 1024 photo: FLOPs, bound, engines' times and cosines (see the module
+    docstring); end-to-end on the UKBench ``paths``."""
+    try:
+        bb = load_backbone("resnet50", progress=False)
+    except Exception as exc:  # noqa: BLE001 - no weights here: the section says so instead of failing the run
+        print(f"ResNet-50 skipped: {exc}")
+        return {"skipped": str(exc)}
+    x = bb.preprocess(x_photo)[None]
+    flops = resnet50_gflop(bb.net, x.shape[-2], x.shape[-1])
+    bound = flops["total"] / peak["gflops_best"]
+    goal = 0.6 * bound
+    print(f"ResNet-50 up to res5 on {x.shape[-2]}x{x.shape[-1]} ({bb.net.variant} variant): {flops['total']:.1f} GFLOP "
+          f"(3x3 {flops['3x3']:.1f}, 1x1 {flops['1x1']:.1f}, shortcuts {flops['shortcut']:.1f}, stem "
+          f"{flops['stem']:.1f}) -> direct bound {bound:.3f} s at peak, goal 0.6 x bound = {goal:.3f} s")
+    folded = fast.FoldedResNet50(bb.net)
+    wino = fast.FoldedResNet50(bb.net, winograd=True)
+    # the same engine with its 3x3 convolutions left direct (folded, channels-last): what the matmul 1x1s buy
+    matmul_only = fast.FoldedResNet50(bb.net, winograd=True)
+    matmul_only._fast = [[dataclasses.replace(b, u2=None) for b in row] for row in matmul_only._fast]
+    engines = {"exact": bb.net, "folded": folded, "winograd_direct3x3": matmul_only, "winograd": wino}
+
+    def runner(eng):
+        def run():
+            with torch.inference_mode():
+                return eng(x, ["res5"])["res5"]
+        return run
+
+    t = interleaved_times({k: runner(e) for k, e in engines.items()}, runs)
+    ref = runner(bb.net)()[0]
+    d_ref = descriptors(ref)
+    out: dict = {"photo": path, "input": list(x.shape), "variant": bb.net.variant, "gflop": flops,
+                 "direct_fp32_bound_s": bound, "goal_s": goal, "engines": {}}
+    for name, eng in engines.items():
+        fmap = runner(eng)()[0]
+        d = descriptors(fmap)
+        row = dict(t[name])
+        row.update({"over_direct_bound": row["median_s"] / bound, "meets_goal": row["median_s"] <= goal,
+                    "effective_gflops": flops["total"] / row["median_s"],
+                    "speedup_vs_exact": t["exact"]["median_s"] / row["median_s"],
+                    "res5_rel_err": rel_err(fmap, ref), "cos_mac": cos(d["mac"], d_ref["mac"])})
+        if "rmac" in d_ref:
+            row["cos_rmac"] = cos(d["rmac"], d_ref["rmac"])
+        out["engines"][name] = row
+        print(f"  {name:20s} {row['median_s']:.3f} s  = {row['over_direct_bound']:.2f} x bound "
+              f"({row['effective_gflops']:.0f} effective GFLOP/s, {row['speedup_vs_exact']:.2f}x exact)  "
+              f"cos MAC {row['cos_mac']:.7f}" + (f" R-MAC {row['cos_rmac']:.7f}" if "cos_rmac" in row else ""))
+    out["winograd_workspace_mb"] = wino.workspace_bytes() / 2**20
+    # end to end on the UKBench images, through Backbone.features (use_engine, as the product runs it)
+    e2e: dict = {"n_images": len(paths)}
+    macs = {}
+    for name in ("exact", "winograd"):
+        fast.use_engine(bb, name)
+        bb.features(load_image(paths[0]), "res5")
+        t0 = time.perf_counter()
+        vecs = []
+        for p in paths:
+            fmap = bb.features(load_image(p), "res5")[("res5", 1.0)]
+            vecs.append(fmap.amax(dim=(-2, -1)))
+        dt = time.perf_counter() - t0
+        macs[name] = torch.stack(vecs)
+        e2e[name] = {"seconds": dt, "images_per_s": len(paths) / dt, "s_per_image": dt / len(paths)}
+        print(f"  end-to-end ResNet-50 {name}: {len(paths)} UKBench images in {dt:.1f} s = {len(paths) / dt:.3f} "
+              "images/s")
+    fast.use_engine(bb, "exact")
+    e2e["min_cos_mac"] = float(F.cosine_similarity(macs["exact"].double(), macs["winograd"].double(), dim=1).min())
+    e2e["speedup"] = e2e["exact"]["seconds"] / e2e["winograd"]["seconds"]
+    print(f"  end-to-end speedup {e2e['speedup']:.2f}x, worst MAC cosine over the images {e2e['min_cos_mac']:.7f}")
+    out["ukbench_end_to_end"] = e2e
+    return out
 
 
 def main(argv=None) -> dict:
@@ -241,6 +355,10 @@ def main(argv=None) -> dict:
     e2e["speedup"] = e2e["exact"]["seconds"] / e2e["winograd"]["seconds"]
     res["ukbench_end_to_end"] = e2e
     print(f"end-to-end speedup {e2e['speedup']:.2f}x, worst MAC cosine over the images {worst:.7f}")
+
+    # ---- ResNet-50 res5: exact vs folded vs winograd
+    res["resnet50_res5_768x1024"] = resnet50_section(x_photo=img, path=path, peak=peak, runs=max(3, args.runs),
+                                                     paths=paths)
 
     res["machine"]["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
