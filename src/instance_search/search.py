@@ -11,10 +11,14 @@ recipe and whitening), so it does not import it. The re-rankers and expansions c
 
 Order of the steps (Tolias et al. 2016, Sec. 6; Salvador et al. 2016, Sec. 4.3): the first stage ranks the index
 by the global vectors (against the DBA-augmented vectors when ``qe_kind="dba"``); the best ``shortlist`` images are
-re-ranked and get a box; query expansion then uses the best ``qe`` images *after* re-ranking. After AML with a
-MAC / R-MAC recipe the expansion uses the vectors of the localised windows and re-scores the short list with the
-expanded query; otherwise it uses the stored global vectors and searches the index again (that second ranking
-is not re-ranked again and carries no boxes, as before the registry).
+re-ranked and get a box; query expansion then uses the best ``qe`` images *after* re-ranking. Average QE (``avg``)
+after a re-ranker with its own region space (``casr``, ``cs-sr``: :meth:`~.rerank.base.Reranker.qe_after_rerank`)
+is Salvador et al.'s (Sec. 4.3): the mean of the *raw* region vectors of the query box and of the boxes of the top
+``qe`` re-ranked images (re-cropped from their maps), L2 (sum pooling: then the PCA-whitening and L2), then the
+short list re-ranked again with it (new scores and boxes). After AML with a MAC / R-MAC recipe the expansion uses
+the vectors of the localised windows and re-scores the short list with the expanded query; otherwise (and for
+``alpha`` after ``casr`` / ``cs-sr``) it uses the stored global vectors and searches the index again (that second
+ranking is not re-ranked again and carries no boxes, as before the registry).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .index.faiss_backend import build_faiss
 from .index.faiss_backend import search as faiss_search
 from .ops.normalize import l2n
 from .rerank.aml import cells_to_pixels
-from .rerank.base import Expansion, RerankContext, Reranker, make_expansion, make_reranker
+from .rerank.base import AverageQE, Expansion, RerankContext, Reranker, make_expansion, make_reranker
 
 __all__ = ["Hit", "SearchState", "search", "search_indexed", "search_vector", "search_described", "rerank_hits",
            "reranker_for", "expansion_for", "FIRST_STAGES"]
@@ -247,11 +251,24 @@ def rerank_hits(col, hits: list[Hit], qmap: np.ndarray, reranker: Reranker, shor
                 qglobal: np.ndarray | None = None) -> tuple[list[Hit], dict[int, np.ndarray]]:
     """Re-rank the first ``shortlist`` of ``hits`` with ``reranker``; the rest follow unchanged. Returns the new
     hits (re-ranked ones with a box in image pixels) and the vector each re-ranked image was scored with."""
-    head, tail = hits[:shortlist], hits[shortlist:]
-    if not head:
-        return list(hits), {}
-    old = np.asarray([h.score for h in head])
-    res, shapes = reranker.rerank(qglobal, qmap, [h.id for h in head], old, _context(col, qglobal))
+    out, wvecs, _ = _rerank(col, hits, qmap, reranker, shortlist, qglobal)
+    return out, wvecs
+
+
+@dataclass
+class _Reranked:
+    """What query expansion after re-ranking needs of a re-ranking: the short list (first-stage order) and its
+    scores, the re-ranker's result on it, and the hits after the short list."""
+
+    head: list[Hit]
+    scores: np.ndarray
+    result: Any
+    tail: list[Hit]
+
+
+def _hits_of(col, head: list[Hit], tail: list[Hit], res, shapes) -> list[Hit]:
+    """Hits of a re-ranked short list ``head`` (``res``: its :class:`~.rerank.aml.RerankResult`, boxes in the cells
+    of maps of ``shapes``) in front of the unchanged ``tail``."""
     recs = {r["id"]: r for r in col.records()}
     out = []
     for rank, k in enumerate(res.order):
@@ -262,8 +279,17 @@ def rerank_hits(col, hits: list[Hit], qmap: np.ndarray, reranker: Reranker, shor
                        box=tuple(round(float(v), 1) for v in box)))
     for h in tail:
         out.append(Hit(rank=len(out) + 1, id=h.id, path=h.path, score=h.score))
+    return out
+
+
+def _rerank(col, hits, qmap, reranker, shortlist, qglobal):
+    head, tail = hits[:shortlist], hits[shortlist:]
+    if not head:
+        return list(hits), {}, None
+    old = np.asarray([h.score for h in head])
+    res, shapes = reranker.rerank(qglobal, qmap, [h.id for h in head], old, _context(col, qglobal))
     wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)}
-    return out, wvecs
+    return _hits_of(col, head, tail, res, shapes), wvecs, _Reranked(head, old, res, tail)
 
 
 def _vectors_of(col, ids: Sequence[int]) -> np.ndarray:
@@ -285,14 +311,20 @@ def search_described(col, vec: np.ndarray, fmap, top: int, reranker: Reranker, s
     t1 = time.perf_counter()
     t["search_ms"] = (t1 - t0) * 1e3
     wvecs: dict[int, np.ndarray] = {}
+    reranked = None
     if rerank and hits:
-        hits, wvecs = rerank_hits(col, hits, fmap, reranker, shortlist, vec)
+        hits, wvecs, reranked = _rerank(col, hits, fmap, reranker, shortlist, vec)
     t2 = time.perf_counter()
     t["rerank_ms"] = (t2 - t1) * 1e3
     t["qe_ms"] = 0.0
     if qe <= 0 or not hits or not expansion.query_side:
         return hits[:top]
     try:
+        if reranked is not None and isinstance(expansion, AverageQE):
+            out = reranker.qe_after_rerank(fmap, [h.id for h in reranked.head], reranked.scores, reranked.result, qe,
+                                           _context(col, vec))
+            if out is not None:  # QE in the re-ranker's region space (Salvador et al. 2016, Sec. 4.3)
+                return _hits_of(col, reranked.head, reranked.tail, *out)[:top]
         return _expand(col, vec, hits, wvecs, reranker, qe, expansion, top)
     finally:
         t["qe_ms"] = (time.perf_counter() - t2) * 1e3

@@ -134,6 +134,9 @@ def test_hits_equal_the_ones_recorded_before_the_registry(indexes, ukbench):
         for case, hits in before[name].items():
             if name == "whitened" and case.startswith("casr/"):
                 continue  # recorded with the index's whitening on the windows: that variant measured worse, is gone
+            if case.startswith("casr/qe3/"):
+                continue  # recorded with average QE of the global vectors; now Salvador's QE in the region space
+                # (issue 17), checked against a transcription in tests/rerank/test_expansion_salvador.py
             g = got[case]
             assert [h[0] for h in g] == [h[0] for h in hits], (name, case)
             np.testing.assert_allclose([h[1] for h in g], [h[1] for h in hits], atol=2e-5, err_msg=f"{name} {case}")

@@ -86,6 +86,13 @@ class Reranker(_Options, ABC):
         (C, H, W) conv map, ``ids`` / ``scores`` the short list (best first); boxes of the result in the cells
         of those maps."""
 
+    def qe_after_rerank(self, qmap: np.ndarray, ids: Sequence[int], scores: np.ndarray, result: RerankResult,
+                        top: int, ctx: RerankContext) -> tuple[RerankResult, list[tuple[int, int]]] | None:
+        """Average query expansion in this re-ranker's own region space after it re-ranked ``ids`` into
+        ``result`` (with the ``top`` best), re-ranking the same short list again; ``None`` (the default): the
+        re-ranker has none, and :mod:`instance_search.search` expands with global vectors."""
+        return None
+
 
 class Expansion(_Options, ABC):
     """Query expansion. ``expand`` (query side) returns the new query from the query and its ``n`` best
@@ -276,6 +283,17 @@ class CASR(Reranker):
         return ca_sr(q, maps, shortlist_scores=scores, whitening=ctx.whitening if whiten else None,
                      pooling=pooling), shapes
 
+    def qe_after_rerank(self, qmap, ids, scores, result, top, ctx):
+        """Salvador et al. 2016, Sec. 4.3: the mean of the raw query box vector and the raw re-cropped boxes of
+        the ``top`` best, then CA-SR of the short list with it (:func:`~.ca_sr.ca_sr_qe`)."""
+        from .ca_sr import ca_sr_qe, check_vectors, query_descriptor
+
+        pooling, whiten = check_vectors(str(self.opts["vectors"]), ctx.whitening)
+        maps = ctx.maps(ids, False)
+        q = query_descriptor(np.asarray(qmap, np.float32), pooling)
+        return ca_sr_qe(q, maps, result, top, shortlist_scores=scores, whitening=ctx.whitening if whiten else None,
+                        pooling=pooling), [tuple(int(v) for v in m.shape[1:]) for m in maps]
+
 
 @register_reranker
 class CSSR(Reranker):
@@ -350,6 +368,20 @@ class CSSR(Reranker):
         res = cs_sr(self.detector, k, maps, shortlist_scores=scores, proposals=int(self.opts["proposals"]),
                     whitening=ctx.whitening, box=str(self.opts["box"]))
         return res, [tuple(int(v) for v in m.shape[1:]) for m in maps]
+
+    def qe_after_rerank(self, qmap, ids, scores, result, top, ctx):
+        """Salvador et al. 2016, Sec. 4.3: the mean of the raw max-pooled query box vector and the raw re-cropped
+        boxes of the ``top`` best, then CA-SR of the short list with it over the detector's RPN proposals
+        (:func:`~.cs_sr.cs_sr_qe`)."""
+        import torch
+
+        from .ca_sr import query_descriptor
+        from .cs_sr import cs_sr_qe
+
+        maps = [torch.from_numpy(np.asarray(m, np.float32)) for m in ctx.maps(ids, False)]
+        q = query_descriptor(np.asarray(qmap, np.float32), "max")
+        return cs_sr_qe(self.detector, q, maps, result, top, int(self.opts["proposals"]), scores), \
+            [tuple(int(v) for v in m.shape[1:]) for m in maps]
 
 
 # ------------------------------------------------------------------------------------------------ expansions

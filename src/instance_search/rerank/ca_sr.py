@@ -35,11 +35,11 @@ import torch
 from ..ops.boxes import roi_pool
 from ..ops.integral import power_integral, window_max, window_maxpool_approx
 from .aml import RerankResult, as_float_tensor, order_by_score, region_vectors
+from .expansion import region_mean_qe
 
 __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac", "REGION_VECTORS",
            "region_descriptors", "proposal_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors",
-           "winning_rows",
-           "check_vectors"]
+           "winning_rows", "ca_sr_qe", "check_vectors"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
 REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True)}
@@ -272,3 +272,20 @@ def ca_sr(
             yield V, cands
 
     return best_regions(region_vectors(q, whitening)[0], candidates(), len(maps), whitening, shortlist_scores)
+
+
+def ca_sr_qe(query_vec, maps: Sequence, result: RerankResult, top: int = 5, candidate_boxes_fn: BoxesFn | None = None,
+             shortlist_scores=None, whitening: Callable | None = None, pooling: str = "max") -> RerankResult:
+    """QE after CA-SR as the authors do it (Salvador et al. 2016, Sec. 4.3; ``rerank.py`` stage ``rerank2nd``): the
+    raw vectors of the boxes of the ``top`` best images of ``result`` (a CA-SR of the same short list: its
+    ``order`` and ``boxes`` in cells), re-cropped from their ``maps`` (:func:`crop_vectors`, pooled as the query),
+    are averaged with the raw query box vector ``query_vec`` (C,) (:func:`~.expansion.region_mean_qe`), and the
+    short list is re-ranked by :func:`ca_sr` with that query (same candidates ``candidate_boxes_fn``,
+    ``whitening`` and ``pooling``). ``top = 0``: CA-SR with the query alone."""
+    if len(maps) != len(result.scores):
+        raise ValueError(f"{len(maps)} maps for a re-ranked short list of {len(result.scores)}")
+    first = np.asarray(result.order, dtype=np.int64)[:max(0, int(top))]
+    vecs = crop_vectors([maps[int(t)] for t in first], np.asarray(result.boxes)[first], pooling) if len(first) \
+        else np.zeros((0, 0))
+    return ca_sr(region_mean_qe(query_vec, vecs), maps, candidate_boxes_fn, shortlist_scores, whitening,
+                 pooling=pooling)

@@ -27,9 +27,10 @@ import torch
 
 from ..ops.boxes import boxes_to_cells
 from .aml import RerankResult, order_by_score, region_vectors
-from .ca_sr import best_regions
+from .ca_sr import best_regions, crop_vectors, proposal_descriptors
+from .expansion import region_mean_qe
 
-__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "expanded_query", "full_ranking"]
+__all__ = ["cs_sr", "cs_sr_scores", "qe_after_rerank", "cs_sr_qe", "expanded_query", "full_ranking"]
 
 
 def _cells(boxes_px: np.ndarray, stride: int, map_hw: tuple[int, int]) -> np.ndarray:
@@ -95,14 +96,10 @@ def cs_sr(detector, class_index: int, maps: Sequence[torch.Tensor], shortlist_sc
 
 def expanded_query(query_vec, box_vectors, whitening: Callable | None = None) -> np.ndarray:
     """The query of QE after re-ranking (Salvador et al. 2016, Sec. 4.3; ``rerank.py`` stage ``rerank2nd``), in the
-    space of the region vectors: ``L2(W(L2(mean(q, f_1 .. f_M))))`` of the *raw* query box vector ``q`` (C,) and
-    the raw box vectors ``box_vectors`` (M, C) (``W`` only with a ``whitening``: the authors' sum pooling).
-    Returns (D,) float64."""
-    q = np.asarray(query_vec, dtype=np.float64).reshape(-1)
-    F = np.asarray(box_vectors, dtype=np.float64).reshape(-1, q.shape[0]) if np.size(box_vectors) else \
-        np.zeros((0, q.shape[0]))
-    mean = (q + F.sum(axis=0)) / (len(F) + 1)
-    return region_vectors(mean, whitening)[0].numpy()
+    space of the region vectors: ``L2(W(L2(m)))`` of the mean ``m`` of the *raw* query box vector ``q`` (C,) and the
+    raw box vectors ``box_vectors`` (M, C) (:func:`~.expansion.region_mean_qe`; ``W`` only with a ``whitening``:
+    the authors' sum pooling). Returns (D,) float64."""
+    return region_vectors(region_mean_qe(query_vec, box_vectors), whitening)[0].numpy()
 
 
 def qe_after_rerank(query_vec, box_vectors, regions: Sequence, whitening: Callable | None = None,
@@ -118,6 +115,34 @@ def qe_after_rerank(query_vec, box_vectors, regions: Sequence, whitening: Callab
         raise ValueError(f"{len(cells)} cell arrays for {len(regions)} images")
     pairs = ((np.asarray(R), None if cells is None else cells[i]) for i, R in enumerate(regions))
     return best_regions(torch.from_numpy(v), pairs, len(regions), whitening, shortlist_scores)
+
+
+def cs_sr_qe(detector, query_vec, maps: Sequence, result: RerankResult, top: int = 5, proposals: int = 300,
+             shortlist_scores=None) -> RerankResult:
+    """QE after CS-SR as the authors do it (Salvador et al. 2016, Sec. 4.3; ``rerank.py`` stage ``rerank2nd`` with
+    ``pooling = 'max'``): the raw max-pooled vectors of the boxes of the ``top`` best images of ``result`` (a
+    :func:`cs_sr` of the same short list: its ``order`` and ``boxes`` in cells), re-cropped from their ``maps``
+    (:func:`~.ca_sr.crop_vectors`), are averaged with the raw query box vector ``query_vec`` (C,)
+    (:func:`~.expansion.region_mean_qe`), and the short list is re-ranked by CA-SR with that query over each map's
+    top ``proposals`` RPN boxes of the ``detector`` (max of Caffe's RoI bins, L2 only:
+    :func:`~.ca_sr.proposal_descriptors`)."""
+    if len(maps) != len(result.scores):
+        raise ValueError(f"{len(maps)} maps for a re-ranked short list of {len(result.scores)}")
+    first = np.asarray(result.order, dtype=np.int64)[:max(0, int(top))]
+    tmaps = [maps[int(t)] for t in first]
+    boxes = np.asarray(result.boxes)[first]
+    q = region_mean_qe(query_vec, crop_vectors(tmaps, boxes, "max") if len(first) else np.zeros((0, 0)))
+
+    def regions():
+        for m in maps:
+            t = (m if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m))).float()
+            with torch.no_grad():
+                props, _ = detector.rpn.propose(t, int(proposals))
+            props = props.numpy().astype(np.float64)
+            cells = _cells(props, detector.rpn.stride, (int(t.shape[-2]), int(t.shape[-1])))
+            yield proposal_descriptors(t, props, "max", detector.rpn.stride), cells
+
+    return best_regions(region_vectors(q, None)[0], regions(), len(maps), None, shortlist_scores)
 
 
 def full_ranking(first_stage_order: np.ndarray, shortlist: int, rerank_order: np.ndarray) -> np.ndarray:

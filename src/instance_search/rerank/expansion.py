@@ -6,7 +6,12 @@
   ``q' = L2(q + Σ_{j≤M} max(qᵀx_j, 0)^α x_j)`` (the query has weight ``1 = (qᵀq)^α``);
 * DBA (Arandjelović & Zisserman 2012, "Three things everyone should know", Sec. 4; α-weighted as in
   Radenović et al. 2018): every database vector is replaced by ``L2(Σ_{j∈kNN(x)} max(xᵀx_j, 0)^α x_j)`` over
-  its ``k`` nearest neighbours, itself included (``alpha = 0``: plain average).
+  its ``k`` nearest neighbours, itself included (``alpha = 0``: plain average);
+* QE after spatial re-ranking as Salvador et al. average (Salvador, Giró-i-Nieto, Marqués & Satoh 2016, "Faster
+  R-CNN features for instance search", Sec. 4.3; their ``rerank.py``, stage ``rerank2nd``): the *raw* (unnormalised,
+  unwhitened) region vectors of the query box and of the boxes of the top ``M`` re-ranked images are averaged,
+  ``q' = (q + Σ_{j≤M} f_j) / (M + 1)`` (:func:`region_mean_qe`); the re-ranker scores ``q'`` as any raw region
+  vector, ``L2(W(L2 q'))`` (``W`` only for sum pooling), against the short list's regions again.
 
 Vectors are rows; queries may be one ``(D,)`` vector or a batch ``(Q, D)``. The weights always use the cosine
 ``qᵀx_j`` of the (assumed L2-normalised) vectors, whatever the ranking came from.
@@ -15,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from ..ops.normalize import l2n
 
-__all__ = ["average_qe", "alpha_qe", "dba"]
+__all__ = ["average_qe", "alpha_qe", "dba", "region_mean_qe"]
 
 
 def _f(a) -> np.ndarray:
@@ -110,3 +116,20 @@ def dba(db, k: int = 10, alpha: float = 3.0, neighbours=None, chunk: int = 256) 
         w[idx == rows[:, None]] = 1.0
         out[rows] = l2n(np.einsum("bk,bkd->bd", w, vecs))
     return out
+
+
+def region_mean_qe(query_vec, box_vectors) -> np.ndarray:
+    """The expanded query of QE after spatial re-ranking as Salvador et al. 2016 average (Sec. 4.3; ``rerank.py``,
+    stage ``rerank2nd``): the mean of the *raw* query box vector ``query_vec`` (C,) and the raw vectors
+    ``box_vectors`` (M, C) of the boxes of the top-M re-ranked images (re-cropped from their maps:
+    :func:`~instance_search.rerank.ca_sr.crop_vectors`), ``(q + Σ_j f_j) / (M + 1)``. Raw, (C,) float64: the caller
+    normalises it as it normalises any region vector (``L2``, then for sum pooling the PCA-whitening and ``L2``,
+    :func:`~instance_search.rerank.aml.region_vectors`). ``M = 0`` returns the query itself. (Unlike
+    :func:`average_qe`, which sums unit vectors: the raw vectors' norms weight the mean, as in the authors' code.)"""
+    q = np.asarray(query_vec, dtype=np.float64).reshape(-1)
+    F = np.asarray(box_vectors, dtype=np.float64)
+    if F.size == 0:
+        return q.copy()
+    if F.ndim != 2 or F.shape[1] != q.shape[0]:
+        raise InputError(f"box_vectors must be (M, {q.shape[0]}) like the query vector, got shape {F.shape}")
+    return (q + F.sum(axis=0)) / (len(F) + 1)
