@@ -12,8 +12,9 @@ command        what it trains / writes                                          
 Each model file is a plain state dict (``.pt``, written atomically, read back with ``weights_only=True``) with a
 JSON config beside it holding its sha256, the training data and the history.
 
-``--device auto|cpu|cuda`` (``clean``, ``train-rmac``, ``train-rpn``): where the networks, batches and losses run
-(``clean``: the ratio test's descriptor distances; SIFT and RANSAC stay on the CPU). ``cuda`` without a GPU is
+``--device auto|cpu|cuda`` (``clean``, ``train-rmac``, ``train-rpn``, ``finetune``): where the networks, batches and
+losses run (``clean``: the ratio test's descriptor distances; SIFT and RANSAC stay on the CPU; ``finetune``: the
+conv layers that strategy #2 trains). ``cuda`` without a GPU is
 refused before anything is written; model files and checkpoints hold CPU tensors, so a model trained on a GPU
 loads on a CPU-only machine.
 """
@@ -197,8 +198,9 @@ def finetune_cmd(
     queries: Path = typer.Argument(..., help='Queries JSON: {"queries": [{"image": PATH, "box": [x1, y1, x2, y2], '
                                              '"class": NAME}, ...]}, paths relative to the file.'),
     out: Path = typer.Option(..., "--out", help="Detector file to write (.pt; its config goes next to it as .json)."),
-    strategy: int = typer.Option(1, help="1: fine-tune the FC layers; 2: also conv5_1-3 and the RPN "
-                                         "(Salvador et al. 2016, Sec. 3.2)."),
+    strategy: int = typer.Option(1, help="1: fine-tune the FC layers; 2: all layers after conv1_1-1_2 "
+                                         "(conv2_1..conv5_3), the RPN and the FC layers (Salvador et al. 2016, "
+                                         "Sec. 3.2)."),
     base: Optional[Path] = typer.Option(None, help="Base detector to start from (e.g. OUT-base.pt of an earlier run)."),
     boxes: Optional[Path] = typer.Option(None, help="Without --base: a boxes file from `isearch clean` to train the "
                                                     "base detector on (its groups as classes)."),
@@ -218,6 +220,7 @@ def finetune_cmd(
     weights: Optional[str] = typer.Option(None, help="VGG16 weights source or local .pt file."),
     engine: str = typer.Option("exact", help="exact | winograd (VGG16, ~2x faster)."),
     seed: int = typer.Option(0),
+    device: str = DEVICE,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fine-tune the CS-SR detector on query instances (Salvador et al. 2016, Sec. 3.2): every query class plus
@@ -225,11 +228,12 @@ def finetune_cmd(
     from ..train.detector import FinetuneConfig, finetune_on_queries
 
     try:
+        dev = resolve_device(device)
         cfg = FinetuneConfig(strategy=strategy, epochs=epochs, lr=lr, epochs_2=epochs_2, lr_2=lr_2,
                              base_epochs=base_epochs, base_lr=base_lr, pool=pool, hidden=hidden, seed=seed)
         _, info, path = finetune_on_queries(queries, out, config=cfg, base=base, rpn_file=rpn, boxes_file=boxes,
                                               root=root, max_size=max_size, checkpoint_dir=checkpoint_dir,
-                                              weights=weights, engine=engine, progress=not quiet)
+                                              weights=weights, engine=engine, progress=not quiet, device=dev)
     except _expected() as exc:
         _fail(_msg(exc))
     b = info["base"]

@@ -32,7 +32,7 @@ from .rmac_head import RMACNet
 from .rpn import RPN
 
 __all__ = ["BBOX_STDS", "DetectorHead", "Detector", "class_detections", "save_detector", "load_detector",
-           "DetectorFileError", "conv5_block", "DETECTION_BOXES"]
+           "DetectorFileError", "conv5_block", "vgg16_block", "DETECTION_BOXES"]
 
 BBOX_STDS = (0.1, 0.1, 0.2, 0.2)  # Faster R-CNN's normalisation of the RoI box-regression targets
 _FORMAT = "instance_search.Detector"
@@ -49,6 +49,30 @@ def conv5_block(backbone=None) -> nn.Sequential:
     if backbone is not None:
         net.init_from_backbone(backbone)
     return net.trunk
+
+
+def vgg16_block(first: str, last: str, backbone=None) -> nn.Sequential:
+    """VGG16's layers ``first`` .. ``last`` (children names of :class:`~instance_search.backbones.vgg16.VGG16`,
+    inclusive), with the ImageNet weights of ``backbone`` when given (e.g. ``"conv2_1".."pool4"``: the layers that
+    CS-SR strategy #2 fine-tunes below conv5, input pool1 maps)."""
+    from collections import OrderedDict
+
+    from ..backbones.vgg16 import VGG16
+
+    vgg = VGG16()
+    order = list(vgg._order)
+    if first not in order or last not in order or order.index(first) > order.index(last):
+        raise ValueError(f"no VGG16 block {first!r}..{last!r}")
+    names = order[order.index(first):order.index(last) + 1]
+    children = dict(vgg.features.named_children())
+    if backbone is not None:
+        src = dict(backbone.net.features.named_children())
+        with torch.no_grad():
+            for n in names:
+                if isinstance(children[n], nn.Conv2d):
+                    children[n].weight.copy_(src[n].weight)
+                    children[n].bias.copy_(src[n].bias)
+    return nn.Sequential(OrderedDict((n, children[n]) for n in names))
 
 
 class DetectorHead(nn.Module):
@@ -110,9 +134,13 @@ class Detector(nn.Module):
     (Salvador et al. 2016, Sec. 3: Faster R-CNN with VGG16). ``classes``: names of the object classes."""
 
     def __init__(self, rpn: RPN, num_classes: int, classes: Sequence[str] | None = None, pool: int = 3,
-                 hidden: int = 1024, dropout: float = 0.5, trunk: nn.Sequential | None = None):
+                 hidden: int = 1024, dropout: float = 0.5, trunk: nn.Sequential | None = None,
+                 lower: nn.Sequential | None = None):
         super().__init__()
         self.trunk = trunk if trunk is not None else conv5_block()
+        #: VGG16 layers below conv5 that CS-SR strategy #2 fine-tuned (:func:`vgg16_block`, e.g. conv2_1..pool4;
+        #: input pool1 maps), or None: then the detector reads pool4 / conv5_3 maps of the ImageNet VGG16
+        self.lower = lower
         self.rpn = rpn
         self.head = DetectorHead(num_classes, rpn.in_channels, pool, hidden, dropout, rpn.stride)
         self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
@@ -130,7 +158,8 @@ class Detector(nn.Module):
         h = self.head
         return {"format": _FORMAT, "format_version": 1, "rpn": self.rpn.config(), "classes": self.classes,
                 "pool": h.pool, "hidden": h.hidden, "dropout": h.dropout,
-                "backbone_weights_sha256": self.backbone_weights_sha256}
+                "backbone_weights_sha256": self.backbone_weights_sha256,
+                **({"lower": list(self.lower._modules)} if self.lower is not None else {})}
 
     def conv_map(self, pool4: torch.Tensor) -> torch.Tensor:
         """conv5_3 map (C, H, W) of one pool4 map (C, H, W)."""
@@ -186,8 +215,9 @@ def load_detector(path: str | os.PathLike) -> tuple[Detector, dict[str, Any]]:
     """Read a detector written by :func:`save_detector` (``torch.load(weights_only=True)``). Errors name the file."""
     path, cfg, state = read_state(path, _FORMAT, DetectorFileError, "detector")
     try:
+        low = cfg.get("lower")
         det = Detector(RPN.from_config(cfg["rpn"]), len(cfg["classes"]), cfg["classes"], int(cfg["pool"]),
-                       int(cfg["hidden"]), float(cfg["dropout"]))
+                       int(cfg["hidden"]), float(cfg["dropout"]), lower=vgg16_block(low[0], low[-1]) if low else None)
         det.load_state_dict(state, strict=True)
     except Exception as exc:
         raise DetectorFileError(f"{path}: not a readable detector ({type(exc).__name__}: {str(exc)[:300]})") from exc

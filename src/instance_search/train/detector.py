@@ -13,9 +13,14 @@ Sec. 3.2-3.3).
   truth) -- the counterpart of Salvador's detector trained on PASCAL -- and then fine-tunes it on the queries.
 * Fine-tuning on the queries (Salvador Sec. 3.2): every query object is a class (plus background); the training
   data are the query images and their horizontal flips with the query boxes. ``strategy=1`` trains the FC
-  layers only (fc6, fc7, classifier, box regression); ``strategy=2`` also the last conv block (conv5_1..conv5_3)
-  and the RPN (its loss on the query boxes is added; proposals are recomputed with the current weights each
-  step, as in approximate joint training, Ren et al. 2015 Sec. 3.2).
+  layers only (fc6, fc7, classifier, box regression); ``strategy=2`` trains "all layers after the first two conv
+  layers" (the paper's words), read literally on VGG16: conv1_1 and conv1_2 frozen, conv2_1..conv5_3, the RPN and
+  the FC layers trained (``trainable="conv2+rpn+fc"``, input pool1 maps; the RPN's loss on the query boxes is
+  added and proposals are recomputed with the current weights each step, as in approximate joint training, Ren
+  et al. 2015 Sec. 3.2). (Faster R-CNN's own VGG16 recipe freezes conv1 *and* conv2, Ren et al. 2015 Sec. 4; the
+  paper says layers, so conv2 trains here.) The package's earlier strategy #2, conv5_1..conv5_3 + RPN + FC from
+  pool4 maps, stays reachable by name: ``FinetuneConfig(trainable_2="conv5+rpn+fc")``. ``device``: a torch device
+  for the conv layers that train (the cost of #2); the RPN, the head and the losses stay on the CPU.
 * RoIs per image (Girshick 2015, Sec. 2.3): the RPN proposals plus the ground-truth boxes; ``rois_per_image``
   sampled with up to 25 % foreground (IoU >= 0.5, labelled with the box's class), the rest background
   (IoU in [0, 0.5)). Loss: softmax log loss + smooth L1 (beta 1) on the foreground RoIs' class deltas.
@@ -46,7 +51,8 @@ from .rpn import RPNTrainConfig, rpn_loss, sample_labels, smooth_l1
 
 __all__ = ["DetectorSample", "DetectorTrainConfig", "sample_rois", "detector_loss", "train_detector",
            "query_samples", "STRATEGIES", "FinetuneConfig", "read_queries", "query_maps", "train_base_detector",
-           "finetune_detector", "finetune_on_queries"]
+           "finetune_detector", "finetune_on_queries", "TRAINABLE", "LOWER_LAYERS",
+           "with_lower_layers"]
 
 _CKPT_FORMAT = "instance_search.Detector.checkpoint"
 
@@ -62,6 +68,7 @@ class DetectorSample:
     pool4: Any = None
     conv5: Any = None
     name: str = ""
+    pool1: Any = None  # input of strategy #2 as the paper names it (conv2_1 upwards train)
 
     @staticmethod
     def _get(x) -> torch.Tensor | None:
@@ -84,17 +91,19 @@ def query_samples(maps: Sequence[dict], stride: int = 16) -> list[DetectorSample
         width = ref.shape[-1] * stride
         lab = np.array([int(m["label"])], dtype=np.int64)
         box = np.asarray(m["box"], dtype=np.float64).reshape(1, 4)
-        out.append(DetectorSample(box, lab, m.get("pool4"), m.get("conv5"), str(m.get("name", ""))))
-        if m.get("pool4_flip") is not None or m.get("conv5_flip") is not None:
+        out.append(DetectorSample(box, lab, m.get("pool4"), m.get("conv5"), str(m.get("name", "")), m.get("pool1")))
+        if any(m.get(k) is not None for k in ("pool4_flip", "conv5_flip", "pool1_flip")):
             out.append(DetectorSample(flip_boxes(box, width), lab, m.get("pool4_flip"), m.get("conv5_flip"),
-                                      f"{m.get('name', '')} (flipped)"))
+                                      f"{m.get('name', '')} (flipped)", m.get("pool1_flip")))
     return out
 
 
 @dataclass
 class DetectorTrainConfig:
-    """Settings of :func:`train_detector`. ``trainable``: ``"fc"`` (fc6, fc7, classifier, box regression: the
-    base detector and Salvador's strategy #1) or ``"conv5+rpn+fc"`` (strategy #2)."""
+    """Settings of :func:`train_detector`. ``trainable`` (:data:`TRAINABLE`): ``"fc"`` (fc6, fc7, classifier, box
+    regression: the base detector and Salvador's strategy #1), ``"conv2+rpn+fc"`` (strategy #2 as the paper names
+    it: conv2_1..conv5_3 + RPN + FC from pool1 maps; the detector needs its ``lower`` layers) or ``"conv5+rpn+fc"``
+    (the package's earlier strategy #2, from pool4 maps)."""
 
     trainable: str = "fc"
     epochs: int = 1
@@ -113,8 +122,8 @@ class DetectorTrainConfig:
     seed: int = 0
 
     def validate(self) -> "DetectorTrainConfig":
-        if self.trainable not in ("fc", "conv5+rpn+fc"):
-            raise ValueError(f"trainable must be 'fc' or 'conv5+rpn+fc', got {self.trainable!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         for name in ("epochs", "images_per_batch", "rois_per_image", "train_proposals"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -123,6 +132,12 @@ class DetectorTrainConfig:
         if not 0 <= self.bg_iou_lo < self.fg_iou <= 1:
             raise ValueError(f"need 0 <= bg_iou_lo < fg_iou <= 1, got {self.bg_iou_lo}, {self.fg_iou}")
         return self
+
+
+#: what each ``trainable`` setting trains: the detector's parts, and the map the conv part starts from
+TRAINABLE = {"fc": ("head",), "conv5+rpn+fc": ("trunk", "rpn", "head"), "conv2+rpn+fc": ("lower", "trunk", "rpn", "head")}
+#: the VGG16 layers below conv5 that ``"conv2+rpn+fc"`` trains (Salvador Sec. 3.2: all layers after conv1_1, conv1_2)
+LOWER_LAYERS = ("conv2_1", "pool4")
 
 
 def sample_rois(proposals: torch.Tensor, gt: torch.Tensor, gt_labels: torch.Tensor, n: int = 64,
@@ -153,7 +168,7 @@ def detector_loss(cls_logits: torch.Tensor, deltas: torch.Tensor, rois: torch.Te
     fg = labels > 0
     if not bool(fg.any()):
         return cls, deltas.sum() * 0.0
-    target = encode_boxes(rois[fg], gt[matched[fg]].float()) / torch.tensor(BBOX_STDS)
+    target = encode_boxes(rois[fg], gt[matched[fg]].float()) / torch.tensor(BBOX_STDS, device=deltas.device)
     pred = deltas[fg, labels[fg]]
     return cls, smooth_l1(pred - target, 1.0).sum() / labels.numel()
 
@@ -161,9 +176,10 @@ def detector_loss(cls_logits: torch.Tensor, deltas: torch.Tensor, rois: torch.Te
 def _set_trainable(det: Detector, trainable: str) -> list[nn.Parameter]:
     for p in det.parameters():
         p.requires_grad_(False)
-    mods = [det.head]
-    if trainable == "conv5+rpn+fc":
-        mods += [det.trunk, det.rpn]
+    if "lower" in TRAINABLE[trainable] and det.lower is None:
+        raise ValueError(f"trainable {trainable!r} trains VGG16's layers below conv5: the detector needs them "
+                         f"(with_lower_layers)")
+    mods = [getattr(det, m) for m in TRAINABLE[trainable]]
     params = []
     for m in mods:
         for p in m.parameters():
@@ -172,12 +188,23 @@ def _set_trainable(det: Detector, trainable: str) -> list[nn.Parameter]:
     return params
 
 
-def _conv5(det: Detector, s: DetectorSample, train_conv: bool) -> torch.Tensor:
+def _device_of(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+def _conv5(det: Detector, s: DetectorSample, train_conv: str | bool) -> torch.Tensor:
+    """The conv5_3 map of a sample (CPU): through the trained conv layers (on their device) when they train."""
+    if train_conv == "conv2":
+        p1 = DetectorSample._get(s.pool1)
+        if p1 is None:
+            raise ValueError(f"sample {s.name or '?'}: training conv2_1..conv5_3 needs its pool1 map")
+        dev = _device_of(det.trunk)
+        return det.trunk(det.lower(p1[None].to(dev)))[0].cpu()
     if train_conv:
         p4 = DetectorSample._get(s.pool4)
         if p4 is None:
             raise ValueError(f"sample {s.name or '?'}: training the conv5 block needs its pool4 map")
-        return det.conv_map(p4)
+        return det.trunk(p4[None].to(_device_of(det.trunk)))[0].cpu()
     c5 = DetectorSample._get(s.conv5)
     if c5 is not None:
         return c5
@@ -190,7 +217,7 @@ def _conv5(det: Detector, s: DetectorSample, train_conv: bool) -> torch.Tensor:
 
 def _step_loss(det: Detector, s: DetectorSample, cfg: DetectorTrainConfig, gen: torch.Generator,
                proposals: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-    train_conv = cfg.trainable == "conv5+rpn+fc"
+    train_conv = {"fc": False, "conv5+rpn+fc": True, "conv2+rpn+fc": "conv2"}[cfg.trainable]
     fmap = _conv5(det, s, train_conv)
     gt = torch.as_tensor(np.asarray(s.boxes, dtype=np.float32).reshape(-1, 4))
     gl = torch.as_tensor(np.asarray(s.labels, dtype=np.int64).reshape(-1))
@@ -232,12 +259,15 @@ def _state_sha(det: Detector) -> str:
 
 def train_detector(det: Detector, samples: Sequence[DetectorSample], config: DetectorTrainConfig | None = None,
                    checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
-                   desc: str = "detector", fixed_proposals: Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
+                   desc: str = "detector", fixed_proposals: Sequence[torch.Tensor] | None = None,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
     """Train ``det`` on ``samples`` with SGD (Girshick 2015 / Salvador et al. 2016, Sec. 3.2). Runs
     ``epochs`` passes, or exactly ``iterations`` updates when > 0. With ``checkpoint_dir``, the final state is
     written there (``final.pt`` + ``.json``, keyed by settings, samples and the starting weights) and a re-run with
     the same key loads it instead of training again. ``fixed_proposals`` (one (N_i, 4) tensor per sample) skips
-    the RPN pass when the RPN and conv layers are frozen. Returns the history (losses, seconds per epoch)."""
+    the RPN pass when the RPN and conv layers are frozen. ``device``: where the conv layers that train run (a torch
+    device, e.g. ``"cuda"``; default CPU); the RPN, the head and the losses stay on the CPU, and the detector is
+    back on the CPU when this returns. Returns the history (losses, seconds per epoch)."""
     from tqdm.auto import tqdm
 
     cfg = (config or DetectorTrainConfig()).validate()
@@ -263,6 +293,10 @@ def train_detector(det: Detector, samples: Sequence[DetectorSample], config: Det
         except (OSError, ValueError, RuntimeError):
             pass
     params = _set_trainable(det, cfg.trainable)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    convs = [getattr(det, m) for m in TRAINABLE[cfg.trainable] if m in ("lower", "trunk")]
+    for m in convs:
+        m.to(dev)
     out_layers = {id(p) for m in (det.head.cls_score, det.head.bbox_pred) for p in m.parameters()}
     groups = [{"params": [p for p in params if id(p) not in out_layers], "lr": cfg.lr},
               {"params": [p for p in params if id(p) in out_layers], "lr": cfg.lr * cfg.new_layer_lr_mult}]
@@ -305,6 +339,8 @@ def train_detector(det: Detector, samples: Sequence[DetectorSample], config: Det
                                   "seconds": round(time.perf_counter() - t0, 2),
                                   "cpu_seconds": round(time.process_time() - c0, 2)})
     bar.close()
+    for m in convs:
+        m.to("cpu")
     det.eval()
     for p in det.parameters():
         p.requires_grad_(False)
@@ -318,16 +354,19 @@ def train_detector(det: Detector, samples: Sequence[DetectorSample], config: Det
 
 
 # ------------------------------------------------------------------------------------------------ the command
-#: Salvador et al. 2016, Sec. 3.2: what the second fine-tuning phase trains
-STRATEGIES = {1: "fc", 2: "conv5+rpn+fc"}
+#: Salvador et al. 2016, Sec. 3.2: what the second fine-tuning phase trains (#2: "all layers after the first two
+#: conv layers"; the package's earlier #2, ``"conv5+rpn+fc"``, by name: ``FinetuneConfig.trainable_2``)
+STRATEGIES = {1: "fc", 2: "conv2+rpn+fc"}
 
 
 @dataclass
 class FinetuneConfig:
     """Schedule of :func:`finetune_detector` (the same budget for both strategies): phase 1, shared, ``epochs``
     passes training the new output layers and fc6/fc7 at ``lr``; phase 2, ``epochs_2`` more passes training the
-    FC layers only (strategy #1) or also conv5_1-3 and the RPN (#2) at ``lr_2``. ``base_*``: the base detector on
-    a boxes file (its groups as classes), trained first when no base detector is given."""
+    FC layers only (strategy #1) or, for #2, conv2_1..conv5_3, the RPN and the FC layers (the paper's "all layers
+    after the first two conv layers") at ``lr_2``; ``trainable_2`` names another phase-2 setting of
+    :data:`TRAINABLE` (``"conv5+rpn+fc"``: the package's earlier #2). ``base_*``: the base detector on a boxes file
+    (its groups as classes), trained first when no base detector is given."""
 
     strategy: int = 1
     epochs: int = 20
@@ -341,10 +380,19 @@ class FinetuneConfig:
     rois_per_image: int = 64
     proposals: int = 300
     seed: int = 0
+    trainable_2: str | None = None  # None: STRATEGIES[strategy]
+
+    @property
+    def phase2(self) -> str:
+        """What phase 2 trains (:data:`TRAINABLE`)."""
+        return self.trainable_2 or STRATEGIES[self.strategy]
 
     def validate(self) -> "FinetuneConfig":
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be 1 (FC layers) or 2 (conv5 + RPN + FC layers), got {self.strategy}")
+            raise ValueError(f"strategy must be 1 (FC layers) or 2 (conv2_1..conv5_3 + RPN + FC layers), "
+                             f"got {self.strategy}")
+        if self.trainable_2 is not None and self.trainable_2 not in TRAINABLE:
+            raise ValueError(f"trainable_2 must be one of {', '.join(TRAINABLE)}, got {self.trainable_2!r}")
         for name in ("epochs", "base_epochs", "pool", "hidden", "rois_per_image", "proposals"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -388,17 +436,20 @@ def read_queries(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def _maps(backbone, trunk: nn.Module, img) -> tuple[torch.Tensor, torch.Tensor]:
-    p4 = backbone.features(img, layers=["pool4"])[("pool4", 1.0)].detach().cpu().float()
+def _maps(backbone, trunk: nn.Module, img, pool1: bool = False):
+    layers = ["pool1", "pool4"] if pool1 else ["pool4"]
+    f = backbone.features(img, layers=layers)
+    p4 = f[("pool4", 1.0)].detach().cpu().float()
     with torch.no_grad():
         c5 = trunk(p4[None])[0]
-    return p4, c5
+    return p4, c5, (f[("pool1", 1.0)].detach().cpu().float() if pool1 else None)
 
 
 def query_maps(queries: Sequence[dict[str, Any]], backbone, trunk: nn.Module, classes: Sequence[str],
-               max_size: int, stride: int = 16, progress: bool = True) -> list[dict[str, Any]]:
-    """The input of :func:`query_samples` for :func:`read_queries`' queries: pool4 and conv5_3 maps of each query
-    image and of its horizontal flip (Salvador et al. 2016, Sec. 3.2), its box in the map frame, its label."""
+               max_size: int, stride: int = 16, progress: bool = True, pool1: bool = False) -> list[dict[str, Any]]:
+    """The input of :func:`query_samples` for :func:`read_queries`' queries: pool4 and conv5_3 maps (and pool1
+    maps with ``pool1``: strategy #2's input) of each query image and of its horizontal flip (Salvador et al.
+    2016, Sec. 3.2), its box in the map frame, its label."""
     from PIL import Image
 
     from ..images import load_image
@@ -411,11 +462,12 @@ def query_maps(queries: Sequence[dict[str, Any]], backbone, trunk: nn.Module, cl
     try:
         for q in queries:
             img = load_image(q["image"], max_size=max_size)
-            p4, c5 = _maps(backbone, trunk, img)
-            p4f, c5f = _maps(backbone, trunk, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+            p4, c5, p1 = _maps(backbone, trunk, img, pool1)
+            p4f, c5f, p1f = _maps(backbone, trunk, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), pool1)
             box = to_map_frame(q["box"], original_size(q["image"]), tuple(c5.shape[-2:]), stride)[0]
             out.append({"name": Path(q["image"]).name, "label": list(classes).index(q["class"]) + 1, "box": box,
-                        "pool4": p4, "conv5": c5, "pool4_flip": p4f, "conv5_flip": c5f})
+                        "pool4": p4, "conv5": c5, "pool4_flip": p4f, "conv5_flip": c5f, "pool1": p1,
+                        "pool1_flip": p1f})
             bar.update(1)
     finally:
         bar.close()
@@ -440,16 +492,34 @@ def train_base_detector(det: Detector, samples: Sequence[DetectorSample], config
                           progress=progress)
 
 
+def with_lower_layers(det: Detector, backbone) -> Detector:
+    """Give ``det`` VGG16's conv2_1..pool4 (:data:`LOWER_LAYERS`) with the ImageNet weights of ``backbone``, the
+    layers that strategy #2 trains below conv5 (input pool1 maps); returns ``det``."""
+    from ..nets.detector import vgg16_block
+
+    det.lower = vgg16_block(*LOWER_LAYERS, backbone)
+    return det
+
+
 def finetune_detector(base: Detector, samples: Sequence[DetectorSample], classes: Sequence[str],
-                      config: FinetuneConfig, checkpoint_dir=None, progress: bool = True) -> tuple[Detector, dict]:
+                      config: FinetuneConfig, checkpoint_dir=None, progress: bool = True, backbone=None,
+                      device: str | torch.device | None = None) -> tuple[Detector, dict]:
     """Fine-tune a copy of ``base`` on the query instances (Salvador et al. 2016, Sec. 3.2): new output layers
     for ``classes`` (+ background); phase 1 trains the FC layers (``epochs`` at ``lr``, proposals fixed), phase 2
-    the FC layers (strategy #1) or also conv5 and the RPN (#2, approximate joint training with the RPN loss)
-    for ``epochs_2`` at ``lr_2``. Returns ``(detector, {"phase1": history, "phase2": history})``."""
+    (``config.phase2``) the FC layers (strategy #1) or, for #2, conv2_1..conv5_3, the RPN and the FC layers
+    (approximate joint training with the RPN loss; the samples need pool1 maps, and ``backbone``, the VGG16 whose
+    ImageNet weights conv2_1..conv4_3 start from, unless ``base`` has them) for ``epochs_2`` at ``lr_2``.
+    ``device``: where the training conv layers run (:func:`train_detector`). Returns ``(detector, {"phase1":
+    history, "phase2": history})``."""
     import copy
 
     cfg = config.validate()
     det = copy.deepcopy(base).set_classes(classes)
+    if cfg.epochs_2 and "lower" in TRAINABLE[cfg.phase2] and det.lower is None:
+        if backbone is None:
+            raise ValueError(f"fine-tuning phase 2 {cfg.phase2!r} trains VGG16's conv2_1..conv4_3: give the backbone "
+                             f"whose ImageNet weights they start from")
+        with_lower_layers(det, backbone)
     torch.manual_seed(cfg.seed)  # the new output layers' initialisation depends on the seed alone
     det.head.reset_classes(len(classes))
     with torch.no_grad():
@@ -460,12 +530,12 @@ def finetune_detector(base: Detector, samples: Sequence[DetectorSample], classes
         fixed_proposals=props, progress=progress)
     h2: dict[str, Any] = {"epochs": []}
     if cfg.epochs_2:
-        trainable = STRATEGIES[cfg.strategy]
+        trainable = cfg.phase2
         h2 = train_detector(det, samples, DetectorTrainConfig(
             trainable=trainable, epochs=cfg.epochs_2, lr=cfg.lr_2, rois_per_image=cfg.rois_per_image,
             train_proposals=cfg.proposals, seed=cfg.seed + cfg.strategy), checkpoint_dir,
             desc=f"fine-tune phase 2 (strategy #{cfg.strategy}: {trainable})",
-            fixed_proposals=props if trainable == "fc" else None, progress=progress)
+            fixed_proposals=props if trainable == "fc" else None, progress=progress, device=device)
     return det, {"phase1": h1, "phase2": h2}
 
 
@@ -474,12 +544,14 @@ def finetune_on_queries(queries_file: str | os.PathLike, out: str | os.PathLike,
                         rpn_file: str | os.PathLike | None = None,
                         boxes_file: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
                         max_size: int = 384, checkpoint_dir: str | os.PathLike | None = None,
-                        weights: str | None = None, engine: str = "exact", progress: bool = True):
+                        weights: str | None = None, engine: str = "exact", progress: bool = True,
+                        device: str | torch.device | None = None):
     """``isearch finetune``: the CS-SR detector (Salvador et al. 2016, Sec. 3.2) for the queries of
     ``queries_file`` (:func:`read_queries`), written to ``out`` (``.pt`` + ``.json``). The detector starts from
     ``base`` (a detector file) or, without one, from a base detector trained on ``boxes_file`` (``isearch
     clean``; images under ``root``) with the RPN of ``rpn_file`` (``isearch train-rpn``); that base detector is
-    saved too (``<out stem>-base.pt``) for re-use. Returns ``(detector, info, model path)``."""
+    saved too (``<out stem>-base.pt``) for re-use. ``device``: where strategy #2's training conv layers run (a torch
+    device; default CPU). Returns ``(detector, info, model path)``."""
     from ..backbones import load_backbone
     from ..backbones.fast import use_engine
     from ..nets.detector import conv5_block, load_detector, save_detector
@@ -529,9 +601,10 @@ def finetune_on_queries(queries_file: str | os.PathLike, out: str | os.PathLike,
                                   rpn_file=str(Path(rpn_file).resolve()), rpn_sha256=rcfg.get("state_sha256", ""))
         info["base"] = {"file": str(base_path), "trained_on": summary, "history": hist0["epochs"]}
     det0.eval()
-    qmaps = query_maps(queries, bb, det0.trunk, classes, max_size, det0.rpn.stride, progress)
+    need_pool1 = bool(cfg.epochs_2) and "lower" in TRAINABLE[cfg.phase2]
+    qmaps = query_maps(queries, bb, det0.trunk, classes, max_size, det0.rpn.stride, progress, pool1=need_pool1)
     samples = query_samples(qmaps, det0.rpn.stride)
-    det, hist = finetune_detector(det0, samples, classes, cfg, ck, progress=progress)
+    det, hist = finetune_detector(det0, samples, classes, cfg, ck, progress=progress, backbone=bb, device=device)
     det.backbone_weights_sha256 = bb_sha
     info["history"] = {k: v["epochs"] for k, v in hist.items()}
     path = save_detector(det, out, **{k: v for k, v in info.items() if k != "classes"})  # classes: in the config
