@@ -43,7 +43,7 @@ from instance_search.eval.runner import benchmark_items, extract_maps
 from instance_search.index.compact import decode_sparse, encode_map
 from instance_search.recipes.base import Recipe
 from instance_search.rerank.aml import rerank_aml
-from instance_search.rerank.aml_c2f import rerank_aml_c2f
+from instance_search.rerank.aml_c2f import AMLFineMaps, rerank_aml_c2f
 from instance_search.rerank.aml_fast import AMLInvertedMaps
 
 HERE = Path(__file__).resolve().parent
@@ -85,8 +85,16 @@ def rerank_ranks(method, scores, qglobal, qmaps, dec, store, recipe, wh, shortli
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tops", type=int, nargs="+", default=[1, 2, 3, 5])
-    ap.add_argument("--radii", type=int, nargs="+", default=[4, 8, 12])
+    ap.add_argument("--tops", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--radii", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--rounds", type=int, nargs="+", default=[15],
+                    help="refinement rounds (exact AML: 15)")
+    ap.add_argument("--verify", type=int, default=8,
+                    help="fine candidates scored exactly per map after the fast ranking (0: all)")
+    ap.add_argument("--no-accuracy", action="store_true", help="speed part only")
+    ap.add_argument("--uncached", action="store_true",
+                    help="also time each setting from decoded maps with verify=0 (the first version's path)")
+    ap.add_argument("--no-speed", action="store_true", help="accuracy part only")
     ap.add_argument("--K", type=int, default=512)
     ap.add_argument("--g", type=int, default=8)
     ap.add_argument("--step", type=int, default=2)
@@ -113,10 +121,11 @@ def main() -> None:
     dbmaps = extract_maps(db, recipe, cache_dir=CACHE, desc="database")
     codes = [encode_map(m.astype(np.float32)) for m in dbmaps]  # the default compact code, as the index stores
     dec = [decode_sparse(c) for c in codes]
-    settings = [(t, r) for t in args.tops for r in args.radii]
+    settings = [(t, r, k) for t in args.tops for r in args.radii for k in args.rounds]
     out = {"benchmark": bench.summary(), "backbone": "vgg16 conv5_3", "max_size": args.max_size,
            "maps": "compact default", "threads": 1, "goal_seconds": GOAL_SECONDS, "goal_map_drop": GOAL_MAP_DROP,
-           "coarse": {"K": args.K, "g": args.g, "step": args.step}, "db_images": len(db), "queries": len(qsel),
+           "coarse": {"K": args.K, "g": args.g, "step": args.step}, "verify": args.verify,
+           "db_images": len(db), "queries": len(qsel),
            "loadavg_1min_start": round(os.getloadavg()[0], 2)}
 
     def save():
@@ -125,16 +134,21 @@ def main() -> None:
 
     # ---- speed: a speed_shortlist-map short list (the database maps repeated)
     n = args.speed_shortlist
-    idx = [i % len(dec) for i in range(n)]
+    idx = np.asarray([i % len(dec) for i in range(n)], np.int64)
     c0 = time.process_time()
-    store = AMLInvertedMaps.build([dec[i] for i in idx], g=args.g)
+    store = AMLInvertedMaps.build(dec, g=args.g)  # one row per database image; the short list repeats rows
     build = time.process_time() - c0
-    qlocal, dblocal, _, scores0, qglobal0 = first_stage(recipe, qmaps, dbmaps, None)
-    speed = {"shortlist": n, "store_build_cpu_ms_per_image": round(1e3 * build / n, 3),
-             "store_ram_bytes_per_image": round(store.nbytes / n),
+    c0 = time.process_time()
+    fine = AMLFineMaps.build(dec)
+    fine_build = time.process_time() - c0
+    speed = {"shortlist": n, "store_build_cpu_ms_per_image": round(1e3 * build / len(dec), 3),
+             "store_ram_bytes_per_image": round(store.nbytes / len(dec)),
+             "fine_maps_build_cpu_ms_per_image": round(1e3 * fine_build / len(dec), 3),
+             "fine_maps_ram_bytes_per_image": round(fine.nbytes / len(dec)),
+             "fine_cells_per_image": round(float(np.mean(np.diff(fine.offsets)))),
              "decoded_map_ram_bytes_per_image": round(float(np.mean([_sparse_bytes(m) for m in dec]))),
              "compact_code_bytes_per_image": round(float(np.mean([len(c) for c in codes]))), "runs": []}
-    rows = np.arange(n)
+    rows = idx
     nq = min(args.speed_queries, len(qmaps))
 
     def timed(fn):
@@ -151,29 +165,40 @@ def main() -> None:
         return dict(query_aspect=qm.shape[2] / qm.shape[1], finalize=_finalizer(recipe, None), finalize_batch=True,
                     query_global=qglobal0[qi], levels=recipe.levels)
 
-    decode_s, _ = timed(lambda qi: [decode_sparse(codes[i]) for i in idx])
-    speed["decode_cpu_seconds_per_query"] = decode_s
-    for top, radius in settings:
+    if not args.no_speed:
+        qlocal, dblocal, _, scores0, qglobal0 = first_stage(recipe, qmaps, dbmaps, None)
+        decode_s, _ = timed(lambda qi: [decode_sparse(codes[i]) for i in idx])
+        speed["decode_cpu_seconds_per_query"] = decode_s
         maps = [dec[i] for i in idx]
-        s, load = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows, top=top,
-                                                  radius=radius, K=args.K, step=args.step, **kw(qi)))
-        speed["runs"].append({"top": top, "radius": radius, "rerank_cpu_seconds_per_query": s,
-                              "with_decoding_cpu_seconds_per_query": round(s + decode_s, 4), "loadavg_1min": load})
-        print(f"c2f top={top} radius={radius}: {s} s CPU/query from decoded maps, {s + decode_s:.3f} s with "
-              f"decoding (load {load})", flush=True)
+        for top, radius, rounds in settings:
+            c = dict(top=top, radius=radius, K=args.K, step=args.step, refine_rounds=rounds)
+            s, load = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows, fine=fine,
+                                                      verify=args.verify, **c, **kw(qi)))
+            run = {"top": top, "radius": radius, "refine_rounds": rounds, "verify": args.verify,
+                   "cached_fine_maps_cpu_seconds_per_query": s, "loadavg_1min": load}
+            msg = f"c2f top={top} radius={radius} rounds={rounds}: {s} s CPU/query from the cached fine maps"
+            if args.uncached:
+                s2, load2 = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows, verify=0,
+                                                            **c, **kw(qi)))
+                run.update(decoded_maps_verify0_cpu_seconds_per_query=s2, with_decoding_verify0_cpu_seconds_per_query=
+                           round(s2 + decode_s, 4), loadavg_1min_uncached=load2)
+                msg += f"; {s2} s from decoded maps with verify=0 (the first version), {s2 + decode_s:.3f} s with decoding"
+            speed["runs"].append(run)
+            print(msg + f" (load {load})", flush=True)
+            out["speed"] = speed
+            save()
+        if args.exact_speed:
+            s, load = timed(lambda qi: rerank_aml(qmaps[qi].max(axis=(1, 2)), maps, **kw(qi)))
+            speed["exact_aml"] = {"rerank_cpu_seconds_per_query": s, "with_decoding_cpu_seconds_per_query":
+                                  round(s + decode_s, 4), "loadavg_1min": load}
+            print(f"exact AML: {s} s CPU/query from decoded maps (load {load})", flush=True)
         out["speed"] = speed
         save()
-    if args.exact_speed:
-        maps = [dec[i] for i in idx]
-        s, load = timed(lambda qi: rerank_aml(qmaps[qi].max(axis=(1, 2)), maps, **kw(qi)))
-        speed["exact_aml"] = {"rerank_cpu_seconds_per_query": s, "with_decoding_cpu_seconds_per_query":
-                              round(s + decode_s, 4), "loadavg_1min": load}
-        print(f"exact AML: {s} s CPU/query from decoded maps (load {load})", flush=True)
-    out["speed"] = speed
-    save()
+    if args.no_accuracy:
+        print(f"wrote {args.out}")
+        return
 
-    # ---- accuracy, without and with whitening
-    store = AMLInvertedMaps.build(dec, g=args.g)
+    # ---- accuracy, without and with whitening (store and fine maps: one row per database image, as above)
     sl = min(args.shortlist, len(dec))
     out["accuracy"] = []
     for wi in [None] + ([args.whitening_index] if args.whitening_index else []):
@@ -183,13 +208,14 @@ def main() -> None:
         row["exact_aml"] = _map(rerank_ranks("exact", scores, qglobal, qmaps, dec, store, recipe, wh, sl), bench, qsel)
         print(f"[{row['whitening']}] R-MAC {row['rmac']}, exact AML {row['exact_aml']}", flush=True)
         row["c2f"] = []
-        for top, radius in settings:
+        for top, radius, rounds in settings:
             m = _map(rerank_ranks("c2f", scores, qglobal, qmaps, dec, store, recipe, wh, sl, top=top, radius=radius,
-                                  K=args.K, step=args.step), bench, qsel)
+                                  K=args.K, step=args.step, refine_rounds=rounds, verify=args.verify, fine=fine),
+                     bench, qsel)
             drop = {p: round(row["exact_aml"][p] - m[p], 2) for p in m}
-            row["c2f"].append({"top": top, "radius": radius, "map": m, "drop_vs_exact": drop,
-                               "meets_map_goal": all(d <= GOAL_MAP_DROP for d in drop.values())})
-            print(f"  c2f top={top} radius={radius}: {m} (below exact AML by {drop})", flush=True)
+            row["c2f"].append({"top": top, "radius": radius, "refine_rounds": rounds, "verify": args.verify, "map": m,
+                               "drop_vs_exact": drop, "meets_map_goal": all(d <= GOAL_MAP_DROP for d in drop.values())})
+            print(f"  c2f top={top} radius={radius} rounds={rounds}: {m} (below exact AML by {drop})", flush=True)
         out["accuracy"].append(row)
         save()
     print(f"wrote {args.out}")

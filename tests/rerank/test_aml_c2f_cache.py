@@ -28,10 +28,31 @@ def test_fine_maps_hold_what_sparse_batch_computes(real):
     fine = AMLFineMaps.build(sparse)
     assert len(fine) == len(sparse) and fine.nbytes > 0
     for rows in ([0, 1, 4], [4, 0], [2, 3]):
-        got, want = fine.batch(rows), sparse_batch([sparse[i] for i in rows])
+        (got, order), want = fine.batch_order(rows), sparse_batch([sparse[i] for i in rows])
         assert got.shape == want.shape
-        for name in ("b", "c", "y", "x", "w", "fscale", "offsets"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert torch.equal(got.offsets, want.offsets) and torch.equal(got.fscale, want.fscale)
+        H, W = got.shape[2:]
+
+        def cells(sp, perm=None):  # the cells as a set of (map, channel, y, x, w) rows, in a canonical order
+            i = torch.arange(len(sp.w)) if perm is None else perm
+            key = torch.stack([sp.b[i], sp.c[i], sp.y[i], sp.x[i]], 1).numpy()
+            o = np.lexsort(key.T[::-1])
+            return key[o], sp.w[i].numpy()[o]
+
+        for a, b in zip(cells(got), cells(want)):
+            np.testing.assert_array_equal(a, b)
+        # raster order within each map; rowptr / colptr / xperm find the cells of any rows / columns
+        raster = (got.b * H + got.y) * W + got.x
+        assert (raster[1:] >= raster[:-1]).all()
+        for m in range(len(rows)):
+            for r0, r1 in ((0, 1), (2, 5), (0, H)):
+                sel = np.arange(int(order.rowptr[m, r0]), int(order.rowptr[m, r1]))
+                want_sel = np.flatnonzero((got.b == m).numpy() & (got.y >= r0).numpy() & (got.y < r1).numpy())
+                np.testing.assert_array_equal(sel, want_sel)
+            for c0, c1 in ((0, 2), (3, 7), (0, W)):
+                sel = np.sort(order.xperm[int(order.colptr[m, c0]):int(order.colptr[m, c1])].numpy())
+                want_sel = np.flatnonzero((got.b == m).numpy() & (got.x >= c0).numpy() & (got.x < c1).numpy())
+                np.testing.assert_array_equal(sel, want_sel)
     with pytest.raises(InputError, match="one size"):
         fine.batch([0, 2])
     with pytest.raises(InputError, match="rows must index"):
@@ -39,16 +60,23 @@ def test_fine_maps_hold_what_sparse_batch_computes(real):
 
 
 def test_c2f_from_fine_maps_equals_c2f_from_decoded_maps(real):
+    """The fine maps (and their table-free strip refinement) give the boxes of the decoded maps' path; with the
+    radius covering the whole map and every candidate verified, exact AML's (issue 14's exactness test)."""
     sparse, q = real
     store = AMLInvertedMaps.build(sparse, g=4)
     fine = AMLFineMaps.build(sparse)
     rows = np.arange(len(sparse))
-    for kw in ({}, {"verify": 0, "top": 2, "radius": 3}):
+    for kw in ({}, {"verify": 0, "top": 2, "radius": 3}, {"refine_steps": 2, "top": 1, "radius": 2}):
         a = rerank_aml_c2f(q, sparse, store, rows, query_aspect=7 / 6, **kw)
         b = rerank_aml_c2f(q, sparse, store, rows, query_aspect=7 / 6, fine=fine, **kw)
         np.testing.assert_array_equal(a.boxes, b.boxes)
-        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(a.n_windows, b.n_windows)
+    for aspect in (7 / 6, 0.5, None):
+        ref = rerank_aml(q, sparse, query_aspect=aspect, verify=0)
+        got = rerank_aml_c2f(q, sparse, store, rows, query_aspect=aspect, radius=100, top=1, verify=0, fine=fine)
+        np.testing.assert_array_equal(got.boxes, ref.boxes)
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-12, atol=1e-12)
     with pytest.raises(InputError, match="fine maps"):
         rerank_aml_c2f(q, sparse, store, rows, fine=AMLFineMaps.build(sparse[:2]))
 

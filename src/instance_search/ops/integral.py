@@ -60,6 +60,8 @@ __all__ = [
     "map_shape",
     "aml_search_batch",
     "aml_search_candidates",
+    "CellOrder",
+    "refine_strips",
 ]
 
 _REL_TOL = 1e-14  # window sums below this fraction of the channel total are float64 cancellation noise
@@ -843,12 +845,14 @@ def aml_search_candidates(
     chunk: int = 8,
     refine_chunk: int = 64,
     verify: int = 0,
+    order: "CellOrder | None" = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, SparseBatch]:
     """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
     exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
     candidate) is refined by the same coordinate descent. ``verify > 0``: as :func:`aml_search_batch`, the
     candidates are first ranked by its fast float32 pass (with the residual table) and only the ``verify`` best
-    of each map are scored exactly (``0``: all).
+    of each map are scored exactly (``0``: all). With ``order`` (the batch's :class:`CellOrder`, cells in
+    raster order per map) the coordinate descent is :func:`refine_strips` (no integral table per round).
 
     ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
     ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
@@ -877,7 +881,8 @@ def aml_search_candidates(
     edges = torch.zeros(B, 4, dtype=torch.int64)
     best_s = torch.zeros(B, dtype=torch.float64)
     n_eval = ok.sum(1).to(torch.int64)
-    order = torch.arange(cand.shape[1]).expand(B, -1)
+    sums = torch.zeros(B, C, dtype=torch.float64) if order is not None else None
+    cand_order = torch.arange(cand.shape[1]).expand(B, -1)
     step = max(int(chunk), 1)
     for b0 in range(0, B, step):
         sl = slice(b0, min(b0 + step, B))
@@ -886,7 +891,7 @@ def aml_search_candidates(
         ly = _lines(torch.cat([cw[..., 1], cw[..., 1] + cw[..., 3]], 1), H)
         lx = _lines(torch.cat([cw[..., 0], cw[..., 0] + cw[..., 2]], 1), W)
         table = _grid_table(sub, ly, lx, torch.float64)
-        ords = order[sl]
+        ords = cand_order[sl]
         if verify and cw.shape[1] > verify:  # fast float32 ranking, exact scores for the `verify` best
             Gx = table.shape[2]
             jy1, jy2 = torch.searchsorted(ly, cw[..., 1].contiguous()), torch.searchsorted(ly, (cw[..., 1] + cw[..., 3]).contiguous())
@@ -908,7 +913,12 @@ def aml_search_candidates(
         best = cw[torch.arange(sub.maps), j]
         edges[sl] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
         best_s[sl] = bs
-    _refine(sp, edges, best_s, n_eval, qn, refine_steps, refine_rounds, refine_chunk)
+        if order is not None:
+            sums[sl] = _corner_sums(table, ly, lx, best[:, None, :])[:, 0]
+    if order is not None:
+        refine_strips(sp, order, edges, best_s, n_eval, sums, qn, refine_steps, refine_rounds)
+    else:
+        _refine(sp, edges, best_s, n_eval, qn, refine_steps, refine_rounds, refine_chunk)
     out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
     return out_w.numpy(), best_s.numpy(), n_eval.numpy(), sp
 
@@ -970,3 +980,95 @@ def _refine(sp: SparseBatch, edges: torch.Tensor, best_s: torch.Tensor, n_eval: 
             active[act] = improved
         if bar is not None:
             bar.update(sub.maps)
+
+
+class CellOrder(NamedTuple):
+    """Where the cells of a :class:`SparseBatch` whose maps each keep their cells in raster order (row ``y``,
+    then column ``x``) lie by row and by column: map ``b``'s cells of rows ``r0 … r1-1`` are
+    ``rowptr[b, r0] : rowptr[b, r1]``, those of columns ``c0 … c1-1`` are ``xperm[colptr[b, c0] : colptr[b, c1]]``
+    (all global indices into the batch's arrays)."""
+
+    rowptr: torch.Tensor  #: (B, H + 1) int64
+    colptr: torch.Tensor  #: (B, W + 1) int64
+    xperm: torch.Tensor  #: (n,) int64: the cells in column order (column, then row) within each map
+
+
+def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated ``arange(starts[i], ends[i])`` and the owner ``i`` of each element."""
+    lens = (ends - starts).clamp_min(0)
+    owner = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    first = torch.cumsum(lens, 0) - lens
+    return starts[owner] + torch.arange(int(lens.sum())) - first[owner], owner
+
+
+def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s: torch.Tensor,
+                  n_eval: torch.Tensor, sums: torch.Tensor, qn: torch.Tensor, refine_steps: int = 3,
+                  refine_rounds: int = 15) -> None:
+    """The AML coordinate descent of :func:`aml_search` / :func:`aml_search_batch` (Tolias et al. 2016,
+    Sec. 5.2: each border in turn tries every shift of up to ``±refine_steps`` cells, the best is kept when it
+    improves the score by more than ``1e-12``; rounds until one without improvement), in place on ``edges (B, 4)``
+    ``(x1, y1, x2, y2)``, their scores ``best_s`` and counts ``n_eval``, without any integral table: the window
+    sums ``sums (B, C)`` (``Σ_{p∈R} w_p`` of the current windows, float64) are updated by the sums of the strips
+    of cells a move adds or removes, read from the ``2·refine_steps`` rows or columns around the moving border
+    only (``order``: where they lie). Same moves, same Eq. 4 scores up to float64 rounding of the sums."""
+    B, C, H, W = sp.shape
+    st = int(refine_steps)
+    if B == 0 or st < 1:
+        return
+    shifts = torch.tensor([d for d in range(-st, st + 1) if d != 0], dtype=torch.int64)
+    limits = (W, H, W, H)
+    inv_alpha = 1.0 / sp.alpha
+    active = torch.arange(B)
+    for _ in range(int(refine_rounds)):
+        if len(active) == 0:
+            break
+        na = len(active)
+        e = edges[active].clone()
+        bs = best_s[active].clone()
+        V = sums[active].clone()
+        ne = n_eval[active].clone()
+        fs = sp.fscale[active]
+        improved = torch.zeros(na, dtype=torch.bool)
+        for k in range(4):
+            horizontal = k in (0, 2)  # x borders: a strip of columns, rows limited to [y1, y2)
+            n_lim = limits[k]
+            v0 = e[:, k]
+            lo, hi = (v0 - st).clamp(0, n_lim), (v0 + st).clamp(0, n_lim)
+            ptr = order.colptr[active] if horizontal else order.rowptr[active]
+            a = torch.gather(ptr, 1, lo[:, None])[:, 0]
+            b = torch.gather(ptr, 1, hi[:, None])[:, 0]
+            pos, owner = _ranges(a, b)
+            if horizontal:
+                cell = order.xperm[pos]
+                along, across = sp.x[cell], sp.y[cell]
+                keep = (across >= e[owner, 1]) & (across < e[owner, 3])
+            else:
+                cell = pos
+                along, across = sp.y[cell], sp.x[cell]
+                keep = (across >= e[owner, 0]) & (across < e[owner, 2])
+            cell, owner, along = cell[keep], owner[keep], along[keep]
+            bins = along - (v0[owner] - st)  # 0 .. 2·st-1
+            strip = torch.zeros(na * 2 * st * C, dtype=torch.float64)
+            strip.index_add_(0, (owner * (2 * st) + bins) * C + sp.c[cell], sp.w[cell])
+            P = torch.zeros(na, 2 * st + 1, C, dtype=torch.float64)
+            P[:, 1:] = strip.reshape(na, 2 * st, C).cumsum(1)
+            # window sums after each shift d: low borders (x1, y1) remove cells when d > 0, high ones add them
+            delta = P[:, st + shifts] - P[:, st:st + 1]  # (na, 2st, C): Σ of the bins between v0 and v0 + d
+            S = V[:, None, :] - delta if k < 2 else V[:, None, :] + delta
+            cnd = e[:, None, :].repeat(1, len(shifts), 1)
+            cnd[:, :, k] += shifts
+            ok = (cnd[:, :, k] >= 0) & (cnd[:, :, k] <= n_lim) & (cnd[:, :, 0] < cnd[:, :, 2]) & \
+                (cnd[:, :, 1] < cnd[:, :, 3])
+            f = torch.where(S > _REL_TOL, S, torch.zeros((), dtype=S.dtype)).pow_(inv_alpha).mul_(fs[:, None, :])
+            cs = _exact_cos(f, qn)
+            cs = torch.where(ok, cs, torch.full((), -2.0, dtype=cs.dtype))
+            ne = ne + ok.sum(1)
+            v, jj = cs.max(1)
+            better = v > bs + 1e-12
+            if bool(better.any()):
+                bs = torch.where(better, v, bs)
+                e = torch.where(better[:, None], cnd[torch.arange(na), jj], e)
+                V = torch.where(better[:, None], S[torch.arange(na), jj], V)
+                improved |= better
+        edges[active], best_s[active], sums[active], n_eval[active] = e, bs, V, ne
+        active = active[improved]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ops.integral import SparseBatch, aml_search_candidates, map_shape, sample_windows, sparse_batch
+from ..ops.integral import CellOrder, SparseBatch, aml_search_candidates, map_shape, sample_windows, sparse_batch
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
@@ -44,8 +44,9 @@ class AMLFineMaps:
     :func:`~instance_search.ops.integral.sparse_batch` computes from decoded maps, per image, so that a query
     neither decodes compact codes nor raises cells to the power α. Image ``i``'s cells are
     ``offsets[i]:offsets[i+1]``: channel ``c``, row ``y``, column ``x`` (int16) and weight ``w`` (float64,
-    ``(X/s)^α / T`` per channel); ``fscale (N, C)`` float64; ``shapes (N, 2)`` the maps' ``(H, W)``.
-    RAM: 14 bytes per kept cell + 8·C bytes per image (:attr:`nbytes`).
+    ``(X/s)^α / T`` per channel), in raster order, and ``xorder`` (int32) the same cells in column order;
+    ``fscale (N, C)`` float64; ``shapes (N, 2)`` the maps' ``(H, W)``. RAM: 18 bytes per kept cell + 8·C bytes
+    per image (:attr:`nbytes`).
     """
 
     channels: int
@@ -57,6 +58,7 @@ class AMLFineMaps:
     x: torch.Tensor
     w: torch.Tensor
     fscale: torch.Tensor
+    xorder: torch.Tensor  #: (n,) int32: each image's cells in column order (indices within the image)
 
     def __len__(self) -> int:
         return int(self.shapes.shape[0])
@@ -64,13 +66,14 @@ class AMLFineMaps:
     @property
     def nbytes(self) -> int:
         return int(self.offsets.nbytes + self.shapes.nbytes + sum(t.numel() * t.element_size()
-                                                                  for t in (self.c, self.y, self.x, self.w, self.fscale)))
+                                                                  for t in (self.c, self.y, self.x, self.w, self.fscale,
+                                                                            self.xorder)))
 
     @classmethod
     def build(cls, maps: Iterable, alpha: float = 10.0) -> "AMLFineMaps":
         """From non-negative ``(C, H, W)`` maps or :class:`~instance_search.ops.integral.SparseMap` (sizes may
         differ, channels may not; below 32768 cells a side), one at a time."""
-        cs, ys, xs, ws, fs, counts, shapes = [], [], [], [], [], [], []
+        cs, ys, xs, ws, fs, xo, counts, shapes = [], [], [], [], [], [], [], []
         C = None
         for i, m in enumerate(maps):
             sh = map_shape(m)
@@ -83,10 +86,13 @@ class AMLFineMaps:
             if max(sh[1:]) >= 2 ** 15:
                 raise InputError(f"maps[{i}] is {sh[1]}x{sh[2]} cells: too large for int16 positions")
             sp = sparse_batch([m], alpha)
-            cs.append(sp.c.to(torch.int16))
-            ys.append(sp.y.to(torch.int16))
-            xs.append(sp.x.to(torch.int16))
-            ws.append(sp.w)
+            o = torch.argsort(sp.y * sh[2] + sp.x, stable=True)  # raster order: rows are contiguous
+            y, x = sp.y[o], sp.x[o]
+            cs.append(sp.c[o].to(torch.int16))
+            ys.append(y.to(torch.int16))
+            xs.append(x.to(torch.int16))
+            ws.append(sp.w[o])
+            xo.append(torch.argsort(x * sh[1] + y, stable=True).to(torch.int32))
             fs.append(sp.fscale)
             counts.append(int(sp.w.numel()))
             shapes.append(sh[1:])
@@ -94,10 +100,15 @@ class AMLFineMaps:
             raise InputError("maps: no maps given")
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return cls(C, float(alpha), np.asarray(shapes, np.int64).reshape(-1, 2), offsets, torch.cat(cs),
-                   torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs))
+                   torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs), torch.cat(xo))
 
     def batch(self, rows) -> SparseBatch:
         """The :class:`~instance_search.ops.integral.SparseBatch` of images ``rows`` (all of one size)."""
+        return self.batch_order(rows)[0]
+
+    def batch_order(self, rows) -> tuple[SparseBatch, CellOrder]:
+        """:meth:`batch` and where its cells lie by row and column
+        (:class:`~instance_search.ops.integral.CellOrder`, for :func:`~instance_search.ops.integral.refine_strips`)."""
         rows = np.asarray(rows, np.int64).reshape(-1)
         if not len(rows):
             raise InputError("no rows given")
@@ -113,8 +124,14 @@ class AMLFineMaps:
         b = torch.repeat_interleave(torch.arange(len(rows)), tl)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tl.cumsum(0)])
         H, W = (int(v) for v in hw[0])
-        return SparseBatch((len(rows), self.channels, H, W), b, self.c[idx].long(), self.y[idx].long(),
-                           self.x[idx].long(), self.w[idx], self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
+        y, x = self.y[idx].long(), self.x[idx].long()
+        sp = SparseBatch((len(rows), self.channels, H, W), b, self.c[idx].long(), y, x, self.w[idx],
+                         self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
+        nb = len(rows)
+        rowptr = torch.searchsorted(b * H + y, (torch.arange(nb)[:, None] * H + torch.arange(H + 1)).reshape(-1))
+        xperm = self.xorder[idx].long() + offsets[:-1][b]  # global indices, column order within each map
+        colptr = torch.searchsorted(b * W + x[xperm], (torch.arange(nb)[:, None] * W + torch.arange(W + 1)).reshape(-1))
+        return sp, CellOrder(rowptr.reshape(nb, H + 1), colptr.reshape(nb, W + 1), xperm)
 
 
 def _edges(w: np.ndarray) -> np.ndarray:
@@ -227,9 +244,9 @@ def rerank_aml_c2f(
                                                  step=step, exact_score=False, top=int(top))
     for (H, W), idx in groups.items():
         cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-        src = fine.batch(rows[idx]) if fine is not None else [maps[i] for i in idx]
+        src, order = fine.batch_order(rows[idx]) if fine is not None else ([maps[i] for i in idx], None)
         wins, sc, cnt, sp = aml_search_candidates(src, q.numpy(), cand, ok, alpha=alpha, refine_steps=refine_steps,
-                                                  refine_rounds=refine_rounds, verify=int(verify))
+                                                  refine_rounds=refine_rounds, verify=int(verify), order=order)
         boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
         score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
                       finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
