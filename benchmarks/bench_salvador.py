@@ -207,6 +207,13 @@ def main() -> None:
     ap.add_argument("--strategies", type=int, nargs="+", default=[1, 2], choices=(1, 2))
     ap.add_argument("--benches", nargs="+", default=["paris", "ukb"], choices=("paris", "ukb"),
                     help="where to fine-tune and run CS-SR")
+    ap.add_argument("--no-detector", action="store_true",
+                    help="only the rows that need no detector training: IPA, CA-SR (+ QE); skips the base detector, "
+                         "the fine-tuning and the flipped query maps")
+    ap.add_argument("--s2-trainable", default="conv5+rpn+fc", choices=tuple(FT.TRAINABLE),
+                    help="what strategy #2's phase 2 trains here: conv5+rpn+fc (the package's earlier #2, from pool4 "
+                         "maps; default of this bench) or conv2+rpn+fc (the paper's layers, the product's default: "
+                         "~5x the CPU of conv5 per step, bench_salvador_ft_cost.py; needs pool1 maps, not cached here)")
     ap.add_argument("--engine", default="winograd")
     ap.add_argument("--out", type=Path, default=RESULTS / "salvador.json")
     args = ap.parse_args()
@@ -234,9 +241,10 @@ def main() -> None:
     pq_p4 = feat.pool4([(p, None) for p in paris.query_paths], "Paris queries (full)")
     pq_c5 = feat.conv5([(p, None) for p in paris.query_paths], "Paris queries (full)")
     ukb_q = list(range(0, len(ukb.images), 4))  # first view of every object
-    pq_flip = flipped_maps(feat, list(paris.query_paths), "Paris queries")
     ukb_train = [i for i in range(len(ukb.images)) if i % 4 < args.ukb_train_views]  # detector training views
-    uq_flip = flipped_maps(feat, [ukb.images[i] for i in ukb_train], "UKBench queries")
+    if not args.no_detector:
+        pq_flip = flipped_maps(feat, list(paris.query_paths), "Paris queries")
+        uq_flip = flipped_maps(feat, [ukb.images[i] for i in ukb_train], "UKBench queries")
     timings["features_s"] = round(time.perf_counter() - t0, 1)
     ukb_gnd = ukb_instance_gnd(len(ukb.images), ukb_q, args.ukb_train_views)
 
@@ -357,11 +365,14 @@ def main() -> None:
     def raw_regions(bench, how):
         return [r[2] for r in regs[bench]] if how == "max" else sum_regs[bench]
 
-    def rerank_all(bench, scorer, name, how="max", whitening=None, extra=None):
+    def rerank_all(bench, scorer, name, how="max", whitening=None, extra=None, global_qe=False):
         """scorer(j, shortlist) -> RerankResult; adds the re-ranked and the re-ranked + QE rows. QE after re-ranking
         as the authors average: the raw query box vector and the raw vectors of the top ``--qe`` images' boxes
-        (re-cropped from their maps), then CA-SR of the short list with the expanded query."""
-        plain, withqe = [], []
+        (re-cropped from their maps), then CA-SR of the short list with the expanded query. ``global_qe``: also the
+        product's earlier QE after CA-SR (average QE, Chum et al.: the sum of the unit IPA-sum vectors of the query
+        and the top ``--qe`` re-ranked images, then the whole database ranked again by it, not re-ranked)."""
+        plain, withqe, withgqe = [], [], []
+        dbv, qv = ipa[(bench, "sum")]
         R = raw_regions(bench, how)
         for j, order in enumerate(first_order[bench]):
             sl = order[:args.shortlist]
@@ -371,8 +382,13 @@ def main() -> None:
             box_vecs = crop_vectors([db_c5s[bench][sl[t]] for t in top], res.boxes[top], how)
             qe = CS.qe_after_rerank(qbox[(bench, how)][j], box_vecs, [R[i] for i in sl], whitening)
             withqe.append(CS.full_ranking(order, args.shortlist, qe.order))
+            if global_qe:
+                g = average_qe(qv[j], dbv, plain[-1][:args.qe], top=args.qe)
+                withgqe.append(np.argsort(-(dbv @ g), kind="stable"))
         add(f"IPA-sum + {name}", bench, plain, extra)
         add(f"IPA-sum + {name} + QE{args.qe}", bench, withqe, extra)
+        if global_qe:
+            add(f"IPA-sum + {name} + global avg QE{args.qe} (earlier product path)", bench, withgqe, extra)
 
     # ---------------------------------------------------------------- CA-SR (Salvador Sec. 3.3)
     t0 = time.perf_counter()
@@ -381,120 +397,125 @@ def main() -> None:
             R = raw_regions(bench, how)
             rerank_all(bench, lambda j, sl, bench=bench, how=how, wh=wh, R=R: ca_sr_regions(
                 qbox[(bench, how)][j], [R[i] for i in sl], whitening=wh,
-                cells=[regs[bench][i][1] for i in sl]), name, how, wh)
+                cells=[regs[bench][i][1] for i in sl]), name, how, wh, global_qe=name in ("CA-SR", "CA-SR sum"))
     timings["ca_sr_s"] = round(time.perf_counter() - t0, 1)
 
-    # ---------------------------------------------------------------- base detector on the training split
-    from instance_search.train.cleaning import load_boxes
+    groups, base_samples, base_hist, fcfg, ft_info = [], [], {"epochs": []}, None, {}
+    if not args.no_detector:
+        # ---------------------------------------------------------------- base detector on the training split
+        from instance_search.train.cleaning import load_boxes
 
-    _, recs = load_boxes(args.boxes, root=data, kept_only=True)
-    base_items = []
-    for i, p in enumerate(ts.paths):
-        rel = Path(p).resolve().relative_to(data.resolve()).as_posix()
-        if rel in recs:
-            base_items.append((i, rel, int(ts.labels[i])))
-    groups = sorted({g for _, _, g in base_items})
-    log(f"base detector: {len(base_items)} training images with boxes, {len(groups)} groups as classes")
-    t0 = time.perf_counter()
-    base_samples = []
-    for i, rel, g in base_items:
-        hw = tuple(np.load(tr_c5.file(i), mmap_mode="r").shape[-2:])
-        box = to_map_frame(recs[rel]["box"], original_size(ts.paths[i]), hw, 16)
-        base_samples.append(FT.DetectorSample(box, np.array([groups.index(g) + 1]), None,
-                                              (lambda i=i: tr_c5[i]), rel))
-    torch.manual_seed(0)
-    base = ND.Detector(copy.deepcopy(rpn), len(groups), [str(g) for g in groups], pool=args.pool,
-                       hidden=args.hidden, trunk=ND.conv5_block(feat.bb))
-    base.backbone_weights_sha256 = str(getattr(feat.bb.weights, "sha256", ""))
-    fcfg = FT.FinetuneConfig(base_epochs=args.base_epochs, base_lr=args.base_lr, pool=args.pool, hidden=args.hidden,
-                             epochs=args.ft_epochs, lr=args.ft_lr, epochs_2=args.ft_epochs_2, lr_2=args.ft_lr_2)
-    base_hist = FT.train_base_detector(base, base_samples, fcfg, CACHE)  # as `isearch finetune --boxes` does
-    timings["base_detector_s_this_run"] = round(time.perf_counter() - t0, 1)
-    for e in base_hist["epochs"]:
-        log(f"base detector epoch {e['epoch']}: {e['seconds']:.0f} s wall ({e['images']} images), "
-            f"cls {e['train_cls']:.3f} reg {e['train_reg']:.4f}")
+        _, recs = load_boxes(args.boxes, root=data, kept_only=True)
+        base_items = []
+        for i, p in enumerate(ts.paths):
+            rel = Path(p).resolve().relative_to(data.resolve()).as_posix()
+            if rel in recs:
+                base_items.append((i, rel, int(ts.labels[i])))
+        groups = sorted({g for _, _, g in base_items})
+        log(f"base detector: {len(base_items)} training images with boxes, {len(groups)} groups as classes")
+        t0 = time.perf_counter()
+        base_samples = []
+        for i, rel, g in base_items:
+            hw = tuple(np.load(tr_c5.file(i), mmap_mode="r").shape[-2:])
+            box = to_map_frame(recs[rel]["box"], original_size(ts.paths[i]), hw, 16)
+            base_samples.append(FT.DetectorSample(box, np.array([groups.index(g) + 1]), None,
+                                                  (lambda i=i: tr_c5[i]), rel))
+        torch.manual_seed(0)
+        base = ND.Detector(copy.deepcopy(rpn), len(groups), [str(g) for g in groups], pool=args.pool,
+                           hidden=args.hidden, trunk=ND.conv5_block(feat.bb))
+        base.backbone_weights_sha256 = str(getattr(feat.bb.weights, "sha256", ""))
+        fcfg = FT.FinetuneConfig(base_epochs=args.base_epochs, base_lr=args.base_lr, pool=args.pool, hidden=args.hidden,
+                                 epochs=args.ft_epochs, lr=args.ft_lr, epochs_2=args.ft_epochs_2, lr_2=args.ft_lr_2)
+        base_hist = FT.train_base_detector(base, base_samples, fcfg, CACHE)  # as `isearch finetune --boxes` does
+        timings["base_detector_s_this_run"] = round(time.perf_counter() - t0, 1)
+        for e in base_hist["epochs"]:
+            log(f"base detector epoch {e['epoch']}: {e['seconds']:.0f} s wall ({e['images']} images), "
+                f"cls {e['train_cls']:.3f} reg {e['train_reg']:.4f}")
 
-    # ---------------------------------------------------------------- fine-tuning on the queries, CS-SR
-    ft_info = {}
-    for bench in args.benches:
-        if bench == "paris":
-            qs = [{"name": Path(p).name, "label": pq_class[i] + 1, "box": pq_boxes[i], "pool4": pq_p4[i],
-                   "conv5": pq_c5[i], "pool4_flip": pq_flip[i][0], "conv5_flip": pq_flip[i][1]}
-                  for i, p in enumerate(paris.query_paths)]
-            classes, q_class, db_p4, db_c5 = marks, pq_class, pdb_p4, pdb_c5
-        else:
-            qs = [{"name": Path(ukb.images[i]).name, "label": i // 4 + 1, "box": uq_boxes[k], "pool4": ukb_p4[i],
-                   "conv5": ukb_c5[i], "pool4_flip": uq_flip[k][0], "conv5_flip": uq_flip[k][1]}
-                  for k, i in enumerate(ukb_train)]
-            classes, q_class, db_p4, db_c5 = [f"object {k}" for k in range(len(ukb_q))], uq_class, ukb_p4, ukb_c5
-        samples = FT.query_samples(qs)
-        for strategy in args.strategies:
-            # phase 1 (FC layers, shared by both strategies: the second run loads it from the checkpoint cache)
-            # and phase 2 (strategy #1: FC layers; #2: conv5 + RPN + FC), as `isearch finetune` does
-            t0 = time.perf_counter()
-            det, hists = FT.finetune_detector(base, samples, classes, dataclasses.replace(fcfg, strategy=strategy),
-                                              CACHE)
-            hist1, hist = hists["phase1"], hists["phase2"]
-            t_p1 = sum(e["seconds"] for e in hist1["epochs"])
-            t_ft = time.perf_counter() - t0 - t_p1
-            trainable = FT.STRATEGIES[strategy]
-            # detections on every database image, once (all classes at a time)
-            t0 = time.perf_counter()
-            K = len(classes)
-            det_scores = np.zeros((len(db_c5), K))
-            det_boxes = np.zeros((len(db_c5), K, 4))
-            hw = []
-            for i in tqdm(range(len(db_c5)), desc=f"CS-SR #{strategy} detections on {bench}", unit="img",
-                          file=sys.stderr):
-                with torch.no_grad():
-                    m = db_c5[i] if strategy == 1 else det.conv_map(db_p4[i])
-                det_scores[i], det_boxes[i] = ND.class_detections(det, m, 300)
-                hw.append(tuple(m.shape[-2:]))
-            t_det = time.perf_counter() - t0
-            tr_scores = np.zeros((len(samples), K))
-            for t, s in enumerate(samples):
-                with torch.no_grad():
-                    m = (FT.DetectorSample._get(s.conv5) if strategy == 1
-                         else det.conv_map(FT.DetectorSample._get(s.pool4)))
-                tr_scores[t] = ND.class_detections(det, m, 300)[0]
+        # ---------------------------------------------------------------- fine-tuning on the queries, CS-SR
+        ft_info = {}
+        for bench in args.benches:
             if bench == "paris":
-                positives = [np.concatenate([g["easy"], g["hard"]]) for g in paris.gnd]
-                ignore = [g["junk"] for g in paris.gnd]
+                qs = [{"name": Path(p).name, "label": pq_class[i] + 1, "box": pq_boxes[i], "pool4": pq_p4[i],
+                       "conv5": pq_c5[i], "pool4_flip": pq_flip[i][0], "conv5_flip": pq_flip[i][1]}
+                      for i, p in enumerate(paris.query_paths)]
+                classes, q_class, db_p4, db_c5 = marks, pq_class, pdb_p4, pdb_c5
             else:
-                positives, ignore = [g["ok"] for g in ukb_gnd], [g["junk"] for g in ukb_gnd]
-            diag = detector_diagnostics(det_scores, tr_scores, [int(s.labels[0]) for s in samples], q_class,
-                                        positives, ignore)
-            log(f"{bench} CS-SR #{strategy} detector check: {json.dumps(diag)}")
-            info = {"strategy": strategy, "training_images": len(samples), "diagnostics": diag,
-                    "phase1_fc": {"epochs": len(hist1["epochs"]), "lr": args.ft_lr,
-                                  "seconds_per_epoch": [e["seconds"] for e in hist1["epochs"]],
-                                  "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist1["epochs"]],
-                                  "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist1["epochs"]],
-                                  "s_this_run": round(t_p1, 1)},
-                    "phase2": {"trainable": trainable, "epochs": len(hist["epochs"]), "lr": args.ft_lr_2,
-                               "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
-                               "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
-                               "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist["epochs"]],
-                               "s_this_run": round(t_ft, 1)},
-                    "detection_s": round(t_det, 1),
-                    "detection_ms_per_image": round(1000 * t_det / len(db_c5), 1)}
-            ft_info[f"{bench}#{strategy}"] = info
-            log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
+                qs = [{"name": Path(ukb.images[i]).name, "label": i // 4 + 1, "box": uq_boxes[k], "pool4": ukb_p4[i],
+                       "conv5": ukb_c5[i], "pool4_flip": uq_flip[k][0], "conv5_flip": uq_flip[k][1]}
+                      for k, i in enumerate(ukb_train)]
+                classes, q_class, db_p4, db_c5 = [f"object {k}" for k in range(len(ukb_q))], uq_class, ukb_p4, ukb_c5
+            samples = FT.query_samples(qs)
+            for strategy in args.strategies:
+                # phase 1 (FC layers, shared by both strategies: the second run loads it from the checkpoint cache)
+                # and phase 2 (strategy #1: FC layers; #2: conv5 + RPN + FC), as `isearch finetune` does
+                t0 = time.perf_counter()
+                det, hists = FT.finetune_detector(base, samples, classes, dataclasses.replace(
+                    fcfg, strategy=strategy, trainable_2=args.s2_trainable if strategy == 2 else None), CACHE)
+                hist1, hist = hists["phase1"], hists["phase2"]
+                t_p1 = sum(e["seconds"] for e in hist1["epochs"])
+                t_ft = time.perf_counter() - t0 - t_p1
+                trainable = dataclasses.replace(fcfg, strategy=strategy, trainable_2=args.s2_trainable
+                                                if strategy == 2 else None).phase2
+                # detections on every database image, once (all classes at a time)
+                t0 = time.perf_counter()
+                K = len(classes)
+                det_scores = np.zeros((len(db_c5), K))
+                det_boxes = np.zeros((len(db_c5), K, 4))
+                hw = []
+                for i in tqdm(range(len(db_c5)), desc=f"CS-SR #{strategy} detections on {bench}", unit="img",
+                              file=sys.stderr):
+                    with torch.no_grad():
+                        m = db_c5[i] if strategy == 1 else det.conv_map(db_p4[i])
+                    det_scores[i], det_boxes[i] = ND.class_detections(det, m, 300)
+                    hw.append(tuple(m.shape[-2:]))
+                t_det = time.perf_counter() - t0
+                tr_scores = np.zeros((len(samples), K))
+                for t, s in enumerate(samples):
+                    with torch.no_grad():
+                        m = (FT.DetectorSample._get(s.conv5) if strategy == 1
+                             else det.conv_map(FT.DetectorSample._get(s.pool4)))
+                    tr_scores[t] = ND.class_detections(det, m, 300)[0]
+                if bench == "paris":
+                    positives = [np.concatenate([g["easy"], g["hard"]]) for g in paris.gnd]
+                    ignore = [g["junk"] for g in paris.gnd]
+                else:
+                    positives, ignore = [g["ok"] for g in ukb_gnd], [g["junk"] for g in ukb_gnd]
+                diag = detector_diagnostics(det_scores, tr_scores, [int(s.labels[0]) for s in samples], q_class,
+                                            positives, ignore)
+                log(f"{bench} CS-SR #{strategy} detector check: {json.dumps(diag)}")
+                info = {"strategy": strategy, "training_images": len(samples), "diagnostics": diag,
+                        "phase1_fc": {"epochs": len(hist1["epochs"]), "lr": args.ft_lr,
+                                      "seconds_per_epoch": [e["seconds"] for e in hist1["epochs"]],
+                                      "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist1["epochs"]],
+                                      "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist1["epochs"]],
+                                      "s_this_run": round(t_p1, 1)},
+                        "phase2": {"trainable": trainable, "epochs": len(hist["epochs"]), "lr": args.ft_lr_2,
+                                   "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
+                                   "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
+                                   "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist["epochs"]],
+                                   "s_this_run": round(t_ft, 1)},
+                        "detection_s": round(t_det, 1),
+                        "detection_ms_per_image": round(1000 * t_det / len(db_c5), 1)}
+                ft_info[f"{bench}#{strategy}"] = info
+                log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
 
-            def scorer(j, sl, bench=bench, K=K):
-                k = q_class[j]  # the best proposal itself (the authors' default; class_detections' box)
-                return CS.cs_sr_scores(det_scores[sl, k], det_boxes[sl, k], np.arange(len(sl))[::-1] * 1.0,
-                                       [hw[i] for i in sl], 16)
+                def scorer(j, sl, bench=bench, K=K):
+                    k = q_class[j]  # the best proposal itself (the authors' default; class_detections' box)
+                    return CS.cs_sr_scores(det_scores[sl, k], det_boxes[sl, k], np.arange(len(sl))[::-1] * 1.0,
+                                           [hw[i] for i in sl], 16)
 
-            rerank_all(bench, scorer, f"CS-SR #{strategy}")
+                rerank_all(bench, scorer, f"CS-SR #{strategy}")
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(), "size": args.size,
         "rpn": str(args.rpn), "rpn_config": {k: rpn_cfg[k] for k in ("sizes", "ratios", "mid_channels", "max_size")},
-        "shortlist": args.shortlist, "proposals": args.proposals, "qe": args.qe,
+        "shortlist": args.shortlist, "proposals": args.proposals, "qe": args.qe, "no_detector": args.no_detector,
+        "s2_trainable": args.s2_trainable,
         "detector": {"pool": args.pool, "hidden": args.hidden, "base_classes": len(groups),
-                     "base_images": len(base_samples), "base_config": vars(fcfg), "base_history": base_hist["epochs"],
+                     "base_images": len(base_samples), "base_config": vars(fcfg) if fcfg is not None else None,
+                     "base_history": base_hist["epochs"],
                      "fine_tuning": ft_info, "phase1": {"epochs": args.ft_epochs, "lr": args.ft_lr},
                      "phase2": {"epochs": args.ft_epochs_2, "lr": args.ft_lr_2}},
         "paris_classes": marks, "timings": timings, "this_run_wall_s": round(time.perf_counter() - t_start, 1),

@@ -102,7 +102,8 @@ def test_a_strategy_2_detector_file_keeps_its_lower_layers(tmp_path):
     assert cfg["lower"][0] == "conv2_1" and cfg["lower"][-1] == "pool4"
     assert torch.equal(back.lower.conv3_1.weight, det.lower.conv3_1.weight)
     plain = ND.Detector(RPN(mid_channels=16), 2, ["a", "b"], pool=2, hidden=16)
-    assert "lower" not in plain.config() and ND.load_detector(ND.save_detector(plain, tmp_path / "p.pt"))[0].lower is None
+    assert "lower" not in plain.config()
+    assert ND.load_detector(ND.save_detector(plain, tmp_path / "p.pt"))[0].lower is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

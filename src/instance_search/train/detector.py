@@ -135,7 +135,8 @@ class DetectorTrainConfig:
 
 
 #: what each ``trainable`` setting trains: the detector's parts, and the map the conv part starts from
-TRAINABLE = {"fc": ("head",), "conv5+rpn+fc": ("trunk", "rpn", "head"), "conv2+rpn+fc": ("lower", "trunk", "rpn", "head")}
+TRAINABLE = {"fc": ("head",), "conv5+rpn+fc": ("trunk", "rpn", "head"),
+             "conv2+rpn+fc": ("lower", "trunk", "rpn", "head")}
 #: the VGG16 layers below conv5 that ``"conv2+rpn+fc"`` trains (Salvador Sec. 3.2: all layers after conv1_1, conv1_2)
 LOWER_LAYERS = ("conv2_1", "pool4")
 
