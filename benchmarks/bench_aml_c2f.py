@@ -6,24 +6,29 @@ at <= 0.3 mAP below exact AML on each of Easy / Medium / Hard, without and with 
 stage as ``bench_aml.py`` (Paris-250, R-MAC, maps in the default compact code decoded to their non-zeros):
 
 * speed: per-query single-thread CPU time (``time.process_time``) of re-ranking a 1000-map short list (the
-  database maps repeated) with window R-MAC scoring, for each (top, radius): ``decode`` (the compact codes
-  decoded per query, as the ``aml``/``aml-c2f`` re-rankers do) and ``rerank`` (from decoded maps: what a
-  cache of decoded maps would give; its RAM per image is reported), plus the coarse store's build time and RAM;
-  exact AML on the same short list with ``--exact-speed`` (seconds per query);
-* accuracy: revisited E/M/H mAP (query = box crop) of R-MAC, R-MAC + exact AML and R-MAC + AML-c2f per (top,
-  radius), short list ``--shortlist``; without whitening and, with ``--whitening-index`` (an index of another
+  database maps repeated) with window R-MAC scoring, for each (top, radius, refinement rounds), from the fine
+  maps kept in RAM (:class:`~instance_search.rerank.aml_c2f.AMLFineMaps`: no decoding; their RAM per image is
+  reported, as are the coarse store's) and, with ``--uncached``, from decoded maps with every fine candidate
+  scored exactly (the first version's path; decoding timed separately); exact AML on the same short list with
+  ``--exact-speed`` (seconds per query);
+* accuracy: revisited E/M/H mAP (query = box crop) of R-MAC, R-MAC + exact AML and R-MAC + AML-c2f per
+  setting, short list ``--shortlist``; without whitening and, with ``--whitening-index`` (an index of another
   collection, e.g. Holidays-811, as the product learns it), with it; the difference to exact AML per protocol.
 
-Writes ``benchmarks/results/aml_c2f.json``. Run on an idle machine (speed figures on a loaded one are not
-comparable):
+Writes ``benchmarks/results/aml_c2f.json``. The maps come from ``benchmarks/cache`` (extracted on first use:
+Paris-250 at 1024 px, ~1 h on the loaded 2-core machine); the whitening index is built with
+``isearch index ../shared/data/holidays811 --index benchmarks/cache/holidays-index --no-maps --whitening none``.
+Accuracy (does not depend on load), then speed alone (< 5 minutes; run it on the idle machine):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --exact-speed \\
-        --whitening-index holidays-index --out benchmarks/results/aml_c2f.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-speed \\
+        --whitening-index benchmarks/cache/holidays-index --out benchmarks/results/aml_c2f_accuracy.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-accuracy --tops 1 --radii 4 \\
+        --uncached --exact-speed --out benchmarks/results/aml_c2f_speed.json
 
 Smoke run on tiny inputs (checks the script, figures meaningless):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --max-size 256 --db-limit 40 \\
-        --queries 3 --speed-shortlist 40 --speed-queries 1 --tops 2 --radii 4 --out /tmp/aml_c2f_smoke.json
+        --queries 3 --speed-shortlist 40 --speed-queries 1 --tops 2 --radii 4 --uncached --out /tmp/aml_c2f_smoke.json
 """
 from __future__ import annotations
 

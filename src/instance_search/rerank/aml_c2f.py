@@ -59,6 +59,8 @@ class AMLFineMaps:
     w: torch.Tensor
     fscale: torch.Tensor
     xorder: torch.Tensor  #: (n,) int32: each image's cells in column order (indices within the image)
+    rowptr: list  #: per image (H + 1,) int32: where each row's cells start (within the image)
+    colptr: list  #: per image (W + 1,) int32: where each column's cells start in ``xorder``
 
     def __len__(self) -> int:
         return int(self.shapes.shape[0])
@@ -67,13 +69,13 @@ class AMLFineMaps:
     def nbytes(self) -> int:
         return int(self.offsets.nbytes + self.shapes.nbytes + sum(t.numel() * t.element_size()
                                                                   for t in (self.c, self.y, self.x, self.w, self.fscale,
-                                                                            self.xorder)))
+                                                                            self.xorder, *self.rowptr, *self.colptr)))
 
     @classmethod
     def build(cls, maps: Iterable, alpha: float = 10.0) -> "AMLFineMaps":
         """From non-negative ``(C, H, W)`` maps or :class:`~instance_search.ops.integral.SparseMap` (sizes may
         differ, channels may not; below 32768 cells a side), one at a time."""
-        cs, ys, xs, ws, fs, xo, counts, shapes = [], [], [], [], [], [], [], []
+        cs, ys, xs, ws, fs, xo, rp, cp, counts, shapes = [], [], [], [], [], [], [], [], [], []
         C = None
         for i, m in enumerate(maps):
             sh = map_shape(m)
@@ -93,6 +95,8 @@ class AMLFineMaps:
             xs.append(x.to(torch.int16))
             ws.append(sp.w[o])
             xo.append(torch.argsort(x * sh[1] + y, stable=True).to(torch.int32))
+            rp.append(torch.searchsorted(y, torch.arange(sh[1] + 1)).to(torch.int32))
+            cp.append(torch.searchsorted(torch.sort(x).values, torch.arange(sh[2] + 1)).to(torch.int32))
             fs.append(sp.fscale)
             counts.append(int(sp.w.numel()))
             shapes.append(sh[1:])
@@ -100,7 +104,7 @@ class AMLFineMaps:
             raise InputError("maps: no maps given")
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return cls(C, float(alpha), np.asarray(shapes, np.int64).reshape(-1, 2), offsets, torch.cat(cs),
-                   torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs), torch.cat(xo))
+                   torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs), torch.cat(xo), rp, cp)
 
     def batch(self, rows) -> SparseBatch:
         """The :class:`~instance_search.ops.integral.SparseBatch` of images ``rows`` (all of one size)."""
@@ -127,11 +131,12 @@ class AMLFineMaps:
         y, x = self.y[idx].long(), self.x[idx].long()
         sp = SparseBatch((len(rows), self.channels, H, W), b, self.c[idx].long(), y, x, self.w[idx],
                          self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
-        nb = len(rows)
-        rowptr = torch.searchsorted(b * H + y, (torch.arange(nb)[:, None] * H + torch.arange(H + 1)).reshape(-1))
-        xperm = self.xorder[idx].long() + offsets[:-1][b]  # global indices, column order within each map
-        colptr = torch.searchsorted(b * W + x[xperm], (torch.arange(nb)[:, None] * W + torch.arange(W + 1)).reshape(-1))
-        return sp, CellOrder(rowptr.reshape(nb, H + 1), colptr.reshape(nb, W + 1), xperm)
+        first = offsets[:-1]
+        xperm = self.xorder[idx].long()
+        xperm += first[b]  # global indices, column order within each map
+        rowptr = torch.stack([self.rowptr[r] for r in rows.tolist()]).long() + first[:, None]
+        colptr = torch.stack([self.colptr[r] for r in rows.tolist()]).long() + first[:, None]
+        return sp, CellOrder(rowptr, colptr, xperm)
 
 
 def _edges(w: np.ndarray) -> np.ndarray:
