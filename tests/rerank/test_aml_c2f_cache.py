@@ -28,7 +28,7 @@ def test_fine_maps_hold_what_sparse_batch_computes(real):
     fine = AMLFineMaps.build(sparse)
     assert len(fine) == len(sparse) and fine.nbytes > 0
     for rows in ([0, 1, 4], [4, 0], [2, 3]):
-        (got, order), want = fine.batch_order(rows), sparse_batch([sparse[i] for i in rows])
+        got, want = fine.batch(rows), sparse_batch([sparse[i] for i in rows])
         assert got.shape == want.shape
         assert torch.equal(got.offsets, want.offsets) and torch.equal(got.fscale, want.fscale)
         H, W = got.shape[2:]
@@ -41,18 +41,26 @@ def test_fine_maps_hold_what_sparse_batch_computes(real):
 
         for a, b in zip(cells(got), cells(want)):
             np.testing.assert_array_equal(a, b)
-        # raster order within each map; rowptr / colptr / xperm find the cells of any rows / columns
+        # raster order within each map; strips(): the stored cells of any rows / columns of each image
         raster = (got.b * H + got.y) * W + got.x
         assert (raster[1:] >= raster[:-1]).all()
-        for m in range(len(rows)):
+        cellsg, order = fine.strips(rows)
+        for m, r in enumerate(rows):
+            mine = np.zeros(len(fine.w), bool)
+            mine[fine.offsets[r]:fine.offsets[r + 1]] = True
+            gy, gx = cellsg.y.numpy(), cellsg.x.numpy()
             for r0, r1 in ((0, 1), (2, 5), (0, H)):
                 sel = np.arange(int(order.rowptr[m, r0]), int(order.rowptr[m, r1]))
-                want_sel = np.flatnonzero((got.b == m).numpy() & (got.y >= r0).numpy() & (got.y < r1).numpy())
-                np.testing.assert_array_equal(sel, want_sel)
+                np.testing.assert_array_equal(sel, np.flatnonzero(mine & (gy >= r0) & (gy < r1)))
             for c0, c1 in ((0, 2), (3, 7), (0, W)):
-                sel = np.sort(order.xperm[int(order.colptr[m, c0]):int(order.colptr[m, c1])].numpy())
-                want_sel = np.flatnonzero((got.b == m).numpy() & (got.x >= c0).numpy() & (got.x < c1).numpy())
-                np.testing.assert_array_equal(sel, want_sel)
+                sel = order.xperm[int(order.colptr[m, c0]):int(order.colptr[m, c1])].long() + order.xbase[m]
+                np.testing.assert_array_equal(np.sort(sel.numpy()), np.flatnonzero(mine & (gx >= c0) & (gx < c1)))
+        # a batch of some rows only: the cells of those rows
+        y0, y1 = np.array([1, 0, 3])[:len(rows)], np.array([4, H, 5])[:len(rows)]
+        part = fine.batch(rows, y0, y1)
+        keep = ((got.y >= torch.from_numpy(y0)[got.b]) & (got.y < torch.from_numpy(y1)[got.b])).numpy()
+        np.testing.assert_array_equal(part.w.numpy(), got.w.numpy()[keep])
+        np.testing.assert_array_equal(part.b.numpy(), got.b.numpy()[keep])
     with pytest.raises(InputError, match="one size"):
         fine.batch([0, 2])
     with pytest.raises(InputError, match="rows must index"):

@@ -846,13 +846,16 @@ def aml_search_candidates(
     refine_chunk: int = 64,
     verify: int = 0,
     order: "CellOrder | None" = None,
+    cells: SparseBatch | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, SparseBatch]:
     """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
     exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
     candidate) is refined by the same coordinate descent. ``verify > 0``: as :func:`aml_search_batch`, the
     candidates are first ranked by its fast float32 pass (with the residual table) and only the ``verify`` best
     of each map are scored exactly (``0``: all). With ``order`` (the batch's :class:`CellOrder`, cells in
-    raster order per map) the coordinate descent is :func:`refine_strips` (no integral table per round).
+    raster order per map) the coordinate descent is :func:`refine_strips` (no integral table per round), on
+    ``cells`` when given (the same maps' cells, e.g. all of them while ``maps`` holds only the rows the
+    candidates span; ``order`` then indexes ``cells``).
 
     ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
     ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
@@ -916,7 +919,8 @@ def aml_search_candidates(
         if order is not None:
             sums[sl] = _corner_sums(table, ly, lx, best[:, None, :])[:, 0]
     if order is not None:
-        refine_strips(sp, order, edges, best_s, n_eval, sums, qn, refine_steps, refine_rounds)
+        refine_strips(sp if cells is None else cells, order, edges, best_s, n_eval, sums, qn, refine_steps,
+                      refine_rounds)
     else:
         _refine(sp, edges, best_s, n_eval, qn, refine_steps, refine_rounds, refine_chunk)
     out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
@@ -986,11 +990,12 @@ class CellOrder(NamedTuple):
     """Where the cells of a :class:`SparseBatch` whose maps each keep their cells in raster order (row ``y``,
     then column ``x``) lie by row and by column: map ``b``'s cells of rows ``r0 … r1-1`` are
     ``rowptr[b, r0] : rowptr[b, r1]``, those of columns ``c0 … c1-1`` are ``xperm[colptr[b, c0] : colptr[b, c1]]``
-    (all global indices into the batch's arrays)."""
+    (all global indices into the batch's arrays, ``xperm`` ones plus ``xbase[b]``)."""
 
     rowptr: torch.Tensor  #: (B, H + 1) int64
     colptr: torch.Tensor  #: (B, W + 1) int64
-    xperm: torch.Tensor  #: (n,) int64: the cells in column order (column, then row) within each map
+    xperm: torch.Tensor  #: (n,) the cells in column order (column, then row) within each map
+    xbase: torch.Tensor | None = None  #: (B,) int64 added to map b's ``xperm`` entries (None: 0)
 
 
 def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1039,7 +1044,9 @@ def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s
             b = torch.gather(ptr, 1, hi[:, None])[:, 0]
             pos, owner = _ranges(a, b)
             if horizontal:
-                cell = order.xperm[pos]
+                cell = order.xperm[pos].long()
+                if order.xbase is not None:
+                    cell += order.xbase[active][owner]
                 along, across = sp.x[cell], sp.y[cell]
                 keep = (across >= e[owner, 1]) & (across < e[owner, 3])
             else:

@@ -106,13 +106,7 @@ class AMLFineMaps:
         return cls(C, float(alpha), np.asarray(shapes, np.int64).reshape(-1, 2), offsets, torch.cat(cs),
                    torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs), torch.cat(xo), rp, cp)
 
-    def batch(self, rows) -> SparseBatch:
-        """The :class:`~instance_search.ops.integral.SparseBatch` of images ``rows`` (all of one size)."""
-        return self.batch_order(rows)[0]
-
-    def batch_order(self, rows) -> tuple[SparseBatch, CellOrder]:
-        """:meth:`batch` and where its cells lie by row and column
-        (:class:`~instance_search.ops.integral.CellOrder`, for :func:`~instance_search.ops.integral.refine_strips`)."""
+    def _check(self, rows) -> np.ndarray:
         rows = np.asarray(rows, np.int64).reshape(-1)
         if not len(rows):
             raise InputError("no rows given")
@@ -121,22 +115,42 @@ class AMLFineMaps:
         hw = self.shapes[rows]
         if (hw != hw[0]).any():
             raise InputError("a fine batch needs maps of one size")
-        starts, ends = self.offsets[rows], self.offsets[rows + 1]
-        lens = ends - starts
-        idx = torch.from_numpy(np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum())))
+        return rows
+
+    def batch(self, rows, y0=None, y1=None) -> SparseBatch:
+        """The :class:`~instance_search.ops.integral.SparseBatch` of images ``rows`` (all of one size), only
+        their cells in rows ``y0[i] … y1[i]-1`` when given (windows within those rows have the same sums)."""
+        rows = self._check(rows)
+        H, W = (int(v) for v in self.shapes[rows[0]])
+        rp = [self.rowptr[r] for r in rows.tolist()]
+        y0 = np.zeros(len(rows), np.int64) if y0 is None else np.clip(np.asarray(y0, np.int64), 0, H)
+        y1 = np.full(len(rows), H, np.int64) if y1 is None else np.clip(np.asarray(y1, np.int64), 0, H)
+        starts = self.offsets[rows] + np.asarray([int(p[a]) for p, a in zip(rp, y0.tolist())], np.int64)
+        ends = self.offsets[rows] + np.asarray([int(p[a]) for p, a in zip(rp, y1.tolist())], np.int64)
+        lens = np.maximum(ends - starts, 0)
+        spans = list(zip(starts.tolist(), np.maximum(ends, starts).tolist()))
+
+        def cat(t: torch.Tensor) -> torch.Tensor:  # one copy of the images' contiguous runs
+            return torch.cat([t[i:j] for i, j in spans])
+
         tl = torch.from_numpy(lens)
         b = torch.repeat_interleave(torch.arange(len(rows)), tl)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tl.cumsum(0)])
-        H, W = (int(v) for v in hw[0])
-        y, x = self.y[idx].long(), self.x[idx].long()
-        sp = SparseBatch((len(rows), self.channels, H, W), b, self.c[idx].long(), y, x, self.w[idx],
-                         self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
-        first = offsets[:-1]
-        xperm = self.xorder[idx].long()
-        xperm += first[b]  # global indices, column order within each map
+        return SparseBatch((len(rows), self.channels, H, W), b, cat(self.c).long(), cat(self.y).long(),
+                           cat(self.x).long(), cat(self.w), self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
+
+    def strips(self, rows) -> tuple[SparseBatch, CellOrder]:
+        """The cells of images ``rows`` as :func:`~instance_search.ops.integral.refine_strips` reads them: the
+        stored arrays themselves (nothing copied; ``b`` and ``offsets`` unset) and where each image's rows and
+        columns lie in them (:class:`~instance_search.ops.integral.CellOrder`)."""
+        rows = self._check(rows)
+        H, W = (int(v) for v in self.shapes[rows[0]])
+        first = torch.from_numpy(self.offsets[rows])
+        cells = SparseBatch((len(rows), self.channels, H, W), None, self.c, self.y, self.x, self.w,
+                            self.fscale[torch.from_numpy(rows)], None, self.alpha)
         rowptr = torch.stack([self.rowptr[r] for r in rows.tolist()]).long() + first[:, None]
         colptr = torch.stack([self.colptr[r] for r in rows.tolist()]).long() + first[:, None]
-        return sp, CellOrder(rowptr, colptr, xperm)
+        return cells, CellOrder(rowptr, colptr, self.xorder, first)
 
 
 def _edges(w: np.ndarray) -> np.ndarray:
@@ -249,9 +263,17 @@ def rerank_aml_c2f(
                                                  step=step, exact_score=False, top=int(top))
     for (H, W), idx in groups.items():
         cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-        src, order = fine.batch_order(rows[idx]) if fine is not None else ([maps[i] for i in idx], None)
+        if fine is not None:  # the candidates need only the rows they span; the refinement reads strips
+            ry = np.where(ok, cand[..., 1], H).min(1), np.where(ok, cand[..., 1] + cand[..., 3], 0).max(1)
+            src = fine.batch(rows[idx], *ry)
+            cells, order = fine.strips(rows[idx])
+        else:
+            src, cells, order = [maps[i] for i in idx], None, None
         wins, sc, cnt, sp = aml_search_candidates(src, q.numpy(), cand, ok, alpha=alpha, refine_steps=refine_steps,
-                                                  refine_rounds=refine_rounds, verify=int(verify), order=order)
+                                                  refine_rounds=refine_rounds, verify=int(verify), order=order,
+                                                  cells=cells)
+        if fine is not None:  # the window's own rows, for its scoring
+            sp = fine.batch(rows[idx], wins[:, 1], wins[:, 1] + wins[:, 3])
         boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
         score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
                       finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
