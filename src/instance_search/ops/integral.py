@@ -1048,17 +1048,17 @@ def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s
                 if order.xbase is not None:
                     cell += order.xbase[active][owner]
                 along, across = sp.x[cell], sp.y[cell]
-                keep = (across >= e[owner, 1]) & (across < e[owner, 3])
+                lo_a, hi_a = e[:, 1][owner], e[:, 3][owner]
             else:
                 cell = pos
                 along, across = sp.y[cell], sp.x[cell]
-                keep = (across >= e[owner, 0]) & (across < e[owner, 2])
-            cell, owner, along = cell[keep], owner[keep], along[keep]
-            bins = along - (v0[owner] - st)  # 0 .. 2·st-1
-            strip = torch.zeros(na * 2 * st * C, dtype=torch.float64)
-            strip.index_add_(0, (owner * (2 * st) + bins) * C + sp.c[cell], sp.w[cell])
+                lo_a, hi_a = e[:, 0][owner], e[:, 2][owner]
+            # bin of each cell: 0 .. 2·st-1 by its row / column, 2·st (dropped) outside the window's extent
+            bins = torch.where((across >= lo_a) & (across < hi_a), along - (v0 - st)[owner], 2 * st)
+            strip = torch.zeros(na * (2 * st + 1) * C, dtype=torch.float64)
+            strip.index_add_(0, (owner * (2 * st + 1) + bins) * C + sp.c[cell], sp.w[cell])
             P = torch.zeros(na, 2 * st + 1, C, dtype=torch.float64)
-            P[:, 1:] = strip.reshape(na, 2 * st, C).cumsum(1)
+            P[:, 1:] = strip.reshape(na, 2 * st + 1, C)[:, :2 * st].cumsum(1)
             # window sums after each shift d: low borders (x1, y1) remove cells when d > 0, high ones add them
             delta = P[:, st + shifts] - P[:, st:st + 1]  # (na, 2st, C): Σ of the bins between v0 and v0 + d
             S = V[:, None, :] - delta if k < 2 else V[:, None, :] + delta
