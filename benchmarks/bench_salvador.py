@@ -119,6 +119,42 @@ def flipped_maps(feat: Features, paths, desc: str):
     return [(get(i, "p4"), get(i, "c5")) for i in range(len(paths))]
 
 
+class DirectConv5:
+    """conv5_3 maps of the training split taken straight from the backbone (``--train-maps direct``): the images
+    kept in a boxes file are read from the map cache that bench_rpn.py / ``isearch train-rpn`` fill
+    (benchmarks/cache/rpn/maps/), the others computed once into the same folder; ``[i]`` and ``file(i)`` as
+    :class:`~instance_search.train.triplet.MapCache`. (The default, ``pool4``, runs pool4 -> conv5 block on cached
+    pool4 maps; the two differ only by the engine of the conv5 layers.)"""
+
+    def __init__(self, feat: Features, paths, boxes_file: Path = RESULTS / "train_boxes.json"):
+        from instance_search.train.cleaning import load_boxes
+        from instance_search.train.triplet import InputCache
+
+        data = find_shared_data()
+        _, recs = load_boxes(boxes_file, root=data, kept_only=True)
+        kept = sorted(recs)
+        rel = [Path(p).resolve().relative_to(data.resolve()).as_posix() for p in paths]
+        build = lambda items, desc: InputCache.build(items, feat.bb, "conv5_3", feat.size, RPN_CACHE / "maps",  # noqa: E731
+                                                     desc=desc)
+        a = build([(data / r, None) for r in kept], f"conv5_3 maps of {len(kept)} images")
+        rest = [i for i, r in enumerate(rel) if r not in recs]
+        b = build([(paths[i], None) for i in rest], "training split, the rest -> conv5_3") if rest else None
+        pos = {r: j for j, r in enumerate(kept)}
+        where = {i: (b, k) for k, i in enumerate(rest)}
+        self.index = [where.get(i, (a, pos.get(r))) for i, r in enumerate(rel)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        c, j = self.index[i]
+        return c[j]
+
+    def file(self, i):
+        c, j = self.index[i]
+        return c.file(j)
+
+
 def box_cells(box_px, image_wh, map_hw) -> np.ndarray:
     """Cells (x, y, w, h) covering a box given in original-image pixels."""
     fb = to_map_frame(box_px, image_wh, map_hw, 16)
@@ -214,6 +250,9 @@ def main() -> None:
                     help="what strategy #2's phase 2 trains here: conv5+rpn+fc (the package's earlier #2, from pool4 "
                          "maps; default of this bench) or conv2+rpn+fc (the paper's layers, the product's default: "
                          "~5x the CPU of conv5 per step, bench_salvador_ft_cost.py; needs pool1 maps, not cached here)")
+    ap.add_argument("--train-maps", default="pool4", choices=("pool4", "direct"),
+                    help="conv5_3 maps of the training split (whitening, base detector): pool4 -> conv5 block "
+                         "(default) or straight from the backbone, re-using bench_rpn.py's map cache (DirectConv5)")
     ap.add_argument("--engine", default="winograd")
     ap.add_argument("--out", type=Path, default=RESULTS / "salvador.json")
     args = ap.parse_args()
@@ -233,7 +272,8 @@ def main() -> None:
     ukb, paris = splits.ukbench_eval(data), splits.paris_eval(data)
     splits.assert_disjoint(ts.paths, list(ukb.images) + list(paris.images) + list(paris.query_paths))
     t0 = time.perf_counter()
-    tr_c5 = feat.conv5([(p, None) for p in ts.paths], "training split")
+    tr_c5 = (feat.conv5([(p, None) for p in ts.paths], "training split") if args.train_maps == "pool4"
+             else DirectConv5(feat, ts.paths))
     ukb_p4 = feat.pool4([(p, None) for p in ukb.images], "UKBench 500-999")
     ukb_c5 = feat.conv5([(p, None) for p in ukb.images], "UKBench 500-999")
     pdb_p4 = feat.pool4([(p, None) for p in paris.images], "Paris-250")
