@@ -134,8 +134,10 @@ class DirectConv5:
         _, recs = load_boxes(boxes_file, root=data, kept_only=True)
         kept = sorted(recs)
         rel = [Path(p).resolve().relative_to(data.resolve()).as_posix() for p in paths]
-        build = lambda items, desc: InputCache.build(items, feat.bb, "conv5_3", feat.size, RPN_CACHE / "maps",  # noqa: E731
-                                                     desc=desc)
+
+        def build(items, desc):
+            return InputCache.build(items, feat.bb, "conv5_3", feat.size, RPN_CACHE / "maps", desc=desc)
+
         a = build([(data / r, None) for r in kept], f"conv5_3 maps of {len(kept)} images")
         rest = [i for i, r in enumerate(rel) if r not in recs]
         b = build([(paths[i], None) for i in rest], "training split, the rest -> conv5_3") if rest else None
