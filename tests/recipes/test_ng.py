@@ -282,7 +282,11 @@ def test_evaluate_recipe_equals_the_sweeps_cell(tmp_path, monkeypatch):
     cells = {r["scale"]: r["map"] for r in sweep["rows"]}
     assert {r["benchmark"] for r in sweep["rows"]} == {"holidays"} and set(cells) == {"1", "2", "1+2"}
     recipe = Recipe("ng-vlad", layer="conv5_1", max_size=size, extra={**cfg, "scales": [1, 2]})
-    res = evaluate_recipe(hol.bench, recipe, fit_on=ukb.bench, progress=False)
+    from instance_search.collection import Describer
+
+    # the sweep runs the exact fp32 network (its default engine): the same here, not the default `auto`
+    res = evaluate_recipe(hol.bench, recipe, fit_on=ukb.bench, progress=False,
+                          describer=Describer(recipe, engine="exact"))
     assert res["database_images"] == 40 and recipe.fitted
     assert abs(res["map"] - cells["1+2"]) < 1e-6, (res["map"], cells)
     assert res["map"] > 30.0, res["map"]  # chance on this subset is ~10 mAP
