@@ -24,11 +24,11 @@ def build(root: Path, ukbench: Path, whitened: bool):
     from instance_search.collection import Collection
     from instance_search.recipes.base import Recipe
 
-    col = Collection.create(root, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none")
+    col = Collection.create(root, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none", engine="exact")
     col.add_folder([ukbench / p for p in PHOTOS], progress=False)
     if whitened:
         col.set_whitening(col.learn_whitening(dim=64))
-    return Collection.open(root)
+    return Collection.open(root, engine="exact")
 
 
 def hits_json(hits):

@@ -89,7 +89,8 @@ def indexes(ukbench, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("rerank-registry")
     plain = base / "plain"
-    col = Collection.create(plain, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none")
+    # the recording (record_before_hits.py) ran the exact fp32 network: so does this index, and its queries below
+    col = Collection.create(plain, Recipe("rmac", backbone="vgg16", max_size=256), whitening="none", engine="exact")
     col.add_folder([ukbench / p for p in PHOTOS], progress=False)
     col.store.close()
     white = base / "white"
@@ -129,7 +130,7 @@ def test_hits_equal_the_ones_recorded_before_the_registry(indexes, ukbench):
                 col.search_indexed(rid, top=12, rerank=rerank, shortlist=8, qe=qe, **opts))
 
     for name, root in indexes.items():
-        got = run_cases(Collection.open(root), ukbench, new_api)
+        got = run_cases(Collection.open(root, engine="exact"), ukbench, new_api)
         assert set(got) == set(before[name]) and len(got) == 2 * len(CASES)
         for case, hits in before[name].items():
             if name == "whitened" and case.startswith("casr/"):
