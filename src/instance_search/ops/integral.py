@@ -847,7 +847,8 @@ def aml_search_candidates(
     verify: int = 0,
     order: "CellOrder | None" = None,
     cells: SparseBatch | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, SparseBatch]:
+    return_state: bool = False,
+):
     """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
     exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
     candidate) is refined by the same coordinate descent. ``verify > 0``: as :func:`aml_search_batch`, the
@@ -855,7 +856,9 @@ def aml_search_candidates(
     of each map are scored exactly (``0``: all). With ``order`` (the batch's :class:`CellOrder`, cells in
     raster order per map) the coordinate descent is :func:`refine_strips` (no integral table per round), on
     ``cells`` when given (the same maps' cells, e.g. all of them while ``maps`` holds only the rows the
-    candidates span; ``order`` then indexes ``cells``).
+    candidates span; ``order`` then indexes ``cells``). ``return_state=True``: no refinement; returns the
+    starts as :func:`refine_strips` takes them, ``(edges (B, 4) x1 y1 x2 y2, scores, n_evaluated, sums (B, C))``
+    tensors.
 
     ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
     ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
@@ -884,7 +887,8 @@ def aml_search_candidates(
     edges = torch.zeros(B, 4, dtype=torch.int64)
     best_s = torch.zeros(B, dtype=torch.float64)
     n_eval = ok.sum(1).to(torch.int64)
-    sums = torch.zeros(B, C, dtype=torch.float64) if order is not None else None
+    want_sums = order is not None or return_state
+    sums = torch.zeros(B, C, dtype=torch.float64) if want_sums else None
     cand_order = torch.arange(cand.shape[1]).expand(B, -1)
     step = max(int(chunk), 1)
     for b0 in range(0, B, step):
@@ -916,8 +920,10 @@ def aml_search_candidates(
         best = cw[torch.arange(sub.maps), j]
         edges[sl] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
         best_s[sl] = bs
-        if order is not None:
+        if want_sums:
             sums[sl] = _corner_sums(table, ly, lx, best[:, None, :])[:, 0]
+    if return_state:
+        return edges, best_s, n_eval, sums
     if order is not None:
         refine_strips(sp if cells is None else cells, order, edges, best_s, n_eval, sums, qn, refine_steps,
                       refine_rounds)
@@ -996,6 +1002,8 @@ class CellOrder(NamedTuple):
     colptr: torch.Tensor  #: (B, W + 1) int64
     xperm: torch.Tensor  #: (n,) the cells in column order (column, then row) within each map
     xbase: torch.Tensor | None = None  #: (B,) int64 added to map b's ``xperm`` entries (None: 0)
+    hw: torch.Tensor | None = None  #: (B, 2) int64 each map's own ``(H, W)`` (None: the batch's), for maps of
+    #: several sizes (``rowptr`` / ``colptr`` then padded with their last entry)
 
 
 def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1021,7 +1029,8 @@ def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s
     if B == 0 or st < 1:
         return
     shifts = torch.tensor([d for d in range(-st, st + 1) if d != 0], dtype=torch.int64)
-    limits = (W, H, W, H)
+    hw = torch.tensor([[H, W]]).expand(B, 2) if order.hw is None else order.hw
+    limits = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)  # (B, 4) the largest value of each border
     inv_alpha = 1.0 / sp.alpha
     active = torch.arange(B)
     for _ in range(int(refine_rounds)):
@@ -1036,9 +1045,9 @@ def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s
         improved = torch.zeros(na, dtype=torch.bool)
         for k in range(4):
             horizontal = k in (0, 2)  # x borders: a strip of columns, rows limited to [y1, y2)
-            n_lim = limits[k]
+            n_lim = limits[active, k]
             v0 = e[:, k]
-            lo, hi = (v0 - st).clamp(0, n_lim), (v0 + st).clamp(0, n_lim)
+            lo, hi = (v0 - st).clamp_min(0), torch.minimum(v0 + st, n_lim)
             ptr = order.colptr[active] if horizontal else order.rowptr[active]
             a = torch.gather(ptr, 1, lo[:, None])[:, 0]
             b = torch.gather(ptr, 1, hi[:, None])[:, 0]
@@ -1064,7 +1073,7 @@ def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s
             S = V[:, None, :] - delta if k < 2 else V[:, None, :] + delta
             cnd = e[:, None, :].repeat(1, len(shifts), 1)
             cnd[:, :, k] += shifts
-            ok = (cnd[:, :, k] >= 0) & (cnd[:, :, k] <= n_lim) & (cnd[:, :, 0] < cnd[:, :, 2]) & \
+            ok = (cnd[:, :, k] >= 0) & (cnd[:, :, k] <= n_lim[:, None]) & (cnd[:, :, 0] < cnd[:, :, 2]) & \
                 (cnd[:, :, 1] < cnd[:, :, 3])
             f = torch.where(S > _REL_TOL, S, torch.zeros((), dtype=S.dtype)).pow_(inv_alpha).mul_(fs[:, None, :])
             cs = _exact_cos(f, qn)

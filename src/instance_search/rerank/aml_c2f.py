@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ops.integral import CellOrder, SparseBatch, aml_search_candidates, map_shape, sample_windows, sparse_batch
+from ..ops.integral import (CellOrder, SparseBatch, aml_search_candidates, map_shape, refine_strips, sample_windows,
+                             sparse_batch)
+from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
@@ -140,17 +142,24 @@ class AMLFineMaps:
                            cat(self.x).long(), cat(self.w), self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
 
     def strips(self, rows) -> tuple[SparseBatch, CellOrder]:
-        """The cells of images ``rows`` as :func:`~instance_search.ops.integral.refine_strips` reads them: the
-        stored arrays themselves (nothing copied; ``b`` and ``offsets`` unset) and where each image's rows and
-        columns lie in them (:class:`~instance_search.ops.integral.CellOrder`)."""
-        rows = self._check(rows)
-        H, W = (int(v) for v in self.shapes[rows[0]])
+        """The cells of images ``rows`` (sizes may differ) as :func:`~instance_search.ops.integral.refine_strips`
+        reads them: the stored arrays themselves (nothing copied; ``b`` and ``offsets`` unset) and where each
+        image's rows and columns lie in them (:class:`~instance_search.ops.integral.CellOrder`)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if not len(rows) or rows.min() < 0 or rows.max() >= len(self):
+            raise InputError(f"rows must index the {len(self)} images of the fine maps")
+        hw = self.shapes[rows]
+        H, W = (int(v) for v in hw.max(0))
         first = torch.from_numpy(self.offsets[rows])
         cells = SparseBatch((len(rows), self.channels, H, W), None, self.c, self.y, self.x, self.w,
                             self.fscale[torch.from_numpy(rows)], None, self.alpha)
-        rowptr = torch.stack([self.rowptr[r] for r in rows.tolist()]).long() + first[:, None]
-        colptr = torch.stack([self.colptr[r] for r in rows.tolist()]).long() + first[:, None]
-        return cells, CellOrder(rowptr, colptr, self.xorder, first)
+
+        def padded(ptrs, n):  # (B, n + 1), each padded with its last entry
+            return torch.stack([torch.cat([p, p[-1:].expand(n + 1 - len(p))]) for p in ptrs]).long() + first[:, None]
+
+        rowptr = padded([self.rowptr[r] for r in rows.tolist()], H)
+        colptr = padded([self.colptr[r] for r in rows.tolist()], W)
+        return cells, CellOrder(rowptr, colptr, self.xorder, first, torch.from_numpy(hw))
 
 
 def _edges(w: np.ndarray) -> np.ndarray:
@@ -261,21 +270,38 @@ def rerank_aml_c2f(
         return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, None)
     _, _, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect, s=s,
                                                  step=step, exact_score=False, top=int(top))
-    for (H, W), idx in groups.items():
-        cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-        if fine is not None:  # the candidates need only the rows they span; the refinement reads strips
+    if fine is not None:
+        # candidates per map size (from the rows they span), then ONE table-free refinement of every map
+        qn = l2n(torch.as_tensor(np.asarray(q.numpy(), dtype=np.float64)).reshape(-1))  # as the candidates'
+        edges = torch.zeros(n, 4, dtype=torch.int64)
+        best = torch.zeros(n, dtype=torch.float64)
+        n_eval = torch.zeros(n, dtype=torch.int64)
+        sums = torch.zeros(n, store.channels, dtype=torch.float64)
+        for (H, W), idx in groups.items():
+            cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
             ry = np.where(ok, cand[..., 1], H).min(1), np.where(ok, cand[..., 1] + cand[..., 3], 0).max(1)
-            src = fine.batch(rows[idx], *ry)
-            cells, order = fine.strips(rows[idx])
-        else:
-            src, cells, order = [maps[i] for i in idx], None, None
-        wins, sc, cnt, sp = aml_search_candidates(src, q.numpy(), cand, ok, alpha=alpha, refine_steps=refine_steps,
-                                                  refine_rounds=refine_rounds, verify=int(verify), order=order,
-                                                  cells=cells)
-        if fine is not None:  # the window's own rows, for its scoring
-            sp = fine.batch(rows[idx], wins[:, 1], wins[:, 1] + wins[:, 3])
-        boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
-        score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
-                      finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
+            ti = torch.as_tensor(idx)
+            edges[ti], best[ti], n_eval[ti], sums[ti] = aml_search_candidates(
+                fine.batch(rows[idx], *ry), q.numpy(), cand, ok, alpha=alpha, verify=int(verify), return_state=True)
+        cells, order = fine.strips(rows)
+        refine_strips(cells, order, edges, best, n_eval, sums, qn, refine_steps, refine_rounds)
+        all_wins = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]],
+                               1).numpy()
+        for (H, W), idx in groups.items():
+            wins = all_wins[idx]
+            boxes[idx], counts[idx] = wins, n_eval.numpy()[idx] + n_coarse[idx]
+            sp = fine.batch(rows[idx], wins[:, 1], wins[:, 1] + wins[:, 3])  # the windows' own rows
+            score_windows(maps, idx, wins, best.numpy()[idx], sp, q, scores, vectors, whitening=whitening,
+                          exact=exact, finalize=finalize, query_global=qg, levels=levels,
+                          finalize_batch=finalize_batch, qw=qw)
+    else:
+        for (H, W), idx in groups.items():
+            cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
+            wins, sc, cnt, sp = aml_search_candidates([maps[i] for i in idx], q.numpy(), cand, ok, alpha=alpha,
+                                                      refine_steps=refine_steps, refine_rounds=refine_rounds,
+                                                      verify=int(verify))
+            boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
+            score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
+                          finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
     vecs = np.stack(vectors) if all(v is not None for v in vectors) else None
     return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)
