@@ -848,6 +848,7 @@ def aml_search_candidates(
     order: "CellOrder | None" = None,
     cells: SparseBatch | None = None,
     return_state: bool = False,
+    residual: bool = True,
 ):
     """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
     exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
@@ -858,7 +859,8 @@ def aml_search_candidates(
     ``cells`` when given (the same maps' cells, e.g. all of them while ``maps`` holds only the rows the
     candidates span; ``order`` then indexes ``cells``). ``return_state=True``: no refinement; returns the
     starts as :func:`refine_strips` takes them, ``(edges (B, 4) x1 y1 x2 y2, scores, n_evaluated, sums (B, C))``
-    tensors.
+    tensors. ``residual``: the fast pass adds the rounding residual table (as ``fine`` in
+    :func:`aml_search_batch`; not needed for compact maps).
 
     ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
     ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
@@ -905,7 +907,7 @@ def aml_search_candidates(
             jx1, jx2 = torch.searchsorted(lx, cw[..., 0].contiguous()), torch.searchsorted(lx, (cw[..., 0] + cw[..., 2]).contiguous())
             corners = torch.stack([jy2 * Gx + jx2, jy1 * Gx + jx2, jy2 * Gx + jx1, jy1 * Gx + jx1], -1)
             t32 = torch.round(table * 2.0 ** _QBITS).to(torch.float32).mul_(2.0 ** -_QBITS)
-            res32 = (table - t32.to(torch.float64)).to(torch.float32)
+            res32 = (table - t32.to(torch.float64)).to(torch.float32) if residual else None
             approx = _fast_scores(t32, corners, sub.fscale, qn.to(torch.float32), sub.alpha, res32)
             approx = torch.where(ok[sl], approx, torch.full((), -3.0))
             keep = approx.topk(int(verify), dim=1).indices  # (nb, verify)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ops.integral import (CellOrder, SparseBatch, aml_search_candidates, map_shape, refine_strips, sample_windows,
+from ..ops.integral import (CellOrder, SparseBatch, SparseMap, aml_search_candidates, map_shape, refine_strips, sample_windows,
                              sparse_batch)
 from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
@@ -270,6 +270,8 @@ def rerank_aml_c2f(
         return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, None)
     _, _, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect, s=s,
                                                  step=step, exact_score=False, top=int(top))
+    # the fast pass's residual table only for float maps (compact codes are clipped: as exact AML's `fine`)
+    residual = not all(isinstance(m, SparseMap) for m in maps)
     if fine is not None:
         # candidates per map size (from the rows they span), then ONE table-free refinement of every map
         qn = l2n(torch.as_tensor(np.asarray(q.numpy(), dtype=np.float64)).reshape(-1))  # as the candidates'
@@ -282,7 +284,8 @@ def rerank_aml_c2f(
             ry = np.where(ok, cand[..., 1], H).min(1), np.where(ok, cand[..., 1] + cand[..., 3], 0).max(1)
             ti = torch.as_tensor(idx)
             edges[ti], best[ti], n_eval[ti], sums[ti] = aml_search_candidates(
-                fine.batch(rows[idx], *ry), q.numpy(), cand, ok, alpha=alpha, verify=int(verify), return_state=True)
+                fine.batch(rows[idx], *ry), q.numpy(), cand, ok, alpha=alpha, verify=int(verify), return_state=True,
+                residual=residual, chunk=4)
         cells, order = fine.strips(rows)
         refine_strips(cells, order, edges, best, n_eval, sums, qn, refine_steps, refine_rounds)
         all_wins = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]],
@@ -299,7 +302,7 @@ def rerank_aml_c2f(
             cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
             wins, sc, cnt, sp = aml_search_candidates([maps[i] for i in idx], q.numpy(), cand, ok, alpha=alpha,
                                                       refine_steps=refine_steps, refine_rounds=refine_rounds,
-                                                      verify=int(verify))
+                                                      verify=int(verify), residual=residual, chunk=4)
             boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
             score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
                           finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
