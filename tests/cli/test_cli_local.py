@@ -64,8 +64,9 @@ def test_selective_grid_cli_tiny(tmp_path, monkeypatch):
 
     hol = BenchSpec("holidays", limit=24, max_size=96)
     ukb = BenchSpec("ukbench", limit=212, max_size=96)
-    tmaps, tkps, thws = conv_maps(ukb, "conv5_3", 1.0, keypoints=True, log=None)
-    qmaps, qkps, qhws = conv_maps(hol, "conv5_3", 1.0, keypoints=True, log=None)
+    # the CLI's default engine (auto) is Winograd for VGG16 on the CPU: the same maps here
+    tmaps, tkps, thws = conv_maps(ukb, "conv5_3", 1.0, keypoints=True, log=None, engine="winograd")
+    qmaps, qkps, qhws = conv_maps(hol, "conv5_3", 1.0, keypoints=True, log=None, engine="winograd")
     recipe = selective_recipe(1024, "sift", "temb", "democratic")
     recipe.fit([Features({("conv5_3", 1.0): m}, thws[i], tkps[i]) for i, m in enumerate(tmaps)])
     vecs = np.concatenate([recipe.local(Features({("conv5_3", 1.0): m}, qhws[i], qkps[i]))
@@ -140,7 +141,8 @@ def test_eval_cli_ng_vlad_equals_the_sweeps_cell(tmp_path, monkeypatch):
     sweep = layer_scale_sweep([BenchSpec("holidays", None, 96, images_dir=str(hol)),
                                BenchSpec("ukbench", None, 96, images_dir=str(ukb))],
                               train_on={"holidays": "ukbench"}, layers=["conv5_1"], scales=(1, 2), k=8, out_dim=16,
-                              cache_dir=tmp_path / "cache", save_maps=(), keypoints=False, log=None)
+                              cache_dir=tmp_path / "cache", save_maps=(), keypoints=False, log=None,
+                              engine="winograd")  # the CLI's default engine (auto) for VGG16 on the CPU
     cell = next(r["map"] for r in sweep["rows"] if r["scale"] == "1+2")
     assert abs(got["map"] - cell) < 1e-6, (got["map"], cell)
     assert 0.0 < cell < 100.0  # 37.61 when measured: neither empty nor trivially perfect

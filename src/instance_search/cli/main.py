@@ -355,15 +355,17 @@ def sweep(
     threads: int = typer.Option(1, help="Torch threads (1 is fastest on a busy 2-core machine)."),
     json_out: Optional[Path] = typer.Option(None, "--json"),
     plot: Optional[Path] = typer.Option(None, help="PNG of mAP per layer and scale (Ng et al. Fig. 2)."),
+    engine: str = ENGINE,
 ) -> None:
     """Ng et al. 2015 Fig. 2: VLAD (k=100, 128-D) mAP per layer and scale; codebooks learned on the other set."""
+    from ..backbones.fast import resolve_engine
     from ..eval.sweeps import layer_scale_sweep, plot_sweep, sweep_table
 
     try:
         res = layer_scale_sweep(_items(benchmarks), backbone=backbone, layers=_items(layers) or None,
                                 scales=_scales(scales), k=k,
                                 out_dim=out_dim, limit=_sizes(limit), max_size=_sizes(max_size), threads=threads,
-                                weights=weights)
+                                weights=weights, engine=resolve_engine(backbone, "cpu", engine))
     except _errors() as exc:
         _fail(_msg(exc))
     typer.echo(sweep_table(res))
@@ -386,8 +388,10 @@ def selective_grid_cmd(
     max_size: List[str] = typer.Option([], "--max-size", help="PIXELS or NAME=PIXELS."),
     threads: int = typer.Option(1),
     json_out: Optional[Path] = typer.Option(None, "--json"),
+    engine: str = ENGINE,
 ) -> None:
     """Hoang et al. 2017 Table 3: mask x (embedding, aggregation) grid; learned on the other benchmark."""
+    from ..backbones.fast import resolve_engine
     from ..recipes.hoang import TABLE4
     from ..eval.sweeps import grid_table, selective_grid
 
@@ -396,8 +400,8 @@ def selective_grid_cmd(
               f"{', '.join(map(str, sorted(TABLE4)))}")
     try:
         res = selective_grid(_items(benchmarks), evaluate=_items(evaluate) or None,
-                             config=config if config == "table2" else int(config), layer=layer, limit=_sizes(limit), max_size=_sizes(max_size),
-                             threads=threads)
+                             config=config if config == "table2" else int(config), layer=layer, limit=_sizes(limit),
+                             max_size=_sizes(max_size), threads=threads, engine=resolve_engine("vgg16", "cpu", engine))
     except _errors() as exc:
         _fail(_msg(exc))
     typer.echo(grid_table(res))
