@@ -88,6 +88,58 @@ def rerank_ranks(method, scores, qglobal, qmaps, dec, store, recipe, wh, shortli
     return new
 
 
+def stage_profile(q, aspect, finalize, query_global, store, fine, dec, rows, top, radius, K, step, verify,
+                  rounds) -> dict:
+    """Per-stage CPU time (``time.process_time``, ms per map) of one query through the same steps as
+    ``rerank_aml_c2f``'s cached path (``fine=``)."""
+    from instance_search.ops.integral import aml_search_candidates, refine_strips
+    from instance_search.ops.normalize import l2n
+    from instance_search.rerank.aml import prepare_rerank, score_windows
+    from instance_search.rerank.aml_c2f import fine_candidates
+    from instance_search.rerank.aml_fast import aml_fast_search
+
+    T: dict[str, float] = {}
+
+    def t(k, f):
+        c0 = time.process_time()
+        r = f()
+        T[k] = T.get(k, 0.0) + time.process_time() - c0
+        return r
+
+    n = len(rows)
+    maps = [dec[i] for i in rows]
+    qt, _, groups, qg, _ = prepare_rerank(q, maps, finalize, query_global, None)
+    *_, props, pok = t("coarse search", lambda: aml_fast_search(store, rows, q, K=K, query_aspect=aspect, step=step,
+                                                                exact_score=False, top=top))
+    edges, best = torch.zeros(n, 4, dtype=torch.int64), torch.zeros(n, dtype=torch.float64)
+    ne, sums = torch.zeros(n, dtype=torch.int64), torch.zeros(n, store.channels, dtype=torch.float64)
+    ncand = []
+    for (H, W), idx in groups.items():
+        cand, ok = t("candidate lists", lambda: fine_candidates(H, W, props[idx], pok[idx], radius, 3, aspect, 1.1))
+        ncand.append(ok.sum(1))
+        ry = np.where(ok, cand[..., 1], H).min(1), np.where(ok, cand[..., 1] + cand[..., 3], 0).max(1)
+        sp = t("copy of the candidates' rows", lambda: fine.batch(rows[idx], *ry))
+        ti = torch.as_tensor(idx)
+        edges[ti], best[ti], ne[ti], sums[ti] = t("candidates (fast pass, verify exactly)", lambda: aml_search_candidates(
+            sp, q, cand, ok, verify=verify, return_state=True, residual=False, chunk=4))
+    cells, order = fine.strips(rows)
+    t("refinement (strips)", lambda: refine_strips(cells, order, edges, best, ne, sums,
+                                                   l2n(torch.as_tensor(np.asarray(q, np.float64))), 3, rounds))
+    wins = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1).numpy()
+    scores, vectors = np.zeros(n), [None] * n
+    for (H, W), idx in groups.items():
+        w = wins[idx]
+        sp = t("copy of the windows' rows", lambda: fine.batch(rows[idx], w[:, 1], w[:, 1] + w[:, 3]))
+        t("window R-MAC scoring", lambda: score_windows(maps, idx, w, best.numpy()[idx], sp, qt, scores, vectors,
+                                                        finalize=finalize, query_global=qg, levels=3,
+                                                        finalize_batch=True))
+    out = {k: round(1e3 * v / n, 3) for k, v in T.items()}
+    out["total"] = round(1e3 * sum(T.values()) / n, 3)
+    out["candidates_per_map"] = round(float(np.concatenate(ncand).mean()), 1)
+    out["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tops", type=int, nargs="+", default=[1, 3])
@@ -97,6 +149,8 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=8,
                     help="fine candidates scored exactly per map after the fast ranking (0: all)")
     ap.add_argument("--no-accuracy", action="store_true", help="speed part only")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time each stage of one query (first setting, cached path), ms per map")
     ap.add_argument("--uncached", action="store_true",
                     help="also time each setting from decoded maps with verify=0 (the first version's path)")
     ap.add_argument("--no-speed", action="store_true", help="accuracy part only")
@@ -192,6 +246,13 @@ def main() -> None:
             print(msg + f" (load {load})", flush=True)
             out["speed"] = speed
             save()
+        if args.stages:
+            top, radius, rounds = settings[0]
+            qm = qmaps[0]
+            speed["stages_ms_per_map"] = {"top": top, "radius": radius, "refine_rounds": rounds, **stage_profile(
+                qm.max(axis=(1, 2)), qm.shape[2] / qm.shape[1], _finalizer(recipe, None), qglobal0[0], store, fine, dec,
+                rows, top, radius, args.K, args.step, args.verify, rounds)}
+            print("stages (ms per map):", speed["stages_ms_per_map"], flush=True)
         if args.exact_speed:
             s, load = timed(lambda qi: rerank_aml(qmaps[qi].max(axis=(1, 2)), maps, **kw(qi)))
             speed["exact_aml"] = {"rerank_cpu_seconds_per_query": s, "with_decoding_cpu_seconds_per_query":
