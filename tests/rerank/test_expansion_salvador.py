@@ -145,6 +145,15 @@ def test_collection_search_casr_qe_is_the_authors_qe(ukbench, tmp_path):
     plain = col.search(query, box=box, top=8, rerank="casr", shortlist=6)
     assert max(abs(a.score - b) for a, b in zip(hits, sorted(s2, reverse=True))) < 1e-5
     assert not np.allclose(sorted(h.score for h in plain[:6]), sorted(s2), atol=1e-4)  # QE changed the scores
+    # the earlier path stays reachable by name: average QE of the global vectors, the index searched again
+    glob = col.search(query, box=box, top=8, rerank="casr", shortlist=6, qe=3, qe_options={"space": "global"})
+    X = col.vectors()[[[r["id"] for r in col.records()].index(h.id) for h in plain[:3]]]
+    vec, _, _ = col.describe(query, box=box)
+    q3 = vec + X.sum(0)
+    expect = col.search_vector((q3 / np.linalg.norm(q3)).astype(np.float32), top=8)
+    assert [h.id for h in glob] == [h.id for h in expect] and all(h.box is None for h in glob)
+    with pytest.raises(ValueError, match="space"):
+        col.search(query, box=box, top=8, rerank="casr", qe=3, qe_options={"space": "elsewhere"})
     res = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--box", "40,30,600,450", "--top", "8",
                                    "--rerank", "casr", "--shortlist", "6", "--qe", "3", "--json"])
     assert res.exit_code == 0, res.output

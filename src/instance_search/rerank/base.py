@@ -391,6 +391,16 @@ class AverageQE(Expansion):
     ``q' = L2(q + Σ_{j≤n} x_j)`` over the ``n`` best results; :func:`~.expansion.average_qe`."""
 
     name = "avg"
+    #: ``space``: after a re-ranker with its own region space (``casr``, ``cs-sr``), ``"regions"`` (default) averages
+    #: as Salvador et al. 2016, Sec. 4.3 (raw region vectors, short list re-ranked again:
+    #: :meth:`Reranker.qe_after_rerank`); ``"global"`` averages the global vectors and searches again (the earlier
+    #: path: better on UKBench-125, worse on Paris-250 Hard, docs/papers/salvador.md)
+    options = {"space": "regions"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.opts["space"] not in ("regions", "global"):
+            raise ValueError(f"avg: space must be 'regions' or 'global', got {self.opts['space']!r}")
 
     def expand(self, q, neighbours):
         return average_qe(q, neighbours, ranks=np.arange(len(neighbours)), top=len(neighbours))
