@@ -9,7 +9,7 @@ stage as ``bench_aml.py`` (Paris-250, R-MAC, maps in the default compact code de
   database maps repeated) with window R-MAC scoring, for each (top, radius, refinement rounds), from the fine
   maps kept in RAM (:class:`~instance_search.rerank.aml_c2f.AMLFineMaps`: no decoding; their RAM per image is
   reported, as are the coarse store's) and, with ``--uncached``, from decoded maps with every fine candidate
-  scored exactly (the first version's path; decoding timed separately); exact AML on the same short list with
+  scored exactly (``verify=0``; decoding timed separately); exact AML on the same short list with
   ``--exact-speed`` (seconds per query);
 * accuracy: revisited E/M/H mAP (query = box crop) of R-MAC, R-MAC + exact AML and R-MAC + AML-c2f per
   setting, short list ``--shortlist``; without whitening and, with ``--whitening-index`` (an index of another
@@ -20,10 +20,10 @@ Paris-250 at 1024 px, ~1 h on the loaded 2-core machine); the whitening index is
 ``isearch index ../shared/data/holidays811 --index benchmarks/cache/holidays-index --no-maps --whitening none``.
 Accuracy (does not depend on load), then speed alone (< 5 minutes; run it on the idle machine):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-speed \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-speed --tops 3 --radii 8 \\
         --whitening-index benchmarks/cache/holidays-index --out benchmarks/results/aml_c2f_accuracy.json
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-accuracy --tops 1 --radii 4 \\
-        --uncached --exact-speed --out benchmarks/results/aml_c2f_speed.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-accuracy --tops 3 --radii 8 \\
+        --uncached --exact-speed --stages --out benchmarks/results/aml_c2f_speed.json
 
 Smoke run on tiny inputs (checks the script, figures meaningless):
 
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true",
                     help="also time each stage of one query (first setting, cached path), ms per map")
     ap.add_argument("--uncached", action="store_true",
-                    help="also time each setting from decoded maps with verify=0 (the first version's path)")
+                    help="also time each setting from decoded maps with every candidate scored exactly (verify=0)")
     ap.add_argument("--no-speed", action="store_true", help="accuracy part only")
     ap.add_argument("--K", type=int, default=512)
     ap.add_argument("--g", type=int, default=8)
@@ -241,7 +241,7 @@ def main() -> None:
                                                             **c, **kw(qi)))
                 run.update(decoded_maps_verify0_cpu_seconds_per_query=s2, with_decoding_verify0_cpu_seconds_per_query=
                            round(s2 + decode_s, 4), loadavg_1min_uncached=load2)
-                msg += f"; {s2} s from decoded maps with verify=0 (the first version), {s2 + decode_s:.3f} s with decoding"
+                msg += f"; {s2} s from decoded maps with verify=0, {s2 + decode_s:.3f} s with decoding"
             speed["runs"].append(run)
             print(msg + f" (load {load})", flush=True)
             out["speed"] = speed
