@@ -98,6 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--grid-configs", nargs="*", default=None, help="table2 and/or 1024 (default: table2)")
     ap.add_argument("--table4-dims", nargs="*", type=int, default=[512, 1024, 2048, 4096, 8064])
     ap.add_argument("--table4-masks", nargs="*", default=["none", "sift", "sum", "max"])
+    ap.add_argument("--table4-evaluate", nargs="*", default=["holidays"],
+                    help="benchmarks scored in Table 4 (results key table4, or table4_<names> when not holidays)")
+    ap.add_argument("--grid-pairs", nargs="*", default=None,
+                    help="embedding:aggregation pairs of the Table-3 grid (default: all seven, e.g. temb:democratic)")
     ap.add_argument("--resnet-scales", type=float, nargs="+", default=[1.0, 2.0],
                     help="scales of the ResNet-50 sweep (default 1 2)")
     ap.add_argument("--scale-limits", type=json.loads, default=None,
@@ -204,14 +208,16 @@ def main(argv=None) -> int:
             for config in configs:
                 cfg = config if config == "table2" else int(config)
                 _log(f"Hoang et al. 2017 Table-3 grid, config {cfg}")
-                save(f"grid_{config}" if args.full or config != "table2" else "grid", grid(cfg))
+                pairs = [tuple(p.split(":")) for p in args.grid_pairs] if args.grid_pairs else None
+                save(f"grid_{config}" if args.full or config != "table2" else "grid", grid(cfg, pairs=pairs))
         elif step == "table4":
             rows = []
             for dim in args.table4_dims:
-                _log(f"Hoang et al. 2017 Table 4: T-emb + democratic at {dim}-D on Holidays")
-                res = grid(dim, pairs=[("temb", "democratic")], evaluate=["holidays"], masks=args.table4_masks)
+                _log(f"Hoang et al. 2017 Table 4: T-emb + democratic at {dim}-D on {', '.join(args.table4_evaluate)}")
+                res = grid(dim, pairs=[("temb", "democratic")], evaluate=args.table4_evaluate, masks=args.table4_masks)
                 rows += res["rows"]
-                save("table4", {"paper": "Hoang et al. 2017, Table 4", "rows": rows, "kept": res["kept"],
+                key = "table4" if args.table4_evaluate == ["holidays"] else "table4_" + "_".join(args.table4_evaluate)
+                save(key, {"paper": "Hoang et al. 2017, Table 4", "rows": rows, "kept": res["kept"],
                                 "settings": res["settings"]})
         elif step == "speed":
             _log("online speed at 512-D (T-emb, democratic) against R-MAC, same conv5_3 maps")
