@@ -149,9 +149,15 @@ def main(argv=None) -> int:
             prev = old.get(key)
             if key.startswith("grid") and isinstance(prev, dict) and prev.get("settings", {}).get("config") == \
                     value["settings"]["config"]:
-                mine = {r["benchmark"] for r in value["rows"]}
-                value = {**value, "rows": [r for r in prev["rows"] if r["benchmark"] not in mine] + value["rows"],
+                # rows are replaced per (benchmark, embedding, aggregation): a run of other pairs
+                # (--grid-pairs) or of the other benchmark keeps the rows it did not compute
+                def cell(r):
+                    return r["benchmark"], r["embedding"], r["aggregation"]
+                mine = {cell(r) for r in value["rows"]}
+                value = {**value, "rows": [r for r in prev["rows"] if cell(r) not in mine] + value["rows"],
                          "kept": {**prev.get("kept", {}), **value["kept"]}}
+                pairs = prev["settings"].get("pairs", []) + value["settings"].get("pairs", [])
+                value["settings"] = {**value["settings"], "pairs": [list(p) for p in dict.fromkeys(map(tuple, pairs))]}
                 value["table"] = grid_table(value)
             report[key] = value
         old.update(meta)
