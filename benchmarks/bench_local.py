@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--holidays-max-size", type=int, default=None, help="override --max-size for Holidays (0: native)")
     ap.add_argument("--ukbench-max-size", type=int, default=None, help="override --max-size for UKBench (0: native)")
     ap.add_argument("--steps", nargs="*", default=None,
-                    choices=["sweep", "grid", "sweep_resnet50", "table4", "speed"],
+                    choices=["sweep", "grid", "sweep_resnet50", "table4", "speed", "seeds"],
                     help="what to run, in this order (default: sweep grid speed; --full: all)")
     ap.add_argument("--layers", nargs="*", default=None, help="VGG16 layers to sweep (default conv3_1 .. pool5)")
     ap.add_argument("--grid-evaluate", nargs="*", default=None, help="benchmarks scored in the Table-3 grid")
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--table4-masks", nargs="*", default=["none", "sift", "sum", "max"])
     ap.add_argument("--table4-evaluate", nargs="*", default=["holidays"],
                     help="benchmarks scored in Table 4 (results key table4, or table4_<names> when not holidays)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1234, 1, 2, 3, 4],
+                    help="step 'seeds': fitting seeds of the 1024-D T-emb + democratic + MAX cell on Holidays "
+                         "(how much a Table-3 cell moves with the seed alone; 1234 is the grid's own)")
     ap.add_argument("--grid-pairs", nargs="*", default=None,
                     help="embedding:aggregation pairs of the Table-3 grid (default: all seven, e.g. temb:democratic)")
     ap.add_argument("--resnet-scales", type=float, nargs="+", default=[1.0, 2.0],
@@ -225,6 +228,21 @@ def main(argv=None) -> int:
                 key = "table4" if args.table4_evaluate == ["holidays"] else "table4_" + "_".join(args.table4_evaluate)
                 save(key, {"paper": "Hoang et al. 2017, Table 4", "rows": rows, "kept": res["kept"],
                                 "settings": res["settings"]})
+        elif step == "seeds":
+            rows = []
+            for seed in args.seeds:
+                _log(f"Hoang et al. 2017: 1024-D T-emb + democratic + MAX on Holidays, fitting seed {seed}")
+                res = selective_grid(specs, evaluate=["holidays"], config=1024, pairs=[("temb", "democratic")],
+                                     masks=["max"], cache_dir=args.cache_dir, engine=args.engine,
+                                     selective_kw={"emb_samples": 20000, "seed": seed}, threads=args.threads,
+                                     log=_log)
+                rows += [{**r, "seed": seed} for r in res["rows"]]
+                maps = np.asarray([r["map_unrounded"] for r in rows])
+                save("seeds_1024", {"rows": rows, "mean": round(float(maps.mean()), 3),
+                                    "std": round(float(maps.std(ddof=1)), 3) if len(maps) > 1 else None,
+                                    "min": round(float(maps.min()), 3), "max": round(float(maps.max()), 3),
+                                    "settings": res["settings"]})
+            print(json.dumps({k: v for k, v in report["seeds_1024"].items() if k != "rows"}), flush=True)
         elif step == "speed":
             _log("online speed at 512-D (T-emb, democratic) against R-MAC, same conv5_3 maps")
             test = specs[0] if args.full else BenchSpec("holidays", args.speed_images, None)

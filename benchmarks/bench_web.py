@@ -55,6 +55,17 @@ def build_index(root: Path, images: list[Path], max_size: int):
     return len(col)
 
 
+def _map_cache(client) -> dict:
+    """The index's cache of decoded sparse maps after the run (IndexStore.map_cache_limit; ISEARCH_MAP_CACHE_MB):
+    the ``aml-fast`` kind decodes every map of the index once (its coarse maps), so the ``aml`` kinds that follow
+    read cached maps; the first ``aml`` query of a cold server also decodes its 100 maps."""
+    store = client.app.state.service.col.store
+    n = len(store._map_cache)
+    return {"limit_mb": round(store.map_cache_limit / 2 ** 20, 1), "maps": n,
+            "mb": round(store._map_cache_bytes / 2 ** 20, 2),
+            "kb_per_map": round(store._map_cache_bytes / 1024 / max(n, 1), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=250, help="database images of RParis-250 to index")
@@ -135,6 +146,7 @@ def main() -> None:
             "search-this server_ms <= 50": results["search-this"]["median_ms"]["server_ms"],
             "upload + aml over 100 server_ms <= 1000": results["aml"]["median_ms"]["server_ms"],
         },
+        "map_cache": _map_cache(client),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "load_before": [round(x, 2) for x in load_before],
                     "load_after": [round(x, 2) for x in os.getloadavg()]},

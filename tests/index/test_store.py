@@ -348,3 +348,41 @@ def test_damaged_map_file_is_named(tmp_path):
     cmap.unlink()
     with pytest.raises(CorruptIndexError, match=cmap.name):
         IndexStore.open(tmp_path / "ix").feature_map(0)
+
+
+def test_sparse_maps_are_cached_between_short_lists(tmp_path, monkeypatch):
+    """Decoded sparse maps are kept (LRU, ``map_cache_limit`` bytes): a second short list decodes only the maps
+    not seen yet, returns the same cells, and the cached arrays are read-only; with the limit at 0 nothing is
+    kept. A bad ``ISEARCH_MAP_CACHE_MB`` is refused by name."""
+    import instance_search.index.store as store_mod
+    from instance_search.errors import ISearchError
+
+    rng = np.random.default_rng(11)
+    store = IndexStore.create(tmp_path / "ix", {})
+    entries = [_entry(i, rng) for i in range(6)]
+    store.add(entries)
+    calls = []
+    real = store_mod.decode_sparse
+    monkeypatch.setattr(store_mod, "decode_sparse", lambda code: calls.append(1) or real(code))
+    first = store.feature_maps([0, 1, 2], sparse=True)
+    assert len(calls) == 3
+    again = store.feature_maps([2, 3, 0], sparse=True)
+    assert len(calls) == 4  # only map 3 decoded
+    for i, m in zip([2, 3, 0], again):
+        np.testing.assert_array_equal(m.dense(), decode_map(encode_map(entries[i].fmap)))
+    assert again[0] is first[2] and not again[0].value.flags.writeable
+    with pytest.raises(ValueError):
+        again[0].value[0] = 1.0
+    one = sum(a.nbytes for a in (first[0].channel, first[0].position, first[0].value))
+    store._map_cache.clear(), setattr(store, "_map_cache_bytes", 0)
+    store.map_cache_limit = one + 1  # room for about one map: the least recently used goes
+    store.feature_maps([0, 1], sparse=True)
+    assert len(store._map_cache) <= 1 and store._map_cache_bytes <= store.map_cache_limit
+    store.map_cache_limit = 0
+    store._map_cache.clear(), setattr(store, "_map_cache_bytes", 0)
+    n = len(calls)
+    store.feature_maps([4, 5], sparse=True), store.feature_maps([4, 5], sparse=True)
+    assert len(calls) == n + 4 and not store._map_cache
+    monkeypatch.setenv("ISEARCH_MAP_CACHE_MB", "lots")
+    with pytest.raises(ISearchError, match="ISEARCH_MAP_CACHE_MB='lots'"):
+        IndexStore.open(tmp_path / "ix")

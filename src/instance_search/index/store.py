@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -233,6 +234,18 @@ class _WriterLock:
             os.close(fd)
 
 
+def _map_cache_limit() -> int:
+    """``ISEARCH_MAP_CACHE_MB`` (MiB of decoded maps an open index keeps; default 256, 0 = off) in bytes."""
+    raw = os.environ.get("ISEARCH_MAP_CACHE_MB", "256")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ISearchError(f"ISEARCH_MAP_CACHE_MB={raw!r}: give a number of MiB (0 turns the map cache off)") from None
+    if not mb >= 0:
+        raise ISearchError(f"ISEARCH_MAP_CACHE_MB={raw!r}: give a number of MiB >= 0")
+    return int(mb * 2 ** 20)
+
+
 @dataclass
 class IndexStore:
     """A collection index on disk. Open with :meth:`create` or :meth:`open`.
@@ -255,6 +268,12 @@ class IndexStore:
         self._records: list[dict[str, Any]] = []
         self._live_rows: list[tuple[str, int]] = []
         self._gc_done = False
+        #: bytes of decoded sparse maps kept in RAM (LRU) between short lists: ``ISEARCH_MAP_CACHE_MB``, default
+        #: 256 MiB; 0 turns the cache off. Map files are immutable, so an entry never goes stale.
+        self.map_cache_limit = _map_cache_limit()
+        self._map_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._map_cache_bytes = 0
+        self._map_cache_lock = threading.Lock()
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -638,6 +657,10 @@ class IndexStore:
             if mm.size != total:
                 raise CorruptIndexError(f"{path}: {mm.size} bytes, the segment expects {total}")
             for k, j in pairs:
+                key = (seg.map_file, int(seg.map_offsets[j]))
+                if sparse and (hit := self._cached_map(key)) is not None:
+                    out[k] = hit
+                    continue
                 code = mm[seg.map_offsets[j]:seg.map_offsets[j + 1]]
                 if seg.map_crc is not None and map_checksum(code) != int(seg.map_crc[j]):
                     raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt (checksum mismatch); "
@@ -646,7 +669,35 @@ class IndexStore:
                     out[k] = decode_sparse(code) if sparse else decode_map(code)
                 except CompactMapError as exc:
                     raise CorruptIndexError(f"{path}: map of {seg.paths[j]} is corrupt ({exc})") from exc
+                if sparse:
+                    self._cache_map(key, out[k])
         return out  # type: ignore[return-value]
+
+    def _cached_map(self, key: tuple[str, int]):
+        with self._map_cache_lock:
+            hit = self._map_cache.get(key)
+            if hit is not None:
+                self._map_cache.move_to_end(key)
+            return hit
+
+    def _cache_map(self, key: tuple[str, int], smap) -> None:
+        """Keep a decoded sparse map (its arrays made read-only: the cached object is shared between short
+        lists), evicting the least recently used beyond :attr:`map_cache_limit` bytes."""
+        arrays = [a for a in (smap.channel, smap.position, smap.value) if isinstance(a, np.ndarray)]
+        size = sum(a.nbytes for a in arrays)
+        if size > self.map_cache_limit:
+            return
+        for a in arrays:
+            a.flags.writeable = False
+        with self._map_cache_lock:
+            if key in self._map_cache:
+                return
+            self._map_cache[key] = smap
+            self._map_cache_bytes += size
+            while self._map_cache_bytes > self.map_cache_limit:
+                _, old = self._map_cache.popitem(last=False)
+                self._map_cache_bytes -= sum(a.nbytes for a in (old.channel, old.position, old.value)
+                                             if isinstance(a, np.ndarray))
 
     # ---------------------------------------------------------------- stored files
     def add_file(self, name: str, data: bytes) -> str:

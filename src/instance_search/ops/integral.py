@@ -579,6 +579,13 @@ def _nonzeros(X, floor: float) -> tuple[np.ndarray | torch.Tensor, ...]:
     return ch, pos, flat[ch, pos]
 
 
+def _tensor(a) -> torch.Tensor:
+    """``a`` as a tensor; a read-only array (a cached :class:`SparseMap`'s) is copied, never shared."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        return torch.from_numpy(a.copy())
+    return torch.as_tensor(a)
+
+
 def sparse_batch(maps: Sequence, alpha: float = 10.0) -> SparseBatch:
     """:class:`SparseBatch` of same-size maps (each a dense ``(C, H, W)`` array/tensor or a :class:`SparseMap`)."""
     if not alpha > 0:
@@ -597,9 +604,9 @@ def sparse_batch(maps: Sequence, alpha: float = 10.0) -> SparseBatch:
         parts.append(_nonzeros(X, floor))
     counts = torch.tensor([len(p[0]) for p in parts], dtype=torch.int64)
     b = torch.repeat_interleave(torch.arange(len(maps)), counts)
-    ch = torch.cat([torch.as_tensor(p[0]).to(torch.int64) for p in parts])
-    pos = torch.cat([torch.as_tensor(p[1]).to(torch.int64) for p in parts])
-    val = torch.cat([torch.as_tensor(p[2]).to(torch.float64) for p in parts])
+    ch = torch.cat([_tensor(p[0]).to(torch.int64) for p in parts])
+    pos = torch.cat([_tensor(p[1]).to(torch.int64) for p in parts])
+    val = torch.cat([_tensor(p[2]).to(torch.float64) for p in parts])
     if val.numel() and bool((val < 0).any()):
         raise ValueError("AML needs non-negative maps (e.g. ReLU activations)")
     bc = b * C + ch
