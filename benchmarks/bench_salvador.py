@@ -14,12 +14,17 @@ bench_learned_rmac.py); the RPN is the one bench_rpn.py trained on the training 
   detector* on the training split (its groups as classes, the automatic boxes of bench_cleaning.py as ground
   truth) -- no trained detector weights exist here -- then fine-tuned on the query instances: every query object
   a class (Paris: the landmark; UKBench: the object) plus background, the query images and their horizontal
-  flips as training data. Strategy #1 trains the FC layers only; #2 also conv5_1-3 and the RPN. The short list
-  is re-ranked by the best proposal's probability of the query's class. Schedule (the same budget for both
-  strategies): phase 1, shared, ``--ft-epochs`` passes training the new output layers and fc6/fc7 (lr 3e-3);
-  phase 2, ``--ft-epochs-2`` more passes training the FC layers only (#1) or also conv5 + RPN (#2, ~8x the CPU
-  per pass), lr 1e-3. Salvador fine-tunes each strategy directly; the shared first phase keeps #2 affordable
-  here. lr 3e-3: at 1e-3 the 126-way UKBench classifier had not fitted its own training (query) images after
+  flips as training data. Strategy #1 trains the FC layers only; #2 (``--s2-trainable``) "all layers after the
+  first two conv layers" as the paper names them, conv2_1 ... conv5_3 + the RPN + FC from pool1 maps (default), or
+  the package's earlier #2, conv5_1-3 + RPN + FC from pool4 maps. The short list is re-ranked by the best
+  proposal's probability of the query's class. Schedule (the same budget for both strategies): phase 1
+  ``--ft-epochs`` passes training the new output layers and fc6/fc7 (lr 3e-3; the same for both strategies,
+  cached and shared unless #2 adds the layers below conv5, which changes the checkpoint key); phase 2,
+  ``--ft-epochs-2`` more passes training the FC layers only (#1) or also the conv layers + RPN (#2; ~28x the CPU
+  of #1 per step for conv2 upwards, bench_salvador_ft_cost.py), lr 1e-3. Detection with a conv2 #2 detector runs
+  its conv2_1 ... conv5_3 on every database image (pool1 computed on the fly). Salvador fine-tunes each strategy
+  directly; the first FC phase keeps #2 affordable here. ``--runs paris:1 ukb:1 paris:2`` picks the
+  (benchmark, strategy) pairs and their order; ``--casr-variants CA-SR`` computes only the default CA-SR rows. lr 3e-3: at 1e-3 the 126-way UKBench classifier had not fitted its own training (query) images after
   4-6 passes (a training-set criterion; no evaluation image was used to choose it).
 * Detector check (per benchmark and strategy, ``diagnostics`` in the JSON): the best proposal's probability of
   the own class on the training (query + flipped) images and on the query's positives, how often the own class
@@ -117,6 +122,39 @@ def flipped_maps(feat: Features, paths, desc: str):
         return lambda: torch.from_numpy(np.load(folder / f"{i:06d}.{tag}.npy").astype(np.float32))
 
     return [(get(i, "p4"), get(i, "c5")) for i in range(len(paths))]
+
+
+def pool1_maps(feat: Features, paths, desc: str, flip: bool = False):
+    """pool1 maps (64 x H/2 x W/2; CS-SR strategy #2's input as the paper names it, conv2_1 upwards) of images or
+    of their horizontal flips, cached as fp16 under benchmarks/cache/salvador/; a list of loaders."""
+    from PIL import Image
+
+    from instance_search.images import load_image
+
+    key = hashlib.sha256(json.dumps([[Path(p).name, Path(p).stat().st_size] for p in paths] +
+                                    [feat.size, flip, str(getattr(feat.bb.weights, "sha256", ""))]).encode()
+                         ).hexdigest()[:16]
+    folder = CACHE / f"pool1-{'flip-' if flip else ''}{feat.size}-{len(paths)}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(paths)) if not (folder / f"{i:06d}.npy").exists()]
+    for i in tqdm(todo, desc=f"{desc}{' (flipped)' if flip else ''} -> pool1", unit="img", file=sys.stderr,
+                  disable=not todo):
+        img = load_image(paths[i], max_size=feat.size)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        p1 = feat.bb.features(img, layers=["pool1"])[("pool1", 1.0)]
+        tmp = folder / f".{i:06d}.tmp.npy"
+        np.save(tmp, p1.detach().cpu().numpy().astype(np.float16))
+        os.replace(tmp, folder / f"{i:06d}.npy")
+    return [(lambda i=i: torch.from_numpy(np.load(folder / f"{i:06d}.npy").astype(np.float32)))
+            for i in range(len(paths))]
+
+
+def pool1_of(feat: Features, path) -> torch.Tensor:
+    """pool1 map of one image at ``feat.size`` (not cached: detection with a strategy-#2 detector)."""
+    from instance_search.images import load_image
+
+    return feat.bb.features(load_image(path, max_size=feat.size), layers=["pool1"])[("pool1", 1.0)].detach().float()
 
 
 class DirectConv5:
@@ -237,7 +275,8 @@ def main() -> None:
                     help="fine-tuning phase 1 (both strategies): passes over the query images + flips, FC layers")
     ap.add_argument("--ft-lr", type=float, default=3e-3)
     ap.add_argument("--ft-epochs-2", type=int, default=4,
-                    help="phase 2: more passes, FC only (strategy #1) or conv5 + RPN + FC (strategy #2, ~8x the CPU)")
+                    help="phase 2: more passes, FC only (strategy #1) or conv layers + RPN + FC (strategy #2, "
+                         "--s2-trainable)")
     ap.add_argument("--ft-lr-2", type=float, default=1e-3)
     ap.add_argument("--ukb-train-views", type=int, default=1, choices=(1, 2, 3),
                     help="UKBench: views per object (+ flips) that train the detector; 1 = the query image alone, "
@@ -248,10 +287,18 @@ def main() -> None:
     ap.add_argument("--no-detector", action="store_true",
                     help="only the rows that need no detector training: IPA, CA-SR (+ QE); skips the base detector, "
                          "the fine-tuning and the flipped query maps")
-    ap.add_argument("--s2-trainable", default="conv5+rpn+fc", choices=tuple(FT.TRAINABLE),
-                    help="what strategy #2's phase 2 trains here: conv5+rpn+fc (the package's earlier #2, from pool4 "
-                         "maps; default of this bench) or conv2+rpn+fc (the paper's layers, the product's default: "
-                         "~5x the CPU of conv5 per step, bench_salvador_ft_cost.py; needs pool1 maps, not cached here)")
+    ap.add_argument("--s2-trainable", default="conv2+rpn+fc", choices=tuple(FT.TRAINABLE),
+                    help="what strategy #2's phase 2 trains: conv2+rpn+fc (the paper's layers, the product's default; "
+                         "input pool1 maps of the query images and flips, cached under benchmarks/cache/salvador/; "
+                         "detection runs conv2_1..conv5_3 of the fine-tuned detector on every database image; "
+                         "~5x the CPU of conv5 per step, bench_salvador_ft_cost.py) or conv5+rpn+fc (the package's "
+                         "earlier #2, from pool4 maps)")
+    ap.add_argument("--runs", nargs="+", default=None, metavar="BENCH:STRATEGY",
+                    help="fine-tuning runs in this order, e.g. paris:1 ukb:1 paris:2 (default: every --benches x "
+                         "--strategies, bench by bench)")
+    ap.add_argument("--casr-variants", nargs="+", default=None,
+                    choices=("CA-SR", "CA-SR sum", "CA-SR whitened (earlier)", "none"),
+                    help="which CA-SR rows to compute (default: all three; none: only IPA and CS-SR)")
     ap.add_argument("--train-maps", default="pool4", choices=("pool4", "direct"),
                     help="conv5_3 maps of the training split (whitening, base detector): pool4 -> conv5 block "
                          "(default) or straight from the backbone, re-using bench_rpn.py's map cache (DirectConv5)")
@@ -261,6 +308,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("ISEARCH_THREADS", "1")))
     torch.manual_seed(0)
     t_start, c_start = time.perf_counter(), time.process_time()
+    load_start = os.getloadavg()
     timings: dict[str, float] = {}
     data = find_shared_data()
 
@@ -400,9 +448,11 @@ def main() -> None:
     # region vectors of the stored proposals (Salvador Sec. 3.3, rerank.py): max-pooled, L2 only (the authors');
     # sum of the 7x7 Caffe RoI bins, L2 -> the image-level IPA-sum PCA -> L2 (the authors' sum pooling); and the
     # earlier variant of this package, max-pooled, L2 -> whitening learned on grid region MACs -> L2
-    sum_regs = {b: [proposal_descriptors(db_c5s[b][i], r[0], "sum").numpy() for i, r in enumerate(regs[b])]
-                for b in regs}
     VARIANTS = {"CA-SR": ("max", None), "CA-SR sum": ("sum", w_ipa), "CA-SR whitened (earlier)": ("max", w_reg)}
+    if args.casr_variants:
+        VARIANTS = {k: v for k, v in VARIANTS.items() if k in args.casr_variants}  # "none": no CA-SR rows
+    sum_regs = ({b: [proposal_descriptors(db_c5s[b][i], r[0], "sum").numpy() for i, r in enumerate(regs[b])]
+                 for b in regs} if "CA-SR sum" in VARIANTS else {})
 
     def raw_regions(bench, how):
         return [r[2] for r in regs[bench]] if how == "max" else sum_regs[bench]
@@ -476,85 +526,103 @@ def main() -> None:
 
         # ---------------------------------------------------------------- fine-tuning on the queries, CS-SR
         ft_info = {}
-        for bench in args.benches:
+        runs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs else
+                [(b, st) for b in args.benches for st in args.strategies])
+        for bench, strategy in runs:
+            if bench not in ("paris", "ukb") or strategy not in (1, 2):
+                raise SystemExit(f"--runs: bad run {bench}:{strategy} (paris|ukb : 1|2)")
+        for bench, strategy in runs:
+            conv2 = strategy == 2 and "lower" in FT.TRAINABLE[args.s2_trainable]
             if bench == "paris":
                 qs = [{"name": Path(p).name, "label": pq_class[i] + 1, "box": pq_boxes[i], "pool4": pq_p4[i],
                        "conv5": pq_c5[i], "pool4_flip": pq_flip[i][0], "conv5_flip": pq_flip[i][1]}
                       for i, p in enumerate(paris.query_paths)]
                 classes, q_class, db_p4, db_c5 = marks, pq_class, pdb_p4, pdb_c5
+                q_paths, db_paths = list(paris.query_paths), list(paris.images)
             else:
                 qs = [{"name": Path(ukb.images[i]).name, "label": i // 4 + 1, "box": uq_boxes[k], "pool4": ukb_p4[i],
                        "conv5": ukb_c5[i], "pool4_flip": uq_flip[k][0], "conv5_flip": uq_flip[k][1]}
                       for k, i in enumerate(ukb_train)]
                 classes, q_class, db_p4, db_c5 = [f"object {k}" for k in range(len(ukb_q))], uq_class, ukb_p4, ukb_c5
+                q_paths, db_paths = [ukb.images[i] for i in ukb_train], list(ukb.images)
+            t0 = time.perf_counter()
+            if conv2:  # strategy #2 as the paper names it: conv2_1 upwards train, from pool1 maps
+                for q, a, b in zip(qs, pool1_maps(feat, q_paths, f"{bench} queries"),
+                                   pool1_maps(feat, q_paths, f"{bench} queries", flip=True)):
+                    q["pool1"], q["pool1_flip"] = a, b
+            t_pool1 = time.perf_counter() - t0
             samples = FT.query_samples(qs)
-            for strategy in args.strategies:
-                # phase 1 (FC layers, shared by both strategies: the second run loads it from the checkpoint cache)
-                # and phase 2 (strategy #1: FC layers; #2: conv5 + RPN + FC), as `isearch finetune` does
-                t0 = time.perf_counter()
-                det, hists = FT.finetune_detector(base, samples, classes, dataclasses.replace(
-                    fcfg, strategy=strategy, trainable_2=args.s2_trainable if strategy == 2 else None), CACHE)
-                hist1, hist = hists["phase1"], hists["phase2"]
-                t_p1 = sum(e["seconds"] for e in hist1["epochs"])
-                t_ft = time.perf_counter() - t0 - t_p1
-                trainable = dataclasses.replace(fcfg, strategy=strategy, trainable_2=args.s2_trainable
-                                                if strategy == 2 else None).phase2
-                # detections on every database image, once (all classes at a time)
-                t0 = time.perf_counter()
-                K = len(classes)
-                det_scores = np.zeros((len(db_c5), K))
-                det_boxes = np.zeros((len(db_c5), K, 4))
-                hw = []
-                for i in tqdm(range(len(db_c5)), desc=f"CS-SR #{strategy} detections on {bench}", unit="img",
-                              file=sys.stderr):
-                    with torch.no_grad():
-                        m = db_c5[i] if strategy == 1 else det.conv_map(db_p4[i])
-                    det_scores[i], det_boxes[i] = ND.class_detections(det, m, 300)
-                    hw.append(tuple(m.shape[-2:]))
-                t_det = time.perf_counter() - t0
-                tr_scores = np.zeros((len(samples), K))
-                for t, s in enumerate(samples):
-                    with torch.no_grad():
-                        m = (FT.DetectorSample._get(s.conv5) if strategy == 1
-                             else det.conv_map(FT.DetectorSample._get(s.pool4)))
-                    tr_scores[t] = ND.class_detections(det, m, 300)[0]
-                if bench == "paris":
-                    positives = [np.concatenate([g["easy"], g["hard"]]) for g in paris.gnd]
-                    ignore = [g["junk"] for g in paris.gnd]
-                else:
-                    positives, ignore = [g["ok"] for g in ukb_gnd], [g["junk"] for g in ukb_gnd]
-                diag = detector_diagnostics(det_scores, tr_scores, [int(s.labels[0]) for s in samples], q_class,
-                                            positives, ignore)
-                log(f"{bench} CS-SR #{strategy} detector check: {json.dumps(diag)}")
-                info = {"strategy": strategy, "training_images": len(samples), "diagnostics": diag,
-                        "phase1_fc": {"epochs": len(hist1["epochs"]), "lr": args.ft_lr,
-                                      "seconds_per_epoch": [e["seconds"] for e in hist1["epochs"]],
-                                      "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist1["epochs"]],
-                                      "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist1["epochs"]],
-                                      "s_this_run": round(t_p1, 1)},
-                        "phase2": {"trainable": trainable, "epochs": len(hist["epochs"]), "lr": args.ft_lr_2,
-                                   "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
-                                   "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
-                                   "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist["epochs"]],
-                                   "s_this_run": round(t_ft, 1)},
-                        "detection_s": round(t_det, 1),
-                        "detection_ms_per_image": round(1000 * t_det / len(db_c5), 1)}
-                ft_info[f"{bench}#{strategy}"] = info
-                log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
+            # phase 1 (FC layers; a second run with the same detector loads it from the checkpoint cache) and
+            # phase 2 (strategy #1: FC layers; #2: --s2-trainable), as `isearch finetune` does
+            t0 = time.perf_counter()
+            det, hists = FT.finetune_detector(base, samples, classes, dataclasses.replace(
+                fcfg, strategy=strategy, trainable_2=args.s2_trainable if strategy == 2 else None), CACHE,
+                backbone=feat.bb if conv2 else None)
+            hist1, hist = hists["phase1"], hists["phase2"]
+            t_p1 = sum(e["seconds"] for e in hist1["epochs"])
+            t_ft = time.perf_counter() - t0 - t_p1
+            trainable = dataclasses.replace(fcfg, strategy=strategy, trainable_2=args.s2_trainable
+                                            if strategy == 2 else None).phase2
+            # detections on every database image, once (all classes at a time)
+            t0 = time.perf_counter()
+            K = len(classes)
+            det_scores = np.zeros((len(db_c5), K))
+            det_boxes = np.zeros((len(db_c5), K, 4))
+            hw = []
+            for i in tqdm(range(len(db_c5)), desc=f"CS-SR #{strategy} detections on {bench}", unit="img",
+                          file=sys.stderr):
+                with torch.no_grad():
+                    m = (db_c5[i] if strategy == 1 else det.trunk(det.lower(pool1_of(feat, db_paths[i])[None]))[0]
+                         if conv2 else det.conv_map(db_p4[i]))
+                det_scores[i], det_boxes[i] = ND.class_detections(det, m, 300)
+                hw.append(tuple(m.shape[-2:]))
+            t_det = time.perf_counter() - t0
+            tr_scores = np.zeros((len(samples), K))
+            for t, s in enumerate(samples):
+                with torch.no_grad():
+                    m = (FT.DetectorSample._get(s.conv5) if strategy == 1
+                         else det.trunk(det.lower(FT.DetectorSample._get(s.pool1)[None]))[0] if conv2
+                         else det.conv_map(FT.DetectorSample._get(s.pool4)))
+                tr_scores[t] = ND.class_detections(det, m, 300)[0]
+            if bench == "paris":
+                positives = [np.concatenate([g["easy"], g["hard"]]) for g in paris.gnd]
+                ignore = [g["junk"] for g in paris.gnd]
+            else:
+                positives, ignore = [g["ok"] for g in ukb_gnd], [g["junk"] for g in ukb_gnd]
+            diag = detector_diagnostics(det_scores, tr_scores, [int(s.labels[0]) for s in samples], q_class,
+                                        positives, ignore)
+            log(f"{bench} CS-SR #{strategy} detector check: {json.dumps(diag)}")
+            info = {"strategy": strategy, "training_images": len(samples), "diagnostics": diag,
+                    "phase1_fc": {"epochs": len(hist1["epochs"]), "lr": args.ft_lr,
+                                  "seconds_per_epoch": [e["seconds"] for e in hist1["epochs"]],
+                                  "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist1["epochs"]],
+                                  "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist1["epochs"]],
+                                  "s_this_run": round(t_p1, 1)},
+                    "phase2": {"trainable": trainable, "epochs": len(hist["epochs"]), "lr": args.ft_lr_2,
+                               "seconds_per_epoch": [e["seconds"] for e in hist["epochs"]],
+                               "cpu_seconds_per_epoch": [e["cpu_seconds"] for e in hist["epochs"]],
+                               "train_cls_per_epoch": [round(e["train_cls"], 4) for e in hist["epochs"]],
+                               "s_this_run": round(t_ft, 1)},
+                    "pool1_maps_s": round(t_pool1, 1) if conv2 else None,
+                    "detection_s": round(t_det, 1),
+                    "detection_ms_per_image": round(1000 * t_det / len(db_c5), 1)}
+            ft_info[f"{bench}#{strategy}"] = info
+            log(f"{bench} CS-SR #{strategy}: {json.dumps(info)}")
 
-                def scorer(j, sl, bench=bench, K=K):
-                    k = q_class[j]  # the best proposal itself (the authors' default; class_detections' box)
-                    return CS.cs_sr_scores(det_scores[sl, k], det_boxes[sl, k], np.arange(len(sl))[::-1] * 1.0,
-                                           [hw[i] for i in sl], 16)
+            def scorer(j, sl, bench=bench, K=K):
+                k = q_class[j]  # the best proposal itself (the authors' default; class_detections' box)
+                return CS.cs_sr_scores(det_scores[sl, k], det_boxes[sl, k], np.arange(len(sl))[::-1] * 1.0,
+                                       [hw[i] for i in sl], 16)
 
-                rerank_all(bench, scorer, f"CS-SR #{strategy}")
+            rerank_all(bench, scorer, f"CS-SR #{strategy}")
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(), "size": args.size,
         "rpn": str(args.rpn), "rpn_config": {k: rpn_cfg[k] for k in ("sizes", "ratios", "mid_channels", "max_size")},
         "shortlist": args.shortlist, "proposals": args.proposals, "qe": args.qe, "no_detector": args.no_detector,
-        "s2_trainable": args.s2_trainable,
+        "s2_trainable": args.s2_trainable, "runs": args.runs, "casr_variants": list(VARIANTS),
+        "train_maps": args.train_maps, "load_average_at_start": load_start, "argv": sys.argv[1:],
         "detector": {"pool": args.pool, "hidden": args.hidden, "base_classes": len(groups),
                      "base_images": len(base_samples), "base_config": vars(fcfg) if fcfg is not None else None,
                      "base_history": base_hist["epochs"],
