@@ -359,3 +359,25 @@ def test_ffaemb_anchors_are_the_best_of_several_kmeans_runs():
 
     runs = [objective(KMeansCodebook(4, niter=s.kmeans_iter, seed=s.seed + t).fit(y).centroids) for t in range(3)]
     assert objective(s.codebook.centroids) == pytest.approx(min(runs))
+
+
+def test_grid_reports_cells_whose_rotation_cannot_be_learned(tmp_path):
+    """A cell whose rotation normalisation drops more components than the training images span (T-emb 1024-D
+    drops 128; here 20 training images give at most 19 axes) is not fitted: the grid records it under
+    ``skipped`` with the reason and prints it under its table, instead of failing the whole grid."""
+    from instance_search.eval.datasets import find_shared_data
+    from instance_search.eval.sweeps import BenchSpec, conv_maps, grid_table, selective_grid
+
+    if find_shared_data() is None:
+        pytest.skip("no shared data folder")
+    stub = _StubBackbone()
+    hol, ukb = BenchSpec("holidays", 8, 64), BenchSpec("ukbench", 20, 64)
+    for spec in (hol, ukb):
+        conv_maps(spec, "conv5_3", 1.0, cache_dir=tmp_path, keypoints=False, backbone_obj=stub, log=None)
+    res = selective_grid([hol, ukb], evaluate=["holidays"], masks=["none"], pairs=[("temb", "democratic"), ("temb", "sum")],
+                         config=1024, cache_dir=tmp_path, selective_kw={"features_per_image": 20, "emb_samples": 300,
+                                                                      "kmeans_iter": 2}, log=None)
+    assert res["rows"] == []
+    assert [(r["embedding"], r["aggregation"]) for r in res["skipped"]] == [("temb", "democratic"), ("temb", "sum")]
+    assert "drops 128 components; 20 training images (ukbench) give at most 19" in res["skipped"][0]["reason"]
+    assert "not computable: temb+democratic (1024-D)" in grid_table(res)

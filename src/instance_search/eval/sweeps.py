@@ -688,6 +688,8 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
     ``evaluate``: the benchmarks to score (default all; the others only serve as training sets).
 
     Returns ``{"rows": [{benchmark, train, mask, embedding, aggregation, dim, map[, ns], fit_s, encode_ms}],
+    "skipped": [cells not computable, with the reason: a rotation normalisation that drops more components
+    than the training images can span, e.g. F-FAemb at 4224-D (1056) learned on 1000 images],
     "kept": {benchmark: {mask: mean share of cells kept}}, "settings", "timing_s"}``.
     """
     log = log or (lambda m: None)
@@ -704,7 +706,7 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
                                    keypoints="sift" in masks, engine=engine, log=log)
         data[name] = (maps, kps, hws)
     kept: dict[str, dict[str, float]] = {}
-    rows = []
+    rows, skipped = [], []
     emb_aggs: dict[str, list[str]] = {}
     for e, a in pairs:
         emb_aggs.setdefault(e, []).append(a)
@@ -724,6 +726,14 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
                 recipes = {a: selective_recipe(config, mask, emb, a, layer=layer, backbone=backbone, **kw)
                            for a in aggs}
                 base = recipes[aggs[0]].method.model
+                most = min(base.rn_components, len(tmaps) - 1)  # rotated axes the training images can give
+                if base.drop > most:
+                    why = (f"its rotation normalisation drops {base.drop} components; {len(tmaps)} training images "
+                           f"({y}) give at most {most}")
+                    skipped += [{"benchmark": x, "train": y, "mask": mask, "embedding": emb, "aggregation": a,
+                                 "dim": base.dim, "reason": why} for a in aggs]
+                    log(f"  {x:9s} {mask:5s} {emb:7s} {'/'.join(aggs)} D={base.dim}: not computable, {why}")
+                    continue
                 base.fit_local(tmaps, tkps, thws)
                 for a in aggs[1:]:
                     recipes[a].method.model = base.with_aggregation(a)
@@ -758,6 +768,7 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
     return {
         "paper": "Hoang et al. 2017, Table 3",
         "rows": rows,
+        "skipped": skipped,
         "kept": kept,
         "settings": {"backbone": backbone, "layer": layer, "scale": 1.0, "config": config, "masks": list(masks),
                      "pairs": [list(p) for p in pairs], "train_on": pairing,
@@ -771,9 +782,10 @@ def selective_grid(benchmarks: Sequence[str | BenchSpec] = ("holidays", "ukbench
 def grid_table(result: Mapping[str, Any], benchmark: str | None = None) -> str:
     """Markdown table of a grid: masks as rows, (embedding, aggregation) as columns, mAP (N-S for UKBench)."""
     rows = [r for r in result["rows"] if benchmark is None or r["benchmark"] == benchmark]
+    skipped = [r for r in result.get("skipped", []) if benchmark is None or r["benchmark"] == benchmark]
     out = []
-    for b in dict.fromkeys(r["benchmark"] for r in rows):
-        rb = [r for r in rows if r["benchmark"] == b]
+    for b in dict.fromkeys(r["benchmark"] for r in rows + skipped):
+        rb = [r for r in rows if r["benchmark"] == b] or [r for r in skipped if r["benchmark"] == b]
         cols = list(dict.fromkeys((r["embedding"], r["aggregation"], r["dim"]) for r in rb))
         masks = list(dict.fromkeys(r["mask"] for r in rb))
         val = {(r["mask"], r["embedding"], r["aggregation"]): r for r in rb}
@@ -785,8 +797,12 @@ def grid_table(result: Mapping[str, Any], benchmark: str | None = None) -> str:
             cells = []
             for e, a, _ in cols:
                 r = val.get((m, e, a))
-                cells.append("" if r is None else f"{r['map']:.1f}" + (f" ({r['ns']:.2f})" if "ns" in r else ""))
+                cells.append("" if r is None or "map" not in r else
+                             f"{r['map']:.1f}" + (f" ({r['ns']:.2f})" if "ns" in r else ""))
             out.append(f"| {m} ({kept.get(m, float('nan')):.0f}) | " + " | ".join(cells) + " |")
+        gone = {(r["embedding"], r["aggregation"], r["dim"]): r["reason"] for r in skipped if r["benchmark"] == b}
+        for (e, a, d), why in gone.items():
+            out.append(f"not computable: {e}+{a} ({d}-D): {why}")
         out.append("")
     return "\n".join(out).rstrip()
 
