@@ -39,7 +39,9 @@ from instance_search import search as S
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("R-MAC", None, 0), ("+ AML", "aml", 0), ("+ AML + QE", "aml", 5), ("+ CA-SR", "casr", 0),
-           ("+ CA-SR + QE", "casr", 5), ("+ CA-SR + QE (global)", "casr", 5, {"space": "global"})]
+           ("+ CA-SR + QE", "casr", 5), ("+ CA-SR + QE (global)", "casr", 5, {"space": "global"}),
+           ("+ CA-SR (max-whitened)", "casr", 0, None, {"vectors": "max-whitened"}),
+           ("+ CA-SR (max-whitened) + QE (global)", "casr", 5, {"space": "global"}, {"vectors": "max-whitened"})]
 # "+ CA-SR + QE": the default QE after CA-SR, Salvador et al.'s in the region space (rerank/base.py CASR);
 # "(global)": average QE of the query's and the top re-ranked images' global vectors, the whole list searched again
 
@@ -77,12 +79,14 @@ def evaluate(bench, col: Collection, queries, shortlist: int, max_queries: int |
     nq = len(queries) if max_queries is None else min(max_queries, len(queries))
     sub = _subset(bench, nq)
     rows = []
-    for name, rerank, qe, *qopt in CONFIGS:
-        qo = qopt[0] if qopt else None
+    for name, rerank, qe, *opt in CONFIGS:
+        qo = opt[0] if opt else None
+        ro = opt[1] if len(opt) > 1 else None
         t0 = time.perf_counter()
         cols = []
         for q in tqdm(queries[:nq], desc=f"{label} {name}", leave=False):
-            cols.append(ranks_for(col, n, pos, lambda: q(top=n, rerank=rerank, shortlist=shortlist, qe=qe, qe_options=qo)))
+            cols.append(ranks_for(col, n, pos, lambda: q(top=n, rerank=rerank, shortlist=shortlist, qe=qe, qe_options=qo,
+                                                      rerank_options=ro)))
         res = sub.evaluate(np.stack(cols, 1))
         res = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not k.startswith("mp@")}
         res.update(method=name, seconds_per_query=round((time.perf_counter() - t0) / nq, 3))
@@ -135,9 +139,10 @@ def main() -> None:
             for m in qmaps:
                 t = torch.from_numpy(m.astype(np.float32))
                 vec = recipe.finalize(recipe.local_from_map(t), col.whitening)
-                qfns.append(lambda top, rerank, shortlist, qe, qe_options, v=vec, fm=m.astype(np.float32):
-                            S.search_described(col, v, fm, top, S.reranker_for(col, rerank), shortlist, qe,
-                                               S.expansion_for("avg", qe_options)))
+                qfns.append(lambda top, rerank, shortlist, qe, qe_options, rerank_options, v=vec,
+                            fm=m.astype(np.float32):
+                            S.search_described(col, v, fm, top, S.reranker_for(col, rerank, rerank_options),
+                                               shortlist, qe, S.expansion_for("avg", qe_options)))
             out["paris250"] = evaluate(bench, col, qfns, shortlist=args.paris_shortlist, max_queries=None,
                                        label="rparis250")
     others = {"holidays811": args.ukbench_index, "ukbench1000": args.holidays_index}
@@ -163,8 +168,9 @@ def main() -> None:
         qfns = []
         for qi in bench.query_indices:
             iid = by_path[str(Path(bench.images[qi]).resolve())]
-            qfns.append(lambda top, rerank, shortlist, qe, qe_options, i=iid: col.search_indexed(
-                i, top=top, rerank=rerank, shortlist=shortlist, qe=qe, qe_options=qe_options))
+            qfns.append(lambda top, rerank, shortlist, qe, qe_options, rerank_options, i=iid: col.search_indexed(
+                i, top=top, rerank=rerank, shortlist=shortlist, qe=qe, qe_options=qe_options,
+                rerank_options=rerank_options))
         out[name] = evaluate(bench, col, qfns, shortlist=args.shortlist, max_queries=args.max_queries, label=name)
         out[name]["index"] = {"max_size": col.recipe.max_size, "whitening": col.whitening_tag,
                               "whitening_trained_on": col.whitening.trained_on if col.whitening else "none"}

@@ -92,11 +92,11 @@ def test_ca_sr_region_vectors_against_a_direct_transcription(maps, whitening, ki
 
 
 def test_vectors_option_refused_or_needs_a_whitening():
-    with pytest.raises(ValueError, match="max, sum, got 'max-whitened'"):
+    with pytest.raises(ValueError, match="'max-whitened' need the index's PCA-whitening"):
         CA.check_vectors("max-whitened", None)
     with pytest.raises(ValueError, match="'sum' need the index's PCA-whitening"):
         CA.check_vectors("sum", None)
-    with pytest.raises(ValueError, match="casr: vectors must be one of max, sum, got 'whitened'"):
+    with pytest.raises(ValueError, match="casr: vectors must be one of max, sum, max-whitened, got 'whitened'"):
         RB.make_reranker("casr", vectors="whitened")
     assert RB.make_reranker("casr").opts["vectors"] == "max"
     with pytest.raises(ValueError, match="integral"):

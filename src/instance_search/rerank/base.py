@@ -260,8 +260,8 @@ class CASR(Reranker):
     candidate window (multi-scale sliding windows, exact pooling); :func:`~.ca_sr.ca_sr`. Option ``vectors``
     (:data:`~.ca_sr.REGION_VECTORS`): ``max`` (default, the authors' ``pooling = 'max'``: max-pooled query box and
     windows, L2 only) or ``sum`` (sum-pooled, L2 → the index's PCA-whitening → L2, as the authors reuse the
-    image-level PCA of IPA-sum; needs a whitened index). (The earlier max → whitening variant measured worse and
-    is gone: :mod:`.ca_sr`.)"""
+    image-level PCA of IPA-sum; needs a whitened index) or ``max-whitened`` (max-pooled, L2 → the index's
+    whitening → L2: the package's earlier variant, worse on IPA-sum indexes, better on R-MAC ones; :mod:`.ca_sr`)."""
 
     name = "casr"
     options = {"vectors": "max"}

@@ -16,10 +16,10 @@ them from the ``pool5`` blob (Caffe's 7x7 RoI max-pooling, :func:`~instance_sear
 * ``"sum"``: the sum of the 7x7 RoI-pooled bins, L2 → the image-level PCA-whitening (the one of the IPA-sum
   vectors; the authors reuse it for regions) → L2; the query box is sum-pooled over its cells.
 
-The package's earlier variant (max-pooled, L2 → a whitening → L2) is no longer offered by name: it measured worse
-than ``"max"`` (Holidays-160, IPA-sum first stage, sliding windows: mAP 52.3 with a whitening of grid region MACs
-and 67.0 with the IPA-sum PCA, against 76.4 for ``"max"``; benchmarks/bench_salvador_casr_vectors.py). The
-functions here still take any ``whitening``.
+* ``"max-whitened"`` (the package's earlier variant, not the authors'): max-pooled, L2 → the index's
+  PCA-whitening → L2. On an IPA-sum index it measured worse than ``"max"`` (Holidays-160, sliding windows: mAP
+  67.0 against 76.4; benchmarks/bench_salvador_casr_vectors.py); on an R-MAC index, whose whitening is learned
+  on grid region MACs, it is the one that does not fall below the first stage (docs/results.md, Paris).
 
 Pooling: ``method="exact"`` (default) computes the exact max over every box, vectorised by
 :func:`instance_search.ops.integral.window_max` (a 2-D sparse table of power-of-two block maxima, four look-ups
@@ -42,7 +42,7 @@ __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_bo
            "winning_rows", "ca_sr_qe", "check_vectors"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
-REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True)}
+REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True), "max-whitened": ("max", True)}
 #: Caffe's RoI pooling output of the authors' model (``pool5``: 7x7), summed for ``"sum"`` region vectors
 POOL5 = 7
 
