@@ -271,7 +271,7 @@ class IndexStore:
         #: bytes of decoded sparse maps kept in RAM (LRU) between short lists: ``ISEARCH_MAP_CACHE_MB``, default
         #: 256 MiB; 0 turns the cache off. Map files are immutable, so an entry never goes stale.
         self.map_cache_limit = _map_cache_limit()
-        self._map_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._map_cache: OrderedDict[tuple[str, int], tuple[Any, int]] = OrderedDict()  # key -> (map, bytes)
         self._map_cache_bytes = 0
         self._map_cache_lock = threading.Lock()
 
@@ -676,9 +676,10 @@ class IndexStore:
     def _cached_map(self, key: tuple[str, int]):
         with self._map_cache_lock:
             hit = self._map_cache.get(key)
-            if hit is not None:
-                self._map_cache.move_to_end(key)
-            return hit
+            if hit is None:
+                return None
+            self._map_cache.move_to_end(key)
+            return hit[0]
 
     def _cache_map(self, key: tuple[str, int], smap) -> None:
         """Keep a decoded sparse map (its arrays made read-only: the cached object is shared between short
@@ -692,12 +693,10 @@ class IndexStore:
         with self._map_cache_lock:
             if key in self._map_cache:
                 return
-            self._map_cache[key] = smap
+            self._map_cache[key] = (smap, size)
             self._map_cache_bytes += size
             while self._map_cache_bytes > self.map_cache_limit:
-                _, old = self._map_cache.popitem(last=False)
-                self._map_cache_bytes -= sum(a.nbytes for a in (old.channel, old.position, old.value)
-                                             if isinstance(a, np.ndarray))
+                self._map_cache_bytes -= self._map_cache.popitem(last=False)[1][1]
 
     # ---------------------------------------------------------------- stored files
     def add_file(self, name: str, data: bytes) -> str:
