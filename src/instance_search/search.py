@@ -245,7 +245,7 @@ def _context(col, qglobal: np.ndarray | None) -> RerankContext:
     return RerankContext(maps=lambda ids, sparse: store.feature_maps([int(i) for i in ids], sparse=sparse),
                          all_ids=store.ids,
                          version=(tuple(store.manifest["segments"]), tuple(store.manifest["removed"])),
-                         whitening=col.whitening, window_rmac=window_rmac)
+                         whitening=col.whitening, window_rmac=window_rmac, window_space=_windows_in_global_space(col))
 
 
 def rerank_hits(col, hits: list[Hit], qmap: np.ndarray, reranker: Reranker, shortlist: int,

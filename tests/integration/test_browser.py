@@ -309,6 +309,51 @@ def test_rerank_boxes_viewer_export_and_load_more(server, driver):
     _select(drv, "rerank", "aml")
 
 
+def _exported(drv) -> dict:
+    """The JSON the page's export button builds from its last response."""
+    got = drv.execute_async_script("""
+        const done = arguments[arguments.length - 1]; const out = [];
+        const orig = URL.createObjectURL;
+        URL.createObjectURL = (b) => { out.push(b); return orig(b); };
+        document.getElementById('export-json').click();
+        URL.createObjectURL = orig;
+        out[0].text().then(done);""")
+    return json.loads(got)
+
+
+def test_casr_options_from_the_page(server, driver):
+    """CA-SR from the page: its region-vector and QE-space choices show only with casr and reach the server (the
+    pipeline of the response), every re-ranked result gets a box, and changing a choice searches again."""
+    from selenium.webdriver.common.by import By
+
+    drv, photos = driver, server["photos"]
+    _open(drv, server["url"] + "/")
+    assert not drv.find_element(By.ID, "casr-row").is_displayed()
+    _set(drv, "top", "4")
+    _select(drv, "rerank", "casr")
+    assert drv.find_element(By.ID, "casr-row").is_displayed()
+    _select(drv, "casr-vectors", "max")
+    _upload(drv, photos / "ukbench00004.jpg")
+    hits = _results(drv)
+    assert hits[0]["name"] == "ukbench00004.jpg", hits
+    assert len(drv.find_elements(By.CSS_SELECTOR, "#results .hit .box")) == 4
+    assert "casr (max vectors) on the top 100" in _text(drv, "timings")
+    pl = _exported(drv)["pipeline"]
+    assert pl["rerank"] == "casr" and pl["rerank_options"] == {"vectors": "max"} and pl["qe_options"] == {}, pl
+    _set(drv, "qe", "2")
+    seq = _seq(drv)
+    _select(drv, "qe-space", "global")  # a change searches again
+    _wait(drv, lambda d: _seq(d) > seq, "the results with QE")
+    pl = _exported(drv)["pipeline"]
+    assert pl["qe"] == 2 and pl["qe_options"] == {"space": "global"} and pl["rerank_options"] == {"vectors": "max"}
+    assert _results(drv)[0]["name"] == "ukbench00004.jpg"
+    assert "QE with 2 in the global vectors" in _text(drv, "timings")
+    _shot(drv, "casr-options")
+    _select(drv, "rerank", "aml")
+    assert not drv.find_element(By.ID, "casr-row").is_displayed()
+    _set(drv, "qe", "0")
+
+
 def test_picker_pages_filters_and_keyboard_only(server, driver):
     """The picker pages through the whole collection and filters by name; it is one tab stop with arrow keys
     inside; a box is typed into four fields and Enter searches."""

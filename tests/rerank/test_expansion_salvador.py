@@ -161,3 +161,16 @@ def test_collection_search_casr_qe_is_the_authors_qe(ukbench, tmp_path):
     got = out["hits"] if isinstance(out, dict) else out
     assert [h["id"] for h in got] == [h.id for h in hits]
     np.testing.assert_allclose([h["score"] for h in got], [h.score for h in hits], atol=1e-5)
+    # the re-ranking and expansion options from the command line: the earlier global-vector QE by name
+    res = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--box", "40,30,600,450", "--top", "8",
+                                   "--rerank", "casr", "--shortlist", "6", "--qe", "3", "--json",
+                                   "--rerank-option", "vectors=max", "--qe-option", "space=global"])
+    assert res.exit_code == 0, res.output
+    assert [h["id"] for h in json.loads(res.output)["hits"]] == [h.id for h in glob]
+    for flag, bad, why in (("--rerank-option", "vectors=nope", "vectors must be one of"),
+                           ("--rerank-option", "colour=1", "unknown option(s) 'colour'"),
+                           ("--qe-option", "space", "expected KEY=VALUE"),
+                           ("--rerank-option", "vectors=max-whitened", "need the index's PCA-whitening")):
+        res = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--rerank", "casr",
+                                       "--shortlist", "6", flag, bad])
+        assert res.exit_code != 0 and why in res.output, (bad, res.output)

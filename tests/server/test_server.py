@@ -3,6 +3,7 @@ thumbnails, and every bad input answered with the right 4xx."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 import threading
@@ -323,7 +324,8 @@ def test_boxes_and_options_pass_through(index_dir, photos, monkeypatch):
     assert r.status_code == 200, r.text
     res = r.json()
     assert seen["shortlist"] == 20 and seen["qe"] == 0 and seen["top"] == 2, seen
-    assert res["pipeline"] == {"rerank": "aml", "shortlist": 20, "qe": 0, "qe_kind": "avg", "indexed_query": True}
+    assert res["pipeline"] == {"rerank": "aml", "shortlist": 20, "qe": 0, "qe_kind": "avg", "rerank_options": {},
+                               "qe_options": {}, "indexed_query": True}
     assert res["hits"][0]["box"] == [10.0, 20.0, 300.5, 400.0] and res["hits"][0]["size"] == [640, 480]
     assert res["hits"][1]["box"] is None and res["hits"][1]["size"] == [640, 480]
     assert [h["relevant"] for h in res["hits"]] == [True, False]
@@ -362,6 +364,38 @@ def test_rerank_from_the_api_gives_boxes_and_stage_times(client, photos):
     for bad in ('{"rerank": "nope"}', '{"shortlist": 0, "rerank": "aml"}', '{"qe": -1}', '{"qe_kind": "x"}'):
         r = client.post("/api/search", data={"query_id": "4", "options": bad})
         assert r.status_code == 422, (bad, r.status_code, r.text)
+
+
+def test_rerank_and_qe_options_from_the_api(client, photos):
+    """The page's CA-SR choices reach the re-ranker: ``rerank_options`` / ``qe_options`` as flat JSON objects give
+    the same hits as ``Collection.search`` with those options; bad ones are refused naming the option (a cs-sr
+    detector path smuggled inside them too)."""
+    ids = {im["name"]: im["id"] for im in client.get("/api/images", params={"limit": 100}).json()["images"]}
+    qid = ids["ukbench00000.jpg"]
+    got = {}
+    for vectors in ("max", "auto"):
+        opts = {"rerank": "casr", "shortlist": 6, "qe": 2, "rerank_options": {"vectors": vectors},
+                "qe_options": {"space": "global"}}
+        r = client.post("/api/search", data={"query_id": str(qid), "top": "8", "options": json.dumps(opts)})
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["pipeline"]["rerank_options"] == {"vectors": vectors}
+        assert res["pipeline"]["qe_options"] == {"space": "global"}
+        got[vectors] = [(h["id"], h["score"]) for h in res["hits"]]
+    # the index is unwhitened: auto resolves to the authors' max, the same hits; QE changed the list
+    assert got["auto"] == got["max"]
+    plain = client.post("/api/search", data={"query_id": str(qid), "top": "8", "options": json.dumps(
+        {"rerank": "casr", "shortlist": 6, "rerank_options": {"vectors": "max"}})}).json()
+    assert [(h["id"], h["score"]) for h in plain["hits"]] != got["max"]
+    for bad, why in (('{"rerank": "casr", "rerank_options": {"vectors": "nope"}}', "vectors"),
+                     ('{"rerank": "casr", "rerank_options": {"colour": 1}}', "colour"),
+                     ('{"rerank": "casr", "rerank_options": [1]}', "rerank_options"),
+                     ('{"rerank": "casr", "rerank_options": {"vectors": {"a": 1}}}', "rerank_options"),
+                     ('{"rerank": "cs-sr", "rerank_options": {"detector": "/etc/passwd"}}', "detector"),
+                     ('{"rerank": "casr", "rerank_options": {"vectors": "max-whitened"}}', "whitening"),
+                     ('{"rerank": "casr", "qe": 2, "qe_options": {"space": "elsewhere"}}', "space")):
+        r = client.post("/api/search", data={"query_id": str(qid), "options": bad})
+        assert r.status_code == 422 and why in r.json()["detail"], (bad, r.status_code, r.text)
 
 
 def test_list_filters_by_name_and_pages(client):

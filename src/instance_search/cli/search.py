@@ -105,6 +105,27 @@ def read_queries(source: Path) -> list[tuple[Path, Any]]:
     return out
 
 
+def parse_options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs of ``--rerank-option`` / ``--qe-option`` as a dict; a VALUE that reads as JSON (a
+    number, true / false, null, a quoted string) is taken as such, anything else as a string. The re-ranker or
+    expansion itself refuses unknown keys and values, naming its choices (rerank/base.py)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} "
+                             + ("vectors=max" if flag.startswith("--rerank") else "space=global"))
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, (list, dict)):
+            value = raw
+        out[key] = value
+    return out
+
+
 def _is_batch(query: Path) -> bool:
     return query.is_dir() or query.suffix.lower() in (".csv", ".json")
 
@@ -126,9 +147,16 @@ def search(
     fast_k: int = typer.Option(512, "--fast-k", help="aml-fast: number of query channels K (512: all VGG16 ones)."),
     fast_g: int = typer.Option(8, "--fast-g", help="aml-fast: max-pooling factor g of the coarse maps."),
     fast_step: int = typer.Option(2, "--fast-step", help="aml-fast: window step in coarse cells."),
+    rerank_option: Optional[list[str]] = typer.Option(
+        None, "--rerank-option", help="KEY=VALUE option of the re-ranking, repeatable; e.g. casr: vectors=auto | max "
+                                      "(Salvador's, L2 only) | max-whitened | sum; aml-fast: K=64; cs-sr: "
+                                      "proposals=300, box=proposal | regressed."),
     qe: int = typer.Option(0, help="Query expansion with the top QE results (0: off)."),
     qe_kind: str = typer.Option("avg", "--qe-kind", help="avg (Chum 2007: average the top QE) | alpha (Radenović "
                                 "2018, weights cos^3) | dba (database-side augmentation over QE neighbours)."),
+    qe_option: Optional[list[str]] = typer.Option(
+        None, "--qe-option", help="KEY=VALUE option of the query expansion, repeatable; e.g. avg after casr / cs-sr: "
+                                  "space=regions (Salvador Sec. 4.3, default) | global; alpha / dba: alpha=3."),
     faiss_kind: str = typer.Option("flat", "--faiss", help="flat (exact) | hnsw | ivfpq (approximate)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Batch: write the results to this file (default: "
                                                            "standard output)."),
@@ -154,15 +182,18 @@ def search(
                 raise ValueError(f"--format {fmt!r}: expected jsonl, csv or auto")
             queries = read_queries(query)
         b = parse_box(box)
+        r_opts = parse_options(rerank_option, "--rerank-option")
+        q_opts = parse_options(qe_option, "--qe-option")
         col = Collection.open(index_dir, faiss_kind=faiss_kind, device=resolve_device(device), engine=engine)
         col.aml_fast_options = {"K": fast_k, "g": fast_g, "step": fast_step}
         if batch:
             _run_batch(col, queries, out, kind, progress, top=top, rerank=rerank, shortlist=shortlist, qe=qe,
-                       qe_kind=qe_kind, detector=detector)
+                       qe_kind=qe_kind, detector=detector, rerank_options=r_opts or None,
+                       qe_options=q_opts or None)
             return
         t0 = time.perf_counter()
         hits = col.search(query, box=b, top=top, rerank=rerank, shortlist=shortlist, qe=qe, qe_kind=qe_kind,
-                          detector=detector)
+                          detector=detector, rerank_options=r_opts or None, qe_options=q_opts or None)
         dt = time.perf_counter() - t0
     except _EXPECTED as exc:
         _fail(exc)
@@ -210,7 +241,8 @@ def _run_batch(col, queries, out: Path | None, kind: str, progress: bool, **sear
             try:
                 hits = col.search(path, box=b, top=search_kw["top"], rerank=search_kw["rerank"],
                                   shortlist=search_kw["shortlist"], qe=search_kw["qe"], qe_kind=search_kw["qe_kind"],
-                                  detector=search_kw["detector"])
+                                  detector=search_kw["detector"], rerank_options=search_kw["rerank_options"],
+                                  qe_options=search_kw["qe_options"])
                 err = None
             except (ImageError, BoxError) as exc:
                 hits, err = [], message(exc)

@@ -42,13 +42,15 @@ class RerankContext:
     non-zero cells only, as :class:`~instance_search.ops.integral.SparseMap`); ``all_ids()``: every indexed id;
     ``version``: changes whenever the indexed maps do (cache key); ``whitening``: the index's PCA-whitening or
     ``None``; ``window_rmac``: keyword arguments of :func:`~.aml.rerank_aml` that score a window by its R-MAC
-    (empty: by its MAC)."""
+    (empty: by its MAC); ``window_space``: a max-pooled window vector lives in the space of the index's global
+    vectors, so the index's whitening was learned on such vectors (MAC / R-MAC recipes, ``Method.window_vector``)."""
 
     maps: Callable[[Sequence[int], bool], list]
     all_ids: Callable[[], Sequence[int]]
     version: Hashable = None
     whitening: Any = None
     window_rmac: dict[str, Any] = field(default_factory=dict)
+    window_space: bool = False
 
 
 class _Options:
@@ -258,25 +260,33 @@ class AMLCoarseToFine(AMLFast):
 class CASR(Reranker):
     """CA-SR (Salvador et al. 2016, Sec. 3.3): each short-listed image takes the score and box of its best
     candidate window (multi-scale sliding windows, exact pooling); :func:`~.ca_sr.ca_sr`. Option ``vectors``
-    (:data:`~.ca_sr.REGION_VECTORS`): ``max`` (default, the authors' ``pooling = 'max'``: max-pooled query box and
+    (:data:`~.ca_sr.REGION_VECTORS`): ``max`` (the authors' ``pooling = 'max'``: max-pooled query box and
     windows, L2 only) or ``sum`` (sum-pooled, L2 → the index's PCA-whitening → L2, as the authors reuse the
     image-level PCA of IPA-sum; needs a whitened index) or ``max-whitened`` (max-pooled, L2 → the index's
-    whitening → L2: the package's earlier variant, worse on IPA-sum indexes, better on R-MAC ones; :mod:`.ca_sr`)."""
+    whitening → L2: the package's earlier variant, worse on IPA-sum indexes, better on R-MAC ones; :mod:`.ca_sr`);
+    ``auto`` (default, :func:`~.ca_sr.resolve_vectors`): ``max-whitened`` on an index whose whitening was learned
+    on max-pooled vectors of the same maps (MAC / R-MAC recipes), else the authors' ``max``."""
 
     name = "casr"
-    options = {"vectors": "max"}
+    options = {"vectors": "auto"}
 
     def __init__(self, **options):
         super().__init__(**options)
-        from .ca_sr import REGION_VECTORS
+        from .ca_sr import VECTOR_CHOICES
 
-        if self.opts["vectors"] not in REGION_VECTORS:
-            raise ValueError(f"casr: vectors must be one of {', '.join(REGION_VECTORS)}, got {self.opts['vectors']!r}")
+        if self.opts["vectors"] not in VECTOR_CHOICES:
+            raise ValueError(f"casr: vectors must be one of {', '.join(VECTOR_CHOICES)}, got {self.opts['vectors']!r}")
+
+    def _pooling(self, ctx) -> tuple[str, bool]:
+        from .ca_sr import check_vectors, resolve_vectors
+
+        return check_vectors(resolve_vectors(str(self.opts["vectors"]), ctx.whitening, ctx.window_space),
+                             ctx.whitening)
 
     def rerank(self, qvec, qmap, ids, scores, ctx):
-        from .ca_sr import ca_sr, check_vectors, query_descriptor
+        from .ca_sr import ca_sr, query_descriptor
 
-        pooling, whiten = check_vectors(str(self.opts["vectors"]), ctx.whitening)
+        pooling, whiten = self._pooling(ctx)
         maps = ctx.maps(ids, False)
         shapes = [tuple(int(v) for v in m.shape[1:]) for m in maps]
         q = query_descriptor(np.asarray(qmap, np.float32), pooling)
@@ -286,9 +296,9 @@ class CASR(Reranker):
     def qe_after_rerank(self, qmap, ids, scores, result, top, ctx):
         """Salvador et al. 2016, Sec. 4.3: the mean of the raw query box vector and the raw re-cropped boxes of
         the ``top`` best, then CA-SR of the short list with it (:func:`~.ca_sr.ca_sr_qe`)."""
-        from .ca_sr import ca_sr_qe, check_vectors, query_descriptor
+        from .ca_sr import ca_sr_qe, query_descriptor
 
-        pooling, whiten = check_vectors(str(self.opts["vectors"]), ctx.whitening)
+        pooling, whiten = self._pooling(ctx)
         maps = ctx.maps(ids, False)
         q = query_descriptor(np.asarray(qmap, np.float32), pooling)
         return ca_sr_qe(q, maps, result, top, shortlist_scores=scores, whitening=ctx.whitening if whiten else None,

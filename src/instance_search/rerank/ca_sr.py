@@ -39,10 +39,12 @@ from .expansion import region_mean_qe
 
 __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac", "REGION_VECTORS",
            "region_descriptors", "proposal_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors",
-           "winning_rows", "ca_sr_qe", "check_vectors"]
+           "winning_rows", "ca_sr_qe", "check_vectors", "resolve_vectors", "VECTOR_CHOICES"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
 REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True), "max-whitened": ("max", True)}
+#: what the re-ranker's option ``vectors`` accepts: a kind of :data:`REGION_VECTORS` or ``"auto"``
+VECTOR_CHOICES = ("auto", *REGION_VECTORS)
 #: Caffe's RoI pooling output of the authors' model (``pool5``: 7x7), summed for ``"sum"`` region vectors
 POOL5 = 7
 
@@ -52,6 +54,16 @@ BoxesFn = Callable[[int, int], np.ndarray]
 def region_mac(X, box):
     """MAC of one box ``(x, y, w, h)`` (cells) of a (C, H, W) map: ``max_{p∈box} X_i(p)``, shape (C,)."""
     return window_max(X, np.asarray(box, dtype=np.int64).reshape(1, 4))[0]
+
+
+def resolve_vectors(vectors: str, whitening, window_space: bool) -> str:
+    """The region-vector kind that ``vectors`` names; ``"auto"`` picks by the index: ``"max-whitened"`` when the
+    index has a whitening learned on max-pooled vectors of the same maps (``window_space``: MAC / R-MAC recipes),
+    where it measured above the authors' ``"max"`` (docs/results.md), else ``"max"`` (Salvador's IPA indexes:
+    their whitening was learned on sum-pooled vectors; no whitening at all)."""
+    if vectors != "auto":
+        return vectors
+    return "max-whitened" if whitening is not None and window_space else "max"
 
 
 def check_vectors(vectors: str, whitening) -> tuple[str, bool]:

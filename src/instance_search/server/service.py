@@ -319,6 +319,16 @@ class SearchService:
             if k not in self.search_options:
                 known = ", ".join(self.search_options) or "none yet"
                 raise ValueError(f"options: unknown option {k!r} (known: {known})")
+            if k in ("rerank_options", "qe_options"):  # the re-ranker's / expansion's own options, flat
+                if v is None:
+                    continue
+                if not isinstance(v, dict) or not all(isinstance(x, str) and (y is None or isinstance(
+                        y, (bool, int, float, str))) for x, y in v.items()):
+                    raise ValueError(f"options: {k} must be an object of numbers, strings, booleans or nulls, "
+                                     f'e.g. {{"vectors": "max"}}')
+                if "detector" in v:
+                    raise ValueError(f"options: {k}: give the cs-sr detector as the option 'detector'")
+                continue
             if not (v is None or isinstance(v, (bool, int, float, str))):
                 raise ValueError(f"options: {k} must be a number, string, boolean or null")
         if opts.get("detector") is not None:  # cs-sr: the name of a detector file in <index>/detectors/, no path
@@ -402,7 +412,8 @@ class SearchService:
                  "box": None if box is None else [round(v, 2) for v in box.as_tuple()]}
         return {"query": query, "top": top, "hits": out_hits, "precision": precision, "timings": timings,
                 "pipeline": {"rerank": opts["rerank"] or "none", "shortlist": opts["shortlist"], "qe": opts["qe"],
-                             "qe_kind": opts["qe_kind"], "indexed_query": indexed}}
+                             "qe_kind": opts["qe_kind"], "rerank_options": opts.get("rerank_options") or {},
+                             "qe_options": opts.get("qe_options") or {}, "indexed_query": indexed}}
 
     # ----------------------------------------------------------------- uploads
     def store_upload(self, tmp: Path, name: str, fmt: str, sha: str) -> Path:
