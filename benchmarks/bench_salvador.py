@@ -43,9 +43,18 @@ for reference. ``--ukb-train-views 2``: the first two views of each object train
 of several query images per instance) and are junk; the other two are the positives. Writes
 benchmarks/results/salvador.json (after every row, so that a run cut short keeps its figures).
 
+``--rpa-only`` (issue 17): the IPA rows, then recipe ``rpa`` (Gordo et al.'s R-MAC over the top ``--proposals``
+boxes of the same RPN, region MACs with Caffe's RoI rounding, L2 -> PCA-whitening learned on the training split's
+RPA region vectors -> L2, summed, L2; the package's ``rpa_local_vectors`` / ``Recipe.finalize``) and RPA + average
+QE (``--qe``) of the global vectors, on Paris-250 (query: the box's cells of the full query image's map, as the
+IPA rows; also the whole query image, the product's first stage for ``rpa``) and UKB-125; nothing else. Writes
+benchmarks/results/salvador_rpa.json unless ``--out``.
+
     OMP_NUM_THREADS=1 ISEARCH_THREADS=1 python benchmarks/bench_salvador.py
     OMP_NUM_THREADS=1 ISEARCH_THREADS=1 python benchmarks/bench_salvador.py --benches ukb --strategies 1 \
         --ukb-train-views 2 --ft-epochs 10 --ft-epochs-2 1 --out benchmarks/results/salvador_ukb_2views.json
+    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 ISEARCH_THREADS=1 python benchmarks/bench_salvador.py --rpa-only \
+        --train-maps direct
 """
 from __future__ import annotations
 
@@ -259,6 +268,57 @@ def score_ranks(ranks_cols: list[np.ndarray], bench_name: str, paris, ukb_gnd) -
     return {"map": round(float(m) * 100, 2)}
 
 
+def rpa_rows(args, tr_c5, paris_db, paris_queries, ukb_c5, ukb_q, ukb, add, results) -> dict:
+    """Recipe ``rpa`` (Gordo et al. 2016, Sec. 3.2, R-MAC over proposals; Salvador et al.'s region pooling) on the
+    evaluation split, with the package's own functions: ``rpa_recipe`` (the ``--rpn`` file, ``--proposals``
+    boxes), ``Recipe.local_from_map`` (``rpa_local_vectors``: region MACs, Caffe's RoI rounding, L2) and
+    ``Recipe.finalize`` (whitening -> L2, sum, L2). The whitening is learned on the RPA region vectors of the
+    training split (``tr_c5``, the images the IPA-sum whitening uses), as ``isearch index --fit-on`` learns it.
+    ``paris_queries``: (full query map, box cells) pairs; rows with the box's cells of the map (as the IPA rows) and
+    with the whole query image (the product's first stage for ``rpa``). Adds the rows; returns timings / info."""
+    from instance_search.collection import fit_whitening
+    from instance_search.recipes.salvador import rpa_recipe
+
+    rec = rpa_recipe(args.rpn, args.proposals, max_size=args.size)
+    info: dict = {"recipe": rec.to_dict()}
+    t0 = time.perf_counter()
+    tr_local = [rec.local_from_map(tr_c5[i]) for i in tqdm(range(len(tr_c5)), desc="training split: RPA regions",
+                                                           unit="img", file=sys.stderr)]
+    rows = np.concatenate(tr_local)
+    del tr_local
+    info["training_images"], info["training_region_vectors"] = len(tr_c5), int(len(rows))
+    info["training_regions_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    w = fit_whitening(rows, dim=rec.whitening_dim, trained_on="training split RPA region vectors")
+    del rows
+    info["whitening_s"] = round(time.perf_counter() - t0, 1)
+
+    def vectors(maps, desc):
+        return rec.finalize([rec.local_from_map(m) for m in tqdm(maps, desc=f"{desc}: RPA", unit="img",
+                                                                 file=sys.stderr)], w)
+
+    t0 = time.perf_counter()
+    pdb = vectors([paris_db[i] for i in range(len(paris_db))], "Paris-250")
+    q_box = vectors([m[:, y:y + h, x:x + w_] for m, (x, y, w_, h) in
+                     ((m, [int(v) for v in c]) for m, c in paris_queries)], "Paris queries (box)")
+    q_img = vectors([m for m, _ in paris_queries], "Paris queries (whole image)")
+    udb = vectors([ukb_c5[i] for i in range(len(ukb_c5))], "UKBench 500-999")
+    info["evaluation_vectors_s"] = round(time.perf_counter() - t0, 1)
+
+    r = ukb.evaluate(udb @ udb.T)
+    results.append({"method": "RPA", "dataset": "ukbench-500-every-image-a-query",
+                    "ns": round(float(r["ns"]), 3), "map": round(float(r["map"]), 2)})
+    log(json.dumps(results[-1]))
+    for bench, name, db, q in (("paris", "RPA", pdb, q_box), ("ukb", "RPA", udb, udb[ukb_q]),
+                               ("paris", "RPA (query: whole image)", pdb, q_img)):
+        S = q @ db.T
+        add(name, bench, [np.argsort(-S[j], kind="stable") for j in range(len(q))])
+        qe = average_qe(q, db, S, top=args.qe)
+        S2 = qe @ db.T
+        add(f"{name} + QE{args.qe}", bench, [np.argsort(-S2[j], kind="stable") for j in range(len(q))])
+    return info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=384)
@@ -302,9 +362,17 @@ def main() -> None:
     ap.add_argument("--train-maps", default="pool4", choices=("pool4", "direct"),
                     help="conv5_3 maps of the training split (whitening, base detector): pool4 -> conv5 block "
                          "(default) or straight from the backbone, re-using bench_rpn.py's map cache (DirectConv5)")
+    ap.add_argument("--rpa-only", action="store_true",
+                    help="only the IPA rows and recipe rpa (R-MAC over the RPN's proposals, + average QE); no "
+                         "CA-SR, no detector; writes salvador_rpa.json unless --out (issue 17)")
     ap.add_argument("--engine", default="winograd")
-    ap.add_argument("--out", type=Path, default=RESULTS / "salvador.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default benchmarks/results/salvador.json; salvador_rpa.json with --rpa-only)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = RESULTS / ("salvador_rpa.json" if args.rpa_only else "salvador.json")
+    if args.rpa_only:
+        args.no_detector = True
     torch.set_num_threads(int(os.environ.get("ISEARCH_THREADS", "1")))
     torch.manual_seed(0)
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -361,10 +429,11 @@ def main() -> None:
     tr_sum = np.stack([tr_c5[i].sum(dim=(1, 2)).numpy() for i in range(len(tr_c5))])
     w_ipa = fit_whitening(l2(tr_sum).astype(np.float32), trained_on="training split IPA-sum")
     grid_rows = []
-    for i in range(len(tr_c5)):
+    for i in range(len(tr_c5) if not args.rpa_only else 0):  # the grid whitening serves CA-SR only
         m = tr_c5[i]
         grid_rows.append(l2(region_macs(m, rmac_regions(m.shape[-2], m.shape[-1])).numpy()))
-    w_reg = fit_whitening(np.concatenate(grid_rows).astype(np.float32), trained_on="training split grid region MACs")
+    w_reg = (fit_whitening(np.concatenate(grid_rows).astype(np.float32), trained_on="training split grid region MACs")
+             if not args.rpa_only else None)
     timings["whitening_s"] = round(time.perf_counter() - t0, 1)
 
     def ipa_db(c5s, how):
@@ -415,6 +484,34 @@ def main() -> None:
             add(f"IPA-{how} + QE{args.qe}", bench, [np.argsort(-S2[j], kind="stable") for j in range(len(q))])
             if how == "sum":
                 first_order[bench] = order
+
+    if args.rpa_only:
+        rpa = rpa_rows(args, tr_c5, pdb_c5, list(zip(pq_c5, pq_cells)), ukb_c5, ukb_q, ukb, add, results)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(), "load_average_at_start": load_start,
+                "load_average_at_end": os.getloadavg(), "size": args.size, "rpn": str(args.rpn),
+                "rpn_sha256": rpn_cfg["state_sha256"], "proposals": args.proposals, "qe": args.qe,
+                "train_maps": args.train_maps, "argv": sys.argv[1:], "rpa": rpa, "timings": timings,
+                "this_run_wall_s": round(time.perf_counter() - t_start, 1),
+                "this_run_cpu_s": round(time.process_time() - c_start, 1),
+                "protocols": {"paris": "rparis6k restricted to Paris-250: 238 database images, 12 queries, revisited "
+                                       "E/M/H mAP; 'RPA': the query box's cells (Caffe's RoI rounding) of the full "
+                                       "query image's conv5_3 map, RPN proposals on that crop (as the IPA rows pool "
+                                       "the box); 'RPA (query: whole image)': the whole query image's RPA vector",
+                              "ukb": "UKBench 500-999, 125 queries (first view of each object), positives: the other "
+                                     "3 views, the query junk",
+                              "ukbench-500-every-image-a-query": "standard UKBench protocol on images 500-999"},
+                "note": "subsets: real measurements, not comparable with published tables; the IPA rows are the "
+                        "bench's own (same code as salvador_faithful.json)"}
+        atomic_write_bytes(args.out, json.dumps({"meta": meta, "results": results}, indent=1, default=str).encode())
+        print(f"\n{'method':<34} {'Paris E':>8} {'M':>6} {'H':>6} {'UKB-125 mAP':>12}")
+        for n in dict.fromkeys(r["method"] for r in results if r["dataset"] in ("paris", "ukb")):
+            p = next((r for r in results if r["method"] == n and r["dataset"] == "paris"), None)
+            u = next((r for r in results if r["method"] == n and r["dataset"] == "ukb"), None)
+            pe = f"{p['map_easy']:>8.2f} {p['map_medium']:>6.2f} {p['map_hard']:>6.2f}" if p else f"{'-':>26}"
+            print(f"{n:<34} {pe} {u['map'] if u else float('nan'):>12.2f}")
+        print(f"wall {meta['this_run_wall_s']} s, CPU {meta['this_run_cpu_s']} s; wrote {args.out}")
+        return
 
     # ---------------------------------------------------------------- RPN proposals and region vectors of the databases
     t0 = time.perf_counter()
