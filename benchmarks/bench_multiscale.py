@@ -43,12 +43,17 @@ HERE = Path(__file__).resolve().parent
 WHITEN_ON = {"ukbench": "holidays", "holidays": "ukbench", "rparis6k": "holidays"}
 
 
-def _settings(size: int, scales: list[float]) -> list[tuple[str, int, list[float]]]:
+SETTINGS = ("single", "multi", "single-eq", "multi-eq")
+
+
+def _settings(size: int, scales: list[float], which=SETTINGS) -> list[tuple[str, int, list[float]]]:
+    """single@S, multi@S and the equal-pixel-cost counterparts (``which``: a subset of :data:`SETTINGS`)."""
     cost = sum(s * s for s in scales)
     up, down = int(round(size * math.sqrt(cost))), int(round(size / math.sqrt(cost)))
-    return [(f"single@{size}", size, [1.0]), (f"multi@{size}", size, scales),
-            (f"single@{up} (cost of multi@{size})", up, [1.0]),
-            (f"multi@{down} (cost of single@{size})", down, scales)]
+    every = {"single": (f"single@{size}", size, [1.0]), "multi": (f"multi@{size}", size, scales),
+             "single-eq": (f"single@{up} (cost of multi@{size})", up, [1.0]),
+             "multi-eq": (f"multi@{down} (cost of single@{size})", down, scales)}
+    return [every[k] for k in SETTINGS if k in which]
 
 
 def shrunk_copies(bench, described, recipes, describer, label, pool, n, side) -> list[dict]:
@@ -82,6 +87,8 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 1 / math.sqrt(2), 0.5])
     ap.add_argument("--recipes", nargs="+", default=["mac", "rmac", "gem"])
     ap.add_argument("--pools", nargs="+", default=["sum", "gem"], help="scale_pool values (gem: not for rmac)")
+    ap.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                    help="single@S, multi@S, single at the pixel cost of multi@S, multi at the cost of single@S")
     ap.add_argument("--no-whitening", action="store_true", help="skip the held-out whitening (smoke runs)")
     ap.add_argument("--shrink-queries", type=int, default=200,
                     help="UKBench: this many database photos, shrunk to --shrink-side px, each searched among all "
@@ -109,7 +116,7 @@ def main() -> None:
 
     for bb in args.backbones:
         backbone = None
-        for label, size, scales in _settings(args.max_size, args.scales):
+        for label, size, scales in _settings(args.max_size, args.scales, args.settings):
             pools = ["sum"] if scales == [1.0] else args.pools
             for pool in pools:
                 extra = {} if scales == [1.0] else {"scales": scales, "scale_pool": pool}

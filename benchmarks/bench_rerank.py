@@ -39,9 +39,11 @@ from instance_search import search as S
 
 HERE = Path(__file__).resolve().parent
 MAX = {"vectors": "max"}  # the authors' region vectors (the `casr` default "auto" picks max-whitened on R-MAC)
+REGIONS = {"space": "regions"}  # Salvador's QE after re-ranking (the default "auto" picks "global" on R-MAC)
 CONFIGS = [("R-MAC", None, 0), ("+ AML", "aml", 0), ("+ AML + QE", "aml", 5), ("+ CA-SR", "casr", 0, None, MAX),
-           ("+ CA-SR + QE", "casr", 5, None, MAX), ("+ CA-SR + QE (global)", "casr", 5, {"space": "global"}, MAX),
+           ("+ CA-SR + QE", "casr", 5, REGIONS, MAX), ("+ CA-SR + QE (global)", "casr", 5, {"space": "global"}, MAX),
            ("+ CA-SR (max-whitened)", "casr", 0, None, {"vectors": "max-whitened"}),
+           ("+ CA-SR (max-whitened) + QE", "casr", 5, REGIONS, {"vectors": "max-whitened"}),
            ("+ CA-SR (max-whitened) + QE (global)", "casr", 5, {"space": "global"}, {"vectors": "max-whitened"})]
 # "+ CA-SR + QE": the default QE after CA-SR, Salvador et al.'s in the region space (rerank/base.py CASR);
 # "(global)": average QE of the query's and the top re-ranked images' global vectors, the whole list searched again

@@ -15,7 +15,8 @@ re-ranked and get a box; query expansion then uses the best ``qe`` images *after
 after a re-ranker with its own region space (``casr``, ``cs-sr``: :meth:`~.rerank.base.Reranker.qe_after_rerank`)
 is Salvador et al.'s (Sec. 4.3): the mean of the *raw* region vectors of the query box and of the boxes of the top
 ``qe`` re-ranked images (re-cropped from their maps), L2 (sum pooling: then the PCA-whitening and L2), then the
-short list re-ranked again with it (new scores and boxes); ``qe_options={"space": "global"}`` keeps the earlier
+short list re-ranked again with it (new scores and boxes) -- the default (``space="auto"``) except on a whitened
+MAC / R-MAC index, where the global average measured as good or better; ``qe_options={"space": "global"}`` keeps the earlier
 global-vector average instead. After AML with a MAC / R-MAC recipe the expansion uses
 the vectors of the localised windows and re-scores the short list with the expanded query; otherwise (and for
 ``alpha`` after ``casr`` / ``cs-sr``) it uses the stored global vectors and searches the index again (that second
@@ -321,7 +322,8 @@ def search_described(col, vec: np.ndarray, fmap, top: int, reranker: Reranker, s
     if qe <= 0 or not hits or not expansion.query_side:
         return hits[:top]
     try:
-        if reranked is not None and isinstance(expansion, AverageQE) and expansion.opts["space"] == "regions":
+        if reranked is not None and isinstance(expansion, AverageQE) and \
+                expansion.space_for(col.whitening, _windows_in_global_space(col)) == "regions":
             out = reranker.qe_after_rerank(fmap, [h.id for h in reranked.head], reranked.scores, reranked.result, qe,
                                            _context(col, vec))
             if out is not None:  # QE in the re-ranker's region space (Salvador et al. 2016, Sec. 4.3)

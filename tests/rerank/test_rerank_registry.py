@@ -123,8 +123,8 @@ def test_hits_equal_the_ones_recorded_before_the_registry(indexes, ukbench):
 
     def new_api(col, query, box, rid, rerank, qe):
         opts = {"rerank_options": dict(AML_FAST)} if rerank == "aml-fast" else {}
-        if rerank == "casr":  # unwhitened: the recording's CA-SR is the authors' max (L2 only)
-            opts = {"rerank_options": {"vectors": "max"}}
+        if rerank == "casr":  # the recording's CA-SR is the authors' max (L2 only), its QE in the region space
+            opts = {"rerank_options": {"vectors": "max"}, "qe_options": {"space": "regions"}}
         col.aml_fast_options = {}
         return (col.search(query, box=box, top=12, rerank=rerank, shortlist=8, qe=qe, qe_kind="avg", **opts),
                 col.search_indexed(rid, top=12, rerank=rerank, shortlist=8, qe=qe, **opts))
@@ -294,3 +294,25 @@ def test_every_name_from_python_cli_and_http(indexes, ukbench, tmp_path, rerank)
             r = client.post("/api/search", data={"query_id": "1", "options": json.dumps(
                 {"rerank": "cs-sr", "detector": name})})
             assert r.status_code == 422 and "detector" in r.text, (name, r.text)
+
+
+@pytest.mark.slow
+def test_casr_auto_defaults_follow_the_index(indexes, ukbench):
+    """``casr`` with no options: on the whitened R-MAC index the whitened max vectors and QE of the global
+    vectors; on the unwhitened one the authors' max vectors and QE in the region space -- the same hits as
+    those options named."""
+    from instance_search.collection import Collection
+
+    query, box = ukbench / "ukbench00001.jpg", (40, 30, 600, 450)
+    for name, vectors, space in (("whitened", "max-whitened", "global"), ("plain", "max", "regions")):
+        col = Collection.open(indexes[name], engine="exact")
+        for qe in (0, 3):
+            auto = col.search(query, box=box, top=10, rerank="casr", shortlist=8, qe=qe)
+            named = col.search(query, box=box, top=10, rerank="casr", shortlist=8, qe=qe,
+                               rerank_options={"vectors": vectors}, qe_options={"space": space})
+            assert [(h.id, h.score, h.box) for h in auto] == [(h.id, h.score, h.box) for h in named], (name, qe)
+    col = Collection.open(indexes["whitened"], engine="exact")
+    a = col.search(query, box=box, top=10, rerank="casr", shortlist=8, qe=3)
+    b = col.search(query, box=box, top=10, rerank="casr", shortlist=8, qe=3, rerank_options={"vectors": "max"},
+                   qe_options={"space": "regions"})
+    assert [(h.id, round(h.score, 6)) for h in a] != [(h.id, round(h.score, 6)) for h in b]  # the choice matters

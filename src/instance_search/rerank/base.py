@@ -401,16 +401,26 @@ class AverageQE(Expansion):
     ``q' = L2(q + Σ_{j≤n} x_j)`` over the ``n`` best results; :func:`~.expansion.average_qe`."""
 
     name = "avg"
-    #: ``space``: after a re-ranker with its own region space (``casr``, ``cs-sr``), ``"regions"`` (default) averages
+    #: ``space``: after a re-ranker with its own region space (``casr``, ``cs-sr``), ``"regions"`` averages
     #: as Salvador et al. 2016, Sec. 4.3 (raw region vectors, short list re-ranked again:
     #: :meth:`Reranker.qe_after_rerank`); ``"global"`` averages the global vectors and searches again (the earlier
-    #: path: better on UKBench-125, worse on Paris-250 Hard, docs/papers/salvador.md)
-    options = {"space": "regions"}
+    #: path: better on UKBench-125, worse on Paris-250 Hard with IPA, docs/papers/salvador.md); ``"auto"``
+    #: (default, :meth:`space_for`): ``"global"`` on a MAC / R-MAC index with a whitening (where it measured as
+    #: good or better, docs/results.md), ``"regions"`` elsewhere (Salvador's IPA indexes)
+    options = {"space": "auto"}
+    SPACES = ("auto", "regions", "global")
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.opts["space"] not in ("regions", "global"):
-            raise ValueError(f"avg: space must be 'regions' or 'global', got {self.opts['space']!r}")
+        if self.opts["space"] not in self.SPACES:
+            raise ValueError(f"avg: space must be one of {', '.join(map(repr, self.SPACES))}, "
+                             f"got {self.opts['space']!r}")
+
+    def space_for(self, whitening, window_space: bool) -> str:
+        """The space ``space`` names for an index (``"auto"`` resolved as the options say)."""
+        if self.opts["space"] != "auto":
+            return str(self.opts["space"])
+        return "global" if whitening is not None and window_space else "regions"
 
     def expand(self, q, neighbours):
         return average_qe(q, neighbours, ranks=np.arange(len(neighbours)), top=len(neighbours))
