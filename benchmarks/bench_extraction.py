@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Extraction on the CPU, per backbone and engine: VGG16 conv5_3 (exact fp32 vs Winograd) and ResNet-50 res5
-(exact fp32 vs BatchNorm folded vs the Winograd engine, the default ``auto`` on the CPU).
+"""Extraction on the CPU, per backbone and engine: VGG16 conv5_3 (exact fp32 vs Winograd), ResNet-50 res5
+(exact fp32 vs BatchNorm folded vs the Winograd engine, the default ``auto`` on the CPU) and EfficientNet-Lite0
+head (exact fp32 vs ``folded``, its ``auto`` on the CPU).
 
 Measures, in one run:
 
@@ -20,12 +21,21 @@ Measures, in one run:
   bound); the times of the exact network, of ``folded`` (BatchNorm folded, channels-last, oneDNN convs), of the
   ``winograd`` engine with its 3x3 convolutions left direct (what the NHWC matmul 1x1 convs alone buy), and of
   the ``winograd`` engine itself; MAC / R-MAC cosine of each engine vs exact; end-to-end throughput on the
-  UKBench images, exact vs winograd, with the worst MAC cosine.
+  UKBench images, exact vs winograd, with the worst MAC cosine;
+* EfficientNet-Lite0 up to its head (1280 channels, stride 32) on the same photo: its FLOPs (counted by torch's
+  FLOP counter on the network), the direct bound (FLOPs / peak: a loose one, since its depthwise and narrow 1x1
+  convolutions are bound by memory traffic, not by multiplications), the times of the exact network and of the
+  ``folded`` engine (:class:`~instance_search.backbones.fast_lite.FoldedLite0`), the head map's relative error
+  and the MAC / R-MAC cosines vs exact; end-to-end throughput on the UKBench images, exact vs folded.
+
+``--backbones`` runs a subset of the sections (e.g. ``--backbones efficientnet-lite0``); the matmul peak is always
+measured. A subset is written to ``benchmarks/results/extraction_<backbones>.json`` unless ``--out`` says
+otherwise, so the full run's file is not overwritten.
 
 The machine may be shared: the load average before and after is recorded. Results are printed and written to
 ``benchmarks/results/extraction.json``.
 
-    .venv/bin/python benchmarks/bench_extraction.py [--n 40] [--runs 3] [--threads 2]
+    .venv/bin/python benchmarks/bench_extraction.py [--n 40] [--runs 3] [--threads 2] [--backbones vgg16,...]
 
 (about 3 minutes on the idle 2-core machine with the defaults)
 """
@@ -52,6 +62,8 @@ from instance_search.backbones import load_backbone  # noqa: E402
 from instance_search.backbones import fast  # noqa: E402
 from instance_search.backbones.vgg16 import VGG16_CONVS  # noqa: E402
 from instance_search.images import load_image  # noqa: E402
+
+BACKBONES = ("vgg16", "resnet50", "efficientnet-lite0")
 
 
 def cpu_model() -> str:
@@ -242,14 +254,96 @@ def resnet50_section(x_photo, path: str, peak: dict, runs: int, paths: list) -> 
     return out
 
 
+def lite0_section(x_photo, path: str, peak: dict, runs: int, paths: list) -> dict:
+    """EfficientNet-Lite0 up to its head on the 768 x 1024 photo, exact vs folded (see the module docstring); end
+    to end on the UKBench ``paths``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        bb = load_backbone("efficientnet-lite0", progress=False)
+    except Exception as exc:  # noqa: BLE001 - no weights here: the section says so instead of failing the run
+        print(f"EfficientNet-Lite0 skipped: {exc}")
+        return {"skipped": str(exc)}
+    x = bb.preprocess(x_photo)[None]
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        bb.net(x, ["head"])
+    gflop = counter.get_total_flops() / 1e9
+    bound = gflop / peak["gflops_best"]
+    print(f"EfficientNet-Lite0 up to head on {x.shape[-2]}x{x.shape[-1]}: {gflop:.2f} GFLOP -> direct bound "
+          f"{bound:.3f} s at peak")
+    engines = {"exact": bb.net, "folded": fast.FoldedLite0(bb.net)}
+
+    def runner(eng):
+        def run():
+            with torch.inference_mode():
+                return eng(x, ["head"])["head"]
+        return run
+
+    t = interleaved_times({k: runner(e) for k, e in engines.items()}, runs)
+    ref = runner(bb.net)()[0]
+    d_ref = descriptors(ref)
+    out: dict = {"photo": path, "input": list(x.shape), "gflop": gflop, "direct_fp32_bound_s": bound, "engines": {}}
+    for name, eng in engines.items():
+        fmap = runner(eng)()[0]
+        d = descriptors(fmap)
+        row = dict(t[name])
+        row.update({"over_direct_bound": row["median_s"] / bound, "effective_gflops": gflop / row["median_s"],
+                    "speedup_vs_exact": t["exact"]["median_s"] / row["median_s"],
+                    "speedup_vs_exact_min": t["exact"]["min_s"] / row["min_s"],
+                    "head_rel_err": rel_err(fmap, ref),
+                    "head_max_abs_err_over_max": float((fmap - ref).abs().max() / ref.abs().max()),
+                    "cos_mac": cos(d["mac"], d_ref["mac"])})
+        if "rmac" in d_ref:
+            row["cos_rmac"] = cos(d["rmac"], d_ref["rmac"])
+        out["engines"][name] = row
+        print(f"  {name:8s} median {row['median_s']:.3f} s, min {row['min_s']:.3f} s = {row['over_direct_bound']:.2f} "
+              f"x bound ({row['effective_gflops']:.0f} effective GFLOP/s, {row['speedup_vs_exact']:.2f}x exact)  "
+              f"head rel err {row['head_rel_err']:.1e}  1-cos MAC {1 - row['cos_mac']:.1e}"
+              + (f" R-MAC {1 - row['cos_rmac']:.1e}" if "cos_rmac" in row else ""))
+    out["folded_workspace_mb"] = engines["folded"].workspace_bytes() / 2**20
+    e2e: dict = {"n_images": len(paths)}
+    macs = {}
+    for name in ("exact", "folded"):
+        fast.use_engine(bb, name)
+        bb.features(load_image(paths[0]), "head")
+        t0 = time.perf_counter()
+        vecs = []
+        for p in paths:
+            fmap = bb.features(load_image(p), "head")[("head", 1.0)]
+            vecs.append(fmap.amax(dim=(-2, -1)))
+        dt = time.perf_counter() - t0
+        macs[name] = torch.stack(vecs)
+        e2e[name] = {"seconds": dt, "images_per_s": len(paths) / dt, "s_per_image": dt / len(paths)}
+        print(f"  end-to-end Lite0 {name}: {len(paths)} UKBench images in {dt:.1f} s = {len(paths) / dt:.2f} images/s")
+    fast.use_engine(bb, "exact")
+    e2e["min_cos_mac"] = float(F.cosine_similarity(macs["exact"].double(), macs["folded"].double(), dim=1).min())
+    e2e["speedup"] = e2e["exact"]["seconds"] / e2e["folded"]["seconds"]
+    print(f"  end-to-end speedup {e2e['speedup']:.2f}x, worst MAC cosine over the images {e2e['min_cos_mac']:.7f} "
+          f"(1-cos {1 - e2e['min_cos_mac']:.1e})")
+    out["ukbench_end_to_end"] = e2e
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=40, help="UKBench images for the end-to-end throughput (default 40)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per engine on the 768x1024 image (>= 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--batch", type=str, default="2", help="batch sizes to try with the engine, e.g. '2,4' ('' none)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "extraction.json")
+    ap.add_argument("--backbones", type=str, default=",".join(BACKBONES),
+                    help=f"comma-separated sections to run (default all: {','.join(BACKBONES)})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default benchmarks/results/extraction.json, or extraction_<backbones>.json "
+                         "for a subset)")
     args = ap.parse_args(argv)
+    chosen = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    unknown = sorted(set(chosen) - set(BACKBONES))
+    if unknown or not chosen:
+        ap.error(f"--backbones: unknown {unknown}; choose among {', '.join(BACKBONES)}")
+    if args.out is None:
+        subset = set(chosen) != set(BACKBONES)
+        args.out = REPO / "benchmarks" / "results" / (f"extraction_{'_'.join(chosen)}.json" if subset
+                                                      else "extraction.json")
     torch.set_num_threads(args.threads)
     res: dict = {
         "machine": {
@@ -268,15 +362,39 @@ def main(argv=None) -> dict:
     gflop = vgg16_gflop(768, 1024)
     bound = gflop / peak["gflops_best"]
     res["peak"] = peak
-    res["vgg16_conv5_3_768x1024"] = {"direct_gflop": gflop, "direct_fp32_bound_s": bound}
+    res["backbones"] = chosen
     print(f"peak fp32 matmul (4096^2): {peak['gflops_best']:.1f} GFLOP/s (median {peak['gflops_median']:.1f})")
-    print(f"VGG16 up to conv5_3 on 768x1024: {gflop:.1f} GFLOP direct -> bound {bound:.2f} s at peak")
+    path, img = photo_768x1024()
+    paths = sorted((DATA / "ukbench1000").glob("*.jpg"))[: args.n]
+    if "vgg16" in chosen:
+        res["vgg16_conv5_3_768x1024"] = {"direct_gflop": gflop, "direct_fp32_bound_s": bound}
+        print(f"VGG16 up to conv5_3 on 768x1024: {gflop:.1f} GFLOP direct -> bound {bound:.2f} s at peak")
+        vgg16_section(res, args, peak, gflop, bound, path, img, paths)
+
+    # ---- ResNet-50 res5: exact vs folded vs winograd
+    if "resnet50" in chosen:
+        res["resnet50_res5_768x1024"] = resnet50_section(x_photo=img, path=path, peak=peak,
+                                                         runs=max(3, args.runs), paths=paths)
+
+    # ---- EfficientNet-Lite0 head: exact vs folded
+    if "efficientnet-lite0" in chosen:
+        res["efficientnet_lite0_head_768x1024"] = lite0_section(x_photo=img, path=path, peak=peak,
+                                                                runs=max(3, args.runs), paths=paths)
+
+    res["machine"]["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"load average after: {res['machine']['loadavg_after']}; wrote {args.out}")
+    return res
+
+
+def vgg16_section(res: dict, args, peak: dict, gflop: float, bound: float, path: str, img, paths: list) -> None:
+    """VGG16 conv5_3 on the 768 x 1024 photo, exact vs Winograd; batches; end to end on UKBench (into ``res``)."""
 
     # ---- one 768 x 1024 photo, exact vs Winograd
     bb = load_backbone("vgg16", progress=False)
     engine = fast.winograd_trunk(bb)  # parallel='strips' (the default)
     engine_omp = fast.WinogradVGGTrunk(bb.net.features.named_children(), parallel="omp")
-    path, img = photo_768x1024()
     x = bb.preprocess(img)[None]
     layers = ["conv5_3"]
 
@@ -333,7 +451,6 @@ def main(argv=None) -> dict:
     res["image_768x1024"]["winograd_batches"] = batches
 
     # ---- end-to-end indexing throughput on UKBench
-    paths = sorted((DATA / "ukbench1000").glob("*.jpg"))[: args.n]
     e2e = {"n_images": len(paths), "image_size": None}
     macs = {}
     for name in ("exact", "winograd"):
@@ -356,16 +473,6 @@ def main(argv=None) -> dict:
     e2e["speedup"] = e2e["exact"]["seconds"] / e2e["winograd"]["seconds"]
     res["ukbench_end_to_end"] = e2e
     print(f"end-to-end speedup {e2e['speedup']:.2f}x, worst MAC cosine over the images {worst:.7f}")
-
-    # ---- ResNet-50 res5: exact vs folded vs winograd
-    res["resnet50_res5_768x1024"] = resnet50_section(x_photo=img, path=path, peak=peak, runs=max(3, args.runs),
-                                                     paths=paths)
-
-    res["machine"]["loadavg_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"load average after: {res['machine']['loadavg_after']}; wrote {args.out}")
-    return res
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ class Describer:
 
     @property
     def engine(self) -> str:
-        """The engine asked for: ``auto`` (winograd for VGG16 / ResNet-50 on the CPU, else exact: see
-        :func:`~instance_search.backbones.fast.resolve_engine`), ``exact`` fp32, ``winograd`` or ``folded``.
+        """The engine asked for: ``auto`` (winograd for VGG16 / ResNet-50 on the CPU, folded for EfficientNet-Lite0
+        on the CPU, else exact: see :func:`~instance_search.backbones.fast.resolve_engine`), ``exact`` fp32,
+        ``winograd`` or ``folded``.
         Setting it checks the name against the backbone and device (:class:`EngineError` before any image is
         read) and switches a network already loaded."""
         return self._engine

@@ -258,14 +258,14 @@ def test_folded_engine_refuses_vgg16(vgg16):
 
 # ----------------------------------------------------------------------------- the default engine: auto
 def test_resolve_engine_auto_and_explicit():
-    """Issue 14 item 3 / issue 15: ``auto`` is winograd for VGG16 and ResNet-50 on the CPU, exact for any other
-    backbone or on a GPU; explicit engines come back as they are where they can run, else EngineError."""
+    """Issue 14 item 3 / issue 15: ``auto`` is winograd for VGG16 and ResNet-50 on the CPU, folded for
+    EfficientNet-Lite0 on the CPU, exact for any other backbone or on a GPU; explicit engines come back as they are where they can run, else EngineError."""
     from instance_search.errors import ISearchError
 
     r = fast.resolve_engine
     assert r("vgg16", "cpu") == "winograd" and r("resnet50", torch.device("cpu"), "auto") == "winograd"
-    for other in ("efficientnet-lite0", "googlenet"):
-        assert r(other, "cpu") == "exact"
+    assert r("efficientnet-lite0", "cpu") == "folded" and r("efficientnet-lite0", "cuda") == "exact"
+    assert r("googlenet", "cpu") == "exact"
     for gpu in ("cuda", "cuda:1", torch.device("cuda", 0)):  # a name only: no GPU needed to resolve
         assert r("vgg16", gpu) == "exact" and r("resnet50", gpu) == "exact"
         assert r("vgg16", gpu, "exact") == "exact"
@@ -306,7 +306,7 @@ def test_describer_and_commands_default_to_auto():
         assert inspect.signature(fn).parameters["engine"].default == "auto", fn
     assert collection.Describer(Recipe("rmac", backbone="vgg16")).engine_name == "winograd"
     assert collection.Describer(Recipe("mac", backbone="resnet50")).engine_name == "winograd"
-    assert collection.Describer(Recipe("mac", backbone="efficientnet-lite0")).engine_name == "exact"
+    assert collection.Describer(Recipe("mac", backbone="efficientnet-lite0")).engine_name == "folded"
     assert collection.Describer(Recipe("mac", backbone="vgg16"), device="cuda").engine_name == "exact"
     assert collection.Describer(Recipe("mac", backbone="vgg16"), engine="exact").engine_name == "exact"
     with pytest.raises(fast.EngineError, match="'fastest'"):

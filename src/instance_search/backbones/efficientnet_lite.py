@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .taps import requested_taps
 
-__all__ = ["EfficientNetLite0", "LITE0_STAGES", "LITE0_LAYERS", "LITE0_CHANNELS", "LITE0_STRIDES"]
+__all__ = ["EfficientNetLite0", "LITE0_STAGES", "LITE0_LAYERS", "LITE0_CHANNELS", "LITE0_STRIDES", "tf_same_padding"]
 
 #: (blocks, kernel, stride, expand ratio, output channels) per stage.
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -67,6 +67,13 @@ def _strides_and_channels() -> tuple[dict[str, int], dict[str, int]]:
 LITE0_STRIDES, LITE0_CHANNELS = _strides_and_channels()
 
 
+def tf_same_padding(size: int, k: int, s: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding of one side of length ``size`` for a ``k``-wide kernel with stride ``s``:
+    ``(before, after)``, so that the output has ``ceil(size / s)`` pixels, the extra pixel (if any) after."""
+    total = max((-(-size // s) - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
 class _Conv(nn.Conv2d):
     """A bias-free conv with either TensorFlow "SAME" padding or symmetric ``k // 2`` padding."""
 
@@ -80,11 +87,10 @@ class _Conv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tf_same:
             k, s = self.kernel_size[0], self.stride[0]
-            h, w = x.shape[-2:]
-            ph = max((-(-h // s) - 1) * s + k - h, 0)
-            pw = max((-(-w // s) - 1) * s + k - w, 0)
-            if ph or pw:
-                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            top, bottom = tf_same_padding(x.shape[-2], k, s)
+            left, right = tf_same_padding(x.shape[-1], k, s)
+            if top or bottom or left or right:
+                x = F.pad(x, (left, right, top, bottom))
         return super().forward(x)
 
 

@@ -49,10 +49,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ISearchError
+from .fast_lite import FoldedLite0
+from .folding import fold_batchnorm
 
 __all__ = [
     "ENGINES",
     "EngineError",
+    "FoldedLite0",
     "FoldedResNet50",
     "fold_batchnorm",
     "WinogradVGGTrunk",
@@ -79,26 +82,31 @@ def resolve_engine(backbone_name: str | None, device="cpu", engine: str = "auto"
 
     ``auto`` is ``winograd`` on the CPU for VGG16 (Winograd F(4x4, 3x3), :class:`WinogradVGGTrunk`) and for
     ResNet-50 (BatchNorm folded, channels-last, Winograd for its 3x3 stride-1 convolutions:
-    :class:`FoldedResNet50` with ``winograd=True``), and ``exact`` (the fp32 network) for any other backbone or
-    on a GPU. Both fast engines agree with the exact network to a cosine >= 0.99999 of MAC / R-MAC on real
-    photos (tests/backbones/test_fast.py). An explicit engine is returned as it is after checking that it can
-    run there (``winograd`` and ``folded`` are CPU-only; ``folded`` is for ResNet-50 only; ``winograd`` for
-    VGG16 and ResNet-50). Raises :class:`EngineError` naming the engine otherwise.
+    :class:`FoldedResNet50` with ``winograd=True``), ``folded`` on the CPU for EfficientNet-Lite0 (BatchNorm
+    folded, NHWC, 1x1 convolutions as matmuls: :class:`~instance_search.backbones.fast_lite.FoldedLite0`), and
+    ``exact`` (the fp32 network) for any other backbone or on a GPU. The fast engines agree with the exact
+    network to a cosine >= 0.99999 of MAC / R-MAC on real photos (tests/backbones/test_fast.py,
+    tests/backbones/test_fast_lite.py). An explicit engine is returned as it is after checking that it can run
+    there (``winograd`` and ``folded`` are CPU-only; ``folded`` is for ResNet-50 and EfficientNet-Lite0;
+    ``winograd`` for VGG16 and ResNet-50). Raises :class:`EngineError` naming the engine otherwise.
     """
     if engine not in ENGINES:
         raise EngineError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     name = str(backbone_name) if backbone_name is not None else None
     cpu = torch.device(device).type == "cpu"
     if engine == "auto":
-        return "winograd" if cpu and name in ("vgg16", "resnet50") else "exact"
+        if not cpu:
+            return "exact"
+        return {"vgg16": "winograd", "resnet50": "winograd", "efficientnet-lite0": "folded"}.get(name, "exact")
     if engine == "exact":
         return engine
     if not cpu:
         raise EngineError(f"the {engine} engine runs on the CPU only, not on {device} (use --engine exact or auto)")
     if engine == "winograd" and name not in ("vgg16", "resnet50", None):
         raise EngineError(f"the winograd engine supports VGG16 and ResNet-50, not {name!r}")
-    if engine == "folded" and name != "resnet50":
-        raise EngineError(f"the folded engine is for ResNet-50 (BatchNorm folding), not {name!r}")
+    if engine == "folded" and name not in ("resnet50", "efficientnet-lite0"):
+        raise EngineError(f"the folded engine is for ResNet-50 and EfficientNet-Lite0 (BatchNorm folding), "
+                          f"not {name!r}")
     return engine
 
 # --------------------------------------------------------------------------------------------------------
@@ -741,21 +749,6 @@ def winograd_trunk(backbone) -> WinogradVGGTrunk:
 # --------------------------------------------------------------------------------------------------------
 # ResNet-50 with BatchNorm folded into its convolutions
 # --------------------------------------------------------------------------------------------------------
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float32):
-    """``(weight, bias)`` of the one convolution equal to ``bn(conv(x))`` at inference (Ioffe & Szegedy 2015,
-    Alg. 2): with ``k = γ / sqrt(σ² + ε)``, ``W' = k·W`` (per output channel) and ``b' = k·(b - μ) + β``.
-    Computed in float64, returned in ``dtype``."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("fold_batchnorm: the BatchNorm has no running statistics")
-    w = conv.weight.detach().to(torch.float64)
-    b = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    g = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(b)
-    beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(b)
-    k = g / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
-    mu = bn.running_mean.detach().to(torch.float64)
-    return (w * k[:, None, None, None]).to(dtype), (k * (b - mu) + beta).to(dtype)
-
-
 class _Folded(nn.Module):
     """One convolution with its BatchNorm folded in (buffers, not parameters: inference only)."""
 
@@ -1004,10 +997,12 @@ def use_engine(backbone, engine: str = "auto"):
     """Make ``backbone.features`` run on ``engine`` and return the backbone.
 
     ``'auto'`` (the default): the fastest engine that agrees with the exact network for this backbone and
-    device, as decided by :func:`resolve_engine` (``winograd`` for VGG16 and ResNet-50 on the CPU, else
-    ``exact``); ``'winograd'``: VGG16 with Winograd F(4x4, 3x3) (:class:`WinogradVGGTrunk`), or ResNet-50 with
-    BatchNorm folded and Winograd for its 3x3 stride-1 convolutions (:class:`FoldedResNet50`, ``winograd=True``);
-    ``'folded'``: ResNet-50 with BatchNorm folded into its convolutions, channels-last, direct convolutions;
+    device, as decided by :func:`resolve_engine` (``winograd`` for VGG16 and ResNet-50 on the CPU, ``folded``
+    for EfficientNet-Lite0 on the CPU, else ``exact``); ``'winograd'``: VGG16 with Winograd F(4x4, 3x3)
+    (:class:`WinogradVGGTrunk`), or ResNet-50 with BatchNorm folded and Winograd for its 3x3 stride-1
+    convolutions (:class:`FoldedResNet50`, ``winograd=True``); ``'folded'``: ResNet-50 with BatchNorm folded into
+    its convolutions, channels-last, direct convolutions, or EfficientNet-Lite0 with BatchNorm folded, NHWC
+    activations and its 1x1 convolutions as matmuls (:class:`~instance_search.backbones.fast_lite.FoldedLite0`);
     ``'exact'``: the original fp32 network. A fast engine is built once and kept on the backbone
     (``backbone.__dict__['_<engine>_engine']``), so switching back and forth is free. :func:`engine_of` tells
     which one runs.
@@ -1023,6 +1018,8 @@ def use_engine(backbone, engine: str = "auto"):
     if cached is None:
         if engine == "winograd" and name != "resnet50":
             cached = winograd_trunk(backbone)
+        elif name == "efficientnet-lite0":
+            cached = FoldedLite0(backbone.net)
         else:
             cached = FoldedResNet50(backbone.net, winograd=engine == "winograd")
         backbone.__dict__[key] = cached
@@ -1032,10 +1029,13 @@ def use_engine(backbone, engine: str = "auto"):
 
 def engine_of(backbone) -> str:
     """The engine that runs ``backbone.trunk``: ``'winograd'`` (:class:`WinogradVGGTrunk`, or
-    :class:`FoldedResNet50` with Winograd), ``'folded'`` (:class:`FoldedResNet50` without), else ``'exact'``."""
+    :class:`FoldedResNet50` with Winograd), ``'folded'`` (:class:`FoldedResNet50` without, or
+    :class:`~instance_search.backbones.fast_lite.FoldedLite0`), else ``'exact'``."""
     trunk = getattr(backbone, "trunk", None)
     if isinstance(trunk, WinogradVGGTrunk):
         return "winograd"
+    if isinstance(trunk, FoldedLite0):
+        return "folded"
     if isinstance(trunk, FoldedResNet50):
         return "winograd" if trunk.winograd else "folded"
     return "exact"

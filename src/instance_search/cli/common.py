@@ -12,9 +12,10 @@ from ..errors import ISearchError
 __all__ = ["ENGINE", "ENGINE_HELP", "EXPECTED_ERRORS", "expected_errors", "message", "fail"]
 
 #: ``--engine`` of the commands that run a network (resolved by ``backbones.fast.resolve_engine``)
-ENGINE_HELP = ("auto (winograd for VGG16 and ResNet-50 on the CPU, exact otherwise) | exact (the fp32 network) | "
-               "winograd (VGG16: Winograd F(4x4,3x3); ResNet-50: BatchNorm folded + Winograd 3x3 convs; descriptors "
-               "agree with exact to cosine >= 0.99999) | folded (ResNet-50: BatchNorm folded, direct convs)")
+ENGINE_HELP = ("auto (winograd for VGG16 and ResNet-50 on the CPU, folded for EfficientNet-Lite0 on the CPU, exact "
+               "otherwise) | exact (the fp32 network) | winograd (VGG16: Winograd F(4x4,3x3); ResNet-50: BatchNorm "
+               "folded + Winograd 3x3 convs; descriptors agree with exact to cosine >= 0.99999) | folded (ResNet-50: "
+               "BatchNorm folded, direct convs; EfficientNet-Lite0: BatchNorm folded, 1x1 convs as matmuls)")
 ENGINE = typer.Option("auto", "--engine", help=ENGINE_HELP)
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ISearchError, FileNotFoundError, KeyError, ValueError)
