@@ -35,7 +35,7 @@ import torch
 
 from instance_search.collection import Describer, fit_whitening
 from instance_search.eval.datasets import load_benchmark
-from instance_search.eval.runner import describe_benchmark, score
+from instance_search.eval.runner import benchmark_items, describe_benchmark, score
 from instance_search.index.store import atomic_write_bytes
 from instance_search.recipes.base import Recipe
 
@@ -128,7 +128,8 @@ def main() -> None:
                 describer._backbone = backbone
                 described = {}
                 for name in order:
-                    n = benches[name].n_images + benches[name].n_queries
+                    _, _, reuse = benchmark_items(benches[name])  # queries without a box reuse their entry
+                    n = benches[name].n_images + sum(r is None for r in reuse)
                     c0, w0 = time.process_time(), time.perf_counter()
                     described[name] = describe_benchmark(benches[name], recipes, cache_dir=args.cache,
                                                          describer=describer, progress=False)
