@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--skip-holidays", action="store_true", help="use the Holidays index only for the whitening")
     ap.add_argument("--skip-ukbench", action="store_true", help="use the UKBench index only for the whitening")
     ap.add_argument("--paris-shortlist", type=int, default=100)
+    ap.add_argument("--backbone", default="vgg16", help="Paris: the backbone of the R-MAC index (its last conv "
+                    "layer; the Holidays index for the whitening must use the same backbone)")
     ap.add_argument("--whitening", choices=["other", "self"], default="other",
                     help="Holidays/UKBench: whitening learned on the other collection's index (papers' protocol) "
                          "or the index's own")
@@ -130,7 +132,7 @@ def main() -> None:
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
     if not args.skip_paris:
         bench = load_benchmark("rparis6k")
-        recipe = Recipe("rmac", backbone="vgg16", max_size=1024)
+        recipe = Recipe("rmac", backbone=args.backbone, max_size=1024)
         describer = Describer(recipe, engine="winograd")
         db, queries, _ = benchmark_items(bench)
         qmaps = extract_maps(queries, recipe, describer=describer, cache_dir=HERE / "cache", desc="query crops")
@@ -138,6 +140,9 @@ def main() -> None:
         wh = None  # the papers' protocol: whitening learned on another collection (Holidays regions), else none
         if args.holidays_index is not None:
             hol = Collection.open(args.holidays_index)
+            if hol.recipe.backbone != recipe.backbone:
+                raise SystemExit(f"--holidays-index {args.holidays_index}: {hol.recipe.backbone} maps, but --backbone "
+                                 f"{recipe.backbone}")
             wh = fit_whitening(np.concatenate(hol.store.local_descriptors()),
                                trained_on=f"Holidays-811 R-MAC regions ({args.holidays_index})")
         out["paris250_whitening"] = "none" if wh is None else wh.trained_on
