@@ -96,9 +96,9 @@ def test_vectors_option_refused_or_needs_a_whitening():
         CA.check_vectors("max-whitened", None)
     with pytest.raises(ValueError, match="'sum' need the index's PCA-whitening"):
         CA.check_vectors("sum", None)
-    with pytest.raises(ValueError, match="casr: vectors must be one of auto, max, sum, max-whitened, got 'whitened'"):
+    with pytest.raises(ValueError, match="casr: vectors must be one of max, sum, max-whitened, got 'whitened'"):
         RB.make_reranker("casr", vectors="whitened")
-    assert RB.make_reranker("casr").opts["vectors"] == "auto"
+    assert RB.make_reranker("casr").opts["vectors"] == "max"
     with pytest.raises(ValueError, match="integral"):
         CA.ca_sr(np.ones(4), [np.ones((4, 3, 3), np.float32)], pooling="sum", method="integral")
 
@@ -117,33 +117,6 @@ def test_casr_reranker_uses_the_named_vectors(maps, whitening):
     plain = RB.RerankContext(maps=ctx.maps, all_ids=ctx.all_ids, whitening=None)
     with pytest.raises(ValueError, match="need the index's PCA-whitening"):
         RB.make_reranker("casr", vectors="sum").rerank(None, qmap, ids, np.zeros(3), plain)
-
-
-def test_auto_vectors_follow_the_index(whitening):
-    """``auto``: the earlier whitened max vectors where the index's whitening was learned on max-pooled vectors
-    of the same maps (MAC / R-MAC), the authors' L2-only max elsewhere (IPA-sum whitening, no whitening);
-    a named kind is kept as it is."""
-    assert CA.resolve_vectors("auto", whitening, True) == "max-whitened"
-    assert CA.resolve_vectors("auto", whitening, False) == "max"
-    assert CA.resolve_vectors("auto", None, True) == "max"
-    for kind in CA.REGION_VECTORS:
-        assert CA.resolve_vectors(kind, whitening, False) == kind
-
-
-@pytest.mark.slow
-def test_casr_auto_equals_the_kind_it_resolves_to(maps, whitening):
-    ids = [1, 2, 3]
-    qmap = maps[0][:, 1:5, 1:6]
-    for window_space, kind in ((True, "max-whitened"), (False, "max")):
-        ctx = RB.RerankContext(maps=lambda i, sparse: [maps[k] for k in i], all_ids=lambda: [0, 1, 2, 3],
-                               whitening=whitening, window_space=window_space)
-        auto, _ = RB.make_reranker("casr").rerank(None, qmap, ids, np.zeros(3), ctx)
-        named, _ = RB.make_reranker("casr", vectors=kind).rerank(None, qmap, ids, np.zeros(3), ctx)
-        np.testing.assert_array_equal(auto.scores, named.scores)
-        np.testing.assert_array_equal(auto.boxes, named.boxes)
-    other, _ = RB.make_reranker("casr", vectors="max").rerank(None, qmap, ids, np.zeros(3), ctx)
-    whitened, _ = RB.make_reranker("casr", vectors="max-whitened").rerank(None, qmap, ids, np.zeros(3), ctx)
-    assert not np.allclose(other.scores, whitened.scores)  # the two kinds differ on these maps: the check can fail
 
 
 def test_crop_vectors_and_winning_rows(maps):

@@ -263,25 +263,24 @@ class CASR(Reranker):
     (:data:`~.ca_sr.REGION_VECTORS`): ``max`` (the authors' ``pooling = 'max'``: max-pooled query box and
     windows, L2 only) or ``sum`` (sum-pooled, L2 → the index's PCA-whitening → L2, as the authors reuse the
     image-level PCA of IPA-sum; needs a whitened index) or ``max-whitened`` (max-pooled, L2 → the index's
-    whitening → L2: the package's earlier variant, worse on IPA-sum indexes, better on R-MAC ones; :mod:`.ca_sr`);
-    ``auto`` (default, :func:`~.ca_sr.resolve_vectors`): ``max-whitened`` on an index whose whitening was learned
-    on max-pooled vectors of the same maps (MAC / R-MAC recipes), else the authors' ``max``."""
+    whitening → L2: the package's earlier variant; :mod:`.ca_sr`). ``max`` is the default on every index: on an
+    R-MAC index ``max-whitened`` measured better on Paris-250 (box queries) but worse on Holidays-811 and
+    UKBench-1000 (docs/results.md)."""
 
     name = "casr"
-    options = {"vectors": "auto"}
+    options = {"vectors": "max"}
 
     def __init__(self, **options):
         super().__init__(**options)
-        from .ca_sr import VECTOR_CHOICES
+        from .ca_sr import REGION_VECTORS
 
-        if self.opts["vectors"] not in VECTOR_CHOICES:
-            raise ValueError(f"casr: vectors must be one of {', '.join(VECTOR_CHOICES)}, got {self.opts['vectors']!r}")
+        if self.opts["vectors"] not in REGION_VECTORS:
+            raise ValueError(f"casr: vectors must be one of {', '.join(REGION_VECTORS)}, got {self.opts['vectors']!r}")
 
     def _pooling(self, ctx) -> tuple[str, bool]:
-        from .ca_sr import check_vectors, resolve_vectors
+        from .ca_sr import check_vectors
 
-        return check_vectors(resolve_vectors(str(self.opts["vectors"]), ctx.whitening, ctx.window_space),
-                             ctx.whitening)
+        return check_vectors(str(self.opts["vectors"]), ctx.whitening)
 
     def rerank(self, qvec, qmap, ids, scores, ctx):
         from .ca_sr import ca_sr, query_descriptor

@@ -19,7 +19,8 @@ them from the ``pool5`` blob (Caffe's 7x7 RoI max-pooling, :func:`~instance_sear
 * ``"max-whitened"`` (the package's earlier variant, not the authors'): max-pooled, L2 → the index's
   PCA-whitening → L2. On an IPA-sum index it measured worse than ``"max"`` (Holidays-160, sliding windows: mAP
   67.0 against 76.4; benchmarks/bench_salvador_casr_vectors.py); on an R-MAC index, whose whitening is learned
-  on grid region MACs, it is the one that does not fall below the first stage (docs/results.md, Paris).
+  on grid region MACs, it is better on Paris-250 (box queries) and worse on Holidays-811 and UKBench-1000
+  (whole-image queries) than ``"max"``, which stays the default (docs/results.md).
 
 Pooling: ``method="exact"`` (default) computes the exact max over every box, vectorised by
 :func:`instance_search.ops.integral.window_max` (a 2-D sparse table of power-of-two block maxima, four look-ups
@@ -39,12 +40,10 @@ from .expansion import region_mean_qe
 
 __all__ = ["ca_sr", "ca_sr_regions", "best_regions", "sliding_windows", "rmac_boxes", "region_mac", "REGION_VECTORS",
            "region_descriptors", "proposal_descriptors", "query_descriptor", "cells_to_roi_boxes", "crop_vectors",
-           "winning_rows", "ca_sr_qe", "check_vectors", "resolve_vectors", "VECTOR_CHOICES"]
+           "winning_rows", "ca_sr_qe", "check_vectors"]
 
 #: the region vectors of CA-SR: name → (pooling, whether the index's whitening is applied); see the module docstring
 REGION_VECTORS = {"max": ("max", False), "sum": ("sum", True), "max-whitened": ("max", True)}
-#: what the re-ranker's option ``vectors`` accepts: a kind of :data:`REGION_VECTORS` or ``"auto"``
-VECTOR_CHOICES = ("auto", *REGION_VECTORS)
 #: Caffe's RoI pooling output of the authors' model (``pool5``: 7x7), summed for ``"sum"`` region vectors
 POOL5 = 7
 
@@ -54,16 +53,6 @@ BoxesFn = Callable[[int, int], np.ndarray]
 def region_mac(X, box):
     """MAC of one box ``(x, y, w, h)`` (cells) of a (C, H, W) map: ``max_{p∈box} X_i(p)``, shape (C,)."""
     return window_max(X, np.asarray(box, dtype=np.int64).reshape(1, 4))[0]
-
-
-def resolve_vectors(vectors: str, whitening, window_space: bool) -> str:
-    """The region-vector kind that ``vectors`` names; ``"auto"`` picks by the index: ``"max-whitened"`` when the
-    index has a whitening learned on max-pooled vectors of the same maps (``window_space``: MAC / R-MAC recipes),
-    where it measured above the authors' ``"max"`` (docs/results.md), else ``"max"`` (Salvador's IPA indexes:
-    their whitening was learned on sum-pooled vectors; no whitening at all)."""
-    if vectors != "auto":
-        return vectors
-    return "max-whitened" if whitening is not None and window_space else "max"
 
 
 def check_vectors(vectors: str, whitening) -> tuple[str, bool]:
