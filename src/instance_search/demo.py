@@ -84,7 +84,7 @@ def offline_photos(folder: Path, n_images: int, n_train: int = 0) -> tuple[list[
     return paths, train
 
 
-def run_demo(out: Path, n_images: int = 40, backbone: str = "vgg16", recipe=None, fit_on=None,
+def run_demo(out: Path, n_images: int = 40, backbone: str | None = None, recipe=None, fit_on=None,
              n_train: int = 200, engine: str = "auto") -> dict:
     """Index the first ``n_images`` UKBench images with ``recipe`` (default: R-MAC on ``backbone`` at max side
     512), query with each, print the N-S score. A recipe that learns (Ng's VLAD, Hoang's selective features) is

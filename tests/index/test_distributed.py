@@ -140,8 +140,8 @@ def single_index(photos, whitening_file, tmp_path_factory) -> Path:
 
 
 def test_cli_ray_index_equals_single_process(cluster, photos, whitening_file, single_index, tmp_path):
-    res = _cli("index", str(photos), "--index", str(tmp_path / "ray"), "--max-size", str(SIZE), "--whitening",
-               str(whitening_file), "--engine", "ray", "--address", cluster, "--workers", "2", "-q")
+    res = _cli("index", str(photos), "--index", str(tmp_path / "ray"), "--backbone", "vgg16", "--max-size", str(SIZE),
+               "--whitening", str(whitening_file), "--engine", "ray", "--address", cluster, "--workers", "2", "-q")
     assert f"{N_PHOTOS} added" in res.stdout and "1 failed" in res.stdout, res.stdout
     assert "broken.jpg" in res.stderr
     assert_same_index(single_index, tmp_path / "ray")

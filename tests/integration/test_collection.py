@@ -127,7 +127,7 @@ def test_cli_roundtrip(built, photos, tmp_path):
                               "--power", "0.7"])
     assert res.exit_code != 0 and "power" in res.output and not (tmp_path / "bad.npz").exists()
     res = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "ix3"), "--recipe", "rmac",
-                              "--max-size", "256", "--whitening", str(wfile), "--no-maps", "-q"])
+                              "--backbone", "vgg16", "--max-size", "256", "--whitening", str(wfile), "--no-maps", "-q"])
     assert res.exit_code == 0, res.output
     col = Collection.open(tmp_path / "ix3")
     assert col.vectors().shape == (4 * N_OBJECTS, 64)
@@ -136,7 +136,7 @@ def test_cli_roundtrip(built, photos, tmp_path):
                               "--top", "4", "--show", str(shown)])
     assert res.exit_code == 0 and shown.stat().st_size > 10_000
     res = runner.invoke(app, ["index", str(photos), "--index", str(tmp_path / "ix4"), "--recipe", "rmac",
-                              "--max-size", "256", "--whitening", "none", "--engine", "exact", "-q"])
+                              "--backbone", "vgg16", "--max-size", "256", "--whitening", "none", "--engine", "exact", "-q"])
     assert res.exit_code == 0, res.output
     exact = Collection.open(tmp_path / "ix4")
     fast = Collection.open(built)  # same photos, same order, no whitening, the default engine (auto)

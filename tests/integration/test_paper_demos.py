@@ -38,7 +38,7 @@ def learned_model(tmp_path_factory, data_dir):
     from instance_search.recipes import Recipe
 
     vgg = load_backbone("vgg16")
-    rec = Recipe("rmac", max_size=int(SIZE))
+    rec = Recipe("rmac", backbone="vgg16", max_size=int(SIZE))
     d = Describer(rec)
     rows = [d.describe(load_image(data_dir / "ukbench1000" / f"ukbench{i:05d}.jpg", max_size=int(SIZE)))[0]
             for i in range(200, 224)]

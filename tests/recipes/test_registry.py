@@ -156,7 +156,7 @@ def test_whitening_of_another_backbone_is_refused(ng_index, tmp_path, data_dir):
     wfile = w.save(tmp_path / "w2048.npz")
     photos = _photos(data_dir, tmp_path, range(4), "p")
     res = CliRunner().invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx"), "-q", "--max-size",
-                                   str(SIZE), "--whitening", str(wfile)])
+                                   str(SIZE), "--backbone", "vgg16", "--whitening", str(wfile)])
     assert res.exit_code == 2 and "w2048.npz" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "idx").exists()
 

@@ -13,7 +13,9 @@ from ..recipes.base import REGISTRY, Recipe, RecipeError, method_class
 
 RECIPE = typer.Option("rmac", "--recipe", help="Recipe name: " + " | ".join(REGISTRY)
                       + " (see `isearch recipes`).")
-BACKBONE = typer.Option("vgg16", help="vgg16 | resnet50 | efficientnet-lite0 | googlenet (user-supplied weights)")
+BACKBONE = typer.Option(None, help="resnet50 | vgg16 | efficientnet-lite0 | googlenet (user-supplied weights); "
+                                   "default: the recipe's -- resnet50 for mac / rmac / spoc / gem (measured the most "
+                                   "accurate and fastest, docs/results.md), vgg16 (the papers' network) for the others")
 LAYER = typer.Option(None, help="Backbone layer (default: the last conv layer); ng-vlad: one or more, comma "
                                 "separated (e.g. conv4_3,conv5_1).")
 MAX_SIZE = typer.Option(1024, "--max-size", help="Longer image side in pixels (revisitop: 1024).")
@@ -47,7 +49,7 @@ def _floats(text: str, flag: str) -> list[float]:
     return vals
 
 
-def build_recipe(recipe: str, backbone: str, layer: Optional[str], max_size: int, *, scales: Optional[str] = None,
+def build_recipe(recipe: str, backbone: Optional[str], layer: Optional[str], max_size: int, *, scales: Optional[str] = None,
                  scale_pool: Optional[str] = None, scale_p: Optional[float] = None,
                  k: Optional[int] = None, dim: Optional[int] = None, mask: Optional[str] = None,
                  embedding: Optional[str] = None, aggregation: Optional[str] = None, pooling: Optional[str] = None,
@@ -81,7 +83,7 @@ def build_recipe(recipe: str, backbone: str, layer: Optional[str], max_size: int
 
 #: the flags :func:`recipe_flags` adds to a command: (name, type, typer option)
 FLAGS: tuple[tuple[str, Any, Any], ...] = (
-    ("recipe", str, RECIPE), ("backbone", str, BACKBONE), ("layer", Optional[str], LAYER),
+    ("recipe", str, RECIPE), ("backbone", Optional[str], BACKBONE), ("layer", Optional[str], LAYER),
     ("scales", Optional[str], SCALES), ("scale_pool", Optional[str], SCALE_POOL),
     ("scale_p", Optional[float], SCALE_P), ("k", Optional[int], K), ("dim", Optional[int], DIM),
     ("mask", Optional[str], MASK), ("embedding", Optional[str], EMBEDDING),

@@ -92,6 +92,10 @@ class Method:
     #: vector (Tolias et al. 2016, Sec. 6): "mac" (the window's MAC), "rmac" (the window's R-MAC), or "" (it
     #: does not compare: re-ranking keeps its own scores and query expansion uses the stored global vectors)
     window_vector: ClassVar[str] = ""
+    #: the backbone a recipe gets when none is named: the papers' VGG16 for the recipes built on its named
+    #: layers; the global descriptors (MAC, R-MAC, SPoC, GeM) take ResNet-50, chosen by measurement
+    #: (docs/results.md#the-default-backbone-and-recipe)
+    default_backbone: ClassVar[str] = "vgg16"
 
     def __init__(self, spec: "Recipe"):
         self.spec = spec
@@ -190,7 +194,7 @@ class Recipe:
     refused. ``levels`` / ``gem_p`` are R-MAC's and GeM's (kept as fields: indexes store them)."""
 
     name: str = "rmac"
-    backbone: str = "vgg16"
+    backbone: str | None = None  # None: the recipe's Method.default_backbone (resnet50 for mac / rmac / spoc / gem)
     layer: str | None = None  # None: the backbone's default (VGG16 conv5_3, ResNet-50 res5)
     levels: int = 3
     gem_p: float = 3.0
@@ -200,6 +204,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         cls = method_class(self.name)
+        if self.backbone is None:
+            self.backbone = cls.default_backbone
         if self.backbone not in BACKBONES:
             raise RecipeError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.levels < 1:
@@ -222,6 +228,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known.setdefault("backbone", "vgg16")  # a recipe stored without one predates the ResNet-50 default
         return cls(**known)
 
     # -------------------------------------------------------------- delegation to the method
