@@ -175,3 +175,15 @@ def test_cli_multiscale_flags_reach_the_recipe(tmp_path, data_dir):
     vec, _, _ = col.describe(q)
     i = [r["path"] for r in col.records()].index(str((photos / "ukbench00002.jpg").resolve()))
     assert np.allclose(vec, col.vectors()[i], atol=1e-5)
+
+
+def test_default_backbone_is_the_recipes():
+    """The global descriptors default to ResNet-50 (chosen by measurement, docs/results.md), the other papers'
+    recipes to VGG16, whose named layers they use; a stored recipe without a backbone predates that and is
+    VGG16; a named backbone is kept."""
+    for name in ("mac", "rmac", "gem", "spoc"):
+        assert Recipe(name).backbone == "resnet50" and Recipe(name).to_dict()["backbone"] == "resnet50"
+    assert Recipe("ipa").backbone == "vgg16"
+    assert Recipe("rmac", backbone="vgg16").backbone == "vgg16"
+    assert Recipe.from_dict({"name": "rmac", "max_size": 512}).backbone == "vgg16"
+    assert Recipe.from_dict(Recipe("gem").to_dict()).backbone == "resnet50"
