@@ -588,8 +588,10 @@ class Collection:
     def search(self, image: str | os.PathLike | Image.Image, box=None, top: int = 10, *,
                rerank: str | None = None, shortlist: int = 1000, qe: int = 0, qe_kind: str = "avg",
                detector: str | os.PathLike | None = None, rerank_options: dict[str, Any] | None = None,
-               qe_options: dict[str, Any] | None = None) -> list[Hit]:
-        """Ranked hits for a query image (optionally its box, cropped the way the benchmark protocol does):
+               qe_options: dict[str, Any] | None = None, first_stage: str | None = None) -> list[Hit]:
+        """Ranked hits for a query image (optionally its box; ``first_stage``: with a box, rank with its crop
+        (``"box"``, the revisited protocol) or with the whole image (``"image"``, Salvador et al. 2016), ``None``
+        the recipe's choice):
         first stage -> the top ``shortlist`` re-ranked by ``rerank`` (``none``, ``aml``, ``aml-fast``, ``casr``,
         ``cs-sr`` with its ``detector`` file; options in ``rerank_options`` over :attr:`rerank_options`), with
         boxes -> query expansion with the top ``qe`` (``qe_kind``: ``avg``, ``alpha``, ``dba``; ``qe_options``).
@@ -597,7 +599,8 @@ class Collection:
         from . import search as S
 
         return S.search(self, image, box, top, rerank=rerank, shortlist=shortlist, qe=qe, qe_kind=qe_kind,
-                        detector=detector, rerank_options=rerank_options, qe_options=qe_options)
+                        detector=detector, rerank_options=rerank_options, qe_options=qe_options,
+                        first_stage=first_stage)
 
     def search_indexed(self, image_id: int, top: int = 10, *, rerank: str | None = None, shortlist: int = 1000,
                        qe: int = 0, qe_kind: str = "avg", detector: str | os.PathLike | None = None,

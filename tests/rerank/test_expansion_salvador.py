@@ -174,3 +174,17 @@ def test_collection_search_casr_qe_is_the_authors_qe(ukbench, tmp_path):
         res = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--rerank", "casr",
                                        "--shortlist", "6", flag, bad])
         assert res.exit_code != 0 and why in res.output, (bad, res.output)
+    # the first stage with a box: the whole image (Salvador et al.) or the crop (revisited), from the CLI too
+    whole = col.search(query, box=box, top=8, first_stage="image")
+    crop = col.search(query, box=box, top=8, first_stage="box")
+    assert [(h.id, round(h.score, 5)) for h in whole] != [(h.id, round(h.score, 5)) for h in crop]
+    for stage, expect in (("image", whole), ("box", crop)):
+        res = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--box", "40,30,600,450",
+                                       "--top", "8", "--json", "--first-stage", stage])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.output)["hits"]
+        assert [h["id"] for h in got] == [h.id for h in expect]
+        np.testing.assert_allclose([h["score"] for h in got], [h.score for h in expect], atol=1e-5)
+    res = CliRunner().invoke(app, ["search", str(query), "--index", str(root), "--box", "40,30,600,450",
+                                   "--first-stage", "middle"])
+    assert res.exit_code != 0 and "first_stage must be one of box, image" in res.output, res.output

@@ -157,6 +157,10 @@ def search(
     qe_option: Optional[list[str]] = typer.Option(
         None, "--qe-option", help="KEY=VALUE option of the query expansion, repeatable; e.g. avg after casr / cs-sr: "
                                   "space=regions (Salvador Sec. 4.3, default) | global; alpha / dba: alpha=3."),
+    first_stage: Optional[str] = typer.Option(
+        None, "--first-stage", help="With --box: rank first with the box crop (box: the revisited protocol) or "
+                                    "with the whole image, the box used in re-ranking (image: Salvador et al. "
+                                    "2016); default: the recipe's (image for ipa / rpa, else box)."),
     faiss_kind: str = typer.Option("flat", "--faiss", help="flat (exact) | hnsw | ivfpq (approximate)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Batch: write the results to this file (default: "
                                                            "standard output)."),
@@ -189,11 +193,12 @@ def search(
         if batch:
             _run_batch(col, queries, out, kind, progress, top=top, rerank=rerank, shortlist=shortlist, qe=qe,
                        qe_kind=qe_kind, detector=detector, rerank_options=r_opts or None,
-                       qe_options=q_opts or None)
+                       qe_options=q_opts or None, first_stage=first_stage)
             return
         t0 = time.perf_counter()
         hits = col.search(query, box=b, top=top, rerank=rerank, shortlist=shortlist, qe=qe, qe_kind=qe_kind,
-                          detector=detector, rerank_options=r_opts or None, qe_options=q_opts or None)
+                          detector=detector, rerank_options=r_opts or None, qe_options=q_opts or None,
+                          first_stage=first_stage)
         dt = time.perf_counter() - t0
     except _EXPECTED as exc:
         _fail(exc)
@@ -242,7 +247,7 @@ def _run_batch(col, queries, out: Path | None, kind: str, progress: bool, **sear
                 hits = col.search(path, box=b, top=search_kw["top"], rerank=search_kw["rerank"],
                                   shortlist=search_kw["shortlist"], qe=search_kw["qe"], qe_kind=search_kw["qe_kind"],
                                   detector=search_kw["detector"], rerank_options=search_kw["rerank_options"],
-                                  qe_options=search_kw["qe_options"])
+                                  qe_options=search_kw["qe_options"], first_stage=search_kw["first_stage"])
                 err = None
             except (ImageError, BoxError) as exc:
                 hits, err = [], message(exc)

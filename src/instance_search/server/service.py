@@ -124,7 +124,8 @@ class SearchService:
         self._thumb_making: dict[str, threading.Lock] = {}
         self._min_side: int | None = None
         params = inspect.signature(self.col.search).parameters
-        self.search_options = sorted(k for k, p in params.items() if k not in ("image", "box", "top")
+        # first_stage is not offered: the server crops an uploaded query to its box itself (the revisited protocol)
+        self.search_options = sorted(k for k, p in params.items() if k not in ("image", "box", "top", "first_stage")
                                      and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
         self._reload_records()
 
