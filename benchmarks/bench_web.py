@@ -40,7 +40,7 @@ STAGES = ("upload_ms", "wait_ms", "decode_ms", "network_ms", "search_ms", "reran
           "format_ms", "server_ms")
 
 
-def build_index(root: Path, images: list[Path], max_size: int):
+def build_index(root: Path, images: list[Path], max_size: int, backbone: str = "vgg16"):
     from instance_search.collection import Collection
     from instance_search.index.store import IndexStore
     from instance_search.recipes.base import Recipe
@@ -48,7 +48,7 @@ def build_index(root: Path, images: list[Path], max_size: int):
     if IndexStore.exists(root):
         col = Collection.open(root, writable=True)
     else:
-        col = Collection.create(root, Recipe("rmac", backbone="vgg16", max_size=max_size), whitening="none")
+        col = Collection.create(root, Recipe("rmac", backbone=backbone, max_size=max_size), whitening="none")
     report = col.add_folder(images, progress=True)
     if report.failed:
         raise SystemExit(f"could not index {report.failed[:3]}")
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=250, help="database images of RParis-250 to index")
     ap.add_argument("--queries", type=int, default=12)
     ap.add_argument("--max-size", type=int, default=512)
+    ap.add_argument("--backbone", default="vgg16", help="the R-MAC index's backbone (vgg16: the runs in docs)")
     ap.add_argument("--shortlist", type=int, default=100)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "web.json")
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "cache")
@@ -84,10 +85,10 @@ def main() -> None:
 
     bench = load_benchmark("rparis6k")
     db = list(bench.images)[:a.images]
-    root = a.cache / f"web-rparis{len(db)}-{a.max_size}"
+    root = a.cache / (f"web-rparis{len(db)}-{a.max_size}" + ("" if a.backbone == "vgg16" else f"-{a.backbone}"))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    n = build_index(root, db, a.max_size)
+    n = build_index(root, db, a.max_size, a.backbone)
     build_s = time.perf_counter() - t0
     print(f"index: {n} images at max side {a.max_size} in {root} ({build_s:.0f} s)", flush=True)
 
@@ -138,7 +139,7 @@ def main() -> None:
 
     out = {
         "benchmark": "bench_web.py",
-        "index": {"images": n, "dataset": "RParis-250 database", "recipe": "rmac", "backbone": "vgg16",
+        "index": {"images": n, "dataset": "RParis-250 database", "recipe": "rmac", "backbone": a.backbone,
                   "max_size": a.max_size, "whitening": None, "shortlist": sl, "top": 20},
         "queries": len(queries),
         "kinds": results,
