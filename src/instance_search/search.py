@@ -15,9 +15,9 @@ re-ranked and get a box; query expansion then uses the best ``qe`` images *after
 after a re-ranker with its own region space (``casr``, ``cs-sr``: :meth:`~.rerank.base.Reranker.qe_after_rerank`)
 is Salvador et al.'s (Sec. 4.3): the mean of the *raw* region vectors of the query box and of the boxes of the top
 ``qe`` re-ranked images (re-cropped from their maps), L2 (sum pooling: then the PCA-whitening and L2), then the
-short list re-ranked again with it (new scores and boxes) -- the default (``space="auto"``) except on a whitened
-MAC / R-MAC index, where the global average measured as good or better; ``qe_options={"space": "global"}`` keeps the earlier
-global-vector average instead. After AML with a MAC / R-MAC recipe the expansion uses
+short list re-ranked again with it (new scores and boxes). That is the default (``space="auto"``) except on a
+whitened MAC / R-MAC index, where the earlier global-vector average measured as good or better and is used;
+``qe_options={"space": "regions" | "global"}`` names one. After AML with a MAC / R-MAC recipe the expansion uses
 the vectors of the localised windows and re-scores the short list with the expanded query; otherwise (and for
 ``alpha`` after ``casr`` / ``cs-sr``) it uses the stored global vectors and searches the index again (that second
 ranking is not re-ranked again and carries no boxes, as before the registry).
@@ -246,7 +246,7 @@ def _context(col, qglobal: np.ndarray | None) -> RerankContext:
     return RerankContext(maps=lambda ids, sparse: store.feature_maps([int(i) for i in ids], sparse=sparse),
                          all_ids=store.ids,
                          version=(tuple(store.manifest["segments"]), tuple(store.manifest["removed"])),
-                         whitening=col.whitening, window_rmac=window_rmac, window_space=_windows_in_global_space(col))
+                         whitening=col.whitening, window_rmac=window_rmac)
 
 
 def rerank_hits(col, hits: list[Hit], qmap: np.ndarray, reranker: Reranker, shortlist: int,

@@ -148,15 +148,16 @@ def search(
     fast_g: int = typer.Option(8, "--fast-g", help="aml-fast: max-pooling factor g of the coarse maps."),
     fast_step: int = typer.Option(2, "--fast-step", help="aml-fast: window step in coarse cells."),
     rerank_option: Optional[list[str]] = typer.Option(
-        None, "--rerank-option", help="KEY=VALUE option of the re-ranking, repeatable; e.g. casr: vectors=auto | max "
-                                      "(Salvador's, L2 only) | max-whitened | sum; aml-fast: K=64; cs-sr: "
+        None, "--rerank-option", help="KEY=VALUE option of the re-ranking, repeatable; e.g. casr: vectors=max "
+                                      "(Salvador's, L2 only; default) | max-whitened | sum; aml-fast: K=64; cs-sr: "
                                       "proposals=300, box=proposal | regressed."),
     qe: int = typer.Option(0, help="Query expansion with the top QE results (0: off)."),
     qe_kind: str = typer.Option("avg", "--qe-kind", help="avg (Chum 2007: average the top QE) | alpha (Radenović "
                                 "2018, weights cos^3) | dba (database-side augmentation over QE neighbours)."),
     qe_option: Optional[list[str]] = typer.Option(
         None, "--qe-option", help="KEY=VALUE option of the query expansion, repeatable; e.g. avg after casr / cs-sr: "
-                                  "space=regions (Salvador Sec. 4.3, default) | global; alpha / dba: alpha=3."),
+                                  "space=auto (default: global on a whitened MAC / R-MAC index, else regions) | "
+                                  "regions (Salvador Sec. 4.3) | global; alpha / dba: alpha=3."),
     first_stage: Optional[str] = typer.Option(
         None, "--first-stage", help="With --box: rank first with the box crop (box: the revisited protocol) or "
                                     "with the whole image, the box used in re-ranking (image: Salvador et al. "

@@ -42,15 +42,13 @@ class RerankContext:
     non-zero cells only, as :class:`~instance_search.ops.integral.SparseMap`); ``all_ids()``: every indexed id;
     ``version``: changes whenever the indexed maps do (cache key); ``whitening``: the index's PCA-whitening or
     ``None``; ``window_rmac``: keyword arguments of :func:`~.aml.rerank_aml` that score a window by its R-MAC
-    (empty: by its MAC); ``window_space``: a max-pooled window vector lives in the space of the index's global
-    vectors, so the index's whitening was learned on such vectors (MAC / R-MAC recipes, ``Method.window_vector``)."""
+    (empty: by its MAC)."""
 
     maps: Callable[[Sequence[int], bool], list]
     all_ids: Callable[[], Sequence[int]]
     version: Hashable = None
     whitening: Any = None
     window_rmac: dict[str, Any] = field(default_factory=dict)
-    window_space: bool = False
 
 
 class _Options:
