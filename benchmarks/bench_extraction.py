@@ -181,6 +181,41 @@ def photo_768x1024():
     return str(p) + " (resized)", load_image(p).resize((1024, 768))
 
 
+def time_engines(engines: dict, x: torch.Tensor, layer: str, runs: int, bound: float, gflop: float) -> dict:
+    """Each engine (``name -> module(x, [layer])``) timed on ``x`` (interleaved runs) and compared with the first
+    one, the exact network: per engine its timing, ``over_direct_bound``, effective GFLOP/s, speed-up over exact
+    (median and min), the map's relative and max-abs error, and the cosines of its MAC / R-MAC."""
+    def runner(eng):
+        def run():
+            with torch.inference_mode():
+                return eng(x, [layer])[layer]
+        return run
+
+    t = interleaved_times({k: runner(e) for k, e in engines.items()}, runs)
+    exact = next(iter(engines))
+    ref = runner(engines[exact])()[0]
+    d_ref = descriptors(ref)
+    rows = {}
+    for name, eng in engines.items():
+        fmap = runner(eng)()[0]
+        d = descriptors(fmap)
+        row = dict(t[name])
+        row.update({"over_direct_bound": row["median_s"] / bound, "effective_gflops": gflop / row["median_s"],
+                    "speedup_vs_exact": t[exact]["median_s"] / row["median_s"],
+                    "speedup_vs_exact_min": t[exact]["min_s"] / row["min_s"],
+                    f"{layer}_rel_err": rel_err(fmap, ref),
+                    f"{layer}_max_abs_err_over_max": float((fmap - ref).abs().max() / ref.abs().max()),
+                    "cos_mac": cos(d["mac"], d_ref["mac"])})
+        if "rmac" in d_ref:
+            row["cos_rmac"] = cos(d["rmac"], d_ref["rmac"])
+        rows[name] = row
+        print(f"  {name:20s} median {row['median_s']:.3f} s, min {row['min_s']:.3f} s = "
+              f"{row['over_direct_bound']:.2f} x bound ({row['effective_gflops']:.0f} effective GFLOP/s, "
+              f"{row['speedup_vs_exact']:.2f}x exact)  {layer} rel err {row[f'{layer}_rel_err']:.1e}  "
+              f"1-cos MAC {1 - row['cos_mac']:.1e}" + (f" R-MAC {1 - row['cos_rmac']:.1e}" if "cos_rmac" in row else ""))
+    return rows
+
+
 def resnet50_section(x_photo, path: str, peak: dict, runs: int, paths: list) -> dict:
     """ResNet-50 up to res5 on the 768 x 1024 photo: FLOPs, bound, engines' times and cosines (see the module
     docstring); end-to-end on the UKBench ``paths``."""
@@ -202,32 +237,11 @@ def resnet50_section(x_photo, path: str, peak: dict, runs: int, paths: list) -> 
     matmul_only = fast.FoldedResNet50(bb.net, winograd=True)
     matmul_only._fast = [[dataclasses.replace(b, u2=None) for b in row] for row in matmul_only._fast]
     engines = {"exact": bb.net, "folded": folded, "winograd_direct3x3": matmul_only, "winograd": wino}
-
-    def runner(eng):
-        def run():
-            with torch.inference_mode():
-                return eng(x, ["res5"])["res5"]
-        return run
-
-    t = interleaved_times({k: runner(e) for k, e in engines.items()}, runs)
-    ref = runner(bb.net)()[0]
-    d_ref = descriptors(ref)
     out: dict = {"photo": path, "input": list(x.shape), "variant": bb.net.variant, "gflop": flops,
-                 "direct_fp32_bound_s": bound, "goal_s": goal, "engines": {}}
-    for name, eng in engines.items():
-        fmap = runner(eng)()[0]
-        d = descriptors(fmap)
-        row = dict(t[name])
-        row.update({"over_direct_bound": row["median_s"] / bound, "meets_goal": row["median_s"] <= goal,
-                    "effective_gflops": flops["total"] / row["median_s"],
-                    "speedup_vs_exact": t["exact"]["median_s"] / row["median_s"],
-                    "res5_rel_err": rel_err(fmap, ref), "cos_mac": cos(d["mac"], d_ref["mac"])})
-        if "rmac" in d_ref:
-            row["cos_rmac"] = cos(d["rmac"], d_ref["rmac"])
-        out["engines"][name] = row
-        print(f"  {name:20s} {row['median_s']:.3f} s  = {row['over_direct_bound']:.2f} x bound "
-              f"({row['effective_gflops']:.0f} effective GFLOP/s, {row['speedup_vs_exact']:.2f}x exact)  "
-              f"1-cos MAC {1 - row['cos_mac']:.1e}" + (f" R-MAC {1 - row['cos_rmac']:.1e}" if "cos_rmac" in row else ""))
+                 "direct_fp32_bound_s": bound, "goal_s": goal,
+                 "engines": time_engines(engines, x, "res5", runs, bound, flops["total"])}
+    for row in out["engines"].values():
+        row["meets_goal"] = row["median_s"] <= goal
     out["winograd_workspace_mb"] = wino.workspace_bytes() / 2**20
     # end to end on the UKBench images, through Backbone.features (use_engine, as the product runs it)
     out["ukbench_end_to_end"] = end_to_end(bb, "res5", "winograd", paths, "ResNet-50")
@@ -279,33 +293,8 @@ def lite0_section(x_photo, path: str, peak: dict, runs: int, paths: list) -> dic
           f"{bound:.3f} s at peak")
     engines = {"exact": bb.net, "folded": fast.FoldedLite0(bb.net)}
 
-    def runner(eng):
-        def run():
-            with torch.inference_mode():
-                return eng(x, ["head"])["head"]
-        return run
-
-    t = interleaved_times({k: runner(e) for k, e in engines.items()}, runs)
-    ref = runner(bb.net)()[0]
-    d_ref = descriptors(ref)
-    out: dict = {"photo": path, "input": list(x.shape), "gflop": gflop, "direct_fp32_bound_s": bound, "engines": {}}
-    for name, eng in engines.items():
-        fmap = runner(eng)()[0]
-        d = descriptors(fmap)
-        row = dict(t[name])
-        row.update({"over_direct_bound": row["median_s"] / bound, "effective_gflops": gflop / row["median_s"],
-                    "speedup_vs_exact": t["exact"]["median_s"] / row["median_s"],
-                    "speedup_vs_exact_min": t["exact"]["min_s"] / row["min_s"],
-                    "head_rel_err": rel_err(fmap, ref),
-                    "head_max_abs_err_over_max": float((fmap - ref).abs().max() / ref.abs().max()),
-                    "cos_mac": cos(d["mac"], d_ref["mac"])})
-        if "rmac" in d_ref:
-            row["cos_rmac"] = cos(d["rmac"], d_ref["rmac"])
-        out["engines"][name] = row
-        print(f"  {name:8s} median {row['median_s']:.3f} s, min {row['min_s']:.3f} s = {row['over_direct_bound']:.2f} "
-              f"x bound ({row['effective_gflops']:.0f} effective GFLOP/s, {row['speedup_vs_exact']:.2f}x exact)  "
-              f"head rel err {row['head_rel_err']:.1e}  1-cos MAC {1 - row['cos_mac']:.1e}"
-              + (f" R-MAC {1 - row['cos_rmac']:.1e}" if "cos_rmac" in row else ""))
+    out: dict = {"photo": path, "input": list(x.shape), "gflop": gflop, "direct_fp32_bound_s": bound,
+                 "engines": time_engines(engines, x, "head", runs, bound, gflop)}
     out["folded_workspace_mb"] = engines["folded"].workspace_bytes() / 2**20
     out["ukbench_end_to_end"] = end_to_end(bb, "head", "folded", paths, "Lite0")
     return out
