@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ..errors import ISearchError
 from .fast_lite import FoldedLite0
 from .folding import fold_batchnorm
+from .workspace import Workspace as _Workspace
 
 __all__ = [
     "ENGINES",
@@ -173,29 +174,6 @@ def _tiles(n: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 # Buffers
 # --------------------------------------------------------------------------------------------------------
-class _Workspace:
-    """Flat float32 tensors reused across strips, layers and calls (grown on demand)."""
-
-    def __init__(self) -> None:
-        self._flat: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: Sequence[int]) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        buf = self._flat.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=torch.float32)
-            self._flat[name] = buf
-        return buf[:numel].view(*shape)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * 4 for t in self._flat.values())
-
-    def clear(self) -> None:
-        self._flat.clear()
-
-
 def _padded(ws: _Workspace, name: str, b: int, h: int, w: int, c: int, rows: int, cols: int) -> torch.Tensor:
     """An NHWC buffer of at least (rows, cols) whose image of size (h, w) sits at offset (1, 1).
 

@@ -25,7 +25,6 @@ copied when the engine is built: rebuild it after changing them.
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from .efficientnet_lite import LITE0_LAYERS, EfficientNetLite0, tf_same_padding
 from .folding import fold_batchnorm
 from .taps import requested_taps
+from .workspace import Workspace
 
 __all__ = ["FoldedLite0"]
 
@@ -107,7 +107,7 @@ class FoldedLite0(nn.Module):
                     residual=bool(blk.residual)))
             self.stages.append(blocks)
         self.head = _matrix(net.head_conv, net.head_bn, dtype)
-        self._ws: dict[str, torch.Tensor] = {}
+        self._ws = Workspace(dtype)
         self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
@@ -115,15 +115,10 @@ class FoldedLite0(nn.Module):
 
     # buffers ------------------------------------------------------------------------------------------------
     def _buf(self, name: str, *shape: int) -> torch.Tensor:
-        numel = math.prod(shape)
-        buf = self._ws.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=self.dtype)
-            self._ws[name] = buf
-        return buf[:numel].view(*shape)
+        return self._ws.get(name, shape)
 
     def workspace_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._ws.values())
+        return self._ws.nbytes()
 
     def release(self) -> None:
         """Free the reused buffers (they come back on the next call)."""
