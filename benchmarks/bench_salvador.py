@@ -268,14 +268,15 @@ def score_ranks(ranks_cols: list[np.ndarray], bench_name: str, paris, ukb_gnd) -
     return {"map": round(float(m) * 100, 2)}
 
 
-def rpa_rows(args, tr_c5, paris_db, paris_queries, ukb_c5, ukb_q, ukb, add, results) -> dict:
+def rpa_rows(args, tr_c5, paris_db, paris_queries, ukb_c5, ukb_q, add_first_stage, add_ukb500) -> dict:
     """Recipe ``rpa`` (Gordo et al. 2016, Sec. 3.2, R-MAC over proposals; Salvador et al.'s region pooling) on the
     evaluation split, with the package's own functions: ``rpa_recipe`` (the ``--rpn`` file, ``--proposals``
     boxes), ``Recipe.local_from_map`` (``rpa_local_vectors``: region MACs, Caffe's RoI rounding, L2) and
     ``Recipe.finalize`` (whitening -> L2, sum, L2). The whitening is learned on the RPA region vectors of the
     training split (``tr_c5``, the images the IPA-sum whitening uses), as ``isearch index --fit-on`` learns it.
     ``paris_queries``: (full query map, box cells) pairs; rows with the box's cells of the map (as the IPA rows) and
-    with the whole query image (the product's first stage for ``rpa``). Adds the rows; returns timings / info."""
+    with the whole query image (the product's first stage for ``rpa``). Adds the rows (``add_first_stage``: a
+    ranking and its QE row, ``add_ukb500``: every image a query, as for IPA); returns timings / info."""
     from instance_search.collection import fit_whitening
     from instance_search.recipes.salvador import rpa_recipe
 
@@ -305,17 +306,10 @@ def rpa_rows(args, tr_c5, paris_db, paris_queries, ukb_c5, ukb_q, ukb, add, resu
     udb = vectors([ukb_c5[i] for i in range(len(ukb_c5))], "UKBench 500-999")
     info["evaluation_vectors_s"] = round(time.perf_counter() - t0, 1)
 
-    r = ukb.evaluate(udb @ udb.T)
-    results.append({"method": "RPA", "dataset": "ukbench-500-every-image-a-query",
-                    "ns": round(float(r["ns"]), 3), "map": round(float(r["map"]), 2)})
-    log(json.dumps(results[-1]))
+    add_ukb500("RPA", udb)
     for bench, name, db, q in (("paris", "RPA", pdb, q_box), ("ukb", "RPA", udb, udb[ukb_q]),
                                ("paris", "RPA (query: whole image)", pdb, q_img)):
-        S = q @ db.T
-        add(name, bench, [np.argsort(-S[j], kind="stable") for j in range(len(q))])
-        qe = average_qe(q, db, S, top=args.qe)
-        S2 = qe @ db.T
-        add(f"{name} + QE{args.qe}", bench, [np.argsort(-S2[j], kind="stable") for j in range(len(q))])
+        add_first_stage(name, bench, q, db)
     return info
 
 
@@ -465,28 +459,37 @@ def main() -> None:
         atomic_write_bytes(args.out, json.dumps({"meta": {"partial": True, "args": vars(args), "date": time.strftime(
             "%Y-%m-%d %H:%M")}, "results": results}, indent=1, default=str).encode())
 
-    for how in ("sum", "max"):
-        db, _ = ipa[("ukb500", how)]
+    def add_ukb500(method, db):
+        """The standard UKBench protocol on images 500-999: every image a query (N-S and mAP)."""
         r = ukb.evaluate(db @ db.T)
-        results.append({"method": f"IPA-{how}", "dataset": "ukbench-500-every-image-a-query",
+        results.append({"method": method, "dataset": "ukbench-500-every-image-a-query",
                         "ns": round(float(r["ns"]), 3), "map": round(float(r["map"]), 2)})
         log(json.dumps(results[-1]))
+
+    def add_first_stage(method, bench, q, db):
+        """The rows of a global-vector first stage: ``q`` ranked against ``db``, then with average QE of its top
+        ``--qe``; returns the first ranking."""
+        S = q @ db.T
+        order = [np.argsort(-S[j], kind="stable") for j in range(len(q))]
+        add(method, bench, order)
+        qe = average_qe(q, db, S, top=args.qe)
+        S2 = qe @ db.T
+        add(f"{method} + QE{args.qe}", bench, [np.argsort(-S2[j], kind="stable") for j in range(len(q))])
+        return order
+
+    for how in ("sum", "max"):
+        add_ukb500(f"IPA-{how}", ipa[("ukb500", how)][0])
 
     first_order = {}
     for bench in ("paris", "ukb"):
         for how in ("sum", "max"):
             db, q = ipa[(bench, how)]
-            S = q @ db.T
-            order = [np.argsort(-S[j], kind="stable") for j in range(len(q))]
-            add(f"IPA-{how}", bench, order)
-            qe = average_qe(q, db, S, top=args.qe)
-            S2 = qe @ db.T
-            add(f"IPA-{how} + QE{args.qe}", bench, [np.argsort(-S2[j], kind="stable") for j in range(len(q))])
+            order = add_first_stage(f"IPA-{how}", bench, q, db)
             if how == "sum":
                 first_order[bench] = order
 
     if args.rpa_only:
-        rpa = rpa_rows(args, tr_c5, pdb_c5, list(zip(pq_c5, pq_cells)), ukb_c5, ukb_q, ukb, add, results)
+        rpa = rpa_rows(args, tr_c5, pdb_c5, list(zip(pq_c5, pq_cells)), ukb_c5, ukb_q, add_first_stage, add_ukb500)
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "load_average_at_start": load_start,
                 "load_average_at_end": os.getloadavg(), "size": args.size, "rpn": str(args.rpn),
