@@ -8,8 +8,9 @@ stage as ``bench_aml.py`` (Paris-250, R-MAC, maps in the default compact code de
 * speed: per-query single-thread CPU time (``time.process_time``) of re-ranking a 1000-map short list (the
   database maps repeated) with window R-MAC scoring, for each (top, radius, refinement rounds), from the fine
   maps kept in RAM (:class:`~instance_search.rerank.aml_c2f.AMLFineMaps`: no decoding; their RAM per image is
-  reported, as are the coarse store's) and, with ``--uncached``, from decoded maps with every fine candidate
-  scored exactly (``verify=0``; decoding timed separately); exact AML on the same short list with
+  reported, as are the coarse store's; the window R-MAC reads no maps) and, with ``--uncached``, from decoded
+  maps, their fine maps built per query (decoding timed separately); the search itself is compiled
+  (``ops/aml_kernel.py``, Numba; compiled before timing); exact AML on the same short list with
   ``--exact-speed`` (seconds per query);
 * accuracy: revisited E/M/H mAP (query = box crop) of R-MAC, R-MAC + exact AML and R-MAC + AML-c2f per
   setting, short list ``--shortlist``; without whitening and, with ``--whitening-index`` (an index of another
@@ -91,11 +92,9 @@ def rerank_ranks(method, scores, qglobal, qmaps, dec, store, recipe, wh, shortli
 def stage_profile(q, aspect, finalize, query_global, store, fine, dec, rows, top, radius, K, step, verify,
                   rounds) -> dict:
     """Per-stage CPU time (``time.process_time``, ms per map) of one query through the same steps as
-    ``rerank_aml_c2f``'s cached path (``fine=``)."""
-    from instance_search.ops.integral import aml_search_candidates, refine_strips
-    from instance_search.ops.normalize import l2n
+    ``rerank_aml_c2f``'s cached path (``fine=``, maps not read)."""
     from instance_search.rerank.aml import prepare_rerank, score_windows
-    from instance_search.rerank.aml_c2f import fine_candidates
+    from instance_search.rerank.aml_c2f import _FineWindows, fine_candidates
     from instance_search.rerank.aml_fast import aml_fast_search
 
     T: dict[str, float] = {}
@@ -107,35 +106,30 @@ def stage_profile(q, aspect, finalize, query_global, store, fine, dec, rows, top
         return r
 
     n = len(rows)
-    maps = [dec[i] for i in rows]
-    qt, _, groups, qg, _ = prepare_rerank(q, maps, finalize, query_global, None)
+    qt, _, _, qg, _ = prepare_rerank(q, [], finalize, query_global, None)
     *_, props, pok = t("coarse search", lambda: aml_fast_search(store, rows, q, K=K, query_aspect=aspect, step=step,
                                                                 exact_score=False, top=top))
-    edges, best = torch.zeros(n, 4, dtype=torch.int64), torch.zeros(n, dtype=torch.float64)
-    ne, sums = torch.zeros(n, dtype=torch.int64), torch.zeros(n, store.channels, dtype=torch.float64)
-    ncand = []
-    for (H, W), idx in groups.items():
-        cand, ok = t("candidate lists", lambda: fine_candidates(H, W, props[idx], pok[idx], radius, 3, aspect, 1.1))
-        ncand.append(ok.sum(1))
-        ry = np.where(ok, cand[..., 1], H).min(1), np.where(ok, cand[..., 1] + cand[..., 3], 0).max(1)
-        sp = t("copy of the candidates' rows", lambda: fine.batch(rows[idx], *ry))
-        ti = torch.as_tensor(idx)
-        edges[ti], best[ti], ne[ti], sums[ti] = t("candidates (fast pass, verify exactly)", lambda: aml_search_candidates(
-            sp, q, cand, ok, verify=verify, return_state=True, residual=False, chunk=4))
-    cells, order = fine.strips(rows)
-    t("refinement (strips)", lambda: refine_strips(cells, order, edges, best, ne, sums,
-                                                   l2n(torch.as_tensor(np.asarray(q, np.float64))), 3, rounds))
-    wins = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1).numpy()
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(int(v) for v in store.shapes[r]), []).append(i)
+    parts = {hw: t("candidate lists", lambda: fine_candidates(*hw, props[idx], pok[idx], radius, 3, aspect, 1.1))
+             for hw, idx in groups.items()}
+    m = max(c.shape[1] for c, _ in parts.values())
+    cand, ncand = np.zeros((n, m, 4), np.int64), np.zeros(n, np.int64)
+    for hw, idx in groups.items():
+        cand[idx, :parts[hw][0].shape[1]], ncand[idx] = parts[hw]
+    edges, best, _, _ = t("fine search (compiled: candidates, verify, refinement)",
+                          lambda: fine.search(rows, q, cand, ncand, 3, rounds, verify))
+    wins = np.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
     scores, vectors = np.zeros(n), [None] * n
-    for (H, W), idx in groups.items():
-        w = wins[idx]
-        sp = t("copy of the windows' rows", lambda: fine.batch(rows[idx], w[:, 1], w[:, 1] + w[:, 3]))
-        t("window R-MAC scoring", lambda: score_windows(maps, idx, w, best.numpy()[idx], sp, qt, scores, vectors,
+    for idx in groups.values():
+        t("window R-MAC scoring", lambda: score_windows([None] * n, idx, wins[idx], best[idx],
+                                                        _FineWindows(fine, rows[idx]), qt, scores, vectors,
                                                         finalize=finalize, query_global=qg, levels=3,
                                                         finalize_batch=True))
     out = {k: round(1e3 * v / n, 3) for k, v in T.items()}
     out["total"] = round(1e3 * sum(T.values()) / n, 3)
-    out["candidates_per_map"] = round(float(np.concatenate(ncand).mean()), 1)
+    out["candidates_per_map"] = round(float(ncand.mean()), 1)
     out["loadavg_1min"] = round(os.getloadavg()[0], 2)
     return out
 
@@ -152,7 +146,7 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true",
                     help="also time each stage of one query (first setting, cached path), ms per map")
     ap.add_argument("--uncached", action="store_true",
-                    help="also time each setting from decoded maps with every candidate scored exactly (verify=0)")
+                    help="also time each setting from decoded maps (their fine maps built per query)")
     ap.add_argument("--no-speed", action="store_true", help="accuracy part only")
     ap.add_argument("--K", type=int, default=512)
     ap.add_argument("--g", type=int, default=8)
@@ -226,22 +220,23 @@ def main() -> None:
 
     if not args.no_speed:
         qlocal, dblocal, _, scores0, qglobal0 = first_stage(recipe, qmaps, dbmaps, None)
+        rerank_aml_c2f(qmaps[0].max(axis=(1, 2)), None, store, rows[:2], fine=fine, **kw(0))  # compile (Numba)
         decode_s, _ = timed(lambda qi: [decode_sparse(codes[i]) for i in idx])
         speed["decode_cpu_seconds_per_query"] = decode_s
         maps = [dec[i] for i in idx]
         for top, radius, rounds in settings:
             c = dict(top=top, radius=radius, K=args.K, step=args.step, refine_rounds=rounds)
-            s, load = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows, fine=fine,
+            s, load = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), None, store, rows, fine=fine,
                                                       verify=args.verify, **c, **kw(qi)))
             run = {"top": top, "radius": radius, "refine_rounds": rounds, "verify": args.verify,
                    "cached_fine_maps_cpu_seconds_per_query": s, "loadavg_1min": load}
             msg = f"c2f top={top} radius={radius} rounds={rounds}: {s} s CPU/query from the cached fine maps"
             if args.uncached:
-                s2, load2 = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows, verify=0,
-                                                            **c, **kw(qi)))
-                run.update(decoded_maps_verify0_cpu_seconds_per_query=s2, with_decoding_verify0_cpu_seconds_per_query=
+                s2, load2 = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows,
+                                                            verify=args.verify, **c, **kw(qi)))
+                run.update(decoded_maps_cpu_seconds_per_query=s2, with_decoding_cpu_seconds_per_query=
                            round(s2 + decode_s, 4), loadavg_1min_uncached=load2)
-                msg += f"; {s2} s from decoded maps with verify=0, {s2 + decode_s:.3f} s with decoding"
+                msg += f"; {s2} s from decoded maps (fine maps built per query), {s2 + decode_s:.3f} s with decoding"
             speed["runs"].append(run)
             print(msg + f" (load {load})", flush=True)
             out["speed"] = speed

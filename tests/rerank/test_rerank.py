@@ -365,11 +365,26 @@ def test_c2f_default_radius_localises_and_scores_fewer_windows(shortlist):
     from instance_search.ops.integral import sample_windows
 
     props = np.array([[[4, 2, 8, 8], [0, 0, 4, 4]]])
-    cand, ok = fine_candidates(14, 20, props, np.array([[True, False]]), 2, 3, None, 1.1)
+    cand, cnt = fine_candidates(14, 20, props, np.array([[True, False]]), 2, 3, None, 1.1)
     grid = sample_windows(14, 20, 3)
     e = np.c_[grid[:, :2], grid[:, :2] + grid[:, 2:]]
     want = grid[(np.abs(e - [4, 2, 12, 10]) <= 2).all(1)]
-    np.testing.assert_array_equal(cand[0][ok[0]], want)
+    np.testing.assert_array_equal(cand[0][:cnt[0]], want)
+    # several maps and proposals against a loop over the grid; a map near no grid window gets its proposal
+    rng = np.random.default_rng(4)
+    P = np.stack([np.c_[rng.integers(0, 10, (3, 2)), rng.integers(1, 10, (3, 2))] for _ in range(6)])
+    P[5] = [[19, 13, 1, 1]] * 3
+    V = rng.random((6, 3)) < 0.7
+    V[:, 0] = True
+    grid = sample_windows(14, 20, 3, 0.8, 1.3)
+    cand, cnt = fine_candidates(14, 20, P, V, 1, 3, 0.8, 1.3)
+    for b in range(6):
+        keep = [g for g in grid if any(V[b, p] and all(abs(a - c) <= 1 for a, c in zip(
+            (g[0], g[1], g[0] + g[2], g[1] + g[3]), (P[b, p, 0], P[b, p, 1], P[b, p, 0] + P[b, p, 2],
+                                                     P[b, p, 1] + P[b, p, 3]))) for p in range(3))]
+        want = np.asarray(keep).reshape(-1, 4) if keep else P[b, :1]
+        np.testing.assert_array_equal(cand[b, :cnt[b]], want)
+    assert cnt[5] == 1
     with pytest.raises(ValueError, match="radius"):
         fine_candidates(14, 20, props, np.array([[True, False]]), -1)
     with pytest.raises(ValueError, match="rows"):

@@ -55,16 +55,15 @@ __all__ = [
     "exhaustive_search",
     "window_iou",
     "SparseMap",
+    "REL_TOL",
+    "root_lookup",
     "SparseBatch",
     "sparse_batch",
     "map_shape",
     "aml_search_batch",
-    "aml_search_candidates",
-    "CellOrder",
-    "refine_strips",
 ]
 
-_REL_TOL = 1e-14  # window sums below this fraction of the channel total are float64 cancellation noise
+REL_TOL = 1e-14  # window sums below this fraction of the channel total are float64 cancellation noise
 # (measured: at most 1.5e-15 of the total on maps up to 100x100)
 
 
@@ -145,7 +144,7 @@ class PowerIntegral:
         stride = self.width + 1
         t = self.table
         s = t[y2 * stride + x2] - t[y1 * stride + x2] - t[y2 * stride + x1] + t[y1 * stride + x1]
-        tol = _REL_TOL * t[-1]  # channel totals
+        tol = REL_TOL * t[-1]  # channel totals
         return torch.where(s > tol, s, torch.zeros((), dtype=s.dtype))
 
 
@@ -366,6 +365,7 @@ def aml_search(
     refine_rounds: int = 15,
     query_aspect: float | None = None,
     chunk: int = 2048,
+    windows=None,
 ) -> tuple[tuple[int, int, int, int], float, int]:
     """Approximate max-pooling localisation, AML (Tolias et al. 2016, Sec. 5.2).
 
@@ -376,7 +376,8 @@ def aml_search(
     constraint is not enforced during refinement). These moves include those of the authors' ``aml.c`` (shifts
     of exactly 3, then 2, then 1 cells, 5 iterations each, windows at least 2 cells wide and high); the default
     15 rounds match its 3 × 5 iteration budget. ``X_or_ii``: a ``(C, H, W)`` map or a :class:`PowerIntegral`;
-    ``alpha``: 10 for a map, the integral's own when ``None``.
+    ``alpha``: 10 for a map, the integral's own when ``None``. ``windows``: ``(n, 4)`` rows ``(x, y, w, h)`` to
+    start from instead of the sampled ones (the best, ties to the first, is refined).
     Returns ``((x, y, w, h), score, n_windows_evaluated)``.
     """
     pi = _as_integral(X_or_ii, alpha)
@@ -384,7 +385,8 @@ def aml_search(
     if H < 1 or W < 1:
         raise ValueError("empty feature map")
     qn = _query(q, pi.channels)
-    wins = torch.from_numpy(sample_windows(H, W, t, query_aspect, s))
+    wins = _windows(windows, H, W) if windows is not None else torch.from_numpy(sample_windows(H, W, t, query_aspect,
+                                                                                                s))
     sc = _scores(pi, wins, qn, chunk)
     n = int(wins.shape[0])
     b = int(torch.argmax(sc))
@@ -452,7 +454,7 @@ def exhaustive_search(
 
 _QBITS = 23  # fast pass: table entries rounded to multiples of 2^-_QBITS (sums < 2 stay exact in float32)
 _LUT_MANTISSA = 10  # fast pass: root looked up on exponent + 10 mantissa bits
-_LUT_LOW = 47  # ... for sums from 2^-47 (~_REL_TOL) up to 2; smaller ones count as zero
+_LUT_LOW = 47  # ... for sums from 2^-47 (~REL_TOL) up to 2; smaller ones count as zero
 _LUTS: dict[float, torch.Tensor] = {}
 _BUFFERS = threading.local()
 
@@ -683,10 +685,10 @@ def _corner_sums(table: torch.Tensor, ly: torch.Tensor, lx: torch.Tensor, wins: 
 
 
 def _exact_vectors(sp: SparseBatch, table, ly, lx, wins) -> torch.Tensor:
-    """``f̃`` (float64) of windows on the grid lines of a float64 ``table``; sums below ``_REL_TOL`` of the
+    """``f̃`` (float64) of windows on the grid lines of a float64 ``table``; sums below ``REL_TOL`` of the
     channel total (float64 rounding noise, as :meth:`PowerIntegral.window_sums`) count as zero."""
     s = _corner_sums(table, ly, lx, wins)
-    s = torch.where(s > _REL_TOL, s, torch.zeros((), dtype=s.dtype))
+    s = torch.where(s > REL_TOL, s, torch.zeros((), dtype=s.dtype))
     return s.pow_(1.0 / sp.alpha).mul_(sp.fscale[:, None, :])
 
 
@@ -705,6 +707,12 @@ def _root_lut(alpha: float) -> torch.Tensor:
         mids = (starts[:-1].double() + starts[1:].double()) / 2
         _LUTS[alpha] = torch.cat([torch.zeros(1), mids.pow(1.0 / alpha).float()])
     return _LUTS[alpha]
+
+
+def root_lookup(alpha: float) -> tuple[np.ndarray, int, int]:
+    """The fast pass's ``S^{1/α}`` table for float32 ``S`` as numpy, with its bit shift and base:
+    ``S^{1/α} ≈ lut[clip((bits(S) >> shift) - base, 0, len(lut) - 1)]`` (:func:`_root_lut`)."""
+    return _root_lut(float(alpha)).numpy(), 23 - _LUT_MANTISSA, ((127 - _LUT_LOW) << _LUT_MANTISSA) - 1
 
 
 def _fast_scores(table32: torch.Tensor, corners: torch.Tensor, fscale: torch.Tensor, qn: torch.Tensor,
@@ -841,106 +849,6 @@ def aml_search_batch(
 
 
 
-def aml_search_candidates(
-    maps,
-    q,
-    candidates,
-    valid=None,
-    alpha: float = 10.0,
-    refine_steps: int = 3,
-    refine_rounds: int = 15,
-    chunk: int = 8,
-    refine_chunk: int = 64,
-    verify: int = 0,
-    order: "CellOrder | None" = None,
-    cells: SparseBatch | None = None,
-    return_state: bool = False,
-    residual: bool = True,
-):
-    """AML (Tolias et al. 2016, Sec. 5.2) started from given windows: each map's ``candidates`` are scored
-    exactly by Eq. 4 (float64, as the verified windows of :func:`aml_search_batch`), the best (ties: the first
-    candidate) is refined by the same coordinate descent. ``verify > 0``: as :func:`aml_search_batch`, the
-    candidates are first ranked by its fast float32 pass (with the residual table) and only the ``verify`` best
-    of each map are scored exactly (``0``: all). With ``order`` (the batch's :class:`CellOrder`, cells in
-    raster order per map) the coordinate descent is :func:`refine_strips` (no integral table per round), on
-    ``cells`` when given (the same maps' cells, e.g. all of them while ``maps`` holds only the rows the
-    candidates span; ``order`` then indexes ``cells``). ``return_state=True``: no refinement; returns the
-    starts as :func:`refine_strips` takes them, ``(edges (B, 4) x1 y1 x2 y2, scores, n_evaluated, sums (B, C))``
-    tensors. ``residual``: the fast pass adds the rounding residual table (as ``fine`` in
-    :func:`aml_search_batch`; not needed for compact maps).
-
-    ``maps``: as :func:`aml_search_batch` (same size); ``candidates``: ``(B, m, 4)`` int rows ``(x, y, w, h)``;
-    ``valid``: ``(B, m)`` bool, which rows are real (default all; every map needs one). Given the windows
-    :func:`aml_search_batch` samples, in the same order, this returns its result with ``verify=0``.
-    Returns ``(windows (B, 4), scores (B,), n_evaluated (B,), SparseBatch)``.
-    """
-    sp = maps if isinstance(maps, SparseBatch) else sparse_batch(list(maps), alpha)
-    if sp.alpha != float(alpha):
-        raise ValueError(f"the SparseBatch was built for alpha={sp.alpha}, not {alpha}")
-    B, C, H, W = sp.shape
-    cand = torch.from_numpy(np.array(candidates, dtype=np.int64))
-    if cand.ndim != 3 or cand.shape[0] != B or cand.shape[2] != 4:
-        raise ValueError(f"candidates must be (B={B}, m, 4) windows (x, y, w, h), got shape {tuple(cand.shape)}")
-    ok = torch.ones(cand.shape[:2], dtype=torch.bool) if valid is None else torch.as_tensor(np.asarray(valid))
-    if tuple(ok.shape) != tuple(cand.shape[:2]) or ok.dtype != torch.bool:
-        raise ValueError(f"valid must be a (B, m) bool mask of the candidates, got {tuple(ok.shape)} {ok.dtype}")
-    if cand.shape[1] == 0 or not bool(ok.any(1).all()):
-        raise ValueError("every map needs at least one candidate window")
-    _windows(cand[ok], H, W)  # refuses windows outside the maps
-    first = ok.to(torch.int64).argmax(1)  # padding rows become a copy of a real one (and score -2 below)
-    cand = torch.where(ok[..., None], cand, cand[torch.arange(B), first][:, None])
-    qt = torch.as_tensor(np.asarray(q, dtype=np.float64)).reshape(-1)
-    if qt.shape[0] != C:
-        raise ValueError(f"query has {qt.shape[0]} dimensions, the maps have {C} channels")
-    qn = l2n(qt)
-    edges = torch.zeros(B, 4, dtype=torch.int64)
-    best_s = torch.zeros(B, dtype=torch.float64)
-    n_eval = ok.sum(1).to(torch.int64)
-    want_sums = order is not None or return_state
-    sums = torch.zeros(B, C, dtype=torch.float64) if want_sums else None
-    cand_order = torch.arange(cand.shape[1]).expand(B, -1)
-    step = max(int(chunk), 1)
-    for b0 in range(0, B, step):
-        sl = slice(b0, min(b0 + step, B))
-        sub = sp._select(range(sl.start, sl.stop))
-        cw = cand[sl]
-        ly = _lines(torch.cat([cw[..., 1], cw[..., 1] + cw[..., 3]], 1), H)
-        lx = _lines(torch.cat([cw[..., 0], cw[..., 0] + cw[..., 2]], 1), W)
-        table = _grid_table(sub, ly, lx, torch.float64)
-        ords = cand_order[sl]
-        if verify and cw.shape[1] > verify:  # fast float32 ranking, exact scores for the `verify` best
-            Gx = table.shape[2]
-            jy1, jy2 = torch.searchsorted(ly, cw[..., 1].contiguous()), torch.searchsorted(ly, (cw[..., 1] + cw[..., 3]).contiguous())
-            jx1, jx2 = torch.searchsorted(lx, cw[..., 0].contiguous()), torch.searchsorted(lx, (cw[..., 0] + cw[..., 2]).contiguous())
-            corners = torch.stack([jy2 * Gx + jx2, jy1 * Gx + jx2, jy2 * Gx + jx1, jy1 * Gx + jx1], -1)
-            t32 = torch.round(table * 2.0 ** _QBITS).to(torch.float32).mul_(2.0 ** -_QBITS)
-            res32 = (table - t32.to(torch.float64)).to(torch.float32) if residual else None
-            approx = _fast_scores(t32, corners, sub.fscale, qn.to(torch.float32), sub.alpha, res32)
-            approx = torch.where(ok[sl], approx, torch.full((), -3.0))
-            keep = approx.topk(int(verify), dim=1).indices  # (nb, verify)
-            cw = torch.gather(cw, 1, keep[..., None].expand(-1, -1, 4))
-            okk = torch.gather(ok[sl], 1, keep)
-            ords = keep
-        else:
-            okk = ok[sl]
-        sc = _exact_cos(_exact_vectors(sub, table, ly, lx, cw), qn)
-        sc = torch.where(okk, sc, torch.full((), -2.0, dtype=sc.dtype))
-        bs, j = _first_max(sc, ords)
-        best = cw[torch.arange(sub.maps), j]
-        edges[sl] = torch.stack([best[:, 0], best[:, 1], best[:, 0] + best[:, 2], best[:, 1] + best[:, 3]], 1)
-        best_s[sl] = bs
-        if want_sums:
-            sums[sl] = _corner_sums(table, ly, lx, best[:, None, :])[:, 0]
-    if return_state:
-        return edges, best_s, n_eval, sums
-    if order is not None:
-        refine_strips(sp if cells is None else cells, order, edges, best_s, n_eval, sums, qn, refine_steps,
-                      refine_rounds)
-    else:
-        _refine(sp, edges, best_s, n_eval, qn, refine_steps, refine_rounds, refine_chunk)
-    out_w = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
-    return out_w.numpy(), best_s.numpy(), n_eval.numpy(), sp
-
 def _first_max(scores: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the maximum of ``scores (nb, k)`` and its column; ties go to the smallest ``order`` (the
     windows' index in the sampled list), so the start does not depend on how candidates were ordered."""
@@ -999,101 +907,3 @@ def _refine(sp: SparseBatch, edges: torch.Tensor, best_s: torch.Tensor, n_eval: 
             active[act] = improved
         if bar is not None:
             bar.update(sub.maps)
-
-
-class CellOrder(NamedTuple):
-    """Where the cells of a :class:`SparseBatch` whose maps each keep their cells in raster order (row ``y``,
-    then column ``x``) lie by row and by column: map ``b``'s cells of rows ``r0 … r1-1`` are
-    ``rowptr[b, r0] : rowptr[b, r1]``, those of columns ``c0 … c1-1`` are ``xperm[colptr[b, c0] : colptr[b, c1]]``
-    (all global indices into the batch's arrays, ``xperm`` ones plus ``xbase[b]``)."""
-
-    rowptr: torch.Tensor  #: (B, H + 1) int64
-    colptr: torch.Tensor  #: (B, W + 1) int64
-    xperm: torch.Tensor  #: (n,) the cells in column order (column, then row) within each map
-    xbase: torch.Tensor | None = None  #: (B,) int64 added to map b's ``xperm`` entries (None: 0)
-    hw: torch.Tensor | None = None  #: (B, 2) int64 each map's own ``(H, W)`` (None: the batch's), for maps of
-    #: several sizes (``rowptr`` / ``colptr`` then padded with their last entry)
-
-
-def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated ``arange(starts[i], ends[i])`` and the owner ``i`` of each element."""
-    lens = (ends - starts).clamp_min(0)
-    owner = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    first = torch.cumsum(lens, 0) - lens
-    return starts[owner] + torch.arange(int(lens.sum())) - first[owner], owner
-
-
-def refine_strips(sp: SparseBatch, order: CellOrder, edges: torch.Tensor, best_s: torch.Tensor,
-                  n_eval: torch.Tensor, sums: torch.Tensor, qn: torch.Tensor, refine_steps: int = 3,
-                  refine_rounds: int = 15) -> None:
-    """The AML coordinate descent of :func:`aml_search` / :func:`aml_search_batch` (Tolias et al. 2016,
-    Sec. 5.2: each border in turn tries every shift of up to ``±refine_steps`` cells, the best is kept when it
-    improves the score by more than ``1e-12``; rounds until one without improvement), in place on ``edges (B, 4)``
-    ``(x1, y1, x2, y2)``, their scores ``best_s`` and counts ``n_eval``, without any integral table: the window
-    sums ``sums (B, C)`` (``Σ_{p∈R} w_p`` of the current windows, float64) are updated by the sums of the strips
-    of cells a move adds or removes, read from the ``2·refine_steps`` rows or columns around the moving border
-    only (``order``: where they lie). Same moves, same Eq. 4 scores up to float64 rounding of the sums."""
-    B, C, H, W = sp.shape
-    st = int(refine_steps)
-    if B == 0 or st < 1:
-        return
-    shifts = torch.tensor([d for d in range(-st, st + 1) if d != 0], dtype=torch.int64)
-    hw = torch.tensor([[H, W]]).expand(B, 2) if order.hw is None else order.hw
-    limits = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)  # (B, 4) the largest value of each border
-    inv_alpha = 1.0 / sp.alpha
-    active = torch.arange(B)
-    for _ in range(int(refine_rounds)):
-        if len(active) == 0:
-            break
-        na = len(active)
-        e = edges[active].clone()
-        bs = best_s[active].clone()
-        V = sums[active].clone()
-        ne = n_eval[active].clone()
-        fs = sp.fscale[active]
-        improved = torch.zeros(na, dtype=torch.bool)
-        for k in range(4):
-            horizontal = k in (0, 2)  # x borders: a strip of columns, rows limited to [y1, y2)
-            n_lim = limits[active, k]
-            v0 = e[:, k]
-            lo, hi = (v0 - st).clamp_min(0), torch.minimum(v0 + st, n_lim)
-            ptr = order.colptr[active] if horizontal else order.rowptr[active]
-            a = torch.gather(ptr, 1, lo[:, None])[:, 0]
-            b = torch.gather(ptr, 1, hi[:, None])[:, 0]
-            pos, owner = _ranges(a, b)
-            if horizontal:
-                cell = order.xperm[pos].long()
-                if order.xbase is not None:
-                    cell += order.xbase[active][owner]
-                along, across = sp.x[cell], sp.y[cell]
-                lo_a, hi_a = e[:, 1][owner], e[:, 3][owner]
-            else:
-                cell = pos
-                along, across = sp.y[cell], sp.x[cell]
-                lo_a, hi_a = e[:, 0][owner], e[:, 2][owner]
-            # bin of each cell: 0 .. 2·st-1 by its row / column, 2·st (dropped) outside the window's extent
-            bins = torch.where((across >= lo_a) & (across < hi_a), along - (v0 - st)[owner], 2 * st)
-            strip = torch.zeros(na * (2 * st + 1) * C, dtype=torch.float64)
-            strip.index_add_(0, (owner * (2 * st + 1) + bins) * C + sp.c[cell], sp.w[cell])
-            P = torch.zeros(na, 2 * st + 1, C, dtype=torch.float64)
-            P[:, 1:] = strip.reshape(na, 2 * st + 1, C)[:, :2 * st].cumsum(1)
-            # window sums after each shift d: low borders (x1, y1) remove cells when d > 0, high ones add them
-            delta = P[:, st + shifts] - P[:, st:st + 1]  # (na, 2st, C): Σ of the bins between v0 and v0 + d
-            S = V[:, None, :] - delta if k < 2 else V[:, None, :] + delta
-            cnd = e[:, None, :].repeat(1, len(shifts), 1)
-            cnd[:, :, k] += shifts
-            ok = (cnd[:, :, k] >= 0) & (cnd[:, :, k] <= n_lim[:, None]) & (cnd[:, :, 0] < cnd[:, :, 2]) & \
-                (cnd[:, :, 1] < cnd[:, :, 3])
-            f = torch.where(S > _REL_TOL, S, torch.zeros((), dtype=S.dtype)).pow_(inv_alpha).mul_(fs[:, None, :])
-            cs = _exact_cos(f, qn)
-            cs = torch.where(ok, cs, torch.full((), -2.0, dtype=cs.dtype))
-            ne = ne + ok.sum(1)
-            v, jj = cs.max(1)
-            better = v > bs + 1e-12
-            if bool(better.any()):
-                bs = torch.where(better, v, bs)
-                e = torch.where(better[:, None], cnd[torch.arange(na), jj], e)
-                V = torch.where(better[:, None], S[torch.arange(na), jj], V)
-                improved |= better
-        edges[active], best_s[active], sums[active], n_eval[active] = e, bs, V, ne
-        active = active[improved]

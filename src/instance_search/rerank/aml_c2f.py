@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ops.integral import (CellOrder, SparseBatch, SparseMap, aml_search_candidates, map_shape, refine_strips, sample_windows,
-                             sparse_batch)
+from ..ops.aml_kernel import fine_search, near_windows, rank_lut, root_tables
+from ..ops.aml_kernel import window_vectors as kernel_window_vectors
+from ..ops.integral import REL_TOL, map_shape, sample_windows, sparse_batch
 from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
-__all__ = ["rerank_aml_c2f", "fine_candidates", "AMLFineMaps", "DEFAULT_TOP", "DEFAULT_VERIFY"]
+__all__ = ["rerank_aml_c2f", "fine_candidates", "AMLFineMaps", "FineMapsBuilder", "DEFAULT_TOP", "DEFAULT_VERIFY"]
 
 DEFAULT_TOP = 3  # coarse proposals refined per map
 DEFAULT_VERIFY = 8  # fine candidates per map scored exactly after the fast float32 ranking (as exact AML)
@@ -42,124 +43,165 @@ DEFAULT_VERIFY = 8  # fine candidates per map scored exactly after the fast floa
 
 @dataclass(frozen=True, eq=False)
 class AMLFineMaps:
-    """The α-powered non-zeros of ``N`` maps kept in RAM for the fine stage (Tolias et al. 2016, Eq. 3): what
+    """The α-powered non-zeros of ``N`` maps as the fine stage reads them (Tolias et al. 2016, Eq. 3): what
     :func:`~instance_search.ops.integral.sparse_batch` computes from decoded maps, per image, so that a query
     neither decodes compact codes nor raises cells to the power α. Image ``i``'s cells are
     ``offsets[i]:offsets[i+1]``: channel ``c``, row ``y``, column ``x`` (int16) and weight ``w`` (float64,
-    ``(X/s)^α / T`` per channel), in raster order, and ``xorder`` (int32) the same cells in column order;
-    ``fscale (N, C)`` float64; ``shapes (N, 2)`` the maps' ``(H, W)``. RAM: 18 bytes per kept cell + 8·C bytes
-    per image (:attr:`nbytes`).
+    ``(X/s)^α / T`` per channel), in raster order; ``xorder`` (int32) the same cells in column order (indices
+    within the image); ``rowptr[rowstart[i] + r]`` where row ``r`` starts, ``colptr[colstart[i] + x]`` where
+    column ``x`` starts in ``xorder`` (int32, within the image); ``fscale (N, C)`` float64; ``shapes (N, 2)``
+    the maps' ``(H, W)``. All numpy. RAM: 18 bytes per kept cell + 8·C + 4·(H + W + 2) bytes per image
+    (:attr:`nbytes`).
     """
 
     channels: int
     alpha: float
     shapes: np.ndarray
     offsets: np.ndarray
-    c: torch.Tensor
-    y: torch.Tensor
-    x: torch.Tensor
-    w: torch.Tensor
-    fscale: torch.Tensor
-    xorder: torch.Tensor  #: (n,) int32: each image's cells in column order (indices within the image)
-    rowptr: list  #: per image (H + 1,) int32: where each row's cells start (within the image)
-    colptr: list  #: per image (W + 1,) int32: where each column's cells start in ``xorder``
+    c: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    w: np.ndarray
+    fscale: np.ndarray
+    xorder: np.ndarray
+    rowptr: np.ndarray
+    rowstart: np.ndarray
+    colptr: np.ndarray
+    colstart: np.ndarray
 
     def __len__(self) -> int:
         return int(self.shapes.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return int(self.offsets.nbytes + self.shapes.nbytes + sum(t.numel() * t.element_size()
-                                                                  for t in (self.c, self.y, self.x, self.w, self.fscale,
-                                                                            self.xorder, *self.rowptr, *self.colptr)))
+        return int(sum(a.nbytes for a in (self.shapes, self.offsets, self.c, self.y, self.x, self.w, self.fscale,
+                                           self.xorder, self.rowptr, self.rowstart, self.colptr, self.colstart)))
 
     @classmethod
-    def build(cls, maps: Iterable, alpha: float = 10.0) -> "AMLFineMaps":
+    def build(cls, maps: Iterable, alpha: float = 10.0, progress: bool = False,
+              total: int | None = None) -> "AMLFineMaps":
         """From non-negative ``(C, H, W)`` maps or :class:`~instance_search.ops.integral.SparseMap` (sizes may
         differ, channels may not; below 32768 cells a side), one at a time."""
-        cs, ys, xs, ws, fs, xo, rp, cp, counts, shapes = [], [], [], [], [], [], [], [], [], []
-        C = None
-        for i, m in enumerate(maps):
-            sh = map_shape(m)
-            if len(sh) != 3:
-                raise InputError(f"maps[{i}] must be (C, H, W), got shape {sh}")
-            if C is None:
-                C = sh[0]
-            if sh[0] != C:
-                raise InputError(f"maps[{i}] has {sh[0]} channels, maps[0] has {C}")
-            if max(sh[1:]) >= 2 ** 15:
-                raise InputError(f"maps[{i}] is {sh[1]}x{sh[2]} cells: too large for int16 positions")
-            sp = sparse_batch([m], alpha)
-            o = torch.argsort(sp.y * sh[2] + sp.x, stable=True)  # raster order: rows are contiguous
-            y, x = sp.y[o], sp.x[o]
-            cs.append(sp.c[o].to(torch.int16))
-            ys.append(y.to(torch.int16))
-            xs.append(x.to(torch.int16))
-            ws.append(sp.w[o])
-            xo.append(torch.argsort(x * sh[1] + y, stable=True).to(torch.int32))
-            rp.append(torch.searchsorted(y, torch.arange(sh[1] + 1)).to(torch.int32))
-            cp.append(torch.searchsorted(torch.sort(x).values, torch.arange(sh[2] + 1)).to(torch.int32))
-            fs.append(sp.fscale)
-            counts.append(int(sp.w.numel()))
-            shapes.append(sh[1:])
-        if C is None:
-            raise InputError("maps: no maps given")
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(C, float(alpha), np.asarray(shapes, np.int64).reshape(-1, 2), offsets, torch.cat(cs),
-                   torch.cat(ys), torch.cat(xs), torch.cat(ws), torch.cat(fs), torch.cat(xo), rp, cp)
+        b = FineMapsBuilder(alpha)
+        it = maps
+        if progress:
+            from tqdm import tqdm
 
-    def _check(self, rows) -> np.ndarray:
-        rows = np.asarray(rows, np.int64).reshape(-1)
-        if not len(rows):
-            raise InputError("no rows given")
-        if rows.min() < 0 or rows.max() >= len(self):
+            it = tqdm(maps, total=total, desc="AML fine maps", unit="map")
+        for m in it:
+            b.add(m)
+        return b.finish()
+
+    def _rows(self, rows) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise InputError(f"rows must index the {len(self)} images of the fine maps")
-        hw = self.shapes[rows]
-        if (hw != hw[0]).any():
-            raise InputError("a fine batch needs maps of one size")
         return rows
 
-    def batch(self, rows, y0=None, y1=None) -> SparseBatch:
-        """The :class:`~instance_search.ops.integral.SparseBatch` of images ``rows`` (all of one size), only
-        their cells in rows ``y0[i] … y1[i]-1`` when given (windows within those rows have the same sums)."""
-        rows = self._check(rows)
-        H, W = (int(v) for v in self.shapes[rows[0]])
-        rp = [self.rowptr[r] for r in rows.tolist()]
-        y0 = np.zeros(len(rows), np.int64) if y0 is None else np.clip(np.asarray(y0, np.int64), 0, H)
-        y1 = np.full(len(rows), H, np.int64) if y1 is None else np.clip(np.asarray(y1, np.int64), 0, H)
-        starts = self.offsets[rows] + np.asarray([int(p[a]) for p, a in zip(rp, y0.tolist())], np.int64)
-        ends = self.offsets[rows] + np.asarray([int(p[a]) for p, a in zip(rp, y1.tolist())], np.int64)
-        lens = np.maximum(ends - starts, 0)
-        spans = list(zip(starts.tolist(), np.maximum(ends, starts).tolist()))
+    def search(self, rows, q, candidates, ncand, steps: int = 3, rounds: int = 15, verify: int = 8):
+        """AML started from candidate windows on images ``rows`` (:func:`~instance_search.ops.aml_kernel.fine_search`):
+        ``candidates (n, m, 4)`` ``(x, y, w, h)``, the first ``ncand[i]`` of row ``i`` real. Returns ``(edges
+        (n, 4) x1 y1 x2 y2, scores, n_evaluated, sums (n, C))``."""
+        rows = self._rows(rows)
+        qn = np.asarray(l2n(torch.as_tensor(np.asarray(q, np.float64)).reshape(-1)).numpy())
+        if qn.shape[0] != self.channels:
+            raise ValueError(f"query has {qn.shape[0]} dimensions, the maps have {self.channels} channels")
+        cand = np.ascontiguousarray(candidates, np.int64)
+        ncand = np.ascontiguousarray(ncand, np.int64)
+        if cand.ndim != 3 or cand.shape[0] != len(rows) or cand.shape[2] != 4 or ncand.shape != (len(rows),):
+            raise ValueError(f"candidates must be (n={len(rows)}, m, 4) with ncand (n,), got {cand.shape}, "
+                             f"{ncand.shape}")
+        if len(rows) and (ncand.min() < 1 or ncand.max() > cand.shape[1]):
+            raise ValueError("every map needs at least one candidate window")
+        for i in range(len(rows)):  # refuses windows outside the maps
+            H, W = self.shapes[rows[i]]
+            cw = cand[i, :ncand[i]]
+            if (cw[:, :2] < 0).any() or (cw[:, 2:] < 1).any() or (cw[:, 0] + cw[:, 2] > W).any() or \
+                    (cw[:, 1] + cw[:, 3] > H).any():
+                raise ValueError(f"candidate windows of map {i} must lie within its {H}x{W} cells")
+        lut, shift, base = rank_lut(self.alpha)
+        return fine_search(self.c, self.y, self.x, self.w, self.offsets, self.rowptr, self.rowstart, self.xorder,
+                           self.colptr, self.colstart, self.shapes, self.fscale, rows, qn, cand, ncand, REL_TOL,
+                           int(steps), int(rounds), int(verify), root_tables(self.alpha), lut, shift, base)
 
-        def cat(t: torch.Tensor) -> torch.Tensor:  # one copy of the images' contiguous runs
-            return torch.cat([t[i:j] for i, j in spans])
+    def window_vectors(self, rows, windows) -> torch.Tensor:
+        """Exact ``f̃`` (float64) of windows ``(n, m, 4)`` rows ``(x, y, w, h)`` on images ``rows``: ``(n, m, C)``
+        (as :meth:`~instance_search.ops.integral.SparseBatch.window_vectors`)."""
+        rows = self._rows(rows)
+        wins = np.ascontiguousarray(windows, np.int64).reshape(len(rows), -1, 4)
+        H, W = self.shapes[rows].T if len(rows) else (np.zeros(0), np.zeros(0))
+        if len(rows) and ((wins[..., :2] < 0).any() or (wins[..., 2:] < 1).any() or
+                          (wins[..., 0] + wins[..., 2] > W[:, None]).any() or
+                          (wins[..., 1] + wins[..., 3] > H[:, None]).any()):
+            raise ValueError("windows must lie within their maps")
+        return torch.from_numpy(kernel_window_vectors(self.c, self.y, self.x, self.w, self.offsets, self.rowptr,
+                                                      self.rowstart, self.shapes, self.fscale, rows, wins, REL_TOL,
+                                                      root_tables(self.alpha)))
 
-        tl = torch.from_numpy(lens)
-        b = torch.repeat_interleave(torch.arange(len(rows)), tl)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), tl.cumsum(0)])
-        return SparseBatch((len(rows), self.channels, H, W), b, cat(self.c).long(), cat(self.y).long(),
-                           cat(self.x).long(), cat(self.w), self.fscale[torch.from_numpy(rows)], offsets, self.alpha)
 
-    def strips(self, rows) -> tuple[SparseBatch, CellOrder]:
-        """The cells of images ``rows`` (sizes may differ) as :func:`~instance_search.ops.integral.refine_strips`
-        reads them: the stored arrays themselves (nothing copied; ``b`` and ``offsets`` unset) and where each
-        image's rows and columns lie in them (:class:`~instance_search.ops.integral.CellOrder`)."""
-        rows = np.asarray(rows, np.int64).reshape(-1)
-        if not len(rows) or rows.min() < 0 or rows.max() >= len(self):
-            raise InputError(f"rows must index the {len(self)} images of the fine maps")
-        hw = self.shapes[rows]
-        H, W = (int(v) for v in hw.max(0))
-        first = torch.from_numpy(self.offsets[rows])
-        cells = SparseBatch((len(rows), self.channels, H, W), None, self.c, self.y, self.x, self.w,
-                            self.fscale[torch.from_numpy(rows)], None, self.alpha)
+class FineMapsBuilder:
+    """Collects :class:`AMLFineMaps` one map at a time (``add``, then ``finish``), e.g. while the same decoded
+    maps also feed the coarse store."""
 
-        def padded(ptrs, n):  # (B, n + 1), each padded with its last entry
-            return torch.stack([torch.cat([p, p[-1:].expand(n + 1 - len(p))]) for p in ptrs]).long() + first[:, None]
+    def __init__(self, alpha: float = 10.0):
+        self.alpha = float(alpha)
+        self.C: int | None = None
+        self.parts: dict[str, list] = {k: [] for k in ("c", "y", "x", "w", "fscale", "xorder", "rowptr", "colptr")}
+        self.counts: list[int] = []
+        self.shapes: list[tuple[int, int]] = []
 
-        rowptr = padded([self.rowptr[r] for r in rows.tolist()], H)
-        colptr = padded([self.colptr[r] for r in rows.tolist()], W)
-        return cells, CellOrder(rowptr, colptr, self.xorder, first, torch.from_numpy(hw))
+    def add(self, m) -> None:
+        i = len(self.shapes)
+        sh = map_shape(m)
+        if len(sh) != 3:
+            raise InputError(f"maps[{i}] must be (C, H, W), got shape {sh}")
+        if self.C is None:
+            self.C = sh[0]
+        if sh[0] != self.C:
+            raise InputError(f"maps[{i}] has {sh[0]} channels, maps[0] has {self.C}")
+        if max(sh[1:]) >= 2 ** 15:
+            raise InputError(f"maps[{i}] is {sh[1]}x{sh[2]} cells: too large for int16 positions")
+        sp = sparse_batch([m], self.alpha)
+        H, W = sh[1:]
+        y, x = sp.y.numpy(), sp.x.numpy()
+        o = np.argsort(y * W + x, kind="stable")  # raster order: rows are contiguous
+        y, x = y[o], x[o]
+        P = self.parts
+        P["c"].append(sp.c.numpy()[o].astype(np.int16))
+        P["y"].append(y.astype(np.int16))
+        P["x"].append(x.astype(np.int16))
+        P["w"].append(sp.w.numpy()[o])
+        P["xorder"].append(np.argsort(x * H + y, kind="stable").astype(np.int32))
+        P["rowptr"].append(np.searchsorted(y, np.arange(H + 1)).astype(np.int32))
+        P["colptr"].append(np.searchsorted(np.sort(x), np.arange(W + 1)).astype(np.int32))
+        P["fscale"].append(sp.fscale.numpy())
+        self.counts.append(len(o))
+        self.shapes.append((H, W))
+
+    def finish(self) -> AMLFineMaps:
+        if self.C is None:
+            raise InputError("maps: no maps given")
+        P = self.parts
+
+        def starts(parts):
+            return np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]]).astype(np.int64)
+
+        offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        return AMLFineMaps(self.C, self.alpha, np.asarray(self.shapes, np.int64).reshape(-1, 2), offsets,
+                           *(np.concatenate(P[k]) for k in ("c", "y", "x", "w")),
+                           np.concatenate(P["fscale"]).reshape(-1, self.C), np.concatenate(P["xorder"]),
+                           np.concatenate(P["rowptr"]), starts(P["rowptr"]), np.concatenate(P["colptr"]),
+                           starts(P["colptr"]))
+
+
+class _FineWindows:
+    """``window_vectors`` of some images of :class:`AMLFineMaps`, as :func:`~.aml.score_windows` reads them."""
+
+    def __init__(self, fine: AMLFineMaps, rows: np.ndarray):
+        self.fine, self.rows = fine, rows
+
+    def window_vectors(self, windows) -> torch.Tensor:
+        return self.fine.window_vectors(self.rows, windows)
 
 
 def _edges(w: np.ndarray) -> np.ndarray:
@@ -168,47 +210,30 @@ def _edges(w: np.ndarray) -> np.ndarray:
 
 
 def fine_candidates(H: int, W: int, proposals, valid, radius: int, t: int = 3, aspect: float | None = None,
-                    s: float = 1.1, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                    s: float = 1.1) -> tuple[np.ndarray, np.ndarray]:
     """The windows of the exact AML grid ``sample_windows(H, W, t, aspect, s)`` near each map's proposals.
 
     ``proposals (B, k, 4)`` windows ``(x, y, w, h)`` in map cells, ``valid (B, k)`` which exist; a grid window
     is kept for map ``b`` when each of its borders is within ``radius`` cells of the same border of one valid
-    proposal. Returns ``(candidates (B, m, 4), ok (B, m))``: kept windows in grid order, padded; a map with
-    none gets its first valid proposal.
+    proposal (:func:`~instance_search.ops.aml_kernel.near_windows`). Returns ``(candidates (B, m, 4),
+    count (B,))``: each map's kept windows first, in grid order, then padding; a map with none gets its first
+    valid proposal.
     """
     if int(radius) != radius or radius < 0:
         raise ValueError(f"radius must be an integer >= 0, got {radius}")
-    P = np.asarray(proposals, np.int64)
-    V = np.asarray(valid, bool)
+    P = np.ascontiguousarray(proposals, np.int64)
+    V = np.ascontiguousarray(valid, bool)
     if P.ndim != 3 or P.shape[2] != 4 or V.shape != P.shape[:2]:
         raise ValueError(f"proposals must be (B, k, 4) with valid (B, k), got {P.shape} and {V.shape}")
     if not V.any(1).all():
         raise ValueError("every map needs at least one valid proposal")
-    wins = sample_windows(H, W, t, aspect, s)
-    we = _edges(wins)  # (N, 4)
-    pe = _edges(P)  # (B, k, 4)
-    B = len(P)
-    sel = np.zeros((B, len(wins)), bool)
-    for b0 in range(0, B, chunk):
-        d = np.abs(we[None, None] - pe[b0:b0 + chunk, :, None])  # (nb, k, N, 4)
-        near = (d <= radius).all(-1) & V[b0:b0 + chunk, :, None]
-        sel[b0:b0 + chunk] = near.any(1)
-    counts = sel.sum(1)
-    m = max(int(counts.max()) if B else 0, 1)
-    order = np.argsort(~sel, axis=1, kind="stable")[:, :m]
-    cand = wins[order] if len(wins) else np.zeros((B, m, 4), np.int64)
-    ok = np.take_along_axis(sel, order, 1) if len(wins) else np.zeros((B, m), bool)
-    empty = np.flatnonzero(counts == 0)
-    if len(empty):
-        first = V[empty].argmax(1)
-        cand[empty, 0] = P[empty, first]
-        ok[empty, 0] = True
-    return cand, ok
+    grid = np.ascontiguousarray(sample_windows(H, W, t, aspect, s), np.int64).reshape(-1, 4)
+    return near_windows(grid, P, V, int(radius))
 
 
 def rerank_aml_c2f(
     query_vec,
-    maps: Sequence,
+    maps: Sequence | None,
     store: AMLInvertedMaps,
     rows,
     shortlist_scores=None,
@@ -239,72 +264,73 @@ def rerank_aml_c2f(
     windows may lie from them; ``K``, ``step``: the coarse search (:func:`~.aml_fast.aml_fast_search`); ``t``,
     ``s``, ``query_aspect``, ``alpha``, ``refine_*``: exact AML's (:func:`~.aml.rerank_aml`), as are the scoring
     arguments ``whitening``, ``exact``, ``finalize``, ``query_global``, ``levels``, ``finalize_batch``.
-    ``verify``: the fine candidates of each map are ranked by exact AML's fast float32 pass and the ``verify``
-    best scored exactly (``0``: all exactly; :func:`~instance_search.ops.integral.aml_search_candidates`).
-    ``fine``: the maps' α-powered non-zeros kept in RAM (:class:`AMLFineMaps`, indexed by the same ``rows`` as
-    ``store``): then they are read from there instead of from ``maps`` (which still give the sizes and, for
-    exact MAC scoring, the window maxima). ``n_windows`` counts the coarse and the fine windows scored.
+    ``verify``: the fine candidates of each map are ranked by a float32 pass and the ``verify`` best scored
+    exactly (``0``: all exactly). ``fine``: the maps' α-powered non-zeros kept in RAM (:class:`AMLFineMaps`,
+    indexed by the same ``rows`` as ``store``); without it they are computed from ``maps`` for this query.
+    With ``fine``, ``maps`` may be ``None`` unless the windows are scored by their exact MAC (no ``finalize``,
+    ``exact=True``), which reads the maps themselves. ``n_windows`` counts the coarse and the fine windows scored.
     """
     if int(top) != top or top < 1:
         raise ValueError(f"top must be an integer >= 1, got {top}")
     radius = int(store.g) if radius is None else radius
-    q, maps, groups, qg, qw = prepare_rerank(query_vec, maps, finalize, query_global, whitening)
     rows = np.asarray(rows, np.int64).reshape(-1)
-    n = len(maps)
-    if len(rows) != n:
-        raise ValueError(f"{len(rows)} store rows for {n} maps")
+    n = len(rows)
     if n and (rows.min() < 0 or rows.max() >= len(store)):
         raise ValueError(f"rows must index the store's {len(store)} images")
+    if maps is None:
+        if fine is None:
+            raise ValueError("give the maps, or the fine maps kept in RAM (fine=)")
+        if finalize is None and exact:
+            raise ValueError("scoring windows by their exact MAC reads the maps: give them")
+        q, _, _, qg, qw = prepare_rerank(query_vec, [], finalize, query_global, whitening)
+        shapes = [tuple(int(v) for v in store.shapes[r]) for r in rows]
+    else:
+        q, maps, _, qg, qw = prepare_rerank(query_vec, maps, finalize, query_global, whitening)
+        if len(maps) != n:
+            raise ValueError(f"{n} store rows for {len(maps)} maps")
+        shapes = [tuple(map_shape(X)[1:]) for X in maps]
+        for i, sh in enumerate(shapes):
+            if sh != tuple(int(v) for v in store.shapes[rows[i]]):
+                raise ValueError(f"map {i} is {sh}, its store row {rows[i]} holds a "
+                                 f"{tuple(int(v) for v in store.shapes[rows[i]])} map: not the same image")
+    if q.shape[0] != store.channels:
+        raise ValueError(f"query has {q.shape[0]} dimensions, the maps have {store.channels} channels")
     if fine is not None and (len(fine) != len(store) or fine.alpha != float(alpha)):
         raise InputError(f"fine maps: {len(fine)} images at alpha={fine.alpha}, the store has {len(store)} and "
                          f"alpha is {alpha}")
-    for i, X in enumerate(maps):
-        if tuple(map_shape(X)[1:]) != tuple(int(v) for v in store.shapes[rows[i]]):
-            raise ValueError(f"map {i} is {map_shape(X)[1:]}, its store row {rows[i]} holds a "
-                             f"{tuple(int(v) for v in store.shapes[rows[i]])} map: not the same image")
     scores = np.zeros(n)
-    boxes = np.zeros((n, 4), dtype=np.int64)
     counts = np.zeros(n, dtype=np.int64)
-    vectors: list[np.ndarray | None] = [None] * n
     if n == 0:
-        return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, None)
+        return RerankResult(scores, np.zeros((0, 4), np.int64), order_by_score(scores, shortlist_scores), counts, None)
     _, _, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect, s=s,
                                                  step=step, exact_score=False, top=int(top))
-    # the fast pass's residual table only for float maps (compact codes are clipped: as exact AML's `fine`)
-    residual = not all(isinstance(m, SparseMap) for m in maps)
-    if fine is not None:
-        # candidates per map size (from the rows they span), then ONE table-free refinement of every map
-        qn = l2n(torch.as_tensor(np.asarray(q.numpy(), dtype=np.float64)).reshape(-1))  # as the candidates'
-        edges = torch.zeros(n, 4, dtype=torch.int64)
-        best = torch.zeros(n, dtype=torch.float64)
-        n_eval = torch.zeros(n, dtype=torch.int64)
-        sums = torch.zeros(n, store.channels, dtype=torch.float64)
-        for (H, W), idx in groups.items():
-            cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-            ry = np.where(ok, cand[..., 1], H).min(1), np.where(ok, cand[..., 1] + cand[..., 3], 0).max(1)
-            ti = torch.as_tensor(idx)
-            edges[ti], best[ti], n_eval[ti], sums[ti] = aml_search_candidates(
-                fine.batch(rows[idx], *ry), q.numpy(), cand, ok, alpha=alpha, verify=int(verify), return_state=True,
-                residual=residual, chunk=4)
-        cells, order = fine.strips(rows)
-        refine_strips(cells, order, edges, best, n_eval, sums, qn, refine_steps, refine_rounds)
-        all_wins = torch.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]],
-                               1).numpy()
-        for (H, W), idx in groups.items():
-            wins = all_wins[idx]
-            boxes[idx], counts[idx] = wins, n_eval.numpy()[idx] + n_coarse[idx]
-            sp = fine.batch(rows[idx], wins[:, 1], wins[:, 1] + wins[:, 3])  # the windows' own rows
-            score_windows(maps, idx, wins, best.numpy()[idx], sp, q, scores, vectors, whitening=whitening,
-                          exact=exact, finalize=finalize, query_global=qg, levels=levels,
-                          finalize_batch=finalize_batch, qw=qw)
+    if fine is None:  # this query's short list only
+        fine, frows = AMLFineMaps.build(maps, alpha), np.arange(n)
     else:
+        frows = rows
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, sh in enumerate(shapes):
+        groups.setdefault(sh, []).append(i)
+    parts = {}
+    for (H, W), idx in groups.items():
+        parts[(H, W)] = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
+    if len(parts) == 1:
+        cand, ncand = next(iter(parts.values()))
+    else:
+        m = max(c.shape[1] for c, _ in parts.values())
+        cand = np.zeros((n, m, 4), np.int64)
+        ncand = np.zeros(n, np.int64)
         for (H, W), idx in groups.items():
-            cand, ok = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-            wins, sc, cnt, sp = aml_search_candidates([maps[i] for i in idx], q.numpy(), cand, ok, alpha=alpha,
-                                                      refine_steps=refine_steps, refine_rounds=refine_rounds,
-                                                      verify=int(verify), residual=residual, chunk=4)
-            boxes[idx], counts[idx] = wins, cnt + n_coarse[idx]
-            score_windows(maps, idx, wins, sc, sp, q, scores, vectors, whitening=whitening, exact=exact,
-                          finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
+            c, cnt = parts[(H, W)]
+            cand[idx, :c.shape[1]] = c
+            ncand[idx] = cnt
+    edges, best, n_eval, _ = fine.search(frows, q.numpy(), cand, ncand, refine_steps, refine_rounds, int(verify))
+    boxes = np.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
+    counts = n_eval + n_coarse
+    vectors: list[np.ndarray | None] = [None] * n
+    for idx in groups.values():  # per map size, as exact AML (same batches through the scoring functions)
+        score_windows(maps if maps is not None else [None] * n, idx, boxes[idx], best[idx],
+                      _FineWindows(fine, frows[idx]), q, scores, vectors, whitening=whitening, exact=exact,
+                      finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
     vecs = np.stack(vectors) if all(v is not None for v in vectors) else None
     return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Hashable, Sequence
 import numpy as np
 
 from .aml import RerankResult, rerank_aml
-from .aml_c2f import DEFAULT_TOP, rerank_aml_c2f
+from .aml_c2f import DEFAULT_TOP, AMLFineMaps, FineMapsBuilder, rerank_aml_c2f
 from .aml_fast import DEFAULT_G, DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, rerank_aml_fast
 from .expansion import alpha_qe, average_qe, dba
 
@@ -244,14 +244,40 @@ class AMLCoarseToFine(AMLFast):
     window_vectors = True
     options = {"K": DEFAULT_K, "g": DEFAULT_G, "step": DEFAULT_STEP, "top": DEFAULT_TOP, "radius": None}
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._fine: tuple[Hashable, AMLFineMaps] | None = None
+
+    def _store(self, ctx: RerankContext) -> tuple[AMLInvertedMaps, dict[int, int]]:
+        """The coarse inverted maps and the fine maps (:class:`~.aml_c2f.AMLFineMaps`, ~18 bytes per non-zero
+        cell) of the whole index, from one decoding pass (built on first use and when the index changes)."""
+        g = int(self.opts["g"])
+        key = (g, ctx.version)
+        if self._cache is None or self._cache[0] != key or self._fine is None or self._fine[0] != key:
+            all_ids = [int(i) for i in ctx.all_ids()]
+            fb = FineMapsBuilder()
+
+            def maps():
+                for i in range(0, len(all_ids), 4096):  # decode a chunk of maps at a time
+                    for m in ctx.maps(all_ids[i:i + 4096], True):
+                        fb.add(m)
+                        yield m
+
+            inv = AMLInvertedMaps.build(maps(), g=g, progress=len(all_ids) > 1000, total=len(all_ids))
+            self._cache = (key, inv, {i: r for r, i in enumerate(all_ids)})
+            self._fine = (key, fb.finish())
+        return self._cache[1], self._cache[2]
+
     def rerank(self, qvec, qmap, ids, scores, ctx):
         inv, row_of = self._store(ctx)
         rows = np.asarray([row_of[int(i)] for i in ids], np.int64)
-        maps = ctx.maps(ids, True)
+        # scored by the window's R-MAC the maps themselves are not read; by its exact MAC they are
+        maps = None if ctx.window_rmac.get("finalize") is not None else ctx.maps(ids, True)
         res = rerank_aml_c2f(_query_mac(qmap), maps, inv, rows, shortlist_scores=scores, query_aspect=_aspect(qmap),
                              top=int(self.opts["top"]), radius=self.opts["radius"], K=int(self.opts["K"]),
-                             step=int(self.opts["step"]), whitening=ctx.whitening, **ctx.window_rmac)
-        return res, [tuple(int(v) for v in m.shape[1:]) for m in maps]
+                             step=int(self.opts["step"]), whitening=ctx.whitening, fine=self._fine[1],
+                             **ctx.window_rmac)
+        return res, [tuple(int(v) for v in inv.shapes[r]) for r in rows]
 
 
 @register_reranker
