@@ -150,22 +150,18 @@ def _table(c, y, x, w, o0, rowptr, ly, lx, H, W, T):
         while k < b and x[k] < lx[Gx - 1]:
             T[jy, bin_x[x[k]], c[k]] += w[k]
             k += 1
-    for jj in range(Gy):
+    for jj in range(Gy):  # cumulative along x, then along y (two branch-free passes over the channels)
+        for ii in range(1, Gx):
+            for ch in range(C):
+                T[jj, ii, ch] += T[jj, ii - 1, ch]
+    for jj in range(1, Gy):
         for ii in range(Gx):
             for ch in range(C):
-                v = T[jj, ii, ch]
-                if jj > 0:
-                    v += T[jj - 1, ii, ch]
-                if ii > 0:
-                    v += T[jj, ii - 1, ch]
-                if jj > 0 and ii > 0:
-                    v -= T[jj - 1, ii - 1, ch]
-                T[jj, ii, ch] = v
+                T[jj, ii, ch] += T[jj - 1, ii, ch]
 
 
 @numba.njit(cache=True, fastmath=True)
 def _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs32, qn32, lut, shift, base, verify, buf):
-    # T: the float32 copy of the table
     """The ``verify`` candidates of best approximate Eq. 4 score (float32 sums, ``S^{1/α}`` looked up on the
     exponent and 10 mantissa bits as :func:`~.integral._fast_scores`), in candidate order."""
     C = fs32.shape[0]
@@ -177,7 +173,7 @@ def _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs32, qn32, lut, shift, bas
         a, b = pos_y[y1s[m]], pos_y[y2s[m]]
         cc, d = pos_x[x1s[m]], pos_x[x2s[m]]
         for ch in range(C):
-            buf[ch] = T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch]
+            buf[ch] = np.float32(T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch])
         dot = np.float32(0.0)
         nn = np.float32(0.0)
         for ch in range(C):
@@ -221,17 +217,11 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
     T = ws64[:Gy * Gx * C].reshape((Gy, Gx, C))  # workspaces reused between maps (no page faults)
     _table(c, y, x, w, o0, rowptr, ly, lx, H, W, T)
     rank = verify > 0 and nc > verify
-    T32 = ws32[:Gy * Gx * C].reshape((Gy, Gx, C))
-    if rank:
-        for jj in range(Gy):
-            for ii in range(Gx):
-                for ch in range(C):
-                    T32[jj, ii, ch] = np.float32(T[jj, ii, ch])
     # ---- candidates: the `verify` best of a float32 ranking (all when verify == 0) scored exactly; the
     # best (ties: the first candidate) starts the descent
     if rank:
         buf = np.empty(C, np.float32)
-        chosen = _rank32(T32, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs.astype(np.float32), qn.astype(np.float32),
+        chosen = _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs.astype(np.float32), qn.astype(np.float32),
                          lut, shift, base, verify, buf)
     else:
         chosen = np.arange(nc)
@@ -279,19 +269,24 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
             base_v = v0 - st
             nt = 0
             horizontal = kb == 0 or kb == 2
-            if horizontal:
-                k0, k1 = colptr[lo], colptr[hi]
-                alo, ahi = e[1], e[3]
-            else:
-                k0, k1 = rowptr[lo], rowptr[hi]
-                alo, ahi = e[0], e[2]
-            for kk in range(k0, k1):
-                cell = o0 + (xorder[kk] if horizontal else kk)
-                if horizontal:
-                    along, across = x[cell], y[cell]
-                else:
-                    along, across = y[cell], x[cell]
-                if across >= alo and across < ahi:
+            alo, ahi = (e[1], e[3]) if horizontal else (e[0], e[2])
+            for line in range(lo, hi):  # the strip's rows (columns), only their cells within the window's extent
+                if horizontal:  # a column's cells (column order) are sorted by row: binary search the first
+                    a, b = colptr[line], colptr[line + 1]
+                    while a < b:
+                        mid = (a + b) >> 1
+                        if y[o0 + xorder[mid]] < alo:
+                            a = mid + 1
+                        else:
+                            b = mid
+                    k1 = colptr[line + 1]
+                else:  # a row's cells are sorted by column
+                    a = rowptr[line] + np.searchsorted(x[o0 + rowptr[line]:o0 + rowptr[line + 1]], alo)
+                    k1 = rowptr[line + 1]
+                for kk in range(a, k1):
+                    cell = o0 + (xorder[kk] if horizontal else kk)
+                    if (y[cell] if horizontal else x[cell]) >= ahi:
+                        break
                     ch = c[cell]
                     if not touched[ch]:
                         touched[ch] = True
@@ -299,7 +294,7 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
                         nt += 1
                         for q in range(nb + 1):
                             P[q, ch] = 0.0
-                    P[along - base_v + 1, ch] += w[cell]
+                    P[line - base_v + 1, ch] += w[cell]
             for t in range(nt):  # cumulative over the bins
                 ch = tl[t]
                 for q in range(1, nb + 1):
