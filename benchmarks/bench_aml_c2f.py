@@ -22,7 +22,7 @@ Paris-250 at 1024 px, ~1 h on the loaded 2-core machine); the whitening index is
 Accuracy (does not depend on load), then speed alone (< 5 minutes; run it on the idle machine):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-speed --tops 3 --radii 8 \\
-        --whitening-index benchmarks/cache/holidays-index --out benchmarks/results/aml_c2f_accuracy.json
+        --whitening-index benchmarks/cache/holidays-index --out benchmarks/results/aml_c2f_accuracy_grid.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_aml_c2f.py --no-accuracy --tops 3 --radii 8 \\
         --uncached --exact-speed --stages --out benchmarks/results/aml_c2f_speed.json
 

@@ -406,5 +406,19 @@ def test_c2f_registered_reranker(shortlist):
     res, shapes = rr.rerank(q, qmap, ids, np.zeros(4), ctx)
     assert shapes == [tuple(maps[i].shape[1:]) for i in ids]
     assert set(np.asarray(ids)[res.order[:3]]) == set(np.flatnonzero(positive))
+    # the index's fine maps are kept between queries and rebuilt when the index changes; with window R-MAC
+    # scoring the short list's maps are not decoded at all
+    fine = rr._fine[1]
+    assert len(fine) == len(maps)
+    read = []
+    ctx2 = RerankContext(maps=lambda ids, sp: read.append(list(ids)) or [sparse[i] for i in ids],
+                         all_ids=lambda: range(len(maps)), version=1,
+                         window_rmac=dict(finalize=lambda L: np.stack([x.sum(0) for x in L]) if isinstance(L, list)
+                                          else L.sum(0), query_global=q / np.linalg.norm(q)))
+    again, _ = rr.rerank(q, qmap, ids, np.zeros(4), ctx2)
+    assert rr._fine[1] is fine and read == []
+    np.testing.assert_array_equal(again.boxes, res.boxes)
+    rr.rerank(q, qmap, ids, np.zeros(4), RerankContext(maps=ctx.maps, all_ids=ctx.all_ids, version=2))
+    assert rr._fine[1] is not fine
     with pytest.raises(ValueError, match="unknown option"):
         make_reranker("aml-c2f", radiuss=3)
