@@ -243,6 +243,22 @@ def _js_file(var: str, url: str, name: str, kind: str) -> str:
             f"const {var} = new File([__b], {json.dumps(name)}, {{type: {json.dumps(kind)}}});")
 
 
+def test_coarse_to_fine_aml_from_the_page(server, driver):
+    """aml-c2f is offered on the page and localises every re-ranked result."""
+    from selenium.webdriver.common.by import By
+
+    drv, photos = driver, server["photos"]
+    _open(drv, server["url"] + "/")
+    _select(drv, "rerank", "aml-c2f")
+    _set(drv, "top", "4")
+    _upload(drv, photos / "ukbench00004.jpg")
+    hits = _results(drv)
+    assert hits[0]["name"] == "ukbench00004.jpg", hits
+    boxes = drv.find_elements(By.CSS_SELECTOR, "#results .hit .box")
+    assert len(boxes) == 4 and all(b.size["width"] > 5 and b.size["height"] > 5 for b in boxes)
+    assert "aml-c2f on the top 100" in _text(drv, "timings")
+
+
 def test_rerank_boxes_viewer_export_and_load_more(server, driver):
     """aml-fast from the page draws a box on every re-ranked result; a result opens full size with its box,
     score and a link to the file; "load more" asks for more; the ranked list exports as JSON and CSV."""
