@@ -158,13 +158,14 @@ def main() -> None:
     ap.add_argument("--whitening-index", type=Path, default=None,
                     help="index of ANOTHER collection whose R-MAC regions train the whitening (as the product)")
     ap.add_argument("--max-size", type=int, default=1024)
+    ap.add_argument("--backbone", default="vgg16", help="the maps' backbone (vgg16: conv5_3, the figures in docs)")
     ap.add_argument("--db-limit", type=int, default=None, help="smoke runs: first N database images only")
     ap.add_argument("--queries", type=int, default=None, help="smoke runs: first N queries only")
     ap.add_argument("--out", type=Path, default=RESULTS / "aml_c2f.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     bench = load_benchmark("rparis6k")
-    recipe = Recipe("rmac", backbone="vgg16", max_size=args.max_size)
+    recipe = Recipe("rmac", backbone=args.backbone, max_size=args.max_size)
     db, queries, _ = benchmark_items(bench)
     qsel = list(range(len(queries) if args.queries is None else min(args.queries, len(queries))))
     if args.db_limit is not None:
@@ -175,7 +176,7 @@ def main() -> None:
     codes = [encode_map(m.astype(np.float32)) for m in dbmaps]  # the default compact code, as the index stores
     dec = [decode_sparse(c) for c in codes]
     settings = [(t, r, k) for t in args.tops for r in args.radii for k in args.rounds]
-    out = {"benchmark": bench.summary(), "backbone": "vgg16 conv5_3", "max_size": args.max_size,
+    out = {"benchmark": bench.summary(), "backbone": f"{args.backbone} {recipe.layer or '(default layer)'}", "max_size": args.max_size,
            "maps": "compact default", "threads": 1, "goal_seconds": GOAL_SECONDS, "goal_map_drop": GOAL_MAP_DROP,
            "coarse": {"K": args.K, "g": args.g, "step": args.step}, "verify": args.verify,
            "db_images": len(db), "queries": len(qsel),

@@ -12,6 +12,8 @@ file), ``decode_ms``, ``network_ms``, ``search_ms`` (first stage), ``rerank_ms``
 * ``search-this``      an indexed image by id (stored vector, no network pass), no re-ranking
 * ``aml-fast``         upload + aml-fast over a short list of 100
 * ``aml``              upload + exact AML over a short list of 100 (the page's default)
+* ``aml-c2f``          upload + coarse-to-fine AML over a short list of 100 (its in-RAM maps built by the
+                       warm-up query)
 * ``search-this-aml``  an indexed image + exact AML over 100 (stored conv map, no network pass)
 
 Targets from the issue (2-core CPU): search-this <= 50 ms server time without re-ranking; an upload at max side
@@ -117,6 +119,7 @@ def main() -> None:
         "search-this": [lambda i=i: by_id(i) for i in ids],
         "aml-fast": [lambda p=p: upload(p, None, {"rerank": "aml-fast", "shortlist": sl}) for p, _ in queries],
         "aml": [lambda p=p: upload(p, None, {"rerank": "aml", "shortlist": sl}) for p, _ in queries],
+        "aml-c2f": [lambda p=p: upload(p, None, {"rerank": "aml-c2f", "shortlist": sl}) for p, _ in queries],
         "search-this-aml": [lambda i=i: by_id(i, {"rerank": "aml", "shortlist": sl}) for i in ids],
     }
     results = {}
