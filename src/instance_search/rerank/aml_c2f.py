@@ -28,8 +28,6 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ops.aml_kernel import fine_search, near_windows, rank_lut, root_tables
-from ..ops.aml_kernel import window_vectors as kernel_window_vectors
 from ..ops.integral import REL_TOL, map_shape, sample_windows, sparse_batch
 from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
@@ -113,12 +111,14 @@ class AMLFineMaps:
                              f"{ncand.shape}")
         if len(rows) and (ncand.min() < 1 or ncand.max() > cand.shape[1]):
             raise ValueError("every map needs at least one candidate window")
-        for i in range(len(rows)):  # refuses windows outside the maps
-            H, W = self.shapes[rows[i]]
-            cw = cand[i, :ncand[i]]
-            if (cw[:, :2] < 0).any() or (cw[:, 2:] < 1).any() or (cw[:, 0] + cw[:, 2] > W).any() or \
-                    (cw[:, 1] + cw[:, 3] > H).any():
-                raise ValueError(f"candidate windows of map {i} must lie within its {H}x{W} cells")
+        hw = self.shapes[rows]  # refuses real windows outside their maps
+        bad = ((cand[..., :2] < 0).any(-1) | (cand[..., 2:] < 1).any(-1) | (cand[..., 0] + cand[..., 2] > hw[:, 1:])
+               | (cand[..., 1] + cand[..., 3] > hw[:, :1])) & (np.arange(cand.shape[1]) < ncand[:, None])
+        if bad.any():
+            i = int(np.argwhere(bad)[0, 0])
+            raise ValueError(f"candidate windows of map {i} must lie within its {hw[i, 0]}x{hw[i, 1]} cells")
+        from ..ops.aml_kernel import fine_search, rank_lut, root_tables  # Numba: imported when first used
+
         lut, shift, base = rank_lut(self.alpha)
         return fine_search(self.c, self.y, self.x, self.w, self.offsets, self.rowptr, self.rowstart, self.xorder,
                            self.colptr, self.colstart, self.shapes, self.fscale, rows, qn, cand, ncand, REL_TOL,
@@ -134,9 +134,10 @@ class AMLFineMaps:
                           (wins[..., 0] + wins[..., 2] > W[:, None]).any() or
                           (wins[..., 1] + wins[..., 3] > H[:, None]).any()):
             raise ValueError("windows must lie within their maps")
-        return torch.from_numpy(kernel_window_vectors(self.c, self.y, self.x, self.w, self.offsets, self.rowptr,
-                                                      self.rowstart, self.shapes, self.fscale, rows, wins, REL_TOL,
-                                                      root_tables(self.alpha)))
+        from ..ops.aml_kernel import root_tables, window_vectors
+
+        return torch.from_numpy(window_vectors(self.c, self.y, self.x, self.w, self.offsets, self.rowptr, self.rowstart,
+                                               self.shapes, self.fscale, rows, wins, REL_TOL, root_tables(self.alpha)))
 
 
 class FineMapsBuilder:
@@ -227,6 +228,8 @@ def fine_candidates(H: int, W: int, proposals, valid, radius: int, t: int = 3, a
         raise ValueError(f"proposals must be (B, k, 4) with valid (B, k), got {P.shape} and {V.shape}")
     if not V.any(1).all():
         raise ValueError("every map needs at least one valid proposal")
+    from ..ops.aml_kernel import near_windows
+
     grid = np.ascontiguousarray(sample_windows(H, W, t, aspect, s), np.int64).reshape(-1, 4)
     return near_windows(grid, P, V, int(radius))
 
