@@ -123,3 +123,17 @@ def served_index(root: Path, images: int, lifetime_s: int, log_path: Path, *, cw
             proc.kill()
             proc.wait(timeout=5)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def vgg_compact_crops(vgg_conv5):
+    """Compact-coded crops of the real VGG16 conv5_3 map above (three sizes, flipped copies) and a query MAC from
+    one of its regions: ``(SparseMap list, q)``, as AML re-ranking reads an index's maps."""
+    import numpy as np
+
+    from instance_search.index.compact import decode_sparse, encode_map
+    from instance_search.ops.integral import exact_window_max
+
+    V = vgg_conv5.astype(np.float32)
+    maps = [V, V[:, :, ::-1].copy(), V[:, 2:, 1:], V[:, 3:20, :14], V[:, ::-1].copy()]
+    return [decode_sparse(encode_map(m)) for m in maps], exact_window_max(V, [(3, 4, 7, 6)])[0]

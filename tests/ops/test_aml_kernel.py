@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from instance_search.index.compact import decode_sparse, encode_map
 from instance_search.ops import aml_kernel as K
-from instance_search.ops.integral import aml_search, exact_window_max, sample_windows, sparse_batch
+from instance_search.ops.integral import aml_search, sample_windows, sparse_batch
 from instance_search.rerank.aml_c2f import AMLFineMaps
 
 
@@ -25,13 +24,8 @@ def test_root_matches_pow_to_the_last_bits():
 
 
 @pytest.fixture(scope="module")
-def real(vgg_conv5):
-    """Compact-coded crops of a real VGG16 conv5_3 map (24 x 16 cells, three sizes) and a query MAC."""
-    V = vgg_conv5.astype(np.float32)
-    maps = [V, V[:, :, ::-1].copy(), V[:, 2:, 1:], V[:, 3:20, :14], V[:, ::-1].copy()]
-    sparse = [decode_sparse(encode_map(m)) for m in maps]
-    q = exact_window_max(V, [(3, 4, 7, 6)])[0]
-    return sparse, q
+def real(vgg_compact_crops):
+    return vgg_compact_crops
 
 
 def test_window_vectors_equal_fsum_over_the_cells(real):

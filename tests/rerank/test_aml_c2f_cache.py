@@ -6,21 +6,15 @@ import pytest
 import torch
 
 from instance_search.errors import InputError
-from instance_search.index.compact import decode_sparse, encode_map
-from instance_search.ops.integral import exact_window_max, sparse_batch
+from instance_search.ops.integral import sparse_batch
 from instance_search.rerank.aml import rerank_aml
 from instance_search.rerank.aml_c2f import AMLFineMaps, rerank_aml_c2f
 from instance_search.rerank.aml_fast import AMLInvertedMaps
 
 
 @pytest.fixture(scope="module")
-def real(vgg_conv5):
-    """Compact-coded crops of a real VGG16 conv5_3 map (two sizes) and a query MAC from one of its regions."""
-    V = vgg_conv5.astype(np.float32)
-    maps = [V, V[:, :, ::-1].copy(), V[:, 2:, 1:], V[:, 2:, 1:][:, ::-1].copy(), V]
-    sparse = [decode_sparse(encode_map(m)) for m in maps]
-    q = exact_window_max(V, [(3, 4, 7, 6)])[0]
-    return sparse, q
+def real(vgg_compact_crops):
+    return vgg_compact_crops
 
 
 def test_fine_maps_hold_what_sparse_batch_computes(real):
