@@ -23,13 +23,8 @@ def test_root_matches_pow_to_the_last_bits():
         np.testing.assert_allclose(got, s ** (1.0 / alpha), rtol=1e-15, atol=0)
 
 
-@pytest.fixture(scope="module")
-def real(vgg_compact_crops):
-    return vgg_compact_crops
-
-
-def test_window_vectors_equal_fsum_over_the_cells(real):
-    sparse, _ = real
+def test_window_vectors_equal_fsum_over_the_cells(vgg_compact_crops):
+    sparse, _ = vgg_compact_crops
     fine = AMLFineMaps.build(sparse)
     rng = np.random.default_rng(1)
     for r in (0, 2, 3):
@@ -60,10 +55,10 @@ def _candidates(rng, H, W, n):
     return grid[rng.choice(len(grid), size=min(n, len(grid)), replace=False)]
 
 
-def test_fine_search_equals_dense_aml_from_the_same_candidates(real):
+def test_fine_search_equals_dense_aml_from_the_same_candidates(vgg_compact_crops):
     """Every candidate exact (verify=0), then the coordinate descent: the box, score and window count of the
     dense integral-image ``aml_search`` started from the same windows, on every map, several candidate sets."""
-    sparse, q = real
+    sparse, q = vgg_compact_crops
     fine = AMLFineMaps.build(sparse)
     rng = np.random.default_rng(2)
     for trial in range(4):
@@ -90,10 +85,10 @@ def test_fine_search_equals_dense_aml_from_the_same_candidates(real):
                 np.testing.assert_allclose(sums[i], want, rtol=1e-9, atol=1e-15)
 
 
-def test_verify_scores_the_best_of_a_float32_ranking_exactly(real):
+def test_verify_scores_the_best_of_a_float32_ranking_exactly(vgg_compact_crops):
     """verify=k: the start is the exact best of the k candidates the float32 pass ranks highest: never above
     the exact best of all, and close to it; k >= the candidate count is verify=0."""
-    sparse, q = real
+    sparse, q = vgg_compact_crops
     fine = AMLFineMaps.build(sparse)
     rows = np.arange(len(sparse))
     rng = np.random.default_rng(3)
@@ -115,8 +110,8 @@ def test_verify_scores_the_best_of_a_float32_ranking_exactly(real):
     np.testing.assert_array_equal(big[1], every[1])
 
 
-def test_fine_search_refuses_bad_candidates(real):
-    sparse, q = real
+def test_fine_search_refuses_bad_candidates(vgg_compact_crops):
+    sparse, q = vgg_compact_crops
     fine = AMLFineMaps.build(sparse[:1])
     H, W = sparse[0].shape[1:]
     ok = np.array([[[0, 0, 2, 2]]])

@@ -12,13 +12,8 @@ from instance_search.rerank.aml_c2f import AMLFineMaps, rerank_aml_c2f
 from instance_search.rerank.aml_fast import AMLInvertedMaps
 
 
-@pytest.fixture(scope="module")
-def real(vgg_compact_crops):
-    return vgg_compact_crops
-
-
-def test_fine_maps_hold_what_sparse_batch_computes(real):
-    sparse, _ = real
+def test_fine_maps_hold_what_sparse_batch_computes(vgg_compact_crops):
+    sparse, _ = vgg_compact_crops
     fine = AMLFineMaps.build(sparse)
     assert len(fine) == len(sparse) and fine.nbytes > 0
     for r, m in enumerate(sparse):
@@ -46,10 +41,10 @@ def test_fine_maps_hold_what_sparse_batch_computes(real):
             assert (np.diff(y[xo[cp[v]:cp[v + 1]]]) >= 0).all()
 
 
-def test_c2f_from_fine_maps_equals_c2f_from_decoded_maps(real):
+def test_c2f_from_fine_maps_equals_c2f_from_decoded_maps(vgg_compact_crops):
     """The fine maps (and their table-free strip refinement) give the boxes of the decoded maps' path; with the
     radius covering the whole map and every candidate verified, exact AML's (issue 14's exactness test)."""
-    sparse, q = real
+    sparse, q = vgg_compact_crops
     store = AMLInvertedMaps.build(sparse, g=4)
     fine = AMLFineMaps.build(sparse)
     rows = np.arange(len(sparse))
