@@ -9,12 +9,14 @@ coarse search only *proposes*:
    ``g``);
 2. of the exact AML grid (:func:`~instance_search.ops.integral.sample_windows`, the same windows exact AML
    samples), only those whose four borders each lie within ``radius`` cells of the matching border of one of
-   those proposals are scored, exactly: integral sums of ``X^α`` (α = 10, Eq. 3) and Eq. 4 in float64;
-3. the best is refined by the same coordinate descent as exact AML
-   (:func:`~instance_search.ops.integral.aml_search_candidates`), and the window is scored as exact AML scores
-   it (its R-MAC when the index is R-MAC, else its MAC, whitened when the index is;
+   those proposals are candidates; a float32 pass ranks them and the ``verify`` best are scored exactly:
+   integral sums of ``X^α`` (α = 10, Eq. 3) and Eq. 4 in float64;
+3. the best is refined by the same coordinate descent as exact AML, and the window is scored as exact AML
+   scores it (its R-MAC when the index is R-MAC, else its MAC, whitened when the index is;
    :func:`~.aml.score_windows`).
 
+Steps 2-3 and the window vectors run compiled (:mod:`instance_search.ops.aml_kernel`, Numba) on
+:class:`AMLFineMaps`, the maps' α-powered non-zeros, kept in RAM for a whole index by the ``aml-c2f`` re-ranker.
 With ``radius`` at least the map size every sampled window is kept and the result is exact AML's (with its
 ``verify=0``: every sampled window verified exactly); ``tests/rerank/test_rerank.py`` checks that. A map whose
 proposals keep no grid window (an aspect filter that leaves none near them) starts from its best proposal itself.
