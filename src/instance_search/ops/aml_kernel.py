@@ -195,7 +195,7 @@ def _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs32, qn32, lut, shift, bas
 
 @numba.njit(cache=True)
 def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, rel_tol, steps, rounds, verify,
-                tabs, lut, shift, base, edges_out, sums_out, ws64, ws32):
+                tabs, lut, shift, base, edges_out, sums_out, ws64):
     """AML on one map from its candidates (module docstring); writes ``edges_out`` (x1, y1, x2, y2) and
     ``sums_out`` (C,); returns ``(score, n_evaluated)``."""
     two, mk, inv, coef, p2 = tabs
@@ -204,7 +204,7 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
     pos = np.empty(C, np.int64)
     vals = np.empty(C)
     rts = np.empty(C)
-    # ---- integral table over the candidates' border lines: T[j, i, c] = Σ w (y < ly[j], x < lx[i])
+    # ---- integral table over the candidates' border lines (_table)
     x1s = cand[:nc, 0]
     y1s = cand[:nc, 1]
     x2s = x1s + cand[:nc, 2]
@@ -372,20 +372,18 @@ def fine_search(c, y, x, w, offsets, rowptr, rowstart, xorder, colptr, colstart,
     n_eval = np.zeros(n, np.int64)
     sums = np.zeros((n, C))
     ws64 = np.empty(0)
-    ws32 = np.empty(0, np.float32)
     for i in range(n):
         r = rows[i]
         need = (min(2 * ncand[i], shapes[r, 0] + 1)) * (min(2 * ncand[i], shapes[r, 1] + 1)) * C
         if ws64.shape[0] < need:
             ws64 = np.empty(need)
-            ws32 = np.empty(need, np.float32)
         H, W = shapes[r, 0], shapes[r, 1]
         o0 = offsets[r]
         rp = rowptr[rowstart[r]:rowstart[r] + H + 1]
         cp = colptr[colstart[r]:colstart[r] + W + 1]
         xo = xorder[o0:offsets[r + 1]]
         s, ne = _search_one(c, y, x, w, o0, rp, xo, cp, H, W, fscale[r], qn, cand[i], ncand[i], rel_tol, steps,
-                            rounds, verify, tabs, lut, shift, base, edges[i], sums[i], ws64, ws32)
+                            rounds, verify, tabs, lut, shift, base, edges[i], sums[i], ws64)
         scores[i] = s
         n_eval[i] = ne
     return edges, scores, n_eval, sums
