@@ -420,5 +420,14 @@ def test_c2f_registered_reranker(shortlist):
     np.testing.assert_array_equal(again.boxes, res.boxes)
     rr.rerank(q, qmap, ids, np.zeros(4), RerankContext(maps=ctx.maps, all_ids=ctx.all_ids, version=2))
     assert rr._fine[1] is not fine
+    # above its RAM budget the index's fine maps are not kept (said once), each query builds its short list's
+    small = make_reranker("aml-c2f", g=4, top=2, ram_mb=0.001)
+    with pytest.warns(UserWarning, match=r"exceed ram_mb=0.001 MB.*each query builds"):
+        low, _ = small.rerank(q, qmap, ids, np.zeros(4), ctx)
+    assert small._fine[1] is None
+    np.testing.assert_array_equal(low.boxes, res.boxes)
+    np.testing.assert_allclose(low.scores, res.scores, rtol=1e-12)
+    with pytest.raises(ValueError, match="ram_mb"):
+        make_reranker("aml-c2f", ram_mb=-1)
     with pytest.raises(ValueError, match="unknown option"):
         make_reranker("aml-c2f", radiuss=3)

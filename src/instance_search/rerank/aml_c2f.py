@@ -152,6 +152,7 @@ class FineMapsBuilder:
         self.parts: dict[str, list] = {k: [] for k in ("c", "y", "x", "w", "fscale", "xorder", "rowptr", "colptr")}
         self.counts: list[int] = []
         self.shapes: list[tuple[int, int]] = []
+        self.nbytes = 0  #: bytes held so far (about what :attr:`AMLFineMaps.nbytes` will be)
 
     def add(self, m) -> None:
         i = len(self.shapes)
@@ -180,6 +181,7 @@ class FineMapsBuilder:
         P["fscale"].append(sp.fscale.numpy())
         self.counts.append(len(o))
         self.shapes.append((H, W))
+        self.nbytes += sum(P[k][-1].nbytes for k in P) + 24
 
     def finish(self) -> AMLFineMaps:
         if self.C is None:

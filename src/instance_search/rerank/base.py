@@ -242,41 +242,59 @@ class AMLCoarseToFine(AMLFast):
 
     name = "aml-c2f"
     window_vectors = True
-    options = {"K": DEFAULT_K, "g": DEFAULT_G, "step": DEFAULT_STEP, "top": DEFAULT_TOP, "radius": None}
+    options = {"K": DEFAULT_K, "g": DEFAULT_G, "step": DEFAULT_STEP, "top": DEFAULT_TOP, "radius": None,
+               "ram_mb": 2048}
 
     def __init__(self, **options):
         super().__init__(**options)
-        self._fine: tuple[Hashable, AMLFineMaps] | None = None
+        if not float(self.opts["ram_mb"]) >= 0:
+            raise ValueError(f"aml-c2f: ram_mb must be >= 0, got {self.opts['ram_mb']!r}")
+        self._fine: tuple[Hashable, AMLFineMaps | None] | None = None
 
     def _store(self, ctx: RerankContext) -> tuple[AMLInvertedMaps, dict[int, int]]:
         """The coarse inverted maps and the fine maps (:class:`~.aml_c2f.AMLFineMaps`, ~18 bytes per non-zero
-        cell) of the whole index, from one decoding pass (built on first use and when the index changes)."""
+        cell) of the whole index, from one decoding pass (built on first use and when the index changes). Fine
+        maps above ``ram_mb`` MB are not kept (a warning says so): each query then builds those of its short
+        list from the decoded maps."""
         g = int(self.opts["g"])
         key = (g, ctx.version)
         if self._cache is None or self._cache[0] != key or self._fine is None or self._fine[0] != key:
             all_ids = [int(i) for i in ctx.all_ids()]
-            fb = FineMapsBuilder()
+            budget = float(self.opts["ram_mb"]) * 2 ** 20
+            fb: FineMapsBuilder | None = FineMapsBuilder()
+            over = 0
 
             def maps():
+                nonlocal fb, over
                 for i in range(0, len(all_ids), 4096):  # decode a chunk of maps at a time
                     for m in ctx.maps(all_ids[i:i + 4096], True):
-                        fb.add(m)
+                        if fb is not None:
+                            fb.add(m)
+                            if fb.nbytes > budget:
+                                fb, over = None, len(fb.shapes)
                         yield m
 
             inv = AMLInvertedMaps.build(maps(), g=g, progress=len(all_ids) > 1000, total=len(all_ids))
             self._cache = (key, inv, {i: r for r, i in enumerate(all_ids)})
-            self._fine = (key, fb.finish())
+            self._fine = (key, fb.finish() if fb is not None and fb.shapes else None)
+            if fb is None:
+                import warnings
+
+                warnings.warn(f"aml-c2f: the fine maps of this index's {len(all_ids)} images exceed ram_mb="
+                              f"{self.opts['ram_mb']} MB (reached after {over} images); each query builds those of "
+                              f"its short list from the decoded maps instead (slower); a larger ram_mb keeps them in "
+                              f"RAM", stacklevel=2)
         return self._cache[1], self._cache[2]
 
     def rerank(self, qvec, qmap, ids, scores, ctx):
         inv, row_of = self._store(ctx)
         rows = np.asarray([row_of[int(i)] for i in ids], np.int64)
-        # scored by the window's R-MAC the maps themselves are not read; by its exact MAC they are
-        maps = None if ctx.window_rmac.get("finalize") is not None else ctx.maps(ids, True)
+        fine = self._fine[1]
+        # scored by the window's R-MAC with the fine maps in RAM, the maps themselves are not read
+        maps = None if fine is not None and ctx.window_rmac.get("finalize") is not None else ctx.maps(ids, True)
         res = rerank_aml_c2f(_query_mac(qmap), maps, inv, rows, shortlist_scores=scores, query_aspect=_aspect(qmap),
                              top=int(self.opts["top"]), radius=self.opts["radius"], K=int(self.opts["K"]),
-                             step=int(self.opts["step"]), whitening=ctx.whitening, fine=self._fine[1],
-                             **ctx.window_rmac)
+                             step=int(self.opts["step"]), whitening=ctx.whitening, fine=fine, **ctx.window_rmac)
         return res, [tuple(int(v) for v in inv.shapes[r]) for r in rows]
 
 
