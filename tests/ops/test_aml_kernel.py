@@ -123,3 +123,23 @@ def test_fine_search_refuses_bad_candidates(vgg_compact_crops):
         fine.search([0], q[:5], ok, [1])
     with pytest.raises(Exception, match="rows must index"):
         fine.search([1], q, ok, [1])
+
+
+def test_works_without_a_writable_cache_folder(tmp_path):
+    """Where Numba finds no writable place for its cache the kernels compile per process, with a warning."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, numpy as np\n"
+            "from numba.core import caching\n"
+            "impl = getattr(caching, 'CacheImpl', None) or caching._CacheImpl\n"
+            "impl._locator_classes = []  # no locator: as if the install and the home were read-only\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from instance_search.ops import aml_kernel as K\n"
+            "assert any('not cached on disk' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+            "s = np.array([0.5, 1e-9])\n"
+            "print(np.abs(K.roots(s, *K.root_tables(10.0)) / s ** 0.1 - 1).max())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) < 1e-15

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -33,6 +34,20 @@ __all__ = ["root_tables", "rank_lut", "roots", "near_windows", "fine_search", "w
 
 _KBITS = 10  # mantissa bits of the tabled bucket
 _ORDER = 7  # terms of the binomial series (1 + t)^p, t < 2^-10
+
+
+def _jit(fastmath: bool = False):
+    """``numba.njit`` with the compiled code cached on disk (beside this file, else in the user's cache folder);
+    where neither is writable (a read-only install and home) it compiles in each process instead, and says so."""
+    def deco(fn):
+        try:
+            return numba.njit(cache=True, fastmath=fastmath)(fn)
+        except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
+            warnings.warn(f"instance_search.ops.aml_kernel.{fn.__name__}: compiled code not cached on disk ({exc}); "
+                          f"it is compiled again in each process (set NUMBA_CACHE_DIR to a writable folder)",
+                          stacklevel=2)
+            return numba.njit(cache=False, fastmath=fastmath)(fn)
+    return deco
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,7 +74,7 @@ def root_tables(alpha: float) -> tuple[np.ndarray, ...]:
     return two, np.power(mk, p), 1.0 / mk, coef, np.power(2.0, 1023.0 - np.arange(2048, dtype=np.float64))
 
 
-@numba.njit(cache=True)
+@_jit()
 def _roots(S, n, out, two, mk, inv, coef, p2):
     """``out[i] = S[i]^{1/α}`` for ``i < n`` (``S`` positive normal float64)."""
     bits = S.view(np.int64)
@@ -74,7 +89,7 @@ def _roots(S, n, out, two, mk, inv, coef, p2):
         out[i] = two[e] * mk[k] * poly
 
 
-@numba.njit(cache=True)
+@_jit()
 def roots(s, two, mk, inv, coef, p2):
     """``s^{1/α}`` of a float64 array of positive normal values (module docstring)."""
     s = np.ascontiguousarray(s)
@@ -83,7 +98,7 @@ def roots(s, two, mk, inv, coef, p2):
     return out
 
 
-@numba.njit(cache=True)
+@_jit()
 def _score(S, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts):
     """Eq. 4 of window sums ``S``: ``cos(f̃, q)``, writing ``f̃`` into ``f``; ``(score, dot, norm²)``."""
     n = 0
@@ -105,7 +120,7 @@ def _score(S, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts):
     return dot / max(math.sqrt(nn), 1e-300), dot, nn
 
 
-@numba.njit(cache=True)
+@_jit()
 def _lines(a, b, n, out_lut):
     """Sorted distinct values of ``a`` and ``b`` (0..n), and ``out_lut[v]`` = position of line ``v``."""
     mark = np.zeros(n + 1, np.bool_)
@@ -126,7 +141,7 @@ def _lines(a, b, n, out_lut):
     return lines
 
 
-@numba.njit(cache=True)
+@_jit()
 def _table(c, y, x, w, o0, rowptr, ly, lx, H, W, T):
     """Integral table of one map's cells over sorted lines ``ly`` (Gy) and ``lx`` (Gx), into ``T (Gy, Gx, C)``:
     ``T[j, i, c] = Σ w`` over cells with ``ly[0] <= y < ly[j]`` and ``lx[0] <= x < lx[i]``, so that a window
@@ -160,7 +175,7 @@ def _table(c, y, x, w, o0, rowptr, ly, lx, H, W, T):
                 T[jj, ii, ch] += T[jj - 1, ii, ch]
 
 
-@numba.njit(cache=True, fastmath=True)
+@_jit(fastmath=True)
 def _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs32, qn32, lut, shift, base, verify, buf):
     """The ``verify`` candidates of best approximate Eq. 4 score (float32 sums, ``S^{1/α}`` looked up on the
     exponent and 10 mantissa bits as :func:`~.integral._fast_scores`), in candidate order."""
@@ -193,7 +208,7 @@ def _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs32, qn32, lut, shift, bas
     return np.sort(top_i)
 
 
-@numba.njit(cache=True)
+@_jit()
 def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, rel_tol, steps, rounds, verify,
                 tabs, lut, shift, base, edges_out, sums_out, ws64):
     """AML on one map from its candidates (module docstring); writes ``edges_out`` (x1, y1, x2, y2) and
@@ -355,7 +370,7 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
     return best, n_eval
 
 
-@numba.njit(cache=True)
+@_jit()
 def fine_search(c, y, x, w, offsets, rowptr, rowstart, xorder, colptr, colstart, shapes, fscale, rows, qn, cand,
                 ncand, rel_tol, steps, rounds, verify, tabs, lut, shift, base):
     """AML from given candidate windows on maps ``rows`` (module docstring). Cells of image ``i``:
@@ -389,7 +404,7 @@ def fine_search(c, y, x, w, offsets, rowptr, rowstart, xorder, colptr, colstart,
     return edges, scores, n_eval, sums
 
 
-@numba.njit(cache=True)
+@_jit()
 def window_vectors(c, y, x, w, offsets, rowptr, rowstart, shapes, fscale, rows, wins, rel_tol, tabs):
     """``f̃`` (float64) of windows ``wins (n, m, 4)`` ``(x, y, w, h)`` on maps ``rows``: ``(n, m, C)``; the sums
     from one integral table per map over its windows' border lines (:func:`_table`)."""
@@ -436,7 +451,7 @@ def window_vectors(c, y, x, w, offsets, rowptr, rowstart, shapes, fscale, rows, 
     return out
 
 
-@numba.njit(cache=True)
+@_jit()
 def near_windows(grid, props, valid, radius):
     """Windows of ``grid (N, 4)`` ``(x, y, w, h)`` whose four borders are each within ``radius`` cells of the
     same border of one valid proposal of ``props (B, k, 4)`` (``valid (B, k)``), in grid order, per map:
