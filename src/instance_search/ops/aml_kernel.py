@@ -99,8 +99,9 @@ def roots(s, two, mk, inv, coef, p2):
 
 
 @_jit()
-def _score(S, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts):
-    """Eq. 4 of window sums ``S``: ``cos(f̃, q)``, writing ``f̃`` into ``f``; ``(score, dot, norm²)``."""
+def _vector(S, fs, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts):
+    """``f̃ = fs · S^{1/α}`` of window sums ``S`` into ``f`` (sums up to ``rel_tol`` count as zero); returns how
+    many channels are non-zero, their indices in ``pos[:n]`` (``vals``, ``rts``: scratch)."""
     n = 0
     for c in range(S.shape[0]):
         f[c] = 0.0
@@ -109,15 +110,41 @@ def _score(S, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts):
             vals[n] = S[c]
             n += 1
     _roots(vals, n, rts, two, mk, inv, coef, p2)
+    for i in range(n):
+        f[pos[i]] = rts[i] * fs[pos[i]]
+    return n
+
+
+@_jit()
+def _score(S, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts):
+    """Eq. 4 of window sums ``S``: ``cos(f̃, q)``, writing ``f̃`` into ``f``; ``(score, dot, norm²)``."""
+    n = _vector(S, fs, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts)
     dot = 0.0
     nn = 0.0
     for i in range(n):
-        c = pos[i]
-        r = rts[i] * fs[c]
-        f[c] = r
-        dot += r * qn[c]
+        r = f[pos[i]]
+        dot += r * qn[pos[i]]
         nn += r * r
     return dot / max(math.sqrt(nn), 1e-300), dot, nn
+
+
+@_jit()
+def _window_sums(T, pos_y, pos_x, x1, y1, x2, y2, S):
+    """``S[c]``: the sums of the window ``[x1, x2) × [y1, y2)`` from the integral table ``T`` (:func:`_table`)
+    over the lines whose positions ``pos_y`` / ``pos_x`` give."""
+    a, b = pos_y[y1], pos_y[y2]
+    cc, d = pos_x[x1], pos_x[x2]
+    for ch in range(S.shape[0]):
+        S[ch] = T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch]
+
+
+@_jit()
+def _grid(x1s, y1s, x2s, y2s, H, W):
+    """The border lines of windows (sorted, distinct) and where each line value sits among them:
+    ``(ly, lx, pos_y (H + 1,), pos_x (W + 1,))``."""
+    pos_y = np.zeros(H + 1, np.int64)
+    pos_x = np.zeros(W + 1, np.int64)
+    return _lines(y1s, y2s, H, pos_y), _lines(x1s, x2s, W, pos_x), pos_y, pos_x
 
 
 @_jit()
@@ -185,10 +212,7 @@ def _rank32(T, pos_y, pos_x, x1s, y1s, x2s, y2s, nc, fs32, qn32, lut, shift, bas
     top_s = np.full(verify, -4.0)
     top_i = np.full(verify, -1, np.int64)
     for m in range(nc):
-        a, b = pos_y[y1s[m]], pos_y[y2s[m]]
-        cc, d = pos_x[x1s[m]], pos_x[x2s[m]]
-        for ch in range(C):
-            buf[ch] = np.float32(T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch])
+        _window_sums(T, pos_y, pos_x, x1s[m], y1s[m], x2s[m], y2s[m], buf)  # rounded to float32
         dot = np.float32(0.0)
         nn = np.float32(0.0)
         for ch in range(C):
@@ -224,10 +248,7 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
     y1s = cand[:nc, 1]
     x2s = x1s + cand[:nc, 2]
     y2s = y1s + cand[:nc, 3]
-    pos_y = np.zeros(H + 1, np.int64)
-    pos_x = np.zeros(W + 1, np.int64)
-    ly = _lines(y1s, y2s, H, pos_y)
-    lx = _lines(x1s, x2s, W, pos_x)
+    ly, lx, pos_y, pos_x = _grid(x1s, y1s, x2s, y2s, H, W)
     Gy, Gx = ly.shape[0], lx.shape[0]
     T = ws64[:Gy * Gx * C].reshape((Gy, Gx, C))  # workspaces reused between maps (no page faults)
     _table(c, y, x, w, o0, rowptr, ly, lx, H, W, T)
@@ -244,21 +265,15 @@ def _search_one(c, y, x, w, o0, rowptr, xorder, colptr, H, W, fs, qn, cand, nc, 
     best = -3.0
     bi = 0
     for m in chosen:
-        a, b = pos_y[y1s[m]], pos_y[y2s[m]]
-        cc, d = pos_x[x1s[m]], pos_x[x2s[m]]
-        for ch in range(C):
-            S[ch] = T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch]
+        _window_sums(T, pos_y, pos_x, x1s[m], y1s[m], x2s[m], y2s[m], S)
         sc, _, _ = _score(S, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts)
         if sc > best:
             best = sc
             bi = m
     e = np.empty(4, np.int64)
     e[0], e[1], e[2], e[3] = x1s[bi], y1s[bi], x2s[bi], y2s[bi]
-    a, b = pos_y[e[1]], pos_y[e[3]]
-    cc, d = pos_x[e[0]], pos_x[e[2]]
     V = np.empty(C)
-    for ch in range(C):
-        V[ch] = T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch]
+    _window_sums(T, pos_y, pos_x, e[0], e[1], e[2], e[3], V)
     best, dot, nn = _score(V, fs, qn, rel_tol, two, mk, inv, coef, p2, f, pos, vals, rts)
     n_eval = nc
     # ---- coordinate descent: strips of cells between the old and the new border; only the channels a strip
@@ -420,34 +435,20 @@ def window_vectors(c, y, x, w, offsets, rowptr, rowstart, shapes, fscale, rows, 
     for i in range(n):
         r = rows[i]
         H, W = shapes[r, 0], shapes[r, 1]
-        o0 = offsets[r]
         rp = rowptr[rowstart[r]:rowstart[r] + H + 1]
         x1s = wins[i, :, 0]
         y1s = wins[i, :, 1]
         x2s = x1s + wins[i, :, 2]
         y2s = y1s + wins[i, :, 3]
-        pos_y = np.zeros(H + 1, np.int64)
-        pos_x = np.zeros(W + 1, np.int64)
-        ly = _lines(y1s, y2s, H, pos_y)
-        lx = _lines(x1s, x2s, W, pos_x)
+        ly, lx, pos_y, pos_x = _grid(x1s, y1s, x2s, y2s, H, W)
         Gy, Gx = ly.shape[0], lx.shape[0]
         if ws.shape[0] < Gy * Gx * C:
             ws = np.empty(Gy * Gx * C)
         T = ws[:Gy * Gx * C].reshape((Gy, Gx, C))
-        _table(c, y, x, w, o0, rp, ly, lx, H, W, T)
+        _table(c, y, x, w, offsets[r], rp, ly, lx, H, W, T)
         for j in range(m):
-            a, b = pos_y[y1s[j]], pos_y[y2s[j]]
-            cc, d = pos_x[x1s[j]], pos_x[x2s[j]]
-            nv = 0
-            for ch in range(C):
-                v = T[b, d, ch] - T[a, d, ch] - T[b, cc, ch] + T[a, cc, ch]
-                if v > rel_tol:
-                    vals[nv] = v
-                    pos[nv] = ch
-                    nv += 1
-            _roots(vals, nv, rts, two, mk, inv, coef, p2)
-            for t in range(nv):
-                out[i, j, pos[t]] = rts[t] * fscale[r, pos[t]]
+            _window_sums(T, pos_y, pos_x, x1s[j], y1s[j], x2s[j], y2s[j], S)
+            _vector(S, fscale[r], rel_tol, two, mk, inv, coef, p2, out[i, j], pos, vals, rts)
     return out
 
 

@@ -98,6 +98,15 @@ class AMLFineMaps:
             raise InputError(f"rows must index the {len(self)} images of the fine maps")
         return rows
 
+    def _check_windows(self, rows: np.ndarray, wins: np.ndarray, count: np.ndarray, what: str) -> None:
+        """Refuses any of the first ``count[i]`` windows ``wins[i]`` ``(x, y, w, h)`` outside image ``rows[i]``."""
+        hw = self.shapes[rows]
+        bad = ((wins[..., :2] < 0).any(-1) | (wins[..., 2:] < 1).any(-1) | (wins[..., 0] + wins[..., 2] > hw[:, 1:])
+               | (wins[..., 1] + wins[..., 3] > hw[:, :1])) & (np.arange(wins.shape[1]) < count[:, None])
+        if bad.any():
+            i = int(np.argwhere(bad)[0, 0])
+            raise ValueError(f"{what} of map {i} must lie within its {hw[i, 0]}x{hw[i, 1]} cells")
+
     def search(self, rows, q, candidates, ncand, steps: int = 3, rounds: int = 15, verify: int = 8):
         """AML started from candidate windows on images ``rows`` (:func:`~instance_search.ops.aml_kernel.fine_search`):
         ``candidates (n, m, 4)`` ``(x, y, w, h)``, the first ``ncand[i]`` of row ``i`` real. Returns ``(edges
@@ -113,12 +122,7 @@ class AMLFineMaps:
                              f"{ncand.shape}")
         if len(rows) and (ncand.min() < 1 or ncand.max() > cand.shape[1]):
             raise ValueError("every map needs at least one candidate window")
-        hw = self.shapes[rows]  # refuses real windows outside their maps
-        bad = ((cand[..., :2] < 0).any(-1) | (cand[..., 2:] < 1).any(-1) | (cand[..., 0] + cand[..., 2] > hw[:, 1:])
-               | (cand[..., 1] + cand[..., 3] > hw[:, :1])) & (np.arange(cand.shape[1]) < ncand[:, None])
-        if bad.any():
-            i = int(np.argwhere(bad)[0, 0])
-            raise ValueError(f"candidate windows of map {i} must lie within its {hw[i, 0]}x{hw[i, 1]} cells")
+        self._check_windows(rows, cand, ncand, "candidate windows")
         from ..ops.aml_kernel import fine_search, rank_lut, root_tables  # Numba: imported when first used
 
         lut, shift, base = rank_lut(self.alpha)
@@ -131,11 +135,7 @@ class AMLFineMaps:
         (as :meth:`~instance_search.ops.integral.SparseBatch.window_vectors`)."""
         rows = self._rows(rows)
         wins = np.ascontiguousarray(windows, np.int64).reshape(len(rows), -1, 4)
-        H, W = self.shapes[rows].T if len(rows) else (np.zeros(0), np.zeros(0))
-        if len(rows) and ((wins[..., :2] < 0).any() or (wins[..., 2:] < 1).any() or
-                          (wins[..., 0] + wins[..., 2] > W[:, None]).any() or
-                          (wins[..., 1] + wins[..., 3] > H[:, None]).any()):
-            raise ValueError("windows must lie within their maps")
+        self._check_windows(rows, wins, np.full(len(rows), wins.shape[1]), "windows")
         from ..ops.aml_kernel import root_tables, window_vectors
 
         return torch.from_numpy(window_vectors(self.c, self.y, self.x, self.w, self.offsets, self.rowptr, self.rowstart,

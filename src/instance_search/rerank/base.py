@@ -18,6 +18,7 @@ from the index (stored conv maps, the whitening, how a window is scored) comes i
 """
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,8 +279,6 @@ class AMLCoarseToFine(AMLFast):
             self._cache = (key, inv, {i: r for r, i in enumerate(all_ids)})
             self._fine = (key, fb.finish() if fb is not None and fb.shapes else None)
             if fb is None:
-                import warnings
-
                 warnings.warn(f"aml-c2f: the fine maps of this index's {len(all_ids)} images exceed ram_mb="
                               f"{self.opts['ram_mb']} MB (reached after {over} images); each query builds those of "
                               f"its short list from the decoded maps instead (slower); a larger ram_mb keeps them in "
