@@ -592,8 +592,8 @@ class Collection:
         """Ranked hits for a query image (optionally its box; ``first_stage``: with a box, rank with its crop
         (``"box"``, the revisited protocol) or with the whole image (``"image"``, Salvador et al. 2016), ``None``
         the recipe's choice):
-        first stage -> the top ``shortlist`` re-ranked by ``rerank`` (``none``, ``aml``, ``aml-fast``, ``casr``,
-        ``cs-sr`` with its ``detector`` file; options in ``rerank_options`` over :attr:`rerank_options`), with
+        first stage -> the top ``shortlist`` re-ranked by ``rerank`` (``none``, ``aml``, ``aml-fast``, ``aml-c2f``,
+        ``casr``, ``cs-sr`` with its ``detector`` file; options in ``rerank_options`` over :attr:`rerank_options`), with
         boxes -> query expansion with the top ``qe`` (``qe_kind``: ``avg``, ``alpha``, ``dba``; ``qe_options``).
         See :func:`instance_search.search.search`."""
         from . import search as S
