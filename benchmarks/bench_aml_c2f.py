@@ -67,6 +67,16 @@ def _map(ranks, bench, qsel):
     return {p: round(100 * compute_map(ranks.T, gnd[p])[0], 2) for p in gnd}
 
 
+class _Dense:
+    """A stored sparse map that becomes dense (float32) when ``first_stage`` asks (``astype``), one at a time."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def astype(self, dtype):
+        return self.m.dense().astype(dtype)
+
+
 def _sparse_bytes(m) -> int:
     return int(sum(np.asarray(a).nbytes for a in (m.channel, m.position, m.value)))
 
@@ -140,6 +150,16 @@ def main() -> None:
     ap.add_argument("--radii", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--rounds", type=int, nargs="+", default=[15],
                     help="refinement rounds (exact AML: 15)")
+    ap.add_argument("--fine-tops", nargs="+", default=["200"],
+                    help="maps of the short list that go through the fine stage, best coarse score first "
+                         "('none': all); one run per value")
+    ap.add_argument("--fine-rules", nargs="+", default=["mixed"], choices=["mixed", "coarse", "shortlist"],
+                    help="how the fine_top maps are chosen (rerank_aml_c2f's fine_rule); one run per value")
+    ap.add_argument("--distractors", type=Path, default=None,
+                    help="accuracy: an index of ANOTHER collection (same backbone, stored maps) whose images join "
+                         "the database as distractors, e.g. benchmarks/cache/ukbench-index")
+    ap.add_argument("--distractor-count", type=int, default=762,
+                    help="how many of its images (238 + 762 = a 1000-map short list)")
     ap.add_argument("--verify", type=int, default=8,
                     help="fine candidates scored exactly per map after the fast ranking (0: all)")
     ap.add_argument("--no-accuracy", action="store_true", help="speed part only")
@@ -175,11 +195,27 @@ def main() -> None:
     dbmaps = extract_maps(db, recipe, cache_dir=CACHE, desc="database")
     codes = [encode_map(m.astype(np.float32)) for m in dbmaps]  # the default compact code, as the index stores
     dec = [decode_sparse(c) for c in codes]
-    settings = [(t, r, k) for t in args.tops for r in args.radii for k in args.rounds]
+    fine_tops = [None if v == "none" else int(v) for v in args.fine_tops]
+    settings = [(t, r, k, (f, rule)) for t in args.tops for r in args.radii for k in args.rounds for f in fine_tops
+                for rule in (args.fine_rules if f is not None else args.fine_rules[:1])]
+    n_paris = len(dec)  # the speed short list repeats these (1024-px maps)
+    distractors = None
+    if args.distractors is not None:
+        from instance_search.collection import Collection
+
+        dcol = Collection.open(args.distractors)
+        if dcol.recipe.backbone != recipe.backbone or dcol.recipe.layer != recipe.layer:
+            raise SystemExit(f"{args.distractors}: {dcol.recipe.backbone} maps, the benchmark uses {recipe.backbone}")
+        dids = [int(i) for i in dcol.store.ids()[:args.distractor_count]]
+        dsparse = dcol.store.feature_maps(dids, sparse=True)
+        dec = dec + list(dsparse)
+        dbmaps = list(dbmaps) + [_Dense(m) for m in dsparse]
+        distractors = {"index": str(args.distractors), "images": len(dids),
+                       "map_cells": sorted({tuple(int(v) for v in m.shape[1:]) for m in dsparse})}
     out = {"benchmark": bench.summary(), "backbone": f"{args.backbone} {recipe.layer or '(default layer)'}", "max_size": args.max_size,
            "maps": "compact default", "threads": 1, "goal_seconds": GOAL_SECONDS, "goal_map_drop": GOAL_MAP_DROP,
            "coarse": {"K": args.K, "g": args.g, "step": args.step}, "verify": args.verify,
-           "db_images": len(db), "queries": len(qsel),
+           "db_images": len(db), "queries": len(qsel), "distractors": distractors,
            "loadavg_1min_start": round(os.getloadavg()[0], 2)}
 
     def save():
@@ -188,19 +224,19 @@ def main() -> None:
 
     # ---- speed: a speed_shortlist-map short list (the database maps repeated)
     n = args.speed_shortlist
-    idx = np.asarray([i % len(dec) for i in range(n)], np.int64)
+    idx = np.asarray([i % n_paris for i in range(n)], np.int64)
     c0 = time.process_time()
-    store = AMLInvertedMaps.build(dec, g=args.g)  # one row per database image; the short list repeats rows
+    store = AMLInvertedMaps.build(dec[:n_paris], g=args.g)  # one row per database image; the short list repeats
     build = time.process_time() - c0
     c0 = time.process_time()
-    fine = AMLFineMaps.build(dec)
+    fine = AMLFineMaps.build(dec[:n_paris])
     fine_build = time.process_time() - c0
     speed = {"shortlist": n, "store_build_cpu_ms_per_image": round(1e3 * build / len(dec), 3),
              "store_ram_bytes_per_image": round(store.nbytes / len(dec)),
              "fine_maps_build_cpu_ms_per_image": round(1e3 * fine_build / len(dec), 3),
-             "fine_maps_ram_bytes_per_image": round(fine.nbytes / len(dec)),
+             "fine_maps_ram_bytes_per_image": round(fine.nbytes / n_paris),
              "fine_cells_per_image": round(float(np.mean(np.diff(fine.offsets)))),
-             "decoded_map_ram_bytes_per_image": round(float(np.mean([_sparse_bytes(m) for m in dec]))),
+             "decoded_map_ram_bytes_per_image": round(float(np.mean([_sparse_bytes(m) for m in dec[:n_paris]]))),
              "compact_code_bytes_per_image": round(float(np.mean([len(c) for c in codes]))), "runs": []}
     rows = idx
     nq = min(args.speed_queries, len(qmaps))
@@ -225,13 +261,16 @@ def main() -> None:
         decode_s, _ = timed(lambda qi: [decode_sparse(codes[i]) for i in idx])
         speed["decode_cpu_seconds_per_query"] = decode_s
         maps = [dec[i] for i in idx]
-        for top, radius, rounds in settings:
-            c = dict(top=top, radius=radius, K=args.K, step=args.step, refine_rounds=rounds)
+        for top, radius, rounds, ftop in settings:
+            c = dict(top=top, radius=radius, K=args.K, step=args.step, refine_rounds=rounds, fine_top=ftop[0],
+                     fine_rule=ftop[1])
             s, load = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), None, store, rows, fine=fine,
                                                       verify=args.verify, **c, **kw(qi)))
-            run = {"top": top, "radius": radius, "refine_rounds": rounds, "verify": args.verify,
+            run = {"top": top, "radius": radius, "refine_rounds": rounds, "fine_top": ftop[0], "fine_rule": ftop[1],
+                   "verify": args.verify,
                    "cached_fine_maps_cpu_seconds_per_query": s, "loadavg_1min": load}
-            msg = f"c2f top={top} radius={radius} rounds={rounds}: {s} s CPU/query from the cached fine maps"
+            msg = (f"c2f top={top} radius={radius} rounds={rounds} fine_top={ftop}: {s} s CPU/query from the cached "
+                   f"fine maps")
             if args.uncached:
                 s2, load2 = timed(lambda qi: rerank_aml_c2f(qmaps[qi].max(axis=(1, 2)), maps, store, rows,
                                                             verify=args.verify, **c, **kw(qi)))
@@ -243,9 +282,10 @@ def main() -> None:
             out["speed"] = speed
             save()
         if args.stages:
-            top, radius, rounds = settings[0]
+            top, radius, rounds, _ = settings[0]
             qm = qmaps[0]
-            speed["stages_ms_per_map"] = {"top": top, "radius": radius, "refine_rounds": rounds, **stage_profile(
+            speed["stages_ms_per_map"] = {"top": top, "radius": radius, "refine_rounds": rounds, "fine_top": None,
+                                          **stage_profile(
                 qm.max(axis=(1, 2)), qm.shape[2] / qm.shape[1], _finalizer(recipe, None), qglobal0[0], store, fine, dec,
                 rows, top, radius, args.K, args.step, args.verify, rounds)}
             print("stages (ms per map):", speed["stages_ms_per_map"], flush=True)
@@ -260,7 +300,9 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
 
-    # ---- accuracy, without and with whitening (store and fine maps: one row per database image, as above)
+    # ---- accuracy, without and with whitening (store and fine maps: one row per database image, distractors too)
+    if len(dec) > n_paris:
+        store, fine = AMLInvertedMaps.build(dec, g=args.g), AMLFineMaps.build(dec)
     sl = min(args.shortlist, len(dec))
     out["accuracy"] = []
     for wi in [None] + ([args.whitening_index] if args.whitening_index else []):
@@ -270,14 +312,17 @@ def main() -> None:
         row["exact_aml"] = _map(rerank_ranks("exact", scores, qglobal, qmaps, dec, store, recipe, wh, sl), bench, qsel)
         print(f"[{row['whitening']}] R-MAC {row['rmac']}, exact AML {row['exact_aml']}", flush=True)
         row["c2f"] = []
-        for top, radius, rounds in settings:
+        for top, radius, rounds, ftop in settings:
             m = _map(rerank_ranks("c2f", scores, qglobal, qmaps, dec, store, recipe, wh, sl, top=top, radius=radius,
-                                  K=args.K, step=args.step, refine_rounds=rounds, verify=args.verify, fine=fine),
-                     bench, qsel)
+                                  K=args.K, step=args.step, refine_rounds=rounds, verify=args.verify, fine=fine,
+                                  fine_top=ftop[0], fine_rule=ftop[1]), bench, qsel)
             drop = {p: round(row["exact_aml"][p] - m[p], 2) for p in m}
-            row["c2f"].append({"top": top, "radius": radius, "refine_rounds": rounds, "verify": args.verify, "map": m,
+            row["c2f"].append({"top": top, "radius": radius, "refine_rounds": rounds, "fine_top": ftop[0],
+                               "fine_rule": ftop[1],
+                               "verify": args.verify, "map": m,
                                "drop_vs_exact": drop, "meets_map_goal": all(d <= GOAL_MAP_DROP for d in drop.values())})
-            print(f"  c2f top={top} radius={radius} rounds={rounds}: {m} (below exact AML by {drop})", flush=True)
+            print(f"  c2f top={top} radius={radius} rounds={rounds} fine_top={ftop}: {m} (below exact AML by {drop})",
+                  flush=True)
         out["accuracy"].append(row)
         save()
     print(f"wrote {args.out}")

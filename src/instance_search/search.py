@@ -290,7 +290,9 @@ def _rerank(col, hits, qmap, reranker, shortlist, qglobal):
         return list(hits), {}, None
     old = np.asarray([h.score for h in head])
     res, shapes = reranker.rerank(qglobal, qmap, [h.id for h in head], old, _context(col, qglobal))
-    wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)}
+    # images a cascade did not re-score (aml-c2f beyond fine_top) have NaN vectors: none kept for them
+    wvecs = {} if res.vectors is None else {h.id: res.vectors[k] for k, h in enumerate(head)
+                                             if np.isfinite(res.vectors[k]).all()}
     return _hits_of(col, head, tail, res, shapes), wvecs, _Reranked(head, old, res, tail)
 
 
@@ -335,8 +337,8 @@ def search_described(col, vec: np.ndarray, fmap, top: int, reranker: Reranker, s
 
 def _expand(col, vec, hits, wvecs, reranker, qe, expansion, top) -> list[Hit]:
     """Query expansion with the top ``qe`` of ``hits`` (after re-ranking; module docstring)."""
-    if reranker.window_vectors and wvecs and _windows_in_global_space(col):
-        top_ids = [h.id for h in hits[:qe]]
+    top_ids = [h.id for h in hits[:qe]]
+    if reranker.window_vectors and all(i in wvecs for i in top_ids) and _windows_in_global_space(col):
         q2 = expansion.expand(vec, np.stack([wvecs[i] for i in top_ids])).reshape(-1)
         head = [h for h in hits if h.id in wvecs]
         tail = [h for h in hits if h.id not in wvecs]

@@ -82,3 +82,69 @@ def test_c2f_from_fine_maps_equals_c2f_from_decoded_maps(vgg_compact_crops):
         rerank_aml_c2f(q, None, store, sub, **kw)
     with pytest.raises(InputError, match="fine maps"):
         rerank_aml_c2f(q, sparse, store, rows, fine=AMLFineMaps.build(sparse[:2]))
+
+
+def test_c2f_fine_top_refines_the_best_coarse_maps_only(vgg_compact_crops):
+    """fine_top: the maps its rule chooses (by coarse score and short-list order) are re-scored exactly as c2f
+    re-scores them alone and ranked first; the others keep the coarse search's box and score and follow in its
+    order (NaN window vectors)."""
+    from instance_search.rerank.aml_c2f import DEFAULT_TOP, coarse_selection
+    from instance_search.rerank.aml_fast import DEFAULT_K, DEFAULT_STEP, aml_fast_search
+
+    sparse, q = vgg_compact_crops
+    store = AMLInvertedMaps.build(sparse, g=4)
+    fine = AMLFineMaps.build(sparse)
+    n = len(sparse)
+    rows = np.arange(n)
+    old = np.linspace(1.0, 0.5, n)
+    cbox, cs, nc, _, _ = aml_fast_search(store, rows, q, K=DEFAULT_K, query_aspect=7 / 6, step=DEFAULT_STEP,
+                                         exact_score=False, top=DEFAULT_TOP)
+
+    def finalize(local):
+        g = np.stack([L.sum(0) for L in local]) if isinstance(local, list) else local.sum(0)
+        return g / np.linalg.norm(g, axis=-1, keepdims=True)
+
+    wr = dict(finalize=finalize, query_global=finalize(q[None]))
+    def reference(scores, k, rule):  # the rules, written out
+        by_coarse = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        take = {"coarse": by_coarse[:k], "shortlist": [], "mixed": by_coarse[:(k + 1) // 2]}[rule]
+        for i in range(len(scores)):
+            if len(take) < k and i not in take:
+                take = take + [i]
+        return np.sort(take)
+
+    rng = np.random.default_rng(0)
+    for rule in ("mixed", "coarse", "shortlist"):
+        for _ in range(20):
+            sc = rng.integers(0, 5, 12).astype(float)  # ties
+            for k in (1, 2, 5, 11, 12, 30):
+                np.testing.assert_array_equal(coarse_selection(sc, k, rule), reference(sc, min(k, 12), rule))
+    with pytest.raises(ValueError, match="rule"):
+        coarse_selection(cs, 2, "best")
+    for ftop, rule in ((1, "mixed"), (2, "coarse"), (4, "mixed"), (3, "shortlist")):
+        sel = reference(cs, ftop, rule)
+        rest = np.setdiff1d(rows, sel)
+        for f, extra in ((None, {}), (fine, {}), (fine, wr)):
+            got = rerank_aml_c2f(q, sparse, store, rows, shortlist_scores=old, query_aspect=7 / 6, fine_top=ftop,
+                                 fine_rule=rule, fine=f, **extra)
+            alone = rerank_aml_c2f(q, [sparse[i] for i in sel], store, sel, shortlist_scores=old[sel],
+                                   query_aspect=7 / 6, **extra)
+            np.testing.assert_array_equal(got.boxes[sel], alone.boxes)
+            np.testing.assert_allclose(got.scores[sel], alone.scores, rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(got.order[:ftop], sel[alone.order])
+            np.testing.assert_array_equal(got.boxes[rest], cbox[rest])
+            np.testing.assert_allclose(got.scores[rest], cs[rest], rtol=1e-6)
+            np.testing.assert_array_equal(got.n_windows[rest], nc[rest])
+            assert got.n_windows[sel].min() > nc[sel].min()
+            np.testing.assert_array_equal(got.order[ftop:], sorted(rest, key=lambda i: (-cs[i], -old[i], i)))
+            np.testing.assert_allclose(got.vectors[sel], alone.vectors, rtol=1e-12, atol=1e-12)
+            assert np.isnan(got.vectors[rest]).all()
+    # a fine_top covering the short list: every map refined, the same result as without it
+    a = rerank_aml_c2f(q, sparse, store, rows, query_aspect=7 / 6, fine_top=n)
+    b = rerank_aml_c2f(q, sparse, store, rows, query_aspect=7 / 6)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.order, b.order)
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="fine_top"):
+            rerank_aml_c2f(q, sparse, store, rows, fine_top=bad)

@@ -427,6 +427,15 @@ def test_c2f_registered_reranker(shortlist):
     assert small._fine[1] is None
     np.testing.assert_array_equal(low.boxes, res.boxes)
     np.testing.assert_allclose(low.scores, res.scores, rtol=1e-12)
+    # fine_top: the re-ranker's cascade option (default 200; "all")
+    two, _ = make_reranker("aml-c2f", g=4, top=2, fine_top=2).rerank(q, qmap, ids, np.zeros(4), ctx)
+    alln, _ = make_reranker("aml-c2f", g=4, top=2, fine_top="all").rerank(q, qmap, ids, np.zeros(4), ctx)
+    np.testing.assert_array_equal(alln.boxes, res.boxes)
+    np.testing.assert_array_equal(alln.order, res.order)
+    assert (two.n_windows < res.n_windows).sum() == 2 and np.isnan(two.vectors).all(1).sum() == 2
+    for bad in (0, "most", 2.5):
+        with pytest.raises(ValueError, match="fine_top"):
+            make_reranker("aml-c2f", fine_top=bad)
     with pytest.raises(ValueError, match="ram_mb"):
         make_reranker("aml-c2f", ram_mb=-1)
     with pytest.raises(ValueError, match="unknown option"):

@@ -108,5 +108,27 @@ def test_search_indexed_and_qe_over_windows(paris_index):
     np.testing.assert_allclose([h.score for h in qe], [e[0] for e in expect], atol=1e-5)
     assert qe[0].score <= 1.0 + 1e-6 and [h.rank for h in qe] == list(range(1, 17))
     assert _ap(qe, positives) >= 0.6
+    # aml-c2f cascade (fine_top): the images it did not re-score have no window vector; QE over the windows when
+    # the top qe were all re-scored, else with the stored global vectors of the top qe (no error, no NaN)
+    c2f = col.search_indexed(rec["id"], top=16, rerank="aml-c2f", shortlist=16, rerank_options={"fine_top": 5})
+    assert len(c2f) == 16 and all(h.box is not None for h in c2f) and all(np.isfinite(h.score) for h in c2f)
+    from instance_search import search as S
+    from instance_search.rerank.base import make_reranker
+
+    first5, wv5 = S.rerank_hits(col, col.search_vector(vec, 16), col.store.feature_map(rec["id"]),
+                                make_reranker("aml-c2f", fine_top=5), 16, vec)
+    assert [h.id for h in first5] == [h.id for h in c2f] and len(wv5) == 5
+    assert set(wv5) == {h.id for h in first5[:5]}
+    qe3 = col.search_indexed(rec["id"], top=16, rerank="aml-c2f", shortlist=16, qe=3, rerank_options={"fine_top": 5})
+    q3 = vec + sum(wv5[h.id] for h in first5[:3])
+    q3 = q3 / np.linalg.norm(q3)
+    want3 = sorted(((float(wv5[h.id] @ q3), h.id) for h in first5[:5]), key=lambda t: -t[0])
+    assert [h.id for h in qe3] == [i for _, i in want3] + [h.id for h in first5[5:]]
+    np.testing.assert_allclose([h.score for h in qe3[:5]], [v for v, _ in want3], atol=1e-5)
+    qe7 = col.search_indexed(rec["id"], top=16, rerank="aml-c2f", shortlist=16, qe=7, rerank_options={"fine_top": 5})
+    q7 = vec + col.vectors_of([h.id for h in c2f[:7]]).sum(0)
+    want7 = col.search_vector((q7 / np.linalg.norm(q7)).astype(np.float32), 16)
+    assert [h.id for h in qe7] == [h.id for h in want7]
+    np.testing.assert_allclose([h.score for h in qe7], [h.score for h in want7], atol=1e-5)
     with pytest.raises(KeyError, match="not in the index"):
         col.search_indexed(10_000)

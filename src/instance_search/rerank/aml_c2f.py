@@ -15,6 +15,9 @@ coarse search only *proposes*:
    scores it (its R-MAC when the index is R-MAC, else its MAC, whitened when the index is;
    :func:`~.aml.score_windows`).
 
+With ``fine_top`` only the maps whose best coarse window scores highest go through steps 2-3 (a cascade, as a
+short list is a cascade); the others keep their coarse scores and follow them.
+
 Steps 2-3 and the window vectors run compiled (:mod:`instance_search.ops.aml_kernel`, Numba) on
 :class:`AMLFineMaps`, the maps' α-powered non-zeros, kept in RAM for a whole index by the ``aml-c2f`` re-ranker.
 With ``radius`` at least the map size every sampled window is kept and the result is exact AML's (with its
@@ -35,9 +38,11 @@ from ..ops.normalize import l2n
 from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
-__all__ = ["rerank_aml_c2f", "fine_candidates", "AMLFineMaps", "FineMapsBuilder", "DEFAULT_TOP", "DEFAULT_VERIFY"]
+__all__ = ["rerank_aml_c2f", "fine_candidates", "coarse_selection", "AMLFineMaps", "FineMapsBuilder", "DEFAULT_TOP",
+           "DEFAULT_VERIFY", "DEFAULT_FINE_TOP"]
 
 DEFAULT_TOP = 3  # coarse proposals refined per map
+DEFAULT_FINE_TOP = 200  # maps of a short list refined (the aml-c2f re-ranker's default; issue 14's benchmark)
 DEFAULT_VERIFY = 8  # fine candidates per map scored exactly after the fast float32 ranking (as exact AML)
 
 
@@ -262,6 +267,8 @@ def rerank_aml_c2f(
     finalize_batch: bool = False,
     verify: int = DEFAULT_VERIFY,
     fine: AMLFineMaps | None = None,
+    fine_top: int | None = None,
+    fine_rule: str = "mixed",
 ) -> RerankResult:
     """Re-rank a short list by coarse-to-fine AML (module docstring).
 
@@ -276,9 +283,16 @@ def rerank_aml_c2f(
     indexed by the same ``rows`` as ``store``); without it they are computed from ``maps`` for this query.
     With ``fine``, ``maps`` may be ``None`` unless the windows are scored by their exact MAC (no ``finalize``,
     ``exact=True``), which reads the maps themselves. ``n_windows`` counts the coarse and the fine windows scored.
+
+    ``fine_top``: the fine stage runs on ``fine_top`` maps chosen by ``fine_rule`` (:func:`coarse_selection`:
+    half by best coarse window, half by short-list order; ``None``: every map). They are ranked first, by their
+    fine scores; the others follow in the order of their coarse scores, which they keep as ``scores`` (Eq. 4 on
+    the ``g``-pooled maps, the query's ``K`` channels), with their best coarse window as box and NaN rows in
+    ``vectors``.
     """
     if int(top) != top or top < 1:
         raise ValueError(f"top must be an integer >= 1, got {top}")
+    _check_fine_top(fine_top)
     radius = int(store.g) if radius is None else radius
     rows = np.asarray(rows, np.int64).reshape(-1)
     n = len(rows)
@@ -306,38 +320,80 @@ def rerank_aml_c2f(
         raise InputError(f"fine maps: {len(fine)} images at alpha={fine.alpha}, the store has {len(store)} and "
                          f"alpha is {alpha}")
     scores = np.zeros(n)
-    counts = np.zeros(n, dtype=np.int64)
     if n == 0:
-        return RerankResult(scores, np.zeros((0, 4), np.int64), order_by_score(scores, shortlist_scores), counts, None)
-    _, _, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect, s=s,
-                                                 step=step, exact_score=False, top=int(top))
-    if fine is None:  # this query's short list only
-        fine, frows = AMLFineMaps.build(maps, alpha), np.arange(n)
+        return RerankResult(scores, np.zeros((0, 4), np.int64), order_by_score(scores, shortlist_scores),
+                            np.zeros(0, np.int64), None)
+    cboxes, cscores, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect,
+                                                            s=s, step=step, exact_score=False, top=int(top))
+    sel = coarse_selection(cscores, fine_top, fine_rule)
+    if fine is None:  # this query's selected maps only
+        fine = AMLFineMaps.build([maps[i] for i in sel], alpha)
+        frows = np.zeros(n, np.int64)
+        frows[sel] = np.arange(len(sel))
     else:
         frows = rows
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, sh in enumerate(shapes):
-        groups.setdefault(sh, []).append(i)
-    parts = {}
-    for (H, W), idx in groups.items():
-        parts[(H, W)] = fine_candidates(H, W, props[idx], pok[idx], radius, t, query_aspect, s)
-    if len(parts) == 1:
-        cand, ncand = next(iter(parts.values()))
-    else:
-        m = max(c.shape[1] for c, _ in parts.values())
-        cand = np.zeros((n, m, 4), np.int64)
-        ncand = np.zeros(n, np.int64)
-        for (H, W), idx in groups.items():
-            c, cnt = parts[(H, W)]
-            cand[idx, :c.shape[1]] = c
-            ncand[idx] = cnt
-    edges, best, n_eval, _ = fine.search(frows, q.numpy(), cand, ncand, refine_steps, refine_rounds, int(verify))
-    boxes = np.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
-    counts = n_eval + n_coarse
+    for i in sel:
+        groups.setdefault(shapes[i], []).append(int(i))
+    pos = np.zeros(n, np.int64)
+    pos[sel] = np.arange(len(sel))
+    parts = {hw: fine_candidates(*hw, props[idx], pok[idx], radius, t, query_aspect, s) for hw, idx in groups.items()}
+    m = max(c.shape[1] for c, _ in parts.values())
+    cand = np.zeros((len(sel), m, 4), np.int64)
+    ncand = np.zeros(len(sel), np.int64)
+    for hw, idx in groups.items():
+        c, cnt = parts[hw]
+        cand[pos[idx], :c.shape[1]] = c
+        ncand[pos[idx]] = cnt
+    edges, fbest, n_eval, _ = fine.search(frows[sel], q.numpy(), cand, ncand, refine_steps, refine_rounds, int(verify))
+    boxes = np.asarray(cboxes, np.int64).copy()
+    boxes[sel] = np.stack([edges[:, 0], edges[:, 1], edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1]], 1)
+    best = np.asarray(cscores, np.float64).copy()
+    best[sel] = fbest
+    counts = np.asarray(n_coarse, np.int64).copy()
+    counts[sel] += n_eval
     vectors: list[np.ndarray | None] = [None] * n
     for idx in groups.values():  # per map size, as exact AML (same batches through the scoring functions)
         score_windows(maps if maps is not None else [None] * n, idx, boxes[idx], best[idx],
                       _FineWindows(fine, frows[idx]), q, scores, vectors, whitening=whitening, exact=exact,
                       finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
-    vecs = np.stack(vectors) if all(v is not None for v in vectors) else None
-    return RerankResult(scores, boxes, order_by_score(scores, shortlist_scores), counts, vecs)
+    old = np.zeros(n) if shortlist_scores is None else np.asarray(shortlist_scores, np.float64).reshape(-1)
+    if old.shape[0] != n:
+        raise ValueError(f"shortlist_scores has {old.shape[0]} entries for {n} maps")
+    rest = np.setdiff1d(np.arange(n), sel)
+    scores[rest] = cscores[rest]  # the coarse search's score (Eq. 4 on the g-pooled maps), ranked after the fine
+    order = np.concatenate([sel[order_by_score(scores[sel], old[sel])], rest[order_by_score(scores[rest], old[rest])]])
+    vecs = None
+    if all(vectors[i] is not None for i in sel):
+        vecs = np.full((n, len(vectors[sel[0]])), np.nan)
+        vecs[sel] = np.stack([vectors[i] for i in sel])
+    return RerankResult(scores, boxes, order, counts, vecs)
+
+
+def coarse_selection(coarse_scores, fine_top: int | None, rule: str = "mixed") -> np.ndarray:
+    """Short-list positions (ascending) of the ``fine_top`` maps the fine stage re-scores; all of them when
+    ``fine_top`` is ``None`` or at least the short list. ``rule``: ``"mixed"``, the ``ceil(fine_top / 2)`` whose
+    best coarse window scores highest (ties: the earlier in the short list), then the earliest of the short list
+    (its first-stage order) not yet chosen; ``"coarse"``: all by coarse score; ``"shortlist"``: the first
+    ``fine_top`` of the short list."""
+    _check_fine_top(fine_top)
+    if rule not in _RULES:
+        raise ValueError(f"rule must be one of {_RULES}, got {rule!r}")
+    cs = np.asarray(coarse_scores, np.float64).reshape(-1)
+    n = len(cs)
+    if fine_top is None or fine_top >= n:
+        return np.arange(n)
+    by_coarse = np.lexsort((np.arange(n), -cs))
+    k = {"mixed": (int(fine_top) + 1) // 2, "coarse": int(fine_top), "shortlist": 0}[rule]
+    chosen = np.zeros(n, bool)
+    chosen[by_coarse[:k]] = True
+    chosen[np.flatnonzero(~chosen)[:int(fine_top) - int(chosen.sum())]] = True
+    return np.flatnonzero(chosen)
+
+
+_RULES = ("mixed", "coarse", "shortlist")
+
+
+def _check_fine_top(fine_top) -> None:
+    if fine_top is not None and (isinstance(fine_top, bool) or int(fine_top) != fine_top or fine_top < 1):
+        raise ValueError(f"fine_top must be an integer >= 1 or None, got {fine_top!r}")

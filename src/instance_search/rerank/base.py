@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Hashable, Sequence
 import numpy as np
 
 from .aml import RerankResult, rerank_aml
-from .aml_c2f import DEFAULT_TOP, AMLFineMaps, FineMapsBuilder, rerank_aml_c2f
+from .aml_c2f import DEFAULT_FINE_TOP, DEFAULT_TOP, AMLFineMaps, FineMapsBuilder, rerank_aml_c2f
 from .aml_fast import DEFAULT_G, DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, rerank_aml_fast
 from .expansion import alpha_qe, average_qe, dba
 
@@ -239,17 +239,22 @@ class AMLCoarseToFine(AMLFast):
     """Coarse-to-fine AML (:mod:`.aml_c2f`): ``aml-fast``'s coarse search proposes the ``top`` best windows of
     each short-listed map, exact AML (Eq. 3-4, α = 10) scores the grid windows within ``radius`` cells of them
     (default: ``g``) and refines the best; the window is scored as ``aml`` scores it. Options of ``aml-fast``
-    (``K``, ``g``, ``step``) for the coarse search, plus ``top`` and ``radius``."""
+    (``K``, ``g``, ``step``) for the coarse search, plus ``top`` and ``radius``; ``fine_top`` (200, or
+    ``"all"``): only the maps with the best coarse windows go through the fine stage, the others follow with their
+    coarse scores (:func:`~.aml_c2f.rerank_aml_c2f`); ``ram_mb``: see :meth:`_store`."""
 
     name = "aml-c2f"
     window_vectors = True
     options = {"K": DEFAULT_K, "g": DEFAULT_G, "step": DEFAULT_STEP, "top": DEFAULT_TOP, "radius": None,
-               "ram_mb": 2048}
+               "fine_top": DEFAULT_FINE_TOP, "ram_mb": 2048}
 
     def __init__(self, **options):
         super().__init__(**options)
         if not float(self.opts["ram_mb"]) >= 0:
             raise ValueError(f"aml-c2f: ram_mb must be >= 0, got {self.opts['ram_mb']!r}")
+        ft = self.opts["fine_top"]
+        if ft != "all" and (isinstance(ft, bool) or not isinstance(ft, (int, float)) or int(ft) != ft or ft < 1):
+            raise ValueError(f"aml-c2f: fine_top must be an integer >= 1 or \"all\", got {ft!r}")
         self._fine: tuple[Hashable, AMLFineMaps | None] | None = None
 
     def _store(self, ctx: RerankContext) -> tuple[AMLInvertedMaps, dict[int, int]]:
@@ -293,7 +298,9 @@ class AMLCoarseToFine(AMLFast):
         maps = None if fine is not None and ctx.window_rmac.get("finalize") is not None else ctx.maps(ids, True)
         res = rerank_aml_c2f(_query_mac(qmap), maps, inv, rows, shortlist_scores=scores, query_aspect=_aspect(qmap),
                              top=int(self.opts["top"]), radius=self.opts["radius"], K=int(self.opts["K"]),
-                             step=int(self.opts["step"]), whitening=ctx.whitening, fine=fine, **ctx.window_rmac)
+                             step=int(self.opts["step"]), whitening=ctx.whitening, fine=fine,
+                             fine_top=None if self.opts["fine_top"] == "all" else int(self.opts["fine_top"]),
+                             **ctx.window_rmac)
         return res, [tuple(int(v) for v in inv.shapes[r]) for r in rows]
 
 
