@@ -139,6 +139,22 @@ def test_c2f_fine_top_refines_the_best_coarse_maps_only(vgg_compact_crops):
             np.testing.assert_array_equal(got.order[ftop:], sorted(rest, key=lambda i: (-cs[i], -old[i], i)))
             np.testing.assert_allclose(got.vectors[sel], alone.vectors, rtol=1e-12, atol=1e-12)
             assert np.isnan(got.vectors[rest]).all()
+    # maps given by a loader: called once, with the positions the fine stage reads only; the same result
+    calls = []
+    for rule in ("mixed", "coarse"):
+        calls.clear()
+        lazy = rerank_aml_c2f(q, lambda pos: calls.append(list(pos)) or [sparse[i] for i in pos], store, rows,
+                              shortlist_scores=old, query_aspect=7 / 6, fine_top=2, fine_rule=rule)
+        eager = rerank_aml_c2f(q, sparse, store, rows, shortlist_scores=old, query_aspect=7 / 6, fine_top=2,
+                               fine_rule=rule)
+        assert calls == [list(reference(cs, 2, rule))]
+        np.testing.assert_array_equal(lazy.boxes, eager.boxes)
+        np.testing.assert_array_equal(lazy.scores, eager.scores)
+        np.testing.assert_array_equal(lazy.order, eager.order)
+    with pytest.raises(ValueError, match="loader gave 1 maps for 2"):
+        rerank_aml_c2f(q, lambda pos: [sparse[0]], store, rows, fine_top=2)
+    with pytest.raises(ValueError, match="not the same image"):
+        rerank_aml_c2f(q, lambda pos: [sparse[2]] * len(pos), store, rows, fine_top=2, fine_rule="shortlist")
     # a fine_top covering the short list: every map refined, the same result as without it
     a = rerank_aml_c2f(q, sparse, store, rows, query_aspect=7 / 6, fine_top=n)
     b = rerank_aml_c2f(q, sparse, store, rows, query_aspect=7 / 6)

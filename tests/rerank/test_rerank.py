@@ -427,6 +427,13 @@ def test_c2f_registered_reranker(shortlist):
     assert small._fine[1] is None
     np.testing.assert_array_equal(low.boxes, res.boxes)
     np.testing.assert_allclose(low.scores, res.scores, rtol=1e-12)
+    # ... decoding only the maps the fine stage re-scores
+    read.clear()
+    ctx3 = RerankContext(maps=lambda ids, sp: read.append(list(ids)) or [sparse[i] for i in ids],
+                         all_ids=lambda: range(len(maps)), version=1)
+    with pytest.warns(UserWarning, match="exceed ram_mb"):
+        make_reranker("aml-c2f", g=4, top=2, ram_mb=0.001, fine_top=2).rerank(q, qmap, ids, np.zeros(4), ctx3)
+    assert len(read) == 2 and read[0] == list(range(len(maps))) and len(read[1]) == 2  # the store, then 2 maps
     # fine_top: the re-ranker's cascade option (default 200; "all")
     two, _ = make_reranker("aml-c2f", g=4, top=2, fine_top=2).rerank(q, qmap, ids, np.zeros(4), ctx)
     alln, _ = make_reranker("aml-c2f", g=4, top=2, fine_top="all").rerank(q, qmap, ids, np.zeros(4), ctx)

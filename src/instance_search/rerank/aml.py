@@ -13,6 +13,7 @@ image pixels ``(x1, y1, x2, y2)`` by proportional scaling (cell ``i`` covers pix
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -168,6 +169,14 @@ def prepare_rerank(query_vec, maps: Sequence, finalize: Callable | None, query_g
     return q, maps, groups, qg, qw
 
 
+@functools.lru_cache(maxsize=4096)
+def _window_regions(h: int, w: int, levels: int) -> np.ndarray:
+    """:func:`~instance_search.ops.pooling.rmac_regions` of an ``h`` × ``w`` window (read-only, cached)."""
+    r = np.asarray(rmac_regions(h, w, levels=levels))
+    r.setflags(write=False)
+    return r
+
+
 def score_windows(maps: Sequence, idx: Sequence[int], wins: np.ndarray, sc: np.ndarray, sp, q: torch.Tensor,
                   scores: np.ndarray, vectors: list, whitening: Callable | None = None, exact: bool = True,
                   finalize: Callable | None = None, query_global=None, levels: int = 3, finalize_batch: bool = False,
@@ -180,10 +189,8 @@ def score_windows(maps: Sequence, idx: Sequence[int], wins: np.ndarray, sc: np.n
     if whitening is not None and qw is None:
         qw = region_vectors(q, whitening)[0]
     if finalize is not None:
-        memo: dict[tuple[int, int], np.ndarray] = {}  # windows of one size share their regions (up to a shift)
-        regs = [(memo[(int(h), int(w))] if (int(h), int(w)) in memo else
-                 memo.setdefault((int(h), int(w)), np.asarray(rmac_regions(int(h), int(w), levels=levels))))
-                + np.array([x, y, 0, 0]) for x, y, w, h in wins]
+        # windows of one size share their regions (up to a shift), between queries too
+        regs = [_window_regions(int(h), int(w), int(levels)) + np.array([x, y, 0, 0]) for x, y, w, h in wins]
         R = max(len(r) for r in regs)
         padded = np.stack([np.concatenate([r, np.repeat(r[:1], R - len(r), 0)]) for r in regs])
         vecs = sp.window_vectors(padded).numpy()

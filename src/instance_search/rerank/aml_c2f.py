@@ -245,7 +245,7 @@ def fine_candidates(H: int, W: int, proposals, valid, radius: int, t: int = 3, a
 
 def rerank_aml_c2f(
     query_vec,
-    maps: Sequence | None,
+    maps: Sequence | Callable[[np.ndarray], Sequence] | None,
     store: AMLInvertedMaps,
     rows,
     shortlist_scores=None,
@@ -273,7 +273,8 @@ def rerank_aml_c2f(
     """Re-rank a short list by coarse-to-fine AML (module docstring).
 
     ``maps``: the short list's full-resolution maps (dense or :class:`~instance_search.ops.integral.SparseMap`),
-    in the order of ``rows``, their rows in the coarse ``store`` (:class:`~.aml_fast.AMLInvertedMaps` of the
+    in the order of ``rows``, or a callable that loads those of given short-list positions (called once, with
+    the maps the fine stage reads: with ``fine_top``, not the others), their rows in the coarse ``store`` (:class:`~.aml_fast.AMLInvertedMaps` of the
     same maps); ``top``, ``radius`` (default: the store's ``g``): proposals per map and how far the fine grid
     windows may lie from them; ``K``, ``step``: the coarse search (:func:`~.aml_fast.aml_fast_search`); ``t``,
     ``s``, ``query_aspect``, ``alpha``, ``refine_*``: exact AML's (:func:`~.aml.rerank_aml`), as are the scoring
@@ -298,22 +299,21 @@ def rerank_aml_c2f(
     n = len(rows)
     if n and (rows.min() < 0 or rows.max() >= len(store)):
         raise ValueError(f"rows must index the store's {len(store)} images")
-    if maps is None:
-        if fine is None:
-            raise ValueError("give the maps, or the fine maps kept in RAM (fine=)")
-        if finalize is None and exact:
-            raise ValueError("scoring windows by their exact MAC reads the maps: give them")
+    loader = maps if callable(maps) else None
+    if maps is None and fine is None:
+        raise ValueError("give the maps, or the fine maps kept in RAM (fine=)")
+    if maps is None and finalize is None and exact:
+        raise ValueError("scoring windows by their exact MAC reads the maps: give them")
+    if maps is None or loader is not None:
         q, _, _, qg, qw = prepare_rerank(query_vec, [], finalize, query_global, whitening)
         shapes = [tuple(int(v) for v in store.shapes[r]) for r in rows]
+        maps = None
     else:
         q, maps, _, qg, qw = prepare_rerank(query_vec, maps, finalize, query_global, whitening)
         if len(maps) != n:
             raise ValueError(f"{n} store rows for {len(maps)} maps")
+        _check_shapes(maps, range(n), store, rows)
         shapes = [tuple(map_shape(X)[1:]) for X in maps]
-        for i, sh in enumerate(shapes):
-            if sh != tuple(int(v) for v in store.shapes[rows[i]]):
-                raise ValueError(f"map {i} is {sh}, its store row {rows[i]} holds a "
-                                 f"{tuple(int(v) for v in store.shapes[rows[i]])} map: not the same image")
     if q.shape[0] != store.channels:
         raise ValueError(f"query has {q.shape[0]} dimensions, the maps have {store.channels} channels")
     if fine is not None and (len(fine) != len(store) or fine.alpha != float(alpha)):
@@ -326,6 +326,15 @@ def rerank_aml_c2f(
     cboxes, cscores, n_coarse, props, pok = aml_fast_search(store, rows, q.numpy(), K=K, query_aspect=query_aspect,
                                                             s=s, step=step, exact_score=False, top=int(top))
     sel = coarse_selection(cscores, fine_top, fine_rule)
+    if loader is not None:  # only the maps the fine stage reads
+        got = loader(sel)
+        if len(got) != len(sel):
+            raise ValueError(f"the map loader gave {len(got)} maps for {len(sel)} positions")
+        _, got, _, _, _ = prepare_rerank(q, got, None, None, None)
+        _check_shapes(got, sel, store, rows)
+        maps = [None] * n
+        for k, i in enumerate(sel):
+            maps[i] = got[k]
     if fine is None:  # this query's selected maps only
         fine = AMLFineMaps.build([maps[i] for i in sel], alpha)
         frows = np.zeros(n, np.int64)
@@ -397,3 +406,11 @@ _RULES = ("mixed", "coarse", "shortlist")
 def _check_fine_top(fine_top) -> None:
     if fine_top is not None and (isinstance(fine_top, bool) or int(fine_top) != fine_top or fine_top < 1):
         raise ValueError(f"fine_top must be an integer >= 1 or None, got {fine_top!r}")
+
+
+def _check_shapes(maps: Sequence, positions, store: AMLInvertedMaps, rows: np.ndarray) -> None:
+    """Refuses a map whose size is not its store row's (another image)."""
+    for X, i in zip(maps, positions):
+        sh, want = tuple(map_shape(X)[1:]), tuple(int(v) for v in store.shapes[rows[i]])
+        if sh != want:
+            raise ValueError(f"map {i} is {sh}, its store row {rows[i]} holds a {want} map: not the same image")

@@ -260,8 +260,8 @@ class AMLCoarseToFine(AMLFast):
     def _store(self, ctx: RerankContext) -> tuple[AMLInvertedMaps, dict[int, int]]:
         """The coarse inverted maps and the fine maps (:class:`~.aml_c2f.AMLFineMaps`, ~18 bytes per non-zero
         cell) of the whole index, from one decoding pass (built on first use and when the index changes). Fine
-        maps above ``ram_mb`` MB are not kept (a warning says so): each query then builds those of its short
-        list from the decoded maps."""
+        maps above ``ram_mb`` MB are not kept (a warning says so): each query then decodes the maps its fine stage
+        re-scores (``fine_top``) and builds theirs."""
         g = int(self.opts["g"])
         key = (g, ctx.version)
         if self._cache is None or self._cache[0] != key or self._fine is None or self._fine[0] != key:
@@ -286,16 +286,19 @@ class AMLCoarseToFine(AMLFast):
             if fb is None:
                 warnings.warn(f"aml-c2f: the fine maps of this index's {len(all_ids)} images exceed ram_mb="
                               f"{self.opts['ram_mb']} MB (reached after {over} images); each query builds those of "
-                              f"its short list from the decoded maps instead (slower); a larger ram_mb keeps them in "
-                              f"RAM", stacklevel=2)
+                              f"the maps it re-scores from their decoded maps instead (slower); a larger ram_mb keeps "
+                              f"them in RAM", stacklevel=2)
         return self._cache[1], self._cache[2]
 
     def rerank(self, qvec, qmap, ids, scores, ctx):
         inv, row_of = self._store(ctx)
         rows = np.asarray([row_of[int(i)] for i in ids], np.int64)
         fine = self._fine[1]
-        # scored by the window's R-MAC with the fine maps in RAM, the maps themselves are not read
-        maps = None if fine is not None and ctx.window_rmac.get("finalize") is not None else ctx.maps(ids, True)
+        # scored by the window's R-MAC with the fine maps in RAM, the maps themselves are not read; else only
+        # those of the maps the fine stage re-scores (fine_top) are decoded
+        ids = [int(i) for i in ids]
+        maps = None if fine is not None and ctx.window_rmac.get("finalize") is not None else \
+            (lambda pos: ctx.maps([ids[int(p)] for p in pos], True))
         res = rerank_aml_c2f(_query_mac(qmap), maps, inv, rows, shortlist_scores=scores, query_aspect=_aspect(qmap),
                              top=int(self.opts["top"]), radius=self.opts["radius"], K=int(self.opts["K"]),
                              step=int(self.opts["step"]), whitening=ctx.whitening, fine=fine,
