@@ -11,9 +11,9 @@ file), ``decode_ms``, ``network_ms``, ``search_ms`` (first stage), ``rerank_ms``
 * ``box``              the query photo cropped to its ground-truth box, no re-ranking
 * ``search-this``      an indexed image by id (stored vector, no network pass), no re-ranking
 * ``aml-fast``         upload + aml-fast over a short list of 100
-* ``aml``              upload + exact AML over a short list of 100 (the page's default)
-* ``aml-c2f``          upload + coarse-to-fine AML over a short list of 100 (its in-RAM maps built by the
-                       warm-up query)
+* ``aml``              upload + exact AML over a short list of 100
+* ``aml-c2f``          upload + coarse-to-fine AML over a short list of 100, the page's default (its in-RAM
+                       maps built by the warm-up query)
 * ``search-this-aml``  an indexed image + exact AML over 100 (stored conv map, no network pass)
 
 Targets from the issue (2-core CPU): search-this <= 50 ms server time without re-ranking; an upload at max side

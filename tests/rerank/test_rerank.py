@@ -434,6 +434,17 @@ def test_c2f_registered_reranker(shortlist):
     with pytest.warns(UserWarning, match="exceed ram_mb"):
         make_reranker("aml-c2f", g=4, top=2, ram_mb=0.001, fine_top=2).rerank(q, qmap, ids, np.zeros(4), ctx3)
     assert len(read) == 2 and read[0] == list(range(len(maps))) and len(read[1]) == 2  # the store, then 2 maps
+    # g "auto" (default): about 8 coarse cells along the median map's longer side
+    from instance_search.rerank.aml_c2f import auto_g
+
+    assert [auto_g([sh]) for sh in ((512, 48, 64), (2048, 24, 32), (512, 12, 9), (1, 3, 5))] == [8, 4, 2, 1]
+    assert auto_g([(8, 10, 64), (8, 20, 64), (8, 30, 32)]) == 8 and auto_g([]) == 1
+    auto = make_reranker("aml-c2f", top=2)
+    auto.rerank(q, qmap, ids, np.zeros(4), ctx)
+    assert auto._cache[1].g == auto_g([m.shape for m in maps])
+    for bad in (0, "big", 1.5):
+        with pytest.raises(ValueError, match="g must be"):
+            make_reranker("aml-c2f", g=bad)
     # fine_top: the re-ranker's cascade option (default 200; "all")
     two, _ = make_reranker("aml-c2f", g=4, top=2, fine_top=2).rerank(q, qmap, ids, np.zeros(4), ctx)
     alln, _ = make_reranker("aml-c2f", g=4, top=2, fine_top="all").rerank(q, qmap, ids, np.zeros(4), ctx)

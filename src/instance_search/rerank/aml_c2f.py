@@ -39,9 +39,10 @@ from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
 __all__ = ["rerank_aml_c2f", "fine_candidates", "coarse_selection", "AMLFineMaps", "FineMapsBuilder", "DEFAULT_TOP",
-           "DEFAULT_VERIFY", "DEFAULT_FINE_TOP"]
+           "DEFAULT_VERIFY", "DEFAULT_FINE_TOP", "auto_g"]
 
 DEFAULT_TOP = 3  # coarse proposals refined per map
+COARSE_CELLS = 8  # coarse cells along a map's longer side when g is chosen from the maps (auto_g)
 DEFAULT_FINE_TOP = 200  # maps of a short list refined (the aml-c2f re-ranker's default; issue 14's benchmark)
 DEFAULT_VERIFY = 8  # fine candidates per map scored exactly after the fast float32 ranking (as exact AML)
 
@@ -274,11 +275,12 @@ def rerank_aml_c2f(
 
     ``maps``: the short list's full-resolution maps (dense or :class:`~instance_search.ops.integral.SparseMap`),
     in the order of ``rows``, or a callable that loads those of given short-list positions (called once, with
-    the maps the fine stage reads: with ``fine_top``, not the others), their rows in the coarse ``store`` (:class:`~.aml_fast.AMLInvertedMaps` of the
-    same maps); ``top``, ``radius`` (default: the store's ``g``): proposals per map and how far the fine grid
-    windows may lie from them; ``K``, ``step``: the coarse search (:func:`~.aml_fast.aml_fast_search`); ``t``,
-    ``s``, ``query_aspect``, ``alpha``, ``refine_*``: exact AML's (:func:`~.aml.rerank_aml`), as are the scoring
-    arguments ``whitening``, ``exact``, ``finalize``, ``query_global``, ``levels``, ``finalize_batch``.
+    the maps the fine stage reads: with ``fine_top``, not the others), their rows in the coarse ``store``
+    (:class:`~.aml_fast.AMLInvertedMaps` of the same maps); ``top``, ``radius`` (default: the store's ``g``):
+    proposals per map and how far the fine grid windows may lie from them; ``K``, ``step``: the coarse search
+    (:func:`~.aml_fast.aml_fast_search`); ``t``, ``s``, ``query_aspect``, ``alpha``, ``refine_*``: exact AML's
+    (:func:`~.aml.rerank_aml`), as are the scoring arguments ``whitening``, ``exact``, ``finalize``,
+    ``query_global``, ``levels``, ``finalize_batch``.
     ``verify``: the fine candidates of each map are ranked by a float32 pass and the ``verify`` best scored
     exactly (``0``: all exactly). ``fine``: the maps' α-powered non-zeros kept in RAM (:class:`AMLFineMaps`,
     indexed by the same ``rows`` as ``store``); without it they are computed from ``maps`` for this query.
@@ -414,3 +416,13 @@ def _check_shapes(maps: Sequence, positions, store: AMLInvertedMaps, rows: np.nd
         sh, want = tuple(map_shape(X)[1:]), tuple(int(v) for v in store.shapes[rows[i]])
         if sh != want:
             raise ValueError(f"map {i} is {sh}, its store row {rows[i]} holds a {want} map: not the same image")
+
+
+def auto_g(shapes) -> int:
+    """The coarse cell ``g`` that gives about :data:`COARSE_CELLS` (8) coarse cells along the longer side of the
+    median map of ``shapes`` (``(…, H, W)`` tuples): 8 for VGG16 conv5_3 maps of 1024-px images (64 cells, the
+    ``aml-fast`` default), 4 for ResNet-50 res5 (32 cells), at least 1."""
+    sides = [max(int(s[-2]), int(s[-1])) for s in shapes]
+    if not sides:
+        return 1
+    return max(1, int(np.floor(float(np.median(sides)) / COARSE_CELLS + 0.5)))
