@@ -34,7 +34,9 @@ class RerankResult(NamedTuple):
     boxes: np.ndarray  #: (N, 4) int64 best region ``(x, y, w, h)`` in map cells
     order: np.ndarray  #: (N,) short-list indices sorted by new score, best first (ties: old score, then index)
     n_windows: np.ndarray  #: (N,) int64 windows evaluated per image
-    vectors: np.ndarray | None = None  #: (N, D) the L2-normalised vector each image was scored with (for QE)
+    #: (N, D) the L2-normalised vector each image was scored with (for QE); NaN rows for images a cascade
+    #: did not re-score (aml-c2f beyond its ``fine_top``)
+    vectors: np.ndarray | None = None
 
 
 def as_float_tensor(v) -> torch.Tensor:

@@ -15,8 +15,9 @@ coarse search only *proposes*:
    scores it (its R-MAC when the index is R-MAC, else its MAC, whitened when the index is;
    :func:`~.aml.score_windows`).
 
-With ``fine_top`` only the maps whose best coarse window scores highest go through steps 2-3 (a cascade, as a
-short list is a cascade); the others keep their coarse scores and follow them.
+With ``fine_top`` only that many maps go through steps 2-3 — half with the best coarse windows, half first in
+the short list (:func:`coarse_selection`; a cascade, as a short list is one); the others keep their coarse scores
+and follow them. The ``aml-c2f`` re-ranker chooses the coarse cell ``g`` from the index's maps (:func:`auto_g`).
 
 Steps 2-3 and the window vectors run compiled (:mod:`instance_search.ops.aml_kernel`, Numba) on
 :class:`AMLFineMaps`, the maps' α-powered non-zeros, kept in RAM for a whole index by the ``aml-c2f`` re-ranker.
