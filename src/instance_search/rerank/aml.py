@@ -72,13 +72,15 @@ def cosine_scores(region_vecs, query_vec, whitening: Callable | None = None) -> 
     return region_vectors(region_vecs, whitening) @ region_vectors(query_vec, whitening)[0]
 
 
-def order_by_score(scores: np.ndarray, old) -> np.ndarray:
-    """Short-list indices by decreasing new ``scores``; ties by decreasing ``old`` score, then by index."""
+def order_by_score(scores: np.ndarray, old, first: np.ndarray | None = None) -> np.ndarray:
+    """Short-list indices by decreasing new ``scores``; ties by decreasing ``old`` score, then by index.
+    ``first`` (N,) bool: those images come before all others (a cascade's re-scored ones), each part so ordered."""
     n = scores.shape[0]
     old = np.zeros(n) if old is None else np.asarray(old, dtype=np.float64).reshape(-1)
     if old.shape[0] != n:
         raise ValueError(f"shortlist_scores has {old.shape[0]} entries for {n} maps")
-    return np.lexsort((np.arange(n), -old, -scores))
+    keys = (np.arange(n), -old, -scores)
+    return np.lexsort(keys if first is None else keys + (~np.asarray(first, bool),))
 
 
 def _window_mac(X, box) -> torch.Tensor:

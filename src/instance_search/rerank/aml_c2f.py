@@ -40,7 +40,7 @@ from .aml import RerankResult, order_by_score, prepare_rerank, score_windows
 from .aml_fast import DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, aml_fast_search
 
 __all__ = ["rerank_aml_c2f", "fine_candidates", "coarse_selection", "AMLFineMaps", "FineMapsBuilder", "DEFAULT_TOP",
-           "DEFAULT_VERIFY", "DEFAULT_FINE_TOP", "auto_g"]
+           "DEFAULT_VERIFY", "DEFAULT_FINE_TOP", "auto_g", "positive_int"]
 
 DEFAULT_TOP = 3  # coarse proposals refined per map
 COARSE_CELLS = 8  # coarse cells along a map's longer side when g is chosen from the maps (auto_g)
@@ -309,14 +309,13 @@ def rerank_aml_c2f(
         raise ValueError("scoring windows by their exact MAC reads the maps: give them")
     if maps is None or loader is not None:
         q, _, _, qg, qw = prepare_rerank(query_vec, [], finalize, query_global, whitening)
-        shapes = [tuple(int(v) for v in store.shapes[r]) for r in rows]
         maps = None
     else:
         q, maps, _, qg, qw = prepare_rerank(query_vec, maps, finalize, query_global, whitening)
         if len(maps) != n:
             raise ValueError(f"{n} store rows for {len(maps)} maps")
         _check_shapes(maps, range(n), store, rows)
-        shapes = [tuple(map_shape(X)[1:]) for X in maps]
+    shapes = [tuple(int(v) for v in store.shapes[r]) for r in rows]  # the maps' (checked against the store)
     if q.shape[0] != store.channels:
         raise ValueError(f"query has {q.shape[0]} dimensions, the maps have {store.channels} channels")
     if fine is not None and (len(fine) != len(store) or fine.alpha != float(alpha)):
@@ -369,12 +368,10 @@ def rerank_aml_c2f(
         score_windows(maps if maps is not None else [None] * n, idx, boxes[idx], best[idx],
                       _FineWindows(fine, frows[idx]), q, scores, vectors, whitening=whitening, exact=exact,
                       finalize=finalize, query_global=qg, levels=levels, finalize_batch=finalize_batch, qw=qw)
-    old = np.zeros(n) if shortlist_scores is None else np.asarray(shortlist_scores, np.float64).reshape(-1)
-    if old.shape[0] != n:
-        raise ValueError(f"shortlist_scores has {old.shape[0]} entries for {n} maps")
-    rest = np.setdiff1d(np.arange(n), sel)
-    scores[rest] = cscores[rest]  # the coarse search's score (Eq. 4 on the g-pooled maps), ranked after the fine
-    order = np.concatenate([sel[order_by_score(scores[sel], old[sel])], rest[order_by_score(scores[rest], old[rest])]])
+    refined = np.zeros(n, bool)
+    refined[sel] = True
+    scores[~refined] = cscores[~refined]  # the coarse search's score (Eq. 4 on the g-pooled maps), ranked after
+    order = order_by_score(scores, shortlist_scores, first=refined)
     vecs = None
     if all(vectors[i] is not None for i in sel):
         vecs = np.full((n, len(vectors[sel[0]])), np.nan)
@@ -406,8 +403,14 @@ def coarse_selection(coarse_scores, fine_top: int | None, rule: str = "mixed") -
 _RULES = ("mixed", "coarse", "shortlist")
 
 
+def positive_int(value) -> bool:
+    """Whether an option value is an integer >= 1 (an int, or a float with no fraction; not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer)) and int(value) == value \
+        and value >= 1
+
+
 def _check_fine_top(fine_top) -> None:
-    if fine_top is not None and (isinstance(fine_top, bool) or int(fine_top) != fine_top or fine_top < 1):
+    if fine_top is not None and not positive_int(fine_top):
         raise ValueError(f"fine_top must be an integer >= 1 or None, got {fine_top!r}")
 
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..ops.integral import map_shape
 from .aml import RerankResult, rerank_aml
-from .aml_c2f import DEFAULT_FINE_TOP, DEFAULT_TOP, AMLFineMaps, FineMapsBuilder, auto_g, rerank_aml_c2f
+from .aml_c2f import (DEFAULT_FINE_TOP, DEFAULT_TOP, AMLFineMaps, FineMapsBuilder, auto_g, positive_int,
+                      rerank_aml_c2f)
 from .aml_fast import DEFAULT_G, DEFAULT_K, DEFAULT_STEP, AMLInvertedMaps, rerank_aml_fast
 from .expansion import alpha_qe, average_qe, dba
 
@@ -254,12 +255,10 @@ class AMLCoarseToFine(AMLFast):
         super().__init__(**options)
         if not float(self.opts["ram_mb"]) >= 0:
             raise ValueError(f"aml-c2f: ram_mb must be >= 0, got {self.opts['ram_mb']!r}")
-        ft = self.opts["fine_top"]
-        if ft != "all" and (isinstance(ft, bool) or not isinstance(ft, (int, float)) or int(ft) != ft or ft < 1):
-            raise ValueError(f"aml-c2f: fine_top must be an integer >= 1 or \"all\", got {ft!r}")
-        g = self.opts["g"]
-        if g != "auto" and (isinstance(g, bool) or not isinstance(g, (int, float)) or int(g) != g or g < 1):
-            raise ValueError(f"aml-c2f: g must be an integer >= 1 or \"auto\", got {g!r}")
+        for name, word in (("fine_top", "all"), ("g", "auto")):
+            v = self.opts[name]
+            if v != word and not positive_int(v):
+                raise ValueError(f"aml-c2f: {name} must be an integer >= 1 or \"{word}\", got {v!r}")
         self._fine: tuple[Hashable, AMLFineMaps | None] | None = None
 
     def _store(self, ctx: RerankContext) -> tuple[AMLInvertedMaps, dict[int, int]]:
